@@ -1,0 +1,337 @@
+"""Discovery: who is out there, at which address (sans-IO; see ``docs/PROTOCOL.md``).
+
+How this layer works
+--------------------
+State: this endpoint's identity, the announcement targets the runtime resolved (each flagged
+*ask* when it is a unicast rendezvous rather than a multicast/broadcast group), and a table of
+peers, each with the time it was last heard and the time it was last heard *on multicast*.
+
+Inputs: ``receive(frame, header, source, multicast=..., now=...)`` for every ``Announce`` or
+``Goodbye`` the runtime decoded; ``set_targets`` whenever DNS was resolved again; ``handle_timer``
+when ``next_deadline`` passes; ``leave`` on a clean stop.
+
+Outputs (pulled after each burst of inputs): ``frames_to_send`` (announcements and goodbyes with
+their destination), ``next_event`` (``PeerAdded``/``PeerRemoved``), ``next_deadline``.
+
+Rules:
+- Announce at once, then every period (jittered 0.9..1.0 x rate so endpoints do not synchronise),
+  to every target; also directly to every peer not heard on multicast lately, so peers that met
+  through a rendezvous keep each other alive when the rendezvous goes away (peer-set sharing).
+- A peer expires after its announced rate x our multiplier of silence; a ``Goodbye`` removes it at
+  once; a higher incarnation of a known id replaces the old entry at once ("restarted"); a lower
+  one is stale and ignored.
+- A newcomer gets our announcement at once, by unicast, so two endpoints meet in one round trip.
+- An announcement with ``ask`` (sent to us as a unicast target) is answered with our own
+  announcement plus every peer we know, forwarded with its age; forwarded announcements are never
+  answered or forwarded again, so there are no loops. Answers to one asker are rate-limited to one
+  per half period.
+- A different endpoint using our name or a known peer's name is ignored with a warning (as in the
+  Go reference), and so is another endpoint claiming our own id.
+
+Bounds: at most ``max_peers`` peers (newcomers beyond are counted and dropped); the sets used to
+log warnings once are bounded too. The layer never reads the clock: ``now`` comes from the runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Final
+
+from glue.events import Peer, PeerAdded, PeerEvent, PeerRemoved, RemovalReason
+from glue.wire import MAX_AGE_MS, Announce, EndpointId, Frame, Goodbye, Header
+
+__all__ = ["Address", "Discovery", "DiscoveryConfig", "Target"]
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+#: A place to announce to, and whether announcements sent there ask for an answer (unicast).
+Target = tuple[Address, bool]
+
+_MAX_WARNED: Final = 256
+_JITTER: Final = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """What discovery needs to know about this endpoint."""
+
+    endpoint_id: EndpointId
+    incarnation: int
+    name: str
+    port: int
+    host: str = ""
+    rate_s: float = 1.0
+    multiplier: float = 2.0
+    max_peers: int = 1000
+    announce: bool = True
+
+
+class _PeerState:
+    __slots__ = ("answered_at", "heard_at", "multicast_at", "peer")
+
+    def __init__(self, peer: Peer, heard_at: float) -> None:
+        self.peer = peer
+        self.heard_at = heard_at
+        self.multicast_at = float("-inf")
+        self.answered_at = float("-inf")
+
+
+class Discovery:
+    """The discovery state machine of one endpoint."""
+
+    def __init__(self, config: DiscoveryConfig, *, rng: random.Random, now: float) -> None:
+        self.config = config
+        self.counters: Counter[str] = Counter()
+        self._rng = rng
+        self._rate_ms = max(1, round(config.rate_s * 1000))
+        self._targets: tuple[Target, ...] = ()
+        self._peers: dict[EndpointId, _PeerState] = {}
+        self._names: dict[str, EndpointId] = {}
+        self._events: deque[PeerEvent] = deque()
+        self._outbox: list[tuple[Frame, Address]] = []
+        self._announce_at: float | None = now if config.announce else None
+        self._warned: set[tuple[str, object]] = set()
+        self._left = False
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def receive(
+        self,
+        frame: Announce | Goodbye,
+        header: Header,
+        source: Address,
+        *,
+        multicast: bool,
+        now: float,
+    ) -> None:
+        """Take one discovery frame that arrived from ``source``."""
+        if self._left:
+            return
+        if isinstance(frame, Goodbye):
+            self._receive_goodbye(header, now=now)
+        else:
+            self._receive_announce(frame, source, multicast=multicast, now=now)
+
+    def set_targets(self, targets: Sequence[Target]) -> None:
+        """Replace the announcement targets (the runtime re-resolves DNS names every period)."""
+        self._targets = tuple(targets)
+
+    def handle_timer(self, *, now: float) -> None:
+        """Expire silent peers and send the periodic announcement when due."""
+        if self._left:
+            return
+        for state in list(self._peers.values()):
+            if now >= self._expires_at(state):
+                self._remove(state, "expired")
+        if self._announce_at is not None and now >= self._announce_at:
+            self._announce(now)
+            period = self.config.rate_s * self._rng.uniform(1.0 - _JITTER, 1.0)
+            self._announce_at = max(self._announce_at + period, now + period / 2)
+
+    def leave(self) -> None:
+        """Say goodbye to every target and peer; the layer is inert afterwards."""
+        if self._left:
+            return
+        destinations = {address for address, _ in self._targets}
+        destinations.update(state.peer.address for state in self._peers.values())
+        self._outbox.extend((Goodbye(), address) for address in sorted(destinations))
+        self._peers.clear()
+        self._names.clear()
+        self._left = True
+
+    # --- outputs --------------------------------------------------------------------------------
+
+    def frames_to_send(self) -> list[tuple[Frame, Address]]:
+        """Frames queued since the last call, with their destination."""
+        out, self._outbox = self._outbox, []
+        return out
+
+    def next_event(self) -> PeerEvent | None:
+        """The oldest event not yet pulled, or ``None``."""
+        return self._events.popleft() if self._events else None
+
+    def next_deadline(self) -> float | None:
+        """When ``handle_timer`` should next be called (absolute), or ``None``."""
+        if self._left:
+            return None
+        deadlines = [self._expires_at(state) for state in self._peers.values()]
+        if self._announce_at is not None:
+            deadlines.append(self._announce_at)
+        return min(deadlines, default=None)
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def peers(self) -> list[Peer]:
+        """The peers known now, ordered by name."""
+        return sorted((s.peer for s in self._peers.values()), key=lambda p: p.name)
+
+    def peer(self, endpoint_id: EndpointId) -> Peer | None:
+        """The peer with this id, if known."""
+        state = self._peers.get(endpoint_id)
+        return state.peer if state else None
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _receive_announce(
+        self, announce: Announce, source: Address, *, multicast: bool, now: float
+    ) -> None:
+        config = self.config
+        self.counters["forwarded_received" if announce.forwarded else "announcements_received"] += 1
+        if announce.endpoint_id == config.endpoint_id:
+            if announce.incarnation != config.incarnation and not announce.forwarded:
+                self._warn_once(
+                    ("id", announce.incarnation),
+                    "endpoint %r at %s:%d uses our endpoint id %d; ignoring it",
+                    announce.name,
+                    *source,
+                    config.endpoint_id,
+                )
+                self.counters["id_clash"] += 1
+            return
+        if announce.forwarded:
+            heard_at = now - announce.age_ms / 1000.0
+            address = (announce.host, announce.port)
+        else:
+            heard_at = now
+            address = (announce.host or source[0], announce.port)
+        state = self._upsert(announce, address, heard_at, now=now)
+        if state is None or announce.forwarded:
+            return
+        if multicast:
+            state.multicast_at = now
+        if announce.ask:
+            self._answer(state, source, now=now)
+
+    def _upsert(
+        self, announce: Announce, address: Address, heard_at: float, *, now: float
+    ) -> _PeerState | None:
+        state = self._peers.get(announce.endpoint_id)
+        if state is not None:
+            if announce.incarnation < state.peer.incarnation:
+                self.counters["stale_ignored"] += 1
+                return None
+            if announce.incarnation > state.peer.incarnation:
+                self._remove(state, "restarted")
+                state = None
+        if state is None:
+            return self._add(announce, address, heard_at, now=now)
+        if heard_at > state.heard_at:
+            state.heard_at = heard_at
+        if not announce.forwarded:
+            peer = state.peer
+            rate_s = announce.rate_ms / 1000.0
+            if (peer.host, peer.port, peer.rate_s) != (*address, rate_s):
+                state.peer = replace(peer, host=address[0], port=address[1], rate_s=rate_s)
+                logger.debug("peer %s moved to %s:%d", peer.name, *address)
+        return state
+
+    def _add(
+        self, announce: Announce, address: Address, heard_at: float, *, now: float
+    ) -> _PeerState | None:
+        name = announce.name
+        if name == self.config.name or name in self._names:
+            self.counters["name_clash"] += 1
+            self._warn_once(
+                ("name", announce.endpoint_id),
+                "endpoint %d at %s:%d announces the name %r already in use; ignoring it",
+                announce.endpoint_id,
+                *address,
+                name,
+            )
+            return None
+        if len(self._peers) >= self.config.max_peers:
+            self.counters["peers_full"] += 1
+            self._warn_once(
+                ("full", None), "peer table full (%d); ignoring newcomers", len(self._peers)
+            )
+            return None
+        if now - heard_at >= announce.rate_ms / 1000.0 * self.config.multiplier:
+            return None  # a forwarded announcement that is already too old
+        peer = Peer(
+            announce.endpoint_id, announce.incarnation, name, *address, announce.rate_ms / 1000.0
+        )
+        state = _PeerState(peer, heard_at)
+        self._peers[peer.endpoint_id] = state
+        self._names[name] = peer.endpoint_id
+        self._events.append(PeerAdded(peer))
+        self.counters["peers_added"] += 1
+        logger.info("peer added: %s (%d) at %s:%d", name, peer.endpoint_id, *address)
+        if self.config.announce:
+            # Introduce ourselves at once instead of making the newcomer wait a period.
+            self._outbox.append((self._own_announce(), peer.address))
+        return state
+
+    def _remove(self, state: _PeerState, reason: RemovalReason) -> None:
+        peer = state.peer
+        del self._peers[peer.endpoint_id]
+        self._names.pop(peer.name, None)
+        self._events.append(PeerRemoved(peer, reason))
+        self.counters["peers_removed"] += 1
+        logger.info("peer removed (%s): %s (%d)", reason, peer.name, peer.endpoint_id)
+
+    def _receive_goodbye(self, header: Header, *, now: float) -> None:
+        self.counters["goodbyes_received"] += 1
+        state = self._peers.get(header.source_id)
+        if state is not None and state.peer.incarnation == header.incarnation:
+            self._remove(state, "left")
+
+    def _answer(self, asker: _PeerState, source: Address, *, now: float) -> None:
+        if now - asker.answered_at < self.config.rate_s / 2:
+            return
+        asker.answered_at = now
+        self.counters["asks_answered"] += 1
+        self._outbox.append((self._own_announce(), source))
+        for state in self._peers.values():
+            if state is asker:
+                continue
+            peer = state.peer
+            age_ms = min(MAX_AGE_MS, max(0, round((now - state.heard_at) * 1000)))
+            forwarded = Announce(
+                peer.endpoint_id,
+                peer.incarnation,
+                peer.name,
+                peer.host,
+                peer.port,
+                max(1, round(peer.rate_s * 1000)),
+                forwarded=True,
+                age_ms=age_ms,
+            )
+            self._outbox.append((forwarded, source))
+
+    def _announce(self, now: float) -> None:
+        own = self._own_announce()
+        for address, ask in self._targets:
+            self._outbox.append((replace(own, ask=True) if ask else own, address))
+        for state in self._peers.values():
+            if now - state.multicast_at > self._timeout_s(state):
+                self._outbox.append((own, state.peer.address))
+
+    def _own_announce(self) -> Announce:
+        config = self.config
+        return Announce(
+            config.endpoint_id,
+            config.incarnation,
+            config.name,
+            config.host,
+            config.port,
+            self._rate_ms,
+        )
+
+    def _timeout_s(self, state: _PeerState) -> float:
+        return state.peer.rate_s * self.config.multiplier
+
+    def _expires_at(self, state: _PeerState) -> float:
+        return state.heard_at + self._timeout_s(state)
+
+    def _warn_once(self, key: tuple[str, object], message: str, *args: object) -> None:
+        if key in self._warned:
+            logger.debug(message, *args)
+            return
+        if len(self._warned) < _MAX_WARNED:
+            self._warned.add(key)
+        logger.warning(message, *args)

@@ -1,0 +1,47 @@
+"""Events that layers hand to the runtime, and the runtime to the application."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from glue.wire import EndpointId
+
+__all__ = ["Peer", "PeerAdded", "PeerEvent", "PeerRemoved", "RemovalReason"]
+
+RemovalReason = Literal["expired", "left", "restarted"]
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Another endpoint on the same network, as discovery knows it."""
+
+    endpoint_id: EndpointId
+    incarnation: int
+    name: str
+    host: str
+    port: int
+    rate_s: float
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where its data socket listens."""
+        return (self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAdded:
+    """A peer was heard for the first time (or in a new incarnation)."""
+
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRemoved:
+    """A peer went away: silent for rate x multiplier, said goodbye, or restarted."""
+
+    peer: Peer
+    reason: RemovalReason
+
+
+PeerEvent = PeerAdded | PeerRemoved

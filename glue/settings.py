@@ -1,0 +1,246 @@
+"""``GlueSettings``: every ``GLUE_*`` variable, read from the environment and an optional ``.env``.
+
+Names and defaults follow the Go reference (``initialed85/glue``). :func:`load_settings` turns any
+validation failure into one :class:`~glue.errors.ConfigError` whose message names each bad
+variable, the value it had and the form expected, so a bad deployment fails at start-up with a
+readable line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import secrets
+from typing import Annotated, Any, Final, NamedTuple
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from glue.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_DISCOVERY_ADDRESS",
+    "DEFAULT_DISCOVERY_PORT",
+    "GlueSettings",
+    "HostPort",
+    "load_settings",
+]
+
+DEFAULT_DISCOVERY_PORT: Final = 27320
+DEFAULT_DISCOVERY_ADDRESS: Final = f"239.192.137.1:{DEFAULT_DISCOVERY_PORT}"
+_MAX_ID: Final = 2**53 - 1
+_LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class HostPort(NamedTuple):
+    """A UDP address: ``host`` is an IPv4 literal or (for discovery targets) a DNS name."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+#: The form each variable expects, quoted in error messages and mirrored in ``.env.example``.
+EXPECTED: Final[dict[str, str]] = {
+    "network_id": f"an integer from 0 to {_MAX_ID}, the same on every endpoint that talks",
+    "endpoint_id": f"an integer from 1 to {_MAX_ID}, or unset for a random one",
+    "endpoint_name": "1 to 255 printable characters without spaces, or unset",
+    "listen_address": "IPV4:PORT, e.g. 0.0.0.0:0 (port 0 picks a free port)",
+    "listen_interface": "the name of a network interface of this host, e.g. eth0, or unset",
+    "discovery_target_address": (
+        "0 (do not announce), or a comma-separated list of HOST[:PORT] where HOST is an IPv4 "
+        f"address or a DNS name and PORT defaults to {DEFAULT_DISCOVERY_PORT}"
+    ),
+    "discovery_listen_address": (
+        "0 (do not listen), or IPV4:PORT: a multicast group, a broadcast or unicast address"
+    ),
+    "discovery_rate_milliseconds": "an integer from 10 to 3600000 (milliseconds)",
+    "discovery_rate_timeout_multiplier": "a number from 1.0 to 1000, e.g. 2.0",
+    "discovery_multicast_ttl": "an integer from 0 to 255 (1 keeps multicast on the local segment)",
+    "max_peers": "an integer from 1 to 1000000",
+    "log_level": "one of " + ", ".join(_LOG_LEVELS),
+}
+
+
+class GlueSettings(BaseSettings):
+    """Configuration of one endpoint; every field is the ``GLUE_<FIELD>`` environment variable.
+
+    Build it with :func:`load_settings` (environment + ``.env``) or directly with keyword
+    arguments; unset ``endpoint_id``/``endpoint_name`` are filled with random unique values.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="GLUE_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+    network_id: int = Field(1, ge=0, le=_MAX_ID)
+    endpoint_id: int | None = Field(None, ge=1, le=_MAX_ID)
+    endpoint_name: str | None = Field(None, min_length=1, max_length=255, pattern=r"^[!-~]+$")
+    listen_address: Annotated[HostPort, NoDecode] = HostPort("0.0.0.0", 0)
+    listen_interface: str | None = None
+    discovery_target_address: Annotated[tuple[HostPort, ...], NoDecode] = (
+        HostPort("239.192.137.1", DEFAULT_DISCOVERY_PORT),
+    )
+    discovery_listen_address: Annotated[HostPort | None, NoDecode] = HostPort(
+        "239.192.137.1", DEFAULT_DISCOVERY_PORT
+    )
+    discovery_rate_milliseconds: int = Field(1000, ge=10, le=3_600_000)
+    discovery_rate_timeout_multiplier: float = Field(2.0, ge=1.0, le=1000.0)
+    discovery_multicast_ttl: int = Field(1, ge=0, le=255)
+    max_peers: int = Field(1000, ge=1, le=1_000_000)
+    log_level: str = "INFO"
+
+    @field_validator("listen_address", mode="before")
+    @classmethod
+    def _parse_listen(cls, value: Any) -> HostPort:
+        return _host_port(value, allow_names=False, default_port=None)
+
+    @field_validator("discovery_listen_address", mode="before")
+    @classmethod
+    def _parse_discovery_listen(cls, value: Any) -> HostPort | None:
+        if value is None or str(value).strip() == "0":
+            return None
+        return _host_port(value, allow_names=False, default_port=None)
+
+    @field_validator("discovery_target_address", mode="before")
+    @classmethod
+    def _parse_targets(cls, value: Any) -> tuple[HostPort, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            if value.strip() == "0":
+                return ()
+            parts = [part.strip() for part in value.split(",")]
+            if not all(parts):
+                raise ValueError("empty entry in the list")
+            return tuple(
+                _host_port(p, allow_names=True, default_port=DEFAULT_DISCOVERY_PORT) for p in parts
+            )
+        return tuple(
+            _host_port(p, allow_names=True, default_port=DEFAULT_DISCOVERY_PORT) for p in value
+        )
+
+    @field_validator("discovery_rate_timeout_multiplier")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be finite")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: Any) -> str:
+        level = str(value).strip().upper()
+        if level not in _LOG_LEVELS:
+            raise ValueError("unknown level")
+        return level
+
+    @field_validator("listen_interface", mode="before")
+    @classmethod
+    def _interface(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        name = str(value).strip()
+        if not name or len(name) > 15 or any(c in name for c in " /\0"):
+            raise ValueError("not an interface name")
+        return name
+
+    @model_validator(mode="after")
+    def _fill_identity(self) -> GlueSettings:
+        # Frozen model: the random defaults are filled in once, at validation time.
+        if self.endpoint_id is None:
+            object.__setattr__(self, "endpoint_id", 1 + secrets.randbelow(_MAX_ID))
+        if self.endpoint_name is None:
+            name = f"Endpoint_{self.endpoint_id}_{secrets.token_hex(3)}"
+            object.__setattr__(self, "endpoint_name", name)
+        return self
+
+    # Convenience views with the defaults already resolved.
+
+    @property
+    def id(self) -> int:
+        """``endpoint_id``, always set after validation."""
+        assert self.endpoint_id is not None
+        return self.endpoint_id
+
+    @property
+    def name(self) -> str:
+        """``endpoint_name``, always set after validation."""
+        assert self.endpoint_name is not None
+        return self.endpoint_name
+
+    @property
+    def discovery_rate_s(self) -> float:
+        """The announcement period in seconds."""
+        return self.discovery_rate_milliseconds / 1000.0
+
+
+def load_settings(**overrides: Any) -> GlueSettings:
+    """Read ``GLUE_*`` from the environment and ``.env``; keyword arguments override both.
+
+    Raises:
+        ConfigError: one line per bad variable, naming it, its value and the form expected.
+    """
+    try:
+        return GlueSettings(**overrides)
+    except ValidationError as exc:
+        raise config_error_from(exc) from None
+
+
+def config_error_from(exc: ValidationError) -> ConfigError:
+    """Turn a pydantic ``ValidationError`` on ``GlueSettings`` into a readable ``ConfigError``."""
+    lines = []
+    first: str | None = None
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        variable = f"GLUE_{field.upper()}"
+        first = first or variable
+        reason = str(error["msg"]).removeprefix("Value error, ")
+        expected = EXPECTED.get(field, "a valid value")
+        value = error.get("input")
+        lines.append(f"{variable}={value!r} is invalid ({reason}); expected {expected}")
+    return ConfigError("\n".join(lines), variable=first)
+
+
+def _host_port(value: Any, *, allow_names: bool, default_port: int | None) -> HostPort:
+    if isinstance(value, tuple) and len(value) == 2:
+        host, port_text = str(value[0]), str(value[1])
+    else:
+        text = str(value).strip()
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            if default_port is None:
+                raise ValueError("missing ':PORT'")
+            host, port_text = text, str(default_port)
+    host = host.strip() or "0.0.0.0"
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port {port_text!r} is not 0..65535")
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        if not allow_names:
+            raise ValueError(f"{host!r} is not an IPv4 address") from None
+        if not _is_dns_name(host):
+            raise ValueError(f"{host!r} is neither an IPv4 address nor a DNS name") from None
+    port = int(port_text)
+    if default_port is not None and port == 0:
+        raise ValueError("a target needs a port other than 0")
+    return HostPort(host, port)
+
+
+def _is_dns_name(host: str) -> bool:
+    labels = host.rstrip(".").split(".")
+    return len(host) <= 253 and all(
+        0 < len(label) <= 63
+        and label.replace("-", "").replace("_", "").isalnum()
+        and label.isascii()
+        and not label.startswith("-")
+        for label in labels
+    )

@@ -1,0 +1,308 @@
+"""Frames <-> datagrams: glue's versioned wire format (see ``docs/PROTOCOL.md``).
+
+A datagram is one JSON object (the header, encoded by orjson), one line feed byte, then the raw
+payload bytes of the frames that carry any, concatenated in frame order::
+
+    {"glue":1,"net":1,"src":42,"inc":1732350000123456,"f":[{"t":"d","seq":7,"n":5}]}\\nhello
+
+orjson never writes a raw line feed (it escapes ``\\n`` inside strings), so the first LF ends the
+header. Every header field is JSON; payloads are never base64'd. One datagram carries many frames
+(announcements, data, and later acks), which is how glue amortises Python's per-datagram cost.
+
+This module is pure: no state, no clock, no sockets. ``decode`` raises only :class:`DecodeError`,
+whatever bytes it is given.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, NewType
+
+import orjson
+
+from glue.errors import DecodeError
+
+__all__ = [
+    "MAX_DATAGRAM_BYTES",
+    "MAX_ID",
+    "MAX_NAME_CHARS",
+    "VERSION",
+    "Announce",
+    "Data",
+    "Datagram",
+    "EndpointId",
+    "Frame",
+    "Goodbye",
+    "Header",
+    "decode",
+    "encode",
+    "pack",
+]
+
+VERSION: Final = 1
+#: Largest UDP payload over IPv4 (65535 - 20 IP - 8 UDP).
+MAX_DATAGRAM_BYTES: Final = 65507
+#: Ids and incarnations stay below 2**53 so that any JSON implementation holds them exactly.
+MAX_ID: Final = 2**53 - 1
+MAX_NAME_CHARS: Final = 255
+MAX_RATE_MS: Final = 3_600_000
+MAX_AGE_MS: Final = 86_400_000
+
+EndpointId = NewType("EndpointId", int)
+
+_LF: Final = b"\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """Who sent a datagram: the fields every datagram carries."""
+
+    network_id: int
+    source_id: EndpointId
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """ "Endpoint ``endpoint_id`` is alive and takes data at ``host:port``".
+
+    ``host`` is empty when the announcer does not know its own address: the receiver then uses the
+    source address of the datagram. ``ask`` asks the receiver to answer with the announcements it
+    knows (set when sent to a unicast rendezvous). ``forwarded`` marks an announcement relayed by a
+    rendezvous on behalf of another endpoint, heard ``age_ms`` ago; forwarded ones are never
+    relayed again and never answered.
+    """
+
+    endpoint_id: EndpointId
+    incarnation: int
+    name: str
+    host: str
+    port: int
+    rate_ms: int
+    ask: bool = False
+    forwarded: bool = False
+    age_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    """The sending endpoint (header ``src``/``inc``) is stopping: drop it now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """An application payload with the sender's sequence number (extended by the transport)."""
+
+    seq: int
+    payload: bytes
+
+
+Frame = Announce | Goodbye | Data
+
+
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    """A decoded datagram: its header and its frames in order."""
+
+    header: Header
+    frames: tuple[Frame, ...]
+
+
+# --- encoding -----------------------------------------------------------------------------------
+
+
+def encode(header: Header, frames: Sequence[Frame]) -> bytes:
+    """Encode ``frames`` into one datagram (no size check; see :func:`pack`)."""
+    objects, payloads = _frames_to_wire(frames)
+    head = orjson.dumps(
+        {
+            "glue": VERSION,
+            "net": header.network_id,
+            "src": header.source_id,
+            "inc": header.incarnation,
+            "f": objects,
+        }
+    )
+    return b"".join((head, _LF, *payloads))
+
+
+def pack(
+    header: Header, frames: Iterable[Frame], *, max_bytes: int = MAX_DATAGRAM_BYTES
+) -> list[bytes]:
+    """Encode ``frames`` into as few datagrams of at most ``max_bytes`` as greedy packing allows.
+
+    Raises:
+        ValueError: a single frame does not fit in ``max_bytes`` (fragment it first).
+    """
+    base = len(encode(header, ()))
+    datagrams: list[bytes] = []
+    batch: list[Frame] = []
+    size = base
+    for frame in frames:
+        obj, payload = _frame_to_wire(frame)
+        cost = len(orjson.dumps(obj)) + len(payload)
+        if base + cost > max_bytes:
+            raise ValueError(f"a {type(frame).__name__} frame of {cost} bytes exceeds {max_bytes}")
+        separator = 1 if batch else 0  # the comma between frame objects
+        if size + separator + cost > max_bytes:
+            datagrams.append(encode(header, batch))
+            batch, size, separator = [], base, 0
+        size += separator + cost
+        batch.append(frame)
+    if batch:
+        datagrams.append(encode(header, batch))
+    return datagrams
+
+
+def _frames_to_wire(frames: Sequence[Frame]) -> tuple[list[dict[str, Any]], list[bytes]]:
+    objects: list[dict[str, Any]] = []
+    payloads: list[bytes] = []
+    for frame in frames:
+        obj, payload = _frame_to_wire(frame)
+        objects.append(obj)
+        if payload:
+            payloads.append(payload)
+    return objects, payloads
+
+
+def _frame_to_wire(frame: Frame) -> tuple[dict[str, Any], bytes]:
+    match frame:
+        case Data(seq=seq, payload=payload):
+            return {"t": "d", "seq": seq, "n": len(payload)}, payload
+        case Announce():
+            obj: dict[str, Any] = {
+                "t": "ann",
+                "id": frame.endpoint_id,
+                "inc": frame.incarnation,
+                "name": frame.name,
+                "host": frame.host,
+                "port": frame.port,
+                "rate": frame.rate_ms,
+            }
+            if frame.ask:
+                obj["ask"] = True
+            if frame.forwarded:
+                obj["fwd"] = True
+                obj["age"] = frame.age_ms
+            return obj, b""
+        case Goodbye():
+            return {"t": "bye"}, b""
+    raise TypeError(f"not a frame: {frame!r}")  # pragma: no cover - guarded by the Frame union
+
+
+# --- decoding -----------------------------------------------------------------------------------
+
+
+def decode(data: bytes, *, network_id: int, max_bytes: int = MAX_DATAGRAM_BYTES) -> Datagram:
+    """Decode one datagram addressed to network ``network_id``.
+
+    Raises:
+        DecodeError: for anything that is not a well-formed glue datagram of this version and
+            network; ``reason`` says which check failed.
+    """
+    if len(data) > max_bytes:
+        raise DecodeError(f"{len(data)} bytes exceeds {max_bytes}", reason="oversized")
+    end = data.find(_LF)
+    if end < 0:
+        if data[:1] == b"{":
+            raise DecodeError("no end of header", reason="truncated")
+        raise DecodeError("not a glue datagram", reason="foreign")
+    try:
+        head = orjson.loads(data[:end])
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"header is not JSON: {exc}", reason="foreign") from exc
+    if not isinstance(head, dict) or "glue" not in head:
+        raise DecodeError("header has no 'glue' version", reason="foreign")
+    version = head["glue"]
+    if version != VERSION or type(version) is not int:
+        raise DecodeError(f"version {version!r}, expected {VERSION}", reason="version")
+    net = _int(head, "net", 0, MAX_ID)
+    if net != network_id:
+        raise DecodeError(f"network {net}, expected {network_id}", reason="network")
+    header = Header(net, EndpointId(_int(head, "src", 1, MAX_ID)), _int(head, "inc", 0, MAX_ID))
+    raw_frames = head.get("f")
+    if not isinstance(raw_frames, list) or not raw_frames:
+        raise DecodeError("'f' must be a non-empty list", reason="malformed")
+    frames = []
+    offset = end + 1
+    for raw in raw_frames:
+        frame, offset = _frame_from_wire(raw, data, offset, header)
+        frames.append(frame)
+    if offset != len(data):
+        raise DecodeError(f"{len(data) - offset} bytes after the last payload", reason="malformed")
+    return Datagram(header, tuple(frames))
+
+
+def _frame_from_wire(raw: object, data: bytes, offset: int, header: Header) -> tuple[Frame, int]:
+    if not isinstance(raw, dict):
+        raise DecodeError("a frame must be an object", reason="malformed")
+    kind = raw.get("t")
+    if kind == "d":
+        length = _int(raw, "n", 0, MAX_DATAGRAM_BYTES)
+        end = offset + length
+        if end > len(data):
+            raise DecodeError(f"payload wants {length} bytes, has fewer", reason="truncated")
+        return Data(_int(raw, "seq", 0, MAX_ID), data[offset:end]), end
+    if kind == "ann":
+        return _announce_from_wire(raw, header), offset
+    if kind == "bye":
+        return Goodbye(), offset
+    raise DecodeError(f"unknown frame kind {kind!r}", reason="malformed")
+
+
+def _announce_from_wire(raw: dict[str, Any], header: Header) -> Announce:
+    forwarded = _bool(raw, "fwd")
+    announce = Announce(
+        endpoint_id=EndpointId(_int(raw, "id", 1, MAX_ID)),
+        incarnation=_int(raw, "inc", 0, MAX_ID),
+        name=_name(raw),
+        host=_host(raw),
+        port=_int(raw, "port", 1, 65535),
+        rate_ms=_int(raw, "rate", 1, MAX_RATE_MS),
+        ask=_bool(raw, "ask"),
+        forwarded=forwarded,
+        age_ms=_int(raw, "age", 0, MAX_AGE_MS) if forwarded else 0,
+    )
+    if forwarded:
+        if announce.ask:
+            raise DecodeError("a forwarded announcement cannot ask", reason="malformed")
+        if not announce.host:
+            raise DecodeError("a forwarded announcement needs a host", reason="malformed")
+    elif (announce.endpoint_id, announce.incarnation) != (header.source_id, header.incarnation):
+        raise DecodeError("announcement about another endpoint not marked fwd", reason="malformed")
+    return announce
+
+
+def _int(obj: dict[str, Any], key: str, low: int, high: int) -> int:
+    value = obj.get(key)
+    if type(value) is not int or not low <= value <= high:
+        raise DecodeError(f"{key!r} must be an integer in [{low}, {high}]", reason="malformed")
+    return value
+
+
+def _bool(obj: dict[str, Any], key: str) -> bool:
+    value = obj.get(key, False)
+    if type(value) is not bool:
+        raise DecodeError(f"{key!r} must be a boolean", reason="malformed")
+    return value
+
+
+def _name(obj: dict[str, Any]) -> str:
+    value = obj.get("name")
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_CHARS:
+        raise DecodeError(f"'name' must be 1..{MAX_NAME_CHARS} characters", reason="malformed")
+    return value
+
+
+def _host(obj: dict[str, Any]) -> str:
+    value = obj.get("host", "")
+    if not isinstance(value, str):
+        raise DecodeError("'host' must be a string", reason="malformed")
+    if value:
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError as exc:
+            raise DecodeError(f"'host' {value!r} is not IPv4", reason="malformed") from exc
+    return value
