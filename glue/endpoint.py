@@ -22,7 +22,7 @@ from typing import Final
 
 from glue import network, wire
 from glue.discovery import Address, Discovery, DiscoveryConfig, Target
-from glue.errors import DecodeError, UsageError
+from glue.errors import ConfigError, DecodeError, UsageError
 from glue.events import Peer, PeerEvent
 from glue.settings import GlueSettings
 
@@ -76,9 +76,7 @@ class Endpoint:
         self._state = "starting"
         loop = self._loop = asyncio.get_running_loop()
         settings = self.settings
-        interface = settings.listen_interface or network.default_interface()
-        variable = "GLUE_LISTEN_INTERFACE" if settings.listen_interface else "(default route)"
-        interface_ip = network.interface_address(interface, variable=variable)
+        interface, interface_ip = self._choose_interface()
         listen = settings.listen_address
         try:
             self._data = network.open_data_socket(
@@ -137,6 +135,18 @@ class Endpoint:
             ",".join(map(str, settings.discovery_target_address)) or "off",
         )
         self._service(loop.time())
+
+    def _choose_interface(self) -> tuple[str, str]:
+        """``GLUE_LISTEN_INTERFACE``, else the default route's interface, else ``lo``."""
+        if self.settings.listen_interface:
+            name = self.settings.listen_interface
+            return name, network.interface_address(name, variable="GLUE_LISTEN_INTERFACE")
+        name = network.default_interface()
+        try:
+            return name, network.interface_address(name, variable="GLUE_LISTEN_INTERFACE")
+        except ConfigError:
+            logger.warning("default-route interface %s has no IPv4 address; using lo", name)
+            return "lo", "127.0.0.1"
 
     async def stop(self) -> None:
         """Say goodbye to peers, close the sockets. Idempotent."""

@@ -278,6 +278,10 @@ class EndpointManager:
             future = asyncio.run_coroutine_threadsafe(self._async.stop(), loop)
             with contextlib.suppress(GlueError, TimeoutError):
                 future.result(_START_TIMEOUT_S)
+            # DNS lookups ran on the loop's default executor: join its threads too.
+            drained = asyncio.run_coroutine_threadsafe(loop.shutdown_default_executor(), loop)
+            with contextlib.suppress(TimeoutError):
+                drained.result(_START_TIMEOUT_S)
             loop.call_soon_threadsafe(loop.stop)
             thread.join()
             loop.close()

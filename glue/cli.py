@@ -1,0 +1,334 @@
+"""The ``glue`` command: ``glue peers`` and ``glue demo``.
+
+The only module of the package that prints.
+
+``glue peers`` joins the network described by the ``GLUE_*`` settings and lists the endpoints it
+sees (``--watch`` follows them live, ``--json`` prints one JSON object per line for scripts).
+``glue demo`` starts a rendezvous and several endpoint processes on 127.0.0.1 only, with no
+multicast at all, so it is safe on any machine, and narrates discovery, expiry of a killed
+endpoint and the mesh surviving the loss of its rendezvous.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+import orjson
+
+from glue.errors import ConfigError, GlueError
+from glue.events import Peer, PeerAdded, PeerRemoved
+from glue.manager import AsyncEndpointManager
+from glue.settings import load_settings
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``glue`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        logging.basicConfig(
+            level=args.log_level or settings.log_level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        result: int = args.run(args)
+        return result
+    except ConfigError as exc:
+        print(f"glue: configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    except GlueError as exc:
+        print(f"glue: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glue",
+        description="Brokerless publish/subscribe over UDP. Configure with GLUE_* variables.",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level on stderr (default: GLUE_LOG_LEVEL, else INFO)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    peers = commands.add_parser("peers", help="join the network and list the endpoints seen")
+    peers.add_argument(
+        "--wait",
+        type=float,
+        help="seconds to listen before listing (default: one discovery timeout)",
+    )
+    peers.add_argument("--watch", action="store_true", help="print peers as they come and go")
+    peers.add_argument("--duration", type=float, help="with --watch: stop after this many seconds")
+    peers.add_argument("--json", action="store_true", help="one JSON object per line")
+    peers.set_defaults(run=_run_peers)
+
+    demo = commands.add_parser("demo", help="several endpoints discovering each other on 127.0.0.1")
+    demo.add_argument("--nodes", type=int, default=3, help="endpoints besides the rendezvous")
+    demo.add_argument("--rate-ms", type=int, default=500, help="announcement period")
+    demo.set_defaults(run=_run_demo)
+    return parser
+
+
+# --- glue peers ----------------------------------------------------------------------------------
+
+
+def _run_peers(args: argparse.Namespace) -> int:
+    return asyncio.run(_peers(args))
+
+
+async def _peers(args: argparse.Namespace) -> int:
+    async with AsyncEndpointManager.from_env() as endpoint:
+        settings = endpoint.settings
+        emit = _json_line if args.json else _text_line
+        emit(
+            "started",
+            {"id": endpoint.endpoint_id, "name": endpoint.name, "data": endpoint.data_address},
+        )
+        if not args.watch:
+            timeout = settings.discovery_rate_s * settings.discovery_rate_timeout_multiplier
+            await _wait_quietly(args.wait if args.wait is not None else timeout)
+            peers = await endpoint.peers()
+            if args.json:
+                for peer in peers:
+                    _json_line("peer", _peer_fields(peer))
+            else:
+                _print_table(peers)
+            return 0
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        watcher = asyncio.create_task(_watch(endpoint, emit))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), args.duration)
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        emit("stopping", {"id": endpoint.endpoint_id, "name": endpoint.name})
+    return 0
+
+
+async def _watch(
+    endpoint: AsyncEndpointManager, emit: Callable[[str, dict[str, Any]], None]
+) -> None:
+    async for event in endpoint.peer_events():
+        match event:
+            case PeerAdded(peer=peer):
+                emit("added", _peer_fields(peer))
+            case PeerRemoved(peer=peer, reason=reason):
+                emit("removed", {**_peer_fields(peer), "reason": reason})
+
+
+async def _wait_quietly(seconds: float) -> None:
+    # Listening for a window is what `glue peers` is for: every live peer announces within it.
+    await asyncio.sleep(seconds)
+
+
+def _peer_fields(peer: Peer) -> dict[str, Any]:
+    return {
+        "id": peer.endpoint_id,
+        "name": peer.name,
+        "address": f"{peer.host}:{peer.port}",
+        "incarnation": peer.incarnation,
+        "rate_ms": round(peer.rate_s * 1000),
+    }
+
+
+def _json_line(event: str, fields: dict[str, Any]) -> None:
+    line = orjson.dumps({"event": event, "time": time.time(), **fields})
+    sys.stdout.write(line.decode() + "\n")
+    sys.stdout.flush()
+
+
+def _text_line(event: str, fields: dict[str, Any]) -> None:
+    details = " ".join(f"{key}={value}" for key, value in fields.items())
+    print(f"{time.strftime('%H:%M:%S')} {event:8} {details}", flush=True)
+
+
+def _print_table(peers: list[Peer]) -> None:
+    if not peers:
+        print("no peers seen")
+        return
+    print(f"{'NAME':40} {'ID':>17} {'ADDRESS':21} RATE")
+    for peer in peers:
+        address = f"{peer.host}:{peer.port}"
+        print(f"{peer.name:40} {peer.endpoint_id:>17} {address:21} {peer.rate_s * 1000:.0f} ms")
+
+
+# --- glue demo -----------------------------------------------------------------------------------
+
+
+class _Node:
+    """One endpoint process of the demo, running ``glue peers --watch --json``."""
+
+    def __init__(self, label: str, env: dict[str, str], board: _Board) -> None:
+        self.label = label
+        self.endpoint_id = int(env["GLUE_ENDPOINT_ID"])
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "glue", "--log-level", "WARNING", "peers", "--watch", "--json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, args=(board,), daemon=True)
+        self._reader.start()
+
+    def _read(self, board: _Board) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                board.record(self, orjson.loads(line))
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        self.process.wait(timeout=10)
+
+
+class _Board:
+    """What each demo node reports seeing, with a condition to wait on."""
+
+    def __init__(self, out: TextIO, labels: dict[int, str]) -> None:
+        self.out = out
+        self.labels = labels
+        self.seen: dict[str, set[int]] = {}
+        self.changed = threading.Condition()
+        self.started = time.monotonic()
+        self.quiet = False
+
+    def record(self, node: _Node, message: dict[str, Any]) -> None:
+        event = message.get("event")
+        with self.changed:
+            seen = self.seen.setdefault(node.label, set())
+            other = self.labels.get(message.get("id", 0), message.get("name", "?"))
+            if event == "added":
+                seen.add(message["id"])
+                self._say(f"{node.label:12} discovered {other}")
+            elif event == "removed":
+                seen.discard(message["id"])
+                self._say(f"{node.label:12} lost       {other} ({message.get('reason')})")
+            self.changed.notify_all()
+
+    def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
+
+    def knows(self, label: str, ids: set[int]) -> bool:
+        return ids <= self.seen.get(label, set())
+
+    def _say(self, text: str) -> None:
+        if self.quiet:
+            return
+        print(f"[{time.monotonic() - self.started:6.2f}s] {text}", file=self.out, flush=True)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    if args.nodes < 2:
+        raise ConfigError("glue demo needs --nodes 2 or more")
+    rate_ms = args.rate_ms
+    timeout_s = rate_ms / 1000 * 2.0
+    port = _free_udp_port()
+    base = {key: value for key, value in os.environ.items() if not key.startswith("GLUE_")}
+    common = {
+        **base,
+        "GLUE_LISTEN_INTERFACE": "lo",
+        "GLUE_LISTEN_ADDRESS": "127.0.0.1:0",
+        "GLUE_DISCOVERY_RATE_MILLISECONDS": str(rate_ms),
+        "GLUE_DISCOVERY_RATE_TIMEOUT_MULTIPLIER": "2.0",
+        "PYTHONUNBUFFERED": "1",
+    }
+    labels = {1: "rendezvous", **{100 + n: f"node-{n}" for n in range(1, args.nodes + 1)}}
+    board = _Board(sys.stdout, labels)
+    print(
+        f"glue demo: a rendezvous on 127.0.0.1:{port} and {args.nodes} endpoints, announcing every "
+        f"{rate_ms} ms; all traffic stays on 127.0.0.1 (unicast only).\n"
+    )
+
+    def start(endpoint_id: int, **extra: str) -> _Node:
+        env = {**common, "GLUE_ENDPOINT_ID": str(endpoint_id), **extra}
+        env["GLUE_ENDPOINT_NAME"] = labels[endpoint_id]
+        return _Node(labels[endpoint_id], env, board)
+
+    rendezvous = start(
+        1, GLUE_DISCOVERY_TARGET_ADDRESS="0", GLUE_DISCOVERY_LISTEN_ADDRESS=f"127.0.0.1:{port}"
+    )
+    node_env = {
+        "GLUE_DISCOVERY_TARGET_ADDRESS": f"127.0.0.1:{port}",
+        "GLUE_DISCOVERY_LISTEN_ADDRESS": "0",
+    }
+    nodes = [start(100 + n, **node_env) for n in range(1, args.nodes + 1)]
+    everyone = [rendezvous, *nodes]
+    try:
+        ids = {node.endpoint_id for node in everyone}
+        t0 = time.monotonic()
+        if not board.wait(
+            lambda: all(board.knows(n.label, ids - {n.endpoint_id}) for n in everyone), timeout=10
+        ):
+            print("\nglue demo: FAILED, the endpoints did not all meet within 10 s")
+            return 1
+        print(
+            f"\n==> all {len(everyone)} endpoints know each other "
+            f"({time.monotonic() - t0:.2f} s after start)\n"
+        )
+
+        victim, survivors = nodes[0], nodes[1:]
+        print(
+            f"==> kill -9 {victim.label}: the others drop it after {timeout_s:.1f} s of silence\n"
+        )
+        victim.stop(signal.SIGKILL)
+        t0 = time.monotonic()
+        if not board.wait(
+            lambda: all(
+                victim.endpoint_id not in board.seen[n.label] for n in [rendezvous, *survivors]
+            ),
+            timeout=timeout_s + 5,
+        ):
+            print("\nglue demo: FAILED, the killed endpoint was not removed")
+            return 1
+        print(f"\n==> removed {time.monotonic() - t0:.2f} s after the kill\n")
+
+        print("==> stop the rendezvous: the remaining endpoints announce to each other directly\n")
+        rendezvous.stop()
+        survivor_ids = {n.endpoint_id for n in survivors}
+        board.wait(lambda: False, timeout=3 * timeout_s)
+        intact = all(board.knows(n.label, survivor_ids - {n.endpoint_id}) for n in survivors)
+        print(
+            f"\n==> {3 * timeout_s:.1f} s later the mesh is "
+            f"{'intact' if intact else 'BROKEN'}: {', '.join(n.label for n in survivors)} "
+            "still know each other\n"
+        )
+        return 0 if intact else 1
+    finally:
+        board.quiet = True
+        for node in everyone:
+            node.stop()
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Helpers shared by the test suites: waiting on conditions with deadlines, never fixed sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+
+
+def wait_until(predicate: Callable[[], bool], *, timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(interval)
+
+
+async def async_wait_until(
+    predicate: Callable[[], bool], *, timeout: float, interval: float = 0.01
+) -> bool:
+    """``wait_until`` for asyncio tests."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if predicate():
+            return True
+        if loop.time() >= deadline:
+            return bool(predicate())
+        await asyncio.sleep(interval)
+
+
+def free_udp_port() -> int:
+    """A UDP port free on 127.0.0.1 right now (used for per-test discovery ports)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -1,0 +1,59 @@
+"""The ``glue`` command as a user runs it: a subprocess, configured only by GLUE_* variables."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import orjson
+
+from tests.helpers import free_udp_port
+from tests.integration.nodes import Node, base_env
+
+
+def _glue(*args: str, timeout: float = 60, **glue: str | int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "glue", *args],
+        env=base_env(**glue),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_glue_peers_lists_the_endpoints_it_sees() -> None:
+    group = f"239.192.137.1:{free_udp_port()}"
+    settings = {
+        "discovery_target_address": group,
+        "discovery_listen_address": group,
+        "discovery_rate_milliseconds": 200,
+    }
+    others = [Node(**settings, endpoint_name=f"sensor-{n}") for n in range(2)]
+    try:
+        table = _glue("peers", **settings)
+        assert table.returncode == 0, table.stderr
+        assert "sensor-0" in table.stdout
+        assert "sensor-1" in table.stdout
+        lines = _glue("peers", "--json", "--wait", "1", **settings)
+        assert lines.returncode == 0, lines.stderr
+        records = [orjson.loads(line) for line in lines.stdout.splitlines()]
+        assert {r["name"] for r in records if r["event"] == "peer"} == {"sensor-0", "sensor-1"}
+    finally:
+        for node in others:
+            node.close()
+
+
+def test_bad_variable_fails_at_start_with_a_clear_message_and_no_traceback() -> None:
+    result = _glue("peers", discovery_rate_milliseconds="fast")
+    assert result.returncode == 2
+    assert "GLUE_DISCOVERY_RATE_MILLISECONDS='fast'" in result.stderr
+    assert "expected" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_runs_to_completion_on_loopback() -> None:
+    result = _glue("demo", "--rate-ms", "200", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "endpoints know each other" in result.stdout
+    assert "the mesh is intact" in result.stdout
