@@ -22,9 +22,11 @@ Rules:
   one is stale and ignored.
 - A newcomer gets our announcement at once, by unicast, so two endpoints meet in one round trip.
 - An announcement with ``ask`` (sent to us as a unicast target) is answered with our own
-  announcement plus every peer we know, forwarded with its age; forwarded announcements are never
-  answered or forwarded again, so there are no loops. Answers to one asker are rate-limited to one
-  per half period.
+  announcement (advertising the slower of our rate and the asker's, since the asker hears it at its
+  own pace) plus every peer we know, forwarded with the age of our knowledge of it. A forwarded
+  frame is never answered and never relayed as such; what it taught us may appear in our own later
+  answers, still with its true age, so knowledge cannot outlive the peer. Answers to one asker are
+  rate-limited to one per half period.
 - A different endpoint using our name or a known peer's name is ignored with a warning (as in the
   Go reference), and so is another endpoint claiming our own id.
 
@@ -250,8 +252,8 @@ class Discovery:
                 ("full", None), "peer table full (%d); ignoring newcomers", len(self._peers)
             )
             return None
-        if now - heard_at >= announce.rate_ms / 1000.0 * self.config.multiplier:
-            return None  # a forwarded announcement that is already too old
+        if heard_at + announce.rate_ms / 1000.0 * self.config.multiplier <= now:
+            return None  # a forwarded announcement already expired (same test as _expires_at)
         peer = Peer(
             announce.endpoint_id, announce.incarnation, name, *address, announce.rate_ms / 1000.0
         )
@@ -261,8 +263,9 @@ class Discovery:
         self._events.append(PeerAdded(peer))
         self.counters["peers_added"] += 1
         logger.info("peer added: %s (%d) at %s:%d", name, peer.endpoint_id, *address)
-        if self.config.announce:
-            # Introduce ourselves at once instead of making the newcomer wait a period.
+        if self.config.announce and not announce.ask:
+            # Introduce ourselves at once instead of making the newcomer wait a period (one that
+            # asks gets our announcement in the answer anyway).
             self._outbox.append((self._own_announce(), peer.address))
         return state
 
@@ -285,7 +288,11 @@ class Discovery:
             return
         asker.answered_at = now
         self.counters["asks_answered"] += 1
-        self._outbox.append((self._own_announce(), source))
+        # The asker hears us in answers at its own pace, so advertise the slower of the two rates:
+        # otherwise a fast rendezvous that never announces expires at a slow asker between asks.
+        own = self._own_announce()
+        slower_ms = max(own.rate_ms, round(asker.peer.rate_s * 1000))
+        self._outbox.append((replace(own, rate_ms=slower_ms), source))
         for state in self._peers.values():
             if state is asker:
                 continue

@@ -127,11 +127,15 @@ class GlueSettings(BaseSettings):
             _host_port(p, allow_names=True, default_port=DEFAULT_DISCOVERY_PORT) for p in value
         )
 
-    @field_validator("discovery_rate_timeout_multiplier")
+    @field_validator("discovery_rate_timeout_multiplier", mode="before")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be finite")
+    def _finite(cls, value: Any) -> Any:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return value  # pydantic reports "not a valid number"
+        if not math.isfinite(number):
+            raise ValueError("must be a finite number")
         return value
 
     @field_validator("log_level", mode="before")
@@ -219,8 +223,13 @@ def _host_port(value: Any, *, allow_names: bool, default_port: int | None) -> Ho
             if default_port is None:
                 raise ValueError("missing ':PORT'")
             host, port_text = text, str(default_port)
-    host = host.strip() or "0.0.0.0"
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    host = host.strip()
+    if not host:
+        if allow_names:  # a target must say where to go; a listen address may mean "any"
+            raise ValueError("missing host")
+        host = "0.0.0.0"
+    port_text = port_text.strip()
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"port {port_text!r} is not 0..65535")
     try:
         ipaddress.IPv4Address(host)
@@ -237,6 +246,8 @@ def _host_port(value: Any, *, allow_names: bool, default_port: int | None) -> Ho
 
 def _is_dns_name(host: str) -> bool:
     labels = host.rstrip(".").split(".")
+    if labels[-1].isdigit():
+        return False  # an all-numeric top label is a mistyped IPv4 address (RFC 3696, 2)
     return len(host) <= 253 and all(
         0 < len(label) <= 63
         and label.replace("-", "").replace("_", "").isalnum()
