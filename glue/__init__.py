@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from glue.errors import (
+    BackpressureError,
     ConfigError,
     DecodeError,
     DeliveryError,
@@ -22,18 +23,20 @@ from glue.errors import (
     ProtocolError,
     UsageError,
 )
-from glue.events import Peer, PeerAdded, PeerEvent, PeerRemoved
+from glue.events import MessageReceived, Peer, PeerAdded, PeerEvent, PeerRemoved
 from glue.manager import AsyncEndpointManager, EndpointManager
 from glue.settings import GlueSettings, load_settings
 
 __all__ = [
     "AsyncEndpointManager",
+    "BackpressureError",
     "ConfigError",
     "DecodeError",
     "DeliveryError",
     "EndpointManager",
     "GlueError",
     "GlueSettings",
+    "MessageReceived",
     "Peer",
     "PeerAdded",
     "PeerEvent",

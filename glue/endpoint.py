@@ -1,11 +1,16 @@
 """The asyncio runtime: the one module that reads the clock and touches sockets.
 
-``Endpoint`` runs on the asyncio loop it is started in. On every wake-up it reads *every* datagram
-waiting on a socket (non-blocking reads until ``EAGAIN``), decodes them, feeds the frames to the
-layers, then pulls the layers' outputs once: frames to send (packed per destination into as few
-datagrams as possible), events, and the next deadline. One timer per endpoint is re-armed only when
-the earliest deadline changes. A datagram that does not decode is dropped, counted by reason and
-logged at debug level; nothing a peer sends can raise out of here.
+``Endpoint`` drives one sans-IO :class:`~glue.stack.Stack` on the asyncio loop it is started in.
+On every wake-up it reads *every* datagram waiting on a socket (non-blocking reads until
+``EAGAIN``), feeds them all to the stack, then pulls the outputs once: datagrams to send (each
+destination's frames packed into as few datagrams as possible), events, and the next deadline. One
+timer per endpoint is re-armed only when the earliest deadline changes.
+
+Sends are handed over in bulk: ``send`` (from the loop) and ``send_threadsafe`` (from any thread)
+append to one bounded hand-off queue and wake the loop only when that queue was empty; the loop
+moves everything queued into the stack and flushes once. When a peer's send queue is full the
+hand-off queue keeps the message (order is preserved) until acks make room; when the hand-off
+queue itself is full, senders wait, then raise :class:`~glue.errors.BackpressureError`.
 """
 
 from __future__ import annotations
@@ -15,52 +20,71 @@ import logging
 import random
 import secrets
 import socket
+import threading
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from glue import network, wire
-from glue.discovery import Address, Discovery, DiscoveryConfig, Target
-from glue.errors import ConfigError, DecodeError, UsageError
-from glue.events import Peer, PeerEvent
+from glue.discovery import Address, Target
+from glue.errors import BackpressureError, ConfigError, UsageError
+from glue.events import Peer, PeerRemoved, StackEvent
 from glue.settings import GlueSettings
+from glue.stack import Stack, StackConfig
+from glue.transport import SendSpaceFreed, TransportConfig
+from glue.wire import EndpointId
 
-__all__ = ["DISCOVERY_DATAGRAM_BYTES", "Endpoint", "PeerListener"]
+__all__ = ["Endpoint", "EventListener"]
 
 logger = logging.getLogger(__name__)
 
-#: Announcements are packed into datagrams that fit a 1500-byte Ethernet MTU, so a rendezvous
-#: answer never relies on IP fragmentation (one lost fragment would lose all of it).
-DISCOVERY_DATAGRAM_BYTES: Final = 1400
 _RECV_BYTES: Final = 65536
-_MAX_READS_PER_WAKEUP: Final = 1024
+_MAX_READS_PER_WAKEUP: Final = 4096
+_UDP_IP_OVERHEAD: Final = 28
 
-PeerListener = Callable[[PeerEvent], None]
+#: Called on the loop thread with the events of one burst; must not block.
+EventListener = Callable[[list[StackEvent]], None]
+
+
+class _Outgoing:
+    __slots__ = ("expires_at", "payload", "remaining")
+
+    def __init__(self, payload: bytes, remaining: set[EndpointId] | None, expires_at: float):
+        self.payload = payload
+        self.remaining = remaining  # None: every peer known when it reaches the stack
+        self.expires_at = expires_at
 
 
 class Endpoint:
-    """One glue endpoint: sockets, discovery, timers, on the running asyncio loop."""
+    """One glue endpoint: sockets, the protocol stack and its timer, on the running loop."""
 
     def __init__(self, settings: GlueSettings) -> None:
         self.settings = settings
-        self.endpoint_id = wire.EndpointId(settings.id)
+        self.endpoint_id = EndpointId(settings.id)
         self.name = settings.name
         # A restart of the same endpoint id gets a larger incarnation (milliseconds since the
         # epoch, scaled, plus randomness), so peers can tell the new instance from the old one.
         self.incarnation = int(time.time() * 1000) * 1000 + secrets.randbelow(1000)
         self.counters: Counter[str] = Counter()
-        self._header = wire.Header(settings.network_id, self.endpoint_id, self.incarnation)
-        self._listeners: list[PeerListener] = []
+        self.data_address: Address = ("0.0.0.0", 0)
+        self._listeners: list[EventListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._data: socket.socket | None = None
         self._discovery_sockets: network.DiscoverySockets | None = None
-        self._discovery: Discovery | None = None
+        self._stack: Stack | None = None
+        self._interface = "lo"
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._resolver: asyncio.Task[None] | None = None
         self._warned: set[object] = set()
         self._state = "new"
+        # The hand-off queue between senders and the loop (bounded in bytes).
+        self._handoff: deque[_Outgoing] = deque()
+        self._handoff_bytes = 0
+        self._handoff_lock = threading.Condition()
+        self._space = asyncio.Event()
+        self._drain_scheduled = False
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -75,9 +99,12 @@ class Endpoint:
             raise UsageError(f"endpoint {self.name} was already started")
         self._state = "starting"
         loop = self._loop = asyncio.get_running_loop()
+        self._space = asyncio.Event()
         settings = self.settings
         interface, interface_ip = self._choose_interface()
+        self._interface = interface
         listen = settings.listen_address
+        announces = bool(settings.discovery_target_address)
         try:
             self._data = network.open_data_socket(
                 listen.host,
@@ -85,7 +112,6 @@ class Endpoint:
                 interface_ip=interface_ip,
                 multicast_ttl=settings.discovery_multicast_ttl,
             )
-            announces = bool(settings.discovery_target_address)
             if settings.discovery_listen_address is not None:
                 group = settings.discovery_listen_address
                 self._discovery_sockets = network.open_discovery_sockets(
@@ -100,28 +126,15 @@ class Endpoint:
             self._state = "stopped"
             raise
         host, port = self._data.getsockname()
-        self.data_address: Address = (host, port)
-        self._discovery = Discovery(
-            DiscoveryConfig(
-                endpoint_id=self.endpoint_id,
-                incarnation=self.incarnation,
-                name=self.name,
-                port=port,
-                host="" if host == "0.0.0.0" else host,
-                rate_s=settings.discovery_rate_s,
-                multiplier=settings.discovery_rate_timeout_multiplier,
-                max_peers=settings.max_peers,
-                announce=announces,
-            ),
-            rng=random.Random(),
-            now=loop.time(),
+        self.data_address = (host, port)
+        self._stack = Stack(
+            self._stack_config(host, port, announces), rng=random.Random(), now=loop.time()
         )
-        self._interface = interface
         loop.add_reader(self._data.fileno(), self._on_readable, self._data, False)
         for sock, multicast in self._discovery_sockets.sockets if self._discovery_sockets else ():
             loop.add_reader(sock.fileno(), self._on_readable, sock, multicast)
         if settings.discovery_target_address:
-            self._discovery.set_targets(await self._resolve_targets())
+            self._stack.set_targets(await self._resolve_targets())
             self._resolver = loop.create_task(self._resolve_forever(), name=f"glue-dns-{self.name}")
         self._state = "running"
         logger.info(
@@ -136,6 +149,29 @@ class Endpoint:
         )
         self._service(loop.time())
 
+    def _stack_config(self, host: str, port: int, announces: bool) -> StackConfig:
+        settings = self.settings
+        datagram_bytes = settings.max_datagram_bytes or min(
+            wire.MAX_DATAGRAM_BYTES, network.interface_mtu(self._interface) - _UDP_IP_OVERHEAD
+        )
+        return StackConfig(
+            network_id=settings.network_id,
+            endpoint_id=self.endpoint_id,
+            incarnation=self.incarnation,
+            name=self.name,
+            port=port,
+            host="" if host == "0.0.0.0" else host,
+            rate_s=settings.discovery_rate_s,
+            multiplier=settings.discovery_rate_timeout_multiplier,
+            max_peers=settings.max_peers,
+            announce=announces,
+            transport=TransportConfig(queue_bytes=settings.send_queue_bytes),
+            datagram_bytes=datagram_bytes,
+            loopback_datagram_bytes=settings.max_datagram_bytes or wire.MAX_DATAGRAM_BYTES,
+            max_message_bytes=settings.max_message_bytes,
+            max_reassembly_bytes=4 * settings.max_message_bytes,
+        )
+
     def _choose_interface(self) -> tuple[str, str]:
         """``GLUE_LISTEN_INTERFACE``, else the default route's interface, else ``lo``."""
         if self.settings.listen_interface:
@@ -149,13 +185,13 @@ class Endpoint:
             return "lo", "127.0.0.1"
 
     async def stop(self) -> None:
-        """Say goodbye to peers, close the sockets. Idempotent."""
+        """Say goodbye to peers, close the sockets, fail waiting senders. Idempotent."""
         if self._state in ("stopped", "new"):
             self._state = "stopped"
             return
         self._state = "stopped"
-        if self._discovery is not None:
-            self._discovery.leave()
+        if self._stack is not None:
+            self._stack.leave()
             self._flush()
         if self._resolver is not None:
             self._resolver.cancel()
@@ -163,6 +199,15 @@ class Endpoint:
         if self._timer is not None:
             self._timer.cancel()
         self._close_sockets()
+        with self._handoff_lock:
+            dropped = len(self._handoff)
+            self._handoff.clear()
+            self._handoff_bytes = 0
+            self._handoff_lock.notify_all()
+        self._space.set()
+        if dropped:
+            self.counters["messages_dropped_at_stop"] += dropped
+            logger.warning("stopped with %d messages not yet handed to the network", dropped)
         logger.info("endpoint %s (%d) stopped", self.name, self.endpoint_id)
 
     @property
@@ -170,114 +215,253 @@ class Endpoint:
         """Whether the endpoint is started and not yet stopped."""
         return self._state == "running"
 
+    # --- sending --------------------------------------------------------------------------------
+
+    async def send(
+        self,
+        payload: bytes,
+        *,
+        to: Sequence[int] | None,
+        expiry_s: float,
+        timeout: float,  # noqa: ASYNC109 - the same signature as the blocking twin
+    ) -> None:
+        """Queue ``payload`` for ``to`` (every peer when ``None``), from the loop thread.
+
+        Raises:
+            BackpressureError: the hand-off queue stayed full for ``timeout`` seconds.
+            UsageError: the endpoint is not running, or the payload is too large.
+        """
+        item = self._outgoing(payload, to, expiry_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._offer(item):
+            remaining = deadline - loop.time()
+            if remaining <= 0 or not self.running:
+                raise self._backpressure(timeout)
+            self._space.clear()
+            try:
+                await asyncio.wait_for(self._space.wait(), remaining)
+            except TimeoutError:
+                raise self._backpressure(timeout) from None
+
+    def send_threadsafe(
+        self, payload: bytes, *, to: Sequence[int] | None, expiry_s: float, timeout: float
+    ) -> None:
+        """Queue ``payload`` from any thread but the loop's; blocks at most ``timeout`` s.
+
+        Raises:
+            BackpressureError: the hand-off queue stayed full for ``timeout`` seconds.
+            UsageError: the endpoint is not running, or the payload is too large.
+        """
+        item = self._outgoing(payload, to, expiry_s)
+        deadline = time.monotonic() + timeout
+        with self._handoff_lock:
+            while not self._offer(item, locked=True):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.running:
+                    raise self._backpressure(timeout)
+                self._handoff_lock.wait(remaining)
+
+    def _outgoing(self, payload: bytes, to: Sequence[int] | None, expiry_s: float) -> _Outgoing:
+        if not self.running:
+            raise UsageError("the endpoint is not running")
+        if len(payload) > self.settings.max_message_bytes:
+            raise UsageError(
+                f"a message of {len(payload)} bytes exceeds the maximum of "
+                f"{self.settings.max_message_bytes} (GLUE_MAX_MESSAGE_BYTES)"
+            )
+        if not expiry_s > 0:
+            raise UsageError(f"expiry must be a positive number of seconds, not {expiry_s!r}")
+        targets = None if to is None else {EndpointId(peer) for peer in to}
+        # The loop's clock is time.monotonic(), so this is valid from any thread.
+        return _Outgoing(bytes(payload), targets, time.monotonic() + expiry_s)
+
+    def _offer(self, item: _Outgoing, *, locked: bool = False) -> bool:
+        """Append ``item`` to the hand-off queue if it has room; wake the loop if it was empty."""
+        if not locked:
+            with self._handoff_lock:
+                return self._offer(item, locked=True)
+        size = len(item.payload)
+        if self._handoff and self._handoff_bytes + size > self.settings.send_queue_bytes:
+            return False
+        was_empty = not self._handoff
+        self._handoff.append(item)
+        self._handoff_bytes += size
+        if was_empty and not self._drain_scheduled:
+            self._drain_scheduled = True
+            loop = self._loop
+            assert loop is not None
+            if _on_loop_thread(loop):
+                loop.call_soon(self._drain_handoff)
+            else:
+                loop.call_soon_threadsafe(self._drain_handoff)
+        return True
+
+    def _backpressure(self, timeout: float) -> BackpressureError:
+        self.counters["backpressure_errors"] += 1
+        stack = self._stack
+        full = tuple(
+            p.endpoint_id
+            for p in (stack.peers() if stack else [])
+            if not stack or not stack.can_send(p.endpoint_id, 1)
+        )
+        return BackpressureError(
+            f"no room to queue a message for {timeout} s: peers {list(full)} are not acknowledging "
+            "fast enough (GLUE_SEND_QUEUE_BYTES bounds what may wait)",
+            peers=full,
+        )
+
+    def _drain_handoff(self) -> None:
+        """On the loop: move queued messages into the stack, in order, as far as room allows."""
+        stack, loop = self._stack, self._loop
+        if stack is None or loop is None or self._state != "running":
+            self._drain_scheduled = False
+            return
+        now = loop.time()
+        freed = 0
+        with self._handoff_lock:
+            self._drain_scheduled = False
+            handoff = self._handoff
+            while handoff:
+                item = handoff[0]
+                if not self._place(stack, item, now):
+                    break
+                handoff.popleft()
+                freed += len(item.payload)
+            if freed:
+                self._handoff_bytes -= freed
+                self._handoff_lock.notify_all()
+        if freed:
+            self._space.set()
+        self._service(now)
+
+    def _place(self, stack: Stack, item: _Outgoing, now: float) -> bool:
+        """Queue ``item`` to every target with room; True when no target is left."""
+        if item.remaining is None:
+            item.remaining = {peer.endpoint_id for peer in stack.peers()}
+        if item.expires_at <= now:
+            self.counters["messages_expired_before_sending"] += 1
+            return True
+        size = len(item.payload)
+        for peer in list(item.remaining):
+            if stack.can_send(peer, size):
+                stack.send(peer, item.payload, expires_at=item.expires_at, now=now)
+                item.remaining.discard(peer)
+        return not item.remaining
+
     # --- queries and listeners --------------------------------------------------------------------
 
     def peers(self) -> list[Peer]:
         """The peers discovery knows now (call on the loop thread)."""
-        return self._discovery.peers() if self._discovery else []
+        return self._stack.peers() if self._stack else []
 
-    def add_listener(self, listener: PeerListener) -> None:
-        """Call ``listener(event)`` on the loop for every peer event; it must not block."""
+    def add_listener(self, listener: EventListener) -> None:
+        """Call ``listener(events)`` on the loop after each burst; it must not block."""
         self._listeners.append(listener)
 
     def all_counters(self) -> dict[str, int]:
         """Runtime and layer counters, merged (call on the loop thread)."""
         merged = Counter(self.counters)
-        if self._discovery is not None:
-            merged.update({f"discovery_{k}": v for k, v in self._discovery.counters.items()})
+        if self._stack is not None:
+            merged.update(self._stack.all_counters())
         return dict(sorted(merged.items()))
 
-    # --- receive path -------------------------------------------------------------------------
+    # --- receive path ---------------------------------------------------------------------------
 
     def _on_readable(self, sock: socket.socket, multicast: bool) -> None:
-        assert self._loop is not None
-        if self._state != "running":
+        loop, stack = self._loop, self._stack
+        assert loop is not None
+        if self._state != "running" or stack is None:
             return
-        now = self._loop.time()
+        now = loop.time()
+        receive = stack.receive_datagram
+        recvfrom = sock.recvfrom
+        count = 0
+        size = 0
         for _ in range(_MAX_READS_PER_WAKEUP):
             try:
-                data, source = sock.recvfrom(_RECV_BYTES)
+                data, source = recvfrom(_RECV_BYTES)
             except BlockingIOError:
                 break
             except OSError as exc:  # e.g. an ICMP error reported on the socket
                 self.counters["receive_errors"] += 1
                 logger.debug("receive error on %s: %s", sock.getsockname(), exc)
                 continue
-            self.counters["datagrams_received"] += 1
-            self.counters["bytes_received"] += len(data)
-            self._handle_datagram(data, source, multicast, now)
+            count += 1
+            size += len(data)
+            receive(data, source, multicast=multicast, now=now)
+        self.counters["datagrams_received"] += count
+        self.counters["bytes_received"] += size
         self._service(now)
-
-    def _handle_datagram(self, data: bytes, source: Address, multicast: bool, now: float) -> None:
-        try:
-            datagram = wire.decode(data, network_id=self.settings.network_id)
-        except DecodeError as exc:
-            self.counters[f"dropped_{exc.reason}"] += 1
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("dropped %d bytes from %s:%d: %s", len(data), *source, exc)
-            return
-        header = datagram.header
-        if header.source_id == self.endpoint_id and header.incarnation == self.incarnation:
-            self.counters["own_datagrams_ignored"] += 1  # our own multicast, looped back
-            return
-        discovery = self._discovery
-        assert discovery is not None
-        for frame in datagram.frames:
-            if isinstance(frame, wire.Announce | wire.Goodbye):
-                discovery.receive(frame, header, source, multicast=multicast, now=now)
-            else:
-                self.counters["frames_unhandled"] += 1
 
     # --- outputs, timers ------------------------------------------------------------------------
 
     def _service(self, now: float) -> None:
-        """Pull every layer's outputs after a burst of inputs, then re-arm the timer."""
+        """Pull the stack's outputs after a burst of inputs, then re-arm the timer."""
         self._flush()
         self._dispatch_events()
-        self._rearm(now)
+        self._rearm()
 
     def _flush(self) -> None:
-        discovery, sock = self._discovery, self._data
-        if discovery is None or sock is None:
+        stack, sock, loop = self._stack, self._data, self._loop
+        if stack is None or sock is None or loop is None:
             return
-        by_destination: dict[Address, list[wire.Frame]] = {}
-        for frame, destination in discovery.frames_to_send():
-            by_destination.setdefault(destination, []).append(frame)
-        for destination, frames in by_destination.items():
-            for datagram in wire.pack(self._header, frames, max_bytes=DISCOVERY_DATAGRAM_BYTES):
-                self._send(sock, datagram, destination)
+        sent = 0
+        size = 0
+        sendto = sock.sendto
+        for datagram, destination in stack.datagrams_to_send(now=loop.time()):
+            try:
+                sendto(datagram, destination)
+            except OSError as exc:
+                self._send_failed(destination, exc)
+                continue
+            sent += 1
+            size += len(datagram)
+        self.counters["datagrams_sent"] += sent
+        self.counters["bytes_sent"] += size
 
-    def _send(self, sock: socket.socket, datagram: bytes, destination: Address) -> None:
-        try:
-            sock.sendto(datagram, destination)
-        except OSError as exc:
-            # UDP is best effort; the protocol resends what matters. Warn once per cause.
-            self.counters["send_errors"] += 1
-            key = (destination, exc.errno)
-            log = logger.debug if key in self._warned else logger.warning
-            if len(self._warned) < 256:
-                self._warned.add(key)
-            log("cannot send to %s:%d: %s", *destination, exc.strerror or exc)
-            return
-        self.counters["datagrams_sent"] += 1
-        self.counters["bytes_sent"] += len(datagram)
+    def _send_failed(self, destination: Address, exc: OSError) -> None:
+        # UDP is best effort; the transport resends what matters. Warn once per cause.
+        self.counters["send_errors"] += 1
+        key = (destination, exc.errno)
+        log = logger.debug if key in self._warned else logger.warning
+        if len(self._warned) < 256:
+            self._warned.add(key)
+        log("cannot send to %s:%d: %s", *destination, exc.strerror or exc)
 
     def _dispatch_events(self) -> None:
-        discovery = self._discovery
-        assert discovery is not None
-        while (event := discovery.next_event()) is not None:
-            for listener in self._listeners:
-                try:
-                    listener(event)
-                except Exception:  # a listener's bug must not break the network loop
-                    logger.exception("peer listener %r failed", listener)
+        stack = self._stack
+        assert stack is not None
+        events: list[StackEvent] = []
+        retry = False
+        while (event := stack.next_event()) is not None:
+            if isinstance(event, SendSpaceFreed):
+                retry = True
+                continue
+            if isinstance(event, PeerRemoved):
+                retry = True  # messages waiting for that peer need not wait any more
+            events.append(event)
+        if retry:
+            with self._handoff_lock:
+                if self._handoff and not self._drain_scheduled:
+                    self._drain_scheduled = True
+                    assert self._loop is not None
+                    self._loop.call_soon(self._drain_handoff)
+        if not events:
+            return
+        for listener in self._listeners:
+            try:
+                listener(events)
+            except Exception:  # a listener's bug must not break the network loop
+                logger.exception("event listener %r failed", listener)
 
-    def _rearm(self, now: float) -> None:
-        assert self._loop is not None
-        assert self._discovery is not None
+    def _rearm(self) -> None:
+        loop, stack = self._loop, self._stack
+        assert loop is not None
+        assert stack is not None
         if self._state != "running":
             return
-        deadline = self._discovery.next_deadline()
+        deadline = stack.next_deadline()
         if deadline == self._timer_at:
             return
         if self._timer is not None:
@@ -285,29 +469,29 @@ class Endpoint:
             self._timer = None
         self._timer_at = deadline
         if deadline is not None:
-            self._timer = self._loop.call_at(deadline, self._on_timer, deadline)
+            self._timer = loop.call_at(deadline, self._on_timer, deadline)
 
     def _on_timer(self, deadline: float) -> None:
-        assert self._loop is not None
-        assert self._discovery is not None
+        loop, stack = self._loop, self._stack
+        assert loop is not None
+        assert stack is not None
         self._timer = self._timer_at = None
         if self._state != "running":
             return
-        now = max(deadline, self._loop.time())
-        self._discovery.handle_timer(now=now)
+        now = max(deadline, loop.time())
+        stack.handle_timer(now=now)
         self._service(now)
 
     # --- discovery targets ----------------------------------------------------------------------
 
     async def _resolve_forever(self) -> None:
-        assert self._discovery is not None
+        assert self._stack is not None
         while True:
             await asyncio.sleep(self.settings.discovery_rate_s)
-            self._discovery.set_targets(await self._resolve_targets())
+            self._stack.set_targets(await self._resolve_targets())
 
     async def _resolve_targets(self) -> list[Target]:
         """Resolve every target (DNS names each time, so DNS changes are followed)."""
-        assert self._loop is not None
         targets: list[Target] = []
         for entry in self.settings.discovery_target_address:
             for host in await self._resolve(entry.host):
@@ -317,12 +501,12 @@ class Endpoint:
 
     async def _resolve(self, host: str) -> list[str]:
         assert self._loop is not None
-        try:
-            socket.inet_aton(host)
-        except OSError:
-            pass
-        else:
-            if host.count(".") == 3:
+        if host.count(".") == 3:
+            try:
+                socket.inet_aton(host)
+            except OSError:
+                pass
+            else:
                 return [host]
         try:
             async with asyncio.timeout(max(1.0, self.settings.discovery_rate_s)):
@@ -351,3 +535,10 @@ class Endpoint:
                     loop.remove_reader(sock.fileno())
             self._discovery_sockets.close()
             self._discovery_sockets = None
+
+
+def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

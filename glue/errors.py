@@ -6,6 +6,7 @@
     ├── ConfigError         bad GLUE_* value; the message names the variable and the expected form
     ├── UsageError          the caller did something illegal (bad argument, stopped endpoint)
     ├── DeliveryError       a publish that asked for confirmation did not get it
+    │   └── BackpressureError  the send queue stayed full for the whole timeout
     └── ProtocolError       a peer sent something illegal; caught by the runtime, never raised
         └── DecodeError     malformed/truncated/oversized/foreign datagram (raised only by wire)
 
@@ -17,6 +18,7 @@ boundary with ``raise ... from exc``.
 from __future__ import annotations
 
 __all__ = [
+    "BackpressureError",
     "ConfigError",
     "DecodeError",
     "DeliveryError",
@@ -44,6 +46,17 @@ class UsageError(GlueError):
 
 class DeliveryError(GlueError):
     """A delivery that was asked to be confirmed was not."""
+
+
+class BackpressureError(DeliveryError):
+    """A send waited ``timeout`` seconds for room in a peer's send queue and found none.
+
+    Nothing was queued for the peers named in ``peers`` (ids); earlier messages are unaffected.
+    """
+
+    def __init__(self, message: str, *, peers: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.peers = peers
 
 
 class ProtocolError(GlueError):

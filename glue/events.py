@@ -7,7 +7,15 @@ from typing import Literal
 
 from glue.wire import EndpointId
 
-__all__ = ["Peer", "PeerAdded", "PeerEvent", "PeerRemoved", "RemovalReason"]
+__all__ = [
+    "MessageReceived",
+    "Peer",
+    "PeerAdded",
+    "PeerEvent",
+    "PeerRemoved",
+    "RemovalReason",
+    "StackEvent",
+]
 
 RemovalReason = Literal["expired", "left", "restarted"]
 
@@ -45,3 +53,15 @@ class PeerRemoved:
 
 
 PeerEvent = PeerAdded | PeerRemoved
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """A whole message from ``source``, delivered exactly once and in the order it was sent."""
+
+    source: Peer
+    payload: bytes
+    received_at: float
+
+
+StackEvent = PeerAdded | PeerRemoved | MessageReceived

@@ -4,7 +4,8 @@ Both are thin: one :class:`~glue.endpoint.Endpoint` does the work underneath. Th
 runs it in the caller's loop; the blocking manager runs that same asyncio manager in one background
 thread and hands calls to it thread-safely. User callbacks never run inside the network handlers:
 the asyncio manager schedules them with ``call_soon``; the blocking manager runs them on its own
-delivery thread, through a bounded queue whose overflow is counted and reported.
+delivery thread, in batches, through a queue bounded in items whose overflow is counted and
+reported.
 """
 
 from __future__ import annotations
@@ -14,26 +15,30 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
 from glue.endpoint import Endpoint
 from glue.errors import GlueError, UsageError
-from glue.events import Peer, PeerAdded, PeerEvent, PeerRemoved
+from glue.events import MessageReceived, Peer, PeerAdded, PeerEvent, PeerRemoved, StackEvent
 from glue.settings import GlueSettings, load_settings
 
-__all__ = ["AsyncEndpointManager", "EndpointManager"]
+__all__ = ["DEFAULT_EXPIRY_S", "DEFAULT_SEND_TIMEOUT_S", "AsyncEndpointManager", "EndpointManager"]
 
 logger = logging.getLogger(__name__)
 
-#: Bound of every event queue between the network loop and user code.
-EVENT_QUEUE_SIZE: Final = 10_000
+#: Bound of every event queue between the network loop and user code (events, not bytes).
+EVENT_QUEUE_SIZE: Final = 100_000
+DEFAULT_EXPIRY_S: Final = 5.0
+DEFAULT_SEND_TIMEOUT_S: Final = 5.0
 _START_TIMEOUT_S: Final = 30.0
 
 T = TypeVar("T")
 PeerCallback = Callable[[Peer], object]
+MessageCallback = Callable[[MessageReceived], object]
+_Callback = Callable[[Any], object]
 
 
 class AsyncEndpointManager:
@@ -47,10 +52,11 @@ class AsyncEndpointManager:
         self.settings = settings if settings is not None else load_settings()
         self._endpoint = Endpoint(self.settings)
         self._peers: dict[int, Peer] = {}
-        self._callbacks: list[tuple[type[PeerEvent], PeerCallback]] = []
-        self._streams: set[asyncio.Queue[PeerEvent | None]] = set()
+        self._callbacks: list[tuple[type[StackEvent], _Callback]] = []
+        self._peer_streams: set[asyncio.Queue[PeerEvent | None]] = set()
+        self._message_streams: set[asyncio.Queue[MessageReceived | None]] = set()
         self._changed: asyncio.Future[None] | None = None
-        self._endpoint.add_listener(self._on_event)
+        self._endpoint.add_listener(self._on_events)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Self:
@@ -73,9 +79,10 @@ class AsyncEndpointManager:
         await self._endpoint.start()
 
     async def stop(self) -> None:
-        """Say goodbye, close sockets, end every ``peer_events`` iteration. Idempotent."""
+        """Say goodbye, close sockets, end every event iteration. Idempotent."""
         await self._endpoint.stop()
-        for stream in self._streams:
+        streams: list[asyncio.Queue[Any]] = [*self._peer_streams, *self._message_streams]
+        for stream in streams:
             _put_bounded(stream, None, self._endpoint)
         self._notify()
 
@@ -112,7 +119,7 @@ class AsyncEndpointManager:
         return sorted(self._peers.values(), key=lambda p: p.name)
 
     def counters(self) -> dict[str, int]:
-        """Datagrams, bytes, drops by reason and discovery counters."""
+        """Datagrams, bytes, drops by reason, and every layer's counters."""
         return self._endpoint.all_counters()
 
     async def wait_for_peers(
@@ -141,7 +148,41 @@ class AsyncEndpointManager:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._changed), remaining)
 
-    # --- peer events ------------------------------------------------------------------------------
+    # --- messages -------------------------------------------------------------------------------
+
+    async def send(
+        self,
+        payload: bytes,
+        *,
+        to: Sequence[int] | None = None,
+        expiry: float = DEFAULT_EXPIRY_S,
+        timeout: float = DEFAULT_SEND_TIMEOUT_S,  # noqa: ASYNC109 - same as the blocking twin
+    ) -> None:
+        """Send ``payload`` to the peers ``to`` (ids; every peer known when it goes out if None).
+
+        Delivered to each peer exactly once and in order, unless ``expiry`` seconds pass first.
+
+        Raises:
+            BackpressureError: peers acknowledge too slowly and the queue stayed full ``timeout`` s.
+            UsageError: the payload exceeds ``GLUE_MAX_MESSAGE_BYTES`` or the endpoint is stopped.
+        """
+        await self._endpoint.send(payload, to=to, expiry_s=expiry, timeout=timeout)
+
+    def on_message(self, callback: Callable[[MessageReceived], object]) -> Callable[[], None]:
+        """Call ``callback(message)`` (plain or ``async``) for each message; returns a remover."""
+        return self._add_callback(MessageReceived, callback)
+
+    async def messages(self) -> AsyncIterator[MessageReceived]:
+        """``async for message in endpoint.messages()``: every message from now until stop."""
+        stream: asyncio.Queue[MessageReceived | None] = asyncio.Queue(EVENT_QUEUE_SIZE)
+        self._message_streams.add(stream)
+        try:
+            while (message := await stream.get()) is not None:
+                yield message
+        finally:
+            self._message_streams.discard(stream)
+
+    # --- peer events ----------------------------------------------------------------------------
 
     def on_peer_added(self, callback: PeerCallback) -> Callable[[], None]:
         """Call ``callback(peer)`` (plain or ``async``) when a peer appears; returns a remover."""
@@ -154,31 +195,41 @@ class AsyncEndpointManager:
     async def peer_events(self) -> AsyncIterator[PeerEvent]:
         """``async for event in endpoint.peer_events()``: every event from now until stop."""
         stream: asyncio.Queue[PeerEvent | None] = asyncio.Queue(EVENT_QUEUE_SIZE)
-        self._streams.add(stream)
+        self._peer_streams.add(stream)
         try:
             while (event := await stream.get()) is not None:
                 yield event
         finally:
-            self._streams.discard(stream)
+            self._peer_streams.discard(stream)
 
-    def _add_callback(self, kind: type[PeerEvent], callback: PeerCallback) -> Callable[[], None]:
+    def _add_callback(self, kind: type[StackEvent], callback: _Callback) -> Callable[[], None]:
         entry = (kind, callback)
         self._callbacks.append(entry)
         return lambda: self._callbacks.remove(entry) if entry in self._callbacks else None
 
-    def _on_event(self, event: PeerEvent) -> None:
+    def _on_events(self, events: list[StackEvent]) -> None:
         """Runs inside the network loop's handlers: only cheap, non-blocking work here."""
-        if isinstance(event, PeerAdded):
-            self._peers[event.peer.endpoint_id] = event.peer
-        else:
-            self._peers.pop(event.peer.endpoint_id, None)
         loop = asyncio.get_running_loop()
-        for kind, callback in self._callbacks:
-            if isinstance(event, kind):
-                loop.call_soon(_run_callback, callback, event.peer)
-        for stream in self._streams:
-            _put_bounded(stream, event, self._endpoint)
-        self._notify()
+        changed = False
+        for event in events:
+            if isinstance(event, MessageReceived):
+                for stream in self._message_streams:
+                    _put_bounded(stream, event, self._endpoint)
+                argument: object = event
+            else:
+                changed = True
+                if isinstance(event, PeerAdded):
+                    self._peers[event.peer.endpoint_id] = event.peer
+                else:
+                    self._peers.pop(event.peer.endpoint_id, None)
+                for peer_stream in self._peer_streams:
+                    _put_bounded(peer_stream, event, self._endpoint)
+                argument = event.peer
+            for kind, callback in self._callbacks:
+                if isinstance(event, kind):
+                    loop.call_soon(_run_callback, callback, argument)
+        if changed:
+            self._notify()
 
     def _notify(self) -> None:
         if self._changed is not None and not self._changed.done():
@@ -189,25 +240,23 @@ class AsyncEndpointManager:
 _callback_tasks: set[asyncio.Future[Any]] = set()
 
 
-def _run_callback(callback: PeerCallback, peer: Peer) -> None:
+def _run_callback(callback: _Callback, argument: object) -> None:
     try:
-        result = callback(peer)
+        result = callback(argument)
         if isinstance(result, Awaitable):
             task = asyncio.ensure_future(result)
             _callback_tasks.add(task)  # keep a reference until it finishes
             task.add_done_callback(_callback_tasks.discard)
     except Exception:
-        logger.exception("peer callback %r failed", callback)
+        logger.exception("callback %r failed", callback)
 
 
-def _put_bounded(
-    stream: asyncio.Queue[PeerEvent | None], item: PeerEvent | None, ep: Endpoint
-) -> None:
+def _put_bounded(stream: asyncio.Queue[Any], item: object, endpoint: Endpoint) -> None:
     try:
         stream.put_nowait(item)
     except asyncio.QueueFull:
-        ep.counters["peer_events_overflowed"] += 1
-        logger.warning("a peer_events consumer is not keeping up; dropped an event")
+        endpoint.counters["events_dropped_slow_consumer"] += 1
+        logger.warning("an event iterator is not keeping up; dropped an event")
 
 
 class EndpointManager:
@@ -220,14 +269,18 @@ class EndpointManager:
     def __init__(self, settings: GlueSettings | None = None) -> None:
         self._async = AsyncEndpointManager(settings)
         self.settings = self._async.settings
+        self._endpoint = self._async._endpoint
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._deliveries: queue.Queue[tuple[PeerCallback, Peer] | None] = queue.Queue(
-            EVENT_QUEUE_SIZE
+        # Batches of (callback, argument) for the delivery thread; ``_pending`` bounds them.
+        self._deliveries: queue.SimpleQueue[list[tuple[_Callback, object]] | None] = (
+            queue.SimpleQueue()
         )
+        self._pending = 0
         self._delivery_thread: threading.Thread | None = None
-        self._callbacks: list[tuple[type[PeerEvent], PeerCallback]] = []
-        self._streams: set[queue.Queue[PeerEvent | None]] = set()
+        self._callbacks: list[tuple[type[StackEvent], _Callback]] = []
+        self._peer_streams: set[queue.Queue[PeerEvent | None]] = set()
+        self._message_streams: set[queue.Queue[MessageReceived | None]] = set()
         self._lock = threading.Lock()
         self._stopped = False
 
@@ -260,7 +313,7 @@ class EndpointManager:
             target=self._deliver, name=f"glue-callbacks-{self._async.name}", daemon=True
         )
         self._delivery_thread.start()
-        self._async._endpoint.add_listener(self._on_event)
+        self._endpoint.add_listener(self._on_events)
         try:
             self._call(self._async.start(), timeout=_START_TIMEOUT_S)
         except BaseException:
@@ -285,7 +338,8 @@ class EndpointManager:
             loop.call_soon_threadsafe(loop.stop)
             thread.join()
             loop.close()
-        for stream in list(self._streams):
+        streams: list[queue.Queue[Any]] = [*self._peer_streams, *self._message_streams]
+        for stream in streams:
             _put_thread_bounded(stream, None)
         if self._delivery_thread is not None:
             self._deliveries.put(None)
@@ -325,7 +379,7 @@ class EndpointManager:
         return self._call(self._async.peers())
 
     def counters(self) -> dict[str, int]:
-        """Datagrams, bytes, drops by reason and discovery counters."""
+        """Datagrams, bytes, drops by reason, and every layer's counters."""
         return self._call(_as_coroutine(self._async.counters))
 
     def wait_for_peers(
@@ -338,7 +392,39 @@ class EndpointManager:
         """
         return self._call(self._async.wait_for_peers(count, timeout=timeout, where=where))
 
-    # --- peer events ------------------------------------------------------------------------------
+    # --- messages -------------------------------------------------------------------------------
+
+    def send(
+        self,
+        payload: bytes,
+        *,
+        to: Sequence[int] | None = None,
+        expiry: float = DEFAULT_EXPIRY_S,
+        timeout: float = DEFAULT_SEND_TIMEOUT_S,
+    ) -> None:
+        """Send ``payload`` to the peers ``to`` (ids; every peer known when it goes out if None).
+
+        Returns as soon as the message is queued (it never waits for the network unless the
+        queue is full). Delivered to each peer exactly once and in order, unless ``expiry``
+        seconds pass first.
+
+        Raises:
+            BackpressureError: peers acknowledge too slowly and the queue stayed full ``timeout`` s.
+            UsageError: the payload exceeds ``GLUE_MAX_MESSAGE_BYTES`` or the endpoint is stopped.
+        """
+        if self._loop is None or self._stopped:
+            raise UsageError("the endpoint is not running (call start() or use `with`)")
+        self._endpoint.send_threadsafe(payload, to=to, expiry_s=expiry, timeout=timeout)
+
+    def on_message(self, callback: Callable[[MessageReceived], object]) -> Callable[[], None]:
+        """Call ``callback(message)`` on the delivery thread for each message; returns a remover."""
+        return self._add_callback(MessageReceived, callback)
+
+    def messages(self, *, timeout: float | None = None) -> Iterator[MessageReceived]:
+        """Iterate over messages from now on; ends at stop, or after ``timeout`` s of quiet."""
+        return self._iterate(self._message_streams, timeout)
+
+    # --- peer events ----------------------------------------------------------------------------
 
     def on_peer_added(self, callback: PeerCallback) -> Callable[[], None]:
         """Call ``callback(peer)`` on the delivery thread when a peer appears; returns a remover."""
@@ -350,21 +436,24 @@ class EndpointManager:
 
     def peer_events(self, *, timeout: float | None = None) -> Iterator[PeerEvent]:
         """Iterate over peer events from now on; ends at stop, or after ``timeout`` s of quiet."""
-        stream: queue.Queue[PeerEvent | None] = queue.Queue(EVENT_QUEUE_SIZE)
-        self._streams.add(stream)
+        return self._iterate(self._peer_streams, timeout)
+
+    def _iterate(self, streams: set[queue.Queue[T | None]], timeout: float | None) -> Iterator[T]:
+        stream: queue.Queue[T | None] = queue.Queue(EVENT_QUEUE_SIZE)
+        streams.add(stream)
         try:
             while True:
                 try:
-                    event = stream.get(timeout=timeout)
+                    item = stream.get(timeout=timeout)
                 except queue.Empty:
                     return
-                if event is None:
+                if item is None:
                     return
-                yield event
+                yield item
         finally:
-            self._streams.discard(stream)
+            streams.discard(stream)
 
-    def _add_callback(self, kind: type[PeerEvent], callback: PeerCallback) -> Callable[[], None]:
+    def _add_callback(self, kind: type[StackEvent], callback: _Callback) -> Callable[[], None]:
         entry = (kind, callback)
         with self._lock:
             self._callbacks.append(entry)
@@ -376,27 +465,43 @@ class EndpointManager:
 
         return remove
 
-    def _on_event(self, event: PeerEvent) -> None:
-        """On the network thread: hand the event over without blocking."""
+    def _on_events(self, events: list[StackEvent]) -> None:
+        """On the network thread: hand the burst's events over without blocking."""
         with self._lock:
-            callbacks = [cb for kind, cb in self._callbacks if isinstance(event, kind)]
-        for callback in callbacks:
-            try:
-                self._deliveries.put_nowait((callback, event.peer))
-            except queue.Full:
-                self._async._endpoint.counters["callbacks_overflowed"] += 1
-                logger.warning("peer callbacks are not keeping up; dropped one")
-        for stream in list(self._streams):
-            if not _put_thread_bounded(stream, event):
-                self._async._endpoint.counters["peer_events_overflowed"] += 1
+            callbacks = list(self._callbacks)
+        batch: list[tuple[_Callback, object]] = []
+        dropped = 0
+        for event in events:
+            argument = event if isinstance(event, MessageReceived) else event.peer
+            batch.extend((cb, argument) for kind, cb in callbacks if isinstance(event, kind))
+            streams: set[Any] = (
+                self._message_streams if isinstance(event, MessageReceived) else self._peer_streams
+            )
+            for stream in list(streams):
+                if not _put_thread_bounded(stream, event):
+                    dropped += 1
+        if batch:
+            with self._lock:
+                if self._pending + len(batch) > EVENT_QUEUE_SIZE:
+                    dropped += len(batch)
+                    batch = []
+                else:
+                    self._pending += len(batch)
+            if batch:
+                self._deliveries.put(batch)
+        if dropped:
+            self._endpoint.counters["events_dropped_slow_consumer"] += dropped
+            logger.warning("callbacks or iterators are not keeping up; dropped %d events", dropped)
 
     def _deliver(self) -> None:
-        while (item := self._deliveries.get()) is not None:
-            callback, peer = item
-            try:
-                callback(peer)
-            except Exception:
-                logger.exception("peer callback %r failed", callback)
+        while (batch := self._deliveries.get()) is not None:
+            for callback, argument in batch:
+                try:
+                    callback(argument)
+                except Exception:
+                    logger.exception("callback %r failed", callback)
+            with self._lock:
+                self._pending -= len(batch)
 
     def _call(self, coroutine: Coroutine[Any, Any, T], *, timeout: float | None = None) -> T:
         loop = self._loop
@@ -411,7 +516,7 @@ async def _as_coroutine(function: Callable[[], T]) -> T:
     return function()
 
 
-def _put_thread_bounded(stream: queue.Queue[PeerEvent | None], item: PeerEvent | None) -> bool:
+def _put_thread_bounded(stream: queue.Queue[Any], item: object) -> bool:
     try:
         stream.put_nowait(item)
     except queue.Full:

@@ -26,6 +26,7 @@ __all__ = [
     "address_kind",
     "default_interface",
     "interface_address",
+    "interface_mtu",
     "open_data_socket",
     "open_discovery_sockets",
 ]
@@ -58,6 +59,15 @@ def default_interface() -> str:
         return "lo"
     gateway = defaults.get(netifaces.AF_INET) if isinstance(defaults, dict) else None
     return str(gateway[1]) if gateway else "lo"
+
+
+def interface_mtu(interface: str) -> int:
+    """The MTU of ``interface`` (1500 when it cannot be read)."""
+    try:
+        with open(f"/sys/class/net/{interface}/mtu", encoding="ascii") as file:
+            return int(file.read().strip())
+    except (OSError, ValueError):
+        return 1500
 
 
 def interface_address(interface: str, *, variable: str = "GLUE_LISTEN_INTERFACE") -> str:

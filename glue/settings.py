@@ -60,6 +60,12 @@ EXPECTED: Final[dict[str, str]] = {
     "discovery_rate_timeout_multiplier": "a number from 1.0 to 1000, e.g. 2.0",
     "discovery_multicast_ttl": "an integer from 0 to 255 (1 keeps multicast on the local segment)",
     "max_peers": "an integer from 1 to 1000000",
+    "max_message_bytes": "an integer from 1024 to 1073741824 (bytes; default 16 MiB)",
+    "max_datagram_bytes": (
+        "0 (from the interface MTU: MTU - 28, and 65507 to peers on 127.0.0.0/8), "
+        "or an integer from 576 to 65507"
+    ),
+    "send_queue_bytes": "an integer from 65536 to 1099511627776 (bytes per peer)",
     "log_level": "one of " + ", ".join(_LOG_LEVELS),
 }
 
@@ -95,6 +101,9 @@ class GlueSettings(BaseSettings):
     discovery_rate_timeout_multiplier: float = Field(2.0, ge=1.0, le=1000.0)
     discovery_multicast_ttl: int = Field(1, ge=0, le=255)
     max_peers: int = Field(1000, ge=1, le=1_000_000)
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1024**3)
+    max_datagram_bytes: int = Field(0, ge=0, le=65507)
+    send_queue_bytes: int = Field(64 * 1024 * 1024, ge=65536, le=1024**4)
     log_level: str = "INFO"
 
     @field_validator("listen_address", mode="before")
@@ -136,6 +145,13 @@ class GlueSettings(BaseSettings):
             return value  # pydantic reports "not a valid number"
         if not math.isfinite(number):
             raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("max_datagram_bytes")
+    @classmethod
+    def _datagram(cls, value: int) -> int:
+        if 0 < value < 576:
+            raise ValueError("too small for a fragment")
         return value
 
     @field_validator("log_level", mode="before")

@@ -29,6 +29,7 @@ __all__ = [
     "MAX_ID",
     "MAX_NAME_CHARS",
     "VERSION",
+    "Ack",
     "Announce",
     "Data",
     "Datagram",
@@ -36,6 +37,7 @@ __all__ = [
     "Frame",
     "Goodbye",
     "Header",
+    "Skip",
     "decode",
     "encode",
     "pack",
@@ -49,6 +51,9 @@ MAX_ID: Final = 2**53 - 1
 MAX_NAME_CHARS: Final = 255
 MAX_RATE_MS: Final = 3_600_000
 MAX_AGE_MS: Final = 86_400_000
+MAX_TTL_MS: Final = 86_400_000
+MAX_PARTS: Final = 1 << 20
+MAX_ACK_RANGES: Final = 64
 
 EndpointId = NewType("EndpointId", int)
 
@@ -62,6 +67,10 @@ class Header:
     network_id: int
     source_id: EndpointId
     incarnation: int
+    #: The incarnation of the endpoint this datagram is for; 0 for "whoever hears it" (multicast,
+    #: announcements to a target). Transport frames are only accepted by that incarnation, so a
+    #: restarted endpoint never takes frames meant for its previous life.
+    destination: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +102,35 @@ class Goodbye:
 
 @dataclass(frozen=True, slots=True)
 class Data:
-    """An application payload with the sender's sequence number (extended by the transport)."""
+    """One transport frame of application bytes: fragment ``part`` of ``parts`` of a message.
+
+    ``seq`` counts frames of one sender incarnation to one receiver, from 1. ``ttl_ms`` is how long
+    the message had left to live when this copy was sent; the receiver never delivers it later.
+    """
 
     seq: int
     payload: bytes
+    ttl_ms: int = MAX_TTL_MS
+    part: int = 0
+    parts: int = 1
 
 
-Frame = Announce | Goodbye | Data
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """ "I have every frame up to ``cumulative`` and those in ``ranges``" (inclusive pairs)."""
+
+    cumulative: int
+    ranges: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """ "Do not wait for any frame below ``seq``": they expired at the sender (SCTP FORWARD-TSN)."""
+
+    seq: int
+
+
+Frame = Announce | Goodbye | Data | Ack | Skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,17 +146,14 @@ class Datagram:
 
 def encode(header: Header, frames: Sequence[Frame]) -> bytes:
     """Encode ``frames`` into one datagram (no size check; see :func:`pack`)."""
-    objects, payloads = _frames_to_wire(frames)
-    head = orjson.dumps(
-        {
-            "glue": VERSION,
-            "net": header.network_id,
-            "src": header.source_id,
-            "inc": header.incarnation,
-            "f": objects,
-        }
-    )
-    return b"".join((head, _LF, *payloads))
+    objects = []
+    payloads = []
+    for frame in frames:
+        obj, payload = _frame_to_wire(frame)
+        objects.append(_dumps(obj))
+        if payload:
+            payloads.append(payload)
+    return b"".join((_prefix(header), b",".join(objects), b"]}\n", *payloads))
 
 
 def pack(
@@ -133,44 +161,70 @@ def pack(
 ) -> list[bytes]:
     """Encode ``frames`` into as few datagrams of at most ``max_bytes`` as greedy packing allows.
 
+    Each frame is serialised once; the datagram is assembled around the encoded frames.
+
     Raises:
         ValueError: a single frame does not fit in ``max_bytes`` (fragment it first).
     """
-    base = len(encode(header, ()))
+    prefix = _prefix(header)
+    base = len(prefix) + 3  # ']}' and the LF
     datagrams: list[bytes] = []
-    batch: list[Frame] = []
+    objects: list[bytes] = []
+    payloads: list[bytes] = []
     size = base
     for frame in frames:
         obj, payload = _frame_to_wire(frame)
-        cost = len(orjson.dumps(obj)) + len(payload)
+        encoded = _dumps(obj)
+        cost = len(encoded) + len(payload)
         if base + cost > max_bytes:
             raise ValueError(f"a {type(frame).__name__} frame of {cost} bytes exceeds {max_bytes}")
-        separator = 1 if batch else 0  # the comma between frame objects
+        separator = 1 if objects else 0  # the comma between frame objects
         if size + separator + cost > max_bytes:
-            datagrams.append(encode(header, batch))
-            batch, size, separator = [], base, 0
+            datagrams.append(b"".join((prefix, b",".join(objects), b"]}\n", *payloads)))
+            objects, payloads, size, separator = [], [], base, 0
         size += separator + cost
-        batch.append(frame)
-    if batch:
-        datagrams.append(encode(header, batch))
+        objects.append(encoded)
+        if payload:
+            payloads.append(payload)
+    if objects:
+        datagrams.append(b"".join((prefix, b",".join(objects), b"]}\n", *payloads)))
     return datagrams
 
 
-def _frames_to_wire(frames: Sequence[Frame]) -> tuple[list[dict[str, Any]], list[bytes]]:
-    objects: list[dict[str, Any]] = []
-    payloads: list[bytes] = []
-    for frame in frames:
-        obj, payload = _frame_to_wire(frame)
-        objects.append(obj)
-        if payload:
-            payloads.append(payload)
-    return objects, payloads
+_dumps = orjson.dumps
+
+
+def _prefix(header: Header) -> bytes:
+    head: dict[str, int] = {
+        "glue": VERSION,
+        "net": header.network_id,
+        "src": header.source_id,
+        "inc": header.incarnation,
+    }
+    if header.destination:
+        head["dst"] = header.destination
+    return orjson.dumps(head)[:-1] + b',"f":['
 
 
 def _frame_to_wire(frame: Frame) -> tuple[dict[str, Any], bytes]:
     match frame:
-        case Data(seq=seq, payload=payload):
-            return {"t": "d", "seq": seq, "n": len(payload)}, payload
+        case Data(seq=seq, payload=payload, ttl_ms=ttl_ms, part=part, parts=parts):
+            if parts == 1:
+                return {"t": "d", "seq": seq, "ttl": ttl_ms, "n": len(payload)}, payload
+            return {
+                "t": "d",
+                "seq": seq,
+                "ttl": ttl_ms,
+                "n": len(payload),
+                "p": part,
+                "ps": parts,
+            }, payload
+        case Ack(cumulative=cumulative, ranges=ranges):
+            if ranges:
+                return {"t": "a", "cum": cumulative, "sack": ranges}, b""
+            return {"t": "a", "cum": cumulative}, b""
+        case Skip(seq=seq):
+            return {"t": "s", "seq": seq}, b""
         case Announce():
             obj: dict[str, Any] = {
                 "t": "ann",
@@ -221,7 +275,12 @@ def decode(data: bytes, *, network_id: int, max_bytes: int = MAX_DATAGRAM_BYTES)
     net = _int(head, "net", 0, MAX_ID)
     if net != network_id:
         raise DecodeError(f"network {net}, expected {network_id}", reason="network")
-    header = Header(net, EndpointId(_int(head, "src", 1, MAX_ID)), _int(head, "inc", 0, MAX_ID))
+    header = Header(
+        net,
+        EndpointId(_int(head, "src", 1, MAX_ID)),
+        _int(head, "inc", 0, MAX_ID),
+        _int(head, "dst", 0, MAX_ID) if "dst" in head else 0,
+    )
     raw_frames = head.get("f")
     if not isinstance(raw_frames, list) or not raw_frames:
         raise DecodeError("'f' must be a non-empty list", reason="malformed")
@@ -244,7 +303,16 @@ def _frame_from_wire(raw: object, data: bytes, offset: int, header: Header) -> t
         end = offset + length
         if end > len(data):
             raise DecodeError(f"payload wants {length} bytes, has fewer", reason="truncated")
-        return Data(_int(raw, "seq", 0, MAX_ID), data[offset:end]), end
+        seq = _int(raw, "seq", 1, MAX_ID)
+        ttl_ms = _int(raw, "ttl", 1, MAX_TTL_MS)
+        if "ps" not in raw:
+            return Data(seq, data[offset:end], ttl_ms), end
+        parts = _int(raw, "ps", 1, MAX_PARTS)
+        return Data(seq, data[offset:end], ttl_ms, _int(raw, "p", 0, parts - 1), parts), end
+    if kind == "a":
+        return _ack_from_wire(raw), offset
+    if kind == "s":
+        return Skip(_int(raw, "seq", 1, MAX_ID)), offset
     if kind == "ann":
         return _announce_from_wire(raw, header), offset
     if kind == "bye":
@@ -273,6 +341,27 @@ def _announce_from_wire(raw: dict[str, Any], header: Header) -> Announce:
     elif (announce.endpoint_id, announce.incarnation) != (header.source_id, header.incarnation):
         raise DecodeError("announcement about another endpoint not marked fwd", reason="malformed")
     return announce
+
+
+def _ack_from_wire(raw: dict[str, Any]) -> Ack:
+    cumulative = _int(raw, "cum", 0, MAX_ID)
+    sack = raw.get("sack", [])
+    if not isinstance(sack, list) or len(sack) > MAX_ACK_RANGES:
+        raise DecodeError(f"'sack' must be a list of at most {MAX_ACK_RANGES}", reason="malformed")
+    ranges = []
+    floor = cumulative + 1
+    for pair in sack:
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or type(pair[0]) is not int
+            or type(pair[1]) is not int
+            or not floor < pair[0] <= pair[1] <= MAX_ID
+        ):
+            raise DecodeError("'sack' ranges must increase, above 'cum' + 1", reason="malformed")
+        ranges.append((pair[0], pair[1]))
+        floor = pair[1] + 1
+    return Ack(cumulative, tuple(ranges))
 
 
 def _int(obj: dict[str, Any], key: str, low: int, high: int) -> int:

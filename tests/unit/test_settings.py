@@ -244,6 +244,9 @@ BAD_VALUES = {
     "GLUE_DISCOVERY_RATE_TIMEOUT_MULTIPLIER": ["0.5", "1001", "nan", "inf", "two"],
     "GLUE_DISCOVERY_MULTICAST_TTL": ["256", "-1", "one"],
     "GLUE_MAX_PEERS": ["0", "1000001", "many"],
+    "GLUE_MAX_MESSAGE_BYTES": ["1023", "big", "1073741825"],
+    "GLUE_MAX_DATAGRAM_BYTES": ["100", "65508", "-1", "jumbo"],
+    "GLUE_SEND_QUEUE_BYTES": ["1000", "lots"],
     "GLUE_LOG_LEVEL": ["verbose", "5", "WARN"],
 }
 

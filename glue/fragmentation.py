@@ -1,0 +1,122 @@
+"""Fragmentation: messages larger than one datagram, split and rebuilt (sans-IO).
+
+How this layer works
+--------------------
+The sender splits a message into ``parts`` fragments of at most ``fragment_bytes`` each and hands
+them to the transport as consecutive frames (``part`` 0..parts-1). Because the transport delivers
+each peer's frames exactly once and in order, the receiver rebuilds at most **one** message per
+peer at a time: fragment 0 opens it, each next fragment must be the next part, the last one
+completes it. Anything else (a skipped frame, a part out of place, a new part 0) discards the
+partial message, counted.
+
+Bounds: a partial message is dropped when it grows past ``max_message_bytes``, when all partial
+messages together would pass ``max_total_bytes``, and when its first fragment's time to live runs
+out (``handle_timer``); a departed peer's partial message is dropped at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from glue.wire import Data, EndpointId
+
+__all__ = ["Reassembler", "split"]
+
+logger = logging.getLogger(__name__)
+
+
+def split(payload: bytes, fragment_bytes: int) -> list[bytes]:
+    """``payload`` in fragments of at most ``fragment_bytes`` (one, possibly empty, if it fits)."""
+    if len(payload) <= fragment_bytes:
+        return [payload]
+    view = memoryview(payload)
+    return [bytes(view[i : i + fragment_bytes]) for i in range(0, len(payload), fragment_bytes)]
+
+
+class _Partial:
+    __slots__ = ("chunks", "expires_at", "next_part", "parts", "size")
+
+    def __init__(self, parts: int, expires_at: float) -> None:
+        self.chunks: list[bytes] = []
+        self.parts = parts
+        self.next_part = 0
+        self.size = 0
+        self.expires_at = expires_at
+
+
+class Reassembler:
+    """Rebuilds messages from the in-order fragments the transport delivers."""
+
+    def __init__(self, *, max_message_bytes: int, max_total_bytes: int) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.max_total_bytes = max_total_bytes
+        self.counters: Counter[str] = Counter()
+        self._partials: dict[EndpointId, _Partial] = {}
+        self._total = 0
+
+    def receive(self, peer: EndpointId, frame: Data, *, now: float) -> bytes | None:
+        """Take the next fragment from ``peer``; return the message when it is complete."""
+        if frame.parts == 1:
+            if peer in self._partials:
+                self._drop(peer, "incomplete")
+            return frame.payload
+        partial = self._partials.get(peer)
+        if frame.part == 0:
+            if partial is not None:
+                self._drop(peer, "incomplete")
+            partial = self._partials[peer] = _Partial(frame.parts, now + frame.ttl_ms / 1000.0)
+        elif partial is None or frame.part != partial.next_part or frame.parts != partial.parts:
+            if partial is not None:
+                self._drop(peer, "out_of_place")
+            self.counters["fragments_out_of_place"] += 1
+            return None
+        size = len(frame.payload)
+        if partial.size + size > self.max_message_bytes:
+            self._drop(peer, "oversized")
+            return None
+        if self._total + size > self.max_total_bytes:
+            self._drop(peer, "memory_full")
+            return None
+        partial.chunks.append(frame.payload)
+        partial.size += size
+        partial.next_part += 1
+        self._total += size
+        if partial.next_part < partial.parts:
+            return None
+        del self._partials[peer]
+        self._total -= partial.size
+        self.counters["messages_reassembled"] += 1
+        return b"".join(partial.chunks)
+
+    def discard(self, peer: EndpointId) -> None:
+        """Frames of ``peer`` were skipped or the peer left: its partial message is lost."""
+        if peer in self._partials:
+            self._drop(peer, "incomplete")
+
+    def handle_timer(self, *, now: float) -> None:
+        """Drop partial messages whose time to live has run out."""
+        for peer, partial in list(self._partials.items()):
+            if partial.expires_at <= now:
+                self._drop(peer, "expired")
+
+    def next_deadline(self) -> float | None:
+        """When the oldest partial message expires, if any."""
+        return min((p.expires_at for p in self._partials.values()), default=None)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held in partial messages now."""
+        return self._total
+
+    def _drop(self, peer: EndpointId, reason: str) -> None:
+        partial = self._partials.pop(peer)
+        self._total -= partial.size
+        self.counters[f"partial_dropped_{reason}"] += 1
+        logger.debug(
+            "dropped a partial message from %d (%d of %d parts): %s",
+            peer,
+            partial.next_part,
+            partial.parts,
+            reason,
+        )

@@ -1,0 +1,289 @@
+"""The protocol layers wired together, still sans-IO: datagrams in, datagrams out.
+
+``Stack`` is what both runtimes drive: :mod:`glue.endpoint` with real sockets and the asyncio clock,
+:mod:`glue.sim` with a virtual network and clock. It decodes each datagram once, routes discovery
+frames to :class:`~glue.discovery.Discovery` and transport frames to
+:class:`~glue.transport.Transport`, applies discovery's peer events to the transport (a departed
+peer's streams go at once), rebuilds messages from the transport's in-order frames with the
+:class:`~glue.fragmentation.Reassembler`, and packs every destination's outgoing frames into as
+few datagrams as the path allows.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from glue import wire
+from glue.discovery import Address, Discovery, DiscoveryConfig, Target
+from glue.errors import DecodeError, UsageError
+from glue.events import MessageReceived, Peer, PeerAdded, StackEvent
+from glue.fragmentation import Reassembler, split
+from glue.transport import (
+    FrameReceived,
+    FramesSkipped,
+    SendSpaceFreed,
+    Transport,
+    TransportConfig,
+)
+from glue.wire import Ack, Data, EndpointId, Skip
+
+__all__ = [
+    "DISCOVERY_DATAGRAM_BYTES",
+    "FRAME_OVERHEAD_BYTES",
+    "Stack",
+    "StackConfig",
+    "StackOutput",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Announcements are packed into datagrams that fit a 1500-byte Ethernet MTU, so a rendezvous
+#: answer never relies on IP fragmentation (one lost fragment would lose all of it).
+DISCOVERY_DATAGRAM_BYTES: Final = 1400
+#: Room kept in each datagram for the header and one frame's JSON around a fragment's payload.
+FRAME_OVERHEAD_BYTES: Final = 256
+
+StackOutput = StackEvent | SendSpaceFreed
+
+
+@dataclass(frozen=True, slots=True)
+class StackConfig:
+    """Identity, timings and bounds of one endpoint's layers."""
+
+    network_id: int
+    endpoint_id: EndpointId
+    incarnation: int
+    name: str
+    port: int
+    host: str = ""
+    rate_s: float = 1.0
+    multiplier: float = 2.0
+    max_peers: int = 1000
+    announce: bool = True
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    #: Largest datagram to peers on other hosts (the path MTU less 28 bytes of IP and UDP).
+    datagram_bytes: int = 1472
+    #: Largest datagram to peers on 127.0.0.0/8.
+    loopback_datagram_bytes: int = wire.MAX_DATAGRAM_BYTES
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_reassembly_bytes: int = 64 * 1024 * 1024
+
+
+class _Route:
+    __slots__ = ("address", "datagram_bytes", "header", "peer")
+
+    def __init__(self, peer: Peer, header: wire.Header, datagram_bytes: int) -> None:
+        self.peer = peer
+        self.address = peer.address
+        self.header = header
+        self.datagram_bytes = datagram_bytes
+
+
+class Stack:
+    """Discovery, transport and fragmentation of one endpoint."""
+
+    def __init__(self, config: StackConfig, *, rng: random.Random, now: float) -> None:
+        self.config = config
+        self.counters: Counter[str] = Counter()
+        self.discovery = Discovery(
+            DiscoveryConfig(
+                endpoint_id=config.endpoint_id,
+                incarnation=config.incarnation,
+                name=config.name,
+                port=config.port,
+                host=config.host,
+                rate_s=config.rate_s,
+                multiplier=config.multiplier,
+                max_peers=config.max_peers,
+                announce=config.announce,
+            ),
+            rng=rng,
+            now=now,
+        )
+        self.transport = Transport(config.transport)
+        self.reassembler = Reassembler(
+            max_message_bytes=config.max_message_bytes,
+            max_total_bytes=config.max_reassembly_bytes,
+        )
+        self._header = wire.Header(config.network_id, config.endpoint_id, config.incarnation)
+        self._routes: dict[EndpointId, _Route] = {}
+        self._events: deque[StackOutput] = deque()
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def receive_datagram(
+        self, data: bytes, source: Address, *, multicast: bool, now: float
+    ) -> None:
+        """Decode one datagram and feed its frames to the layers; bad ones are counted, dropped."""
+        try:
+            datagram = wire.decode(data, network_id=self.config.network_id)
+        except DecodeError as exc:
+            self.counters[f"dropped_{exc.reason}"] += 1
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("dropped %d bytes from %s:%d: %s", len(data), *source, exc)
+            return
+        header = datagram.header
+        config = self.config
+        if header.source_id == config.endpoint_id and header.incarnation == config.incarnation:
+            self.counters["own_datagrams_ignored"] += 1  # our own multicast, looped back
+            return
+        transport = self.transport
+        for frame in datagram.frames:
+            kind = type(frame)
+            if kind is Data or kind is Ack or kind is Skip:
+                if header.destination != config.incarnation:
+                    self.counters["dropped_other_incarnation"] += 1
+                    continue
+                transport.receive(frame, header.source_id, header.incarnation, now=now)  # type: ignore[arg-type]
+            else:
+                self.discovery.receive(frame, header, source, multicast=multicast, now=now)  # type: ignore[arg-type]
+                self._pump_discovery()
+        self._pump_transport(now)
+
+    def send(self, peer: EndpointId, payload: bytes, *, expires_at: float, now: float) -> bool:
+        """Queue ``payload`` to ``peer``, fragmented as its path needs; False if it is unknown.
+
+        Raises:
+            UsageError: the payload is larger than ``max_message_bytes``.
+        """
+        if len(payload) > self.config.max_message_bytes:
+            raise UsageError(
+                f"a message of {len(payload)} bytes exceeds the maximum of "
+                f"{self.config.max_message_bytes} (GLUE_MAX_MESSAGE_BYTES)"
+            )
+        route = self._routes.get(peer)
+        if route is None:
+            return False
+        fragments = split(payload, route.datagram_bytes - FRAME_OVERHEAD_BYTES)
+        parts = len(fragments)
+        send = self.transport.send
+        for part, fragment in enumerate(fragments):
+            send(peer, fragment, expires_at=expires_at, now=now, part=part, parts=parts)
+        return True
+
+    def can_send(self, peer: EndpointId, size: int) -> bool:
+        """Whether ``size`` bytes fit in the send queue to ``peer`` now."""
+        return self.transport.can_send(peer, size)
+
+    def set_targets(self, targets: Sequence[Target]) -> None:
+        """Replace the discovery targets (resolved addresses)."""
+        self.discovery.set_targets(targets)
+
+    def handle_timer(self, *, now: float) -> None:
+        """Run every layer's timers."""
+        self.discovery.handle_timer(now=now)
+        self._pump_discovery()
+        self.transport.handle_timer(now=now)
+        self.reassembler.handle_timer(now=now)
+        self._pump_transport(now)
+
+    def leave(self) -> None:
+        """Say goodbye; every peer's state is dropped."""
+        self.discovery.leave()
+        for peer in list(self._routes):
+            self.transport.remove_peer(peer)
+        self._routes.clear()
+
+    # --- outputs --------------------------------------------------------------------------------
+
+    def datagrams_to_send(self, *, now: float) -> list[tuple[bytes, Address]]:
+        """Every datagram to send now, packed per destination."""
+        out: list[tuple[bytes, Address]] = []
+        announcements = self.discovery.frames_to_send()
+        if announcements:
+            by_destination: dict[Address, list[wire.Frame]] = {}
+            for frame, destination in announcements:
+                by_destination.setdefault(destination, []).append(frame)
+            for destination, frames in by_destination.items():
+                datagrams = wire.pack(self._header, frames, max_bytes=DISCOVERY_DATAGRAM_BYTES)
+                out.extend((datagram, destination) for datagram in datagrams)
+        if self.transport.has_output():
+            for peer, transport_frames in self.transport.frames_to_send(now=now):
+                route = self._routes.get(peer)
+                if route is None:
+                    continue
+                datagrams = wire.pack(
+                    route.header, transport_frames, max_bytes=route.datagram_bytes
+                )
+                out.extend((datagram, route.address) for datagram in datagrams)
+        return out
+
+    def next_event(self) -> StackOutput | None:
+        """The oldest event not yet pulled, or ``None``."""
+        return self._events.popleft() if self._events else None
+
+    def next_deadline(self) -> float | None:
+        """The earliest time any layer wants ``handle_timer``."""
+        deadlines = [
+            d
+            for d in (
+                self.discovery.next_deadline(),
+                self.transport.next_deadline(),
+                self.reassembler.next_deadline(),
+            )
+            if d is not None
+        ]
+        return min(deadlines, default=None)
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def peers(self) -> list[Peer]:
+        """The peers known now, ordered by name."""
+        return self.discovery.peers()
+
+    def all_counters(self) -> dict[str, int]:
+        """Every layer's counters, prefixed by layer."""
+        merged = Counter(self.counters)
+        for prefix, counters in (
+            ("discovery", self.discovery.counters),
+            ("transport", self.transport.counters),
+            ("fragmentation", self.reassembler.counters),
+        ):
+            merged.update({f"{prefix}_{key}": value for key, value in counters.items()})
+        return dict(merged)
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _pump_discovery(self) -> None:
+        while (event := self.discovery.next_event()) is not None:
+            peer = event.peer
+            if isinstance(event, PeerAdded):
+                self.transport.add_peer(peer.endpoint_id, peer.incarnation)
+                self._routes[peer.endpoint_id] = self._route(peer)
+            else:
+                self.transport.remove_peer(peer.endpoint_id)
+                self.reassembler.discard(peer.endpoint_id)
+                self._routes.pop(peer.endpoint_id, None)
+            self._events.append(event)
+
+    def _route(self, peer: Peer) -> _Route:
+        header = wire.Header(
+            self.config.network_id,
+            self.config.endpoint_id,
+            self.config.incarnation,
+            destination=peer.incarnation,
+        )
+        loopback = peer.host.startswith("127.")
+        size = self.config.loopback_datagram_bytes if loopback else self.config.datagram_bytes
+        return _Route(peer, header, size)
+
+    def _pump_transport(self, now: float) -> None:
+        transport = self.transport
+        while (event := transport.next_event()) is not None:
+            if type(event) is FrameReceived:
+                message = self.reassembler.receive(event.peer, event.frame, now=now)
+                if message is not None:
+                    route = self._routes.get(event.peer)
+                    if route is not None:
+                        self._events.append(MessageReceived(route.peer, message, now))
+            elif type(event) is FramesSkipped:
+                self.reassembler.discard(event.peer)
+                self.counters["frames_skipped"] += event.last - event.first + 1
+            else:
+                assert isinstance(event, SendSpaceFreed)
+                self._events.append(event)

@@ -1,0 +1,548 @@
+"""Transport: exactly-once, in-order delivery of unexpired frames per (sender, receiver) pair.
+
+How this layer works (sans-IO; see ``docs/PROTOCOL.md``)
+--------------------------------------------------------
+State: for every peer, a send stream and a receive stream, both tied to the peer's incarnation.
+
+- *Send stream*: frames get consecutive sequence numbers from 1. At most ``window_frames`` frames
+  (and ``window_bytes``) are in flight; later ones wait in a queue bounded by ``queue_bytes``
+  (``can_send`` tells the runtime whether a message fits; the runtime turns "no" into
+  back-pressure). Every in-flight frame is resent when unacknowledged for one retransmission
+  timeout (RTO = smoothed RTT + 4 x RTT variance, RFC 6298, doubled on each timeout, reset by the
+  next RTT sample; samples only from frames sent once, Karn's rule) or at once when selective acks
+  show three later frames arrived (fast retransmit). A frame whose message expired is never sent
+  again: it is dropped and the receiver is told to skip past it (``Skip``, like SCTP FORWARD-TSN),
+  repeated until acknowledged, so one lost message never stalls later ones.
+- *Receive stream*: frames are delivered in sequence order, each once; duplicates are dropped and
+  re-acknowledged; out-of-order frames wait in a buffer bounded by ``window_frames`` and
+  ``window_bytes``. A frame whose time to live (``ttl_ms``, counted from its arrival) has passed
+  when its turn comes is skipped, never delivered late. Acks are cumulative plus up to
+  ``MAX_ACK_RANGES`` selective ranges, sent at once when something is missing or duplicated and
+  otherwise after ``ack_delay_s`` (or ``ack_every`` frames), so one ack covers many frames.
+
+Inputs: ``add_peer``/``remove_peer`` (from discovery), ``send``, ``receive``, ``handle_timer``.
+Outputs: ``frames_to_send`` (frames per peer id), ``next_event`` (``FrameReceived``,
+``FramesSkipped``, ``SendSpaceFreed``), ``next_deadline``.
+
+A peer removed from discovery loses both streams at once: nothing keeps resending to the dead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Final
+
+from glue.wire import MAX_ACK_RANGES, MAX_TTL_MS, Ack, Data, EndpointId, Skip
+
+__all__ = [
+    "FrameReceived",
+    "FramesSkipped",
+    "SendSpaceFreed",
+    "Transport",
+    "TransportConfig",
+    "TransportEvent",
+]
+
+logger = logging.getLogger(__name__)
+
+_FAST_RETRANSMIT_THRESHOLD: Final = 3
+_RTT_ALPHA: Final = 1 / 8
+_RTT_BETA: Final = 1 / 4
+
+
+@dataclass(frozen=True, slots=True)
+class TransportConfig:
+    """Limits and timings of the transport (defaults suit a LAN and loopback)."""
+
+    window_frames: int = 2048
+    window_bytes: int = 8 * 1024 * 1024
+    queue_bytes: int = 64 * 1024 * 1024
+    initial_rto_s: float = 0.05
+    min_rto_s: float = 0.01
+    max_rto_s: float = 1.0
+    ack_delay_s: float = 0.002
+    ack_every: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class FrameReceived:
+    """A frame from ``peer``, in order, exactly once."""
+
+    peer: EndpointId
+    frame: Data
+
+
+@dataclass(frozen=True, slots=True)
+class FramesSkipped:
+    """Frames ``first``..``last`` from ``peer`` expired: any message they belonged to is lost."""
+
+    peer: EndpointId
+    first: int
+    last: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendSpaceFreed:
+    """Acks freed room in the send queue to ``peer``: blocked senders may retry."""
+
+    peer: EndpointId
+
+
+TransportEvent = FrameReceived | FramesSkipped | SendSpaceFreed
+
+
+class _Outgoing:
+    __slots__ = ("expires_at", "part", "parts", "payload", "resends", "sent_at", "seq")
+
+    def __init__(self, seq: int, payload: bytes, part: int, parts: int, expires_at: float) -> None:
+        self.seq = seq
+        self.payload = payload
+        self.part = part
+        self.parts = parts
+        self.expires_at = expires_at
+        self.sent_at = 0.0
+        self.resends = 0
+
+
+class _SendStream:
+    __slots__ = (
+        "acked_to",
+        "in_flight_bytes",
+        "next_seq",
+        "outbox",
+        "pending",
+        "queued_bytes",
+        "resend_at",
+        "rto",
+        "rttvar",
+        "skip_sent_at",
+        "skip_to",
+        "srtt",
+        "unacked",
+    )
+
+    def __init__(self, initial_rto: float) -> None:
+        self.next_seq = 1
+        self.acked_to = 0
+        self.pending: deque[_Outgoing] = deque()
+        self.unacked: dict[int, _Outgoing] = {}
+        self.queued_bytes = 0  # pending + unacked payload bytes
+        self.in_flight_bytes = 0
+        self.skip_to = 0
+        self.skip_sent_at = float("-inf")
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.rto = initial_rto
+        self.resend_at: float | None = None  # the one retransmission timer (RFC 6298)
+        self.outbox: list[Data] = []
+
+
+class _RecvStream:
+    __slots__ = ("ack_at", "buffer", "buffered_bytes", "delivered_to", "unacked")
+
+    def __init__(self) -> None:
+        self.delivered_to = 0
+        self.buffer: dict[int, tuple[Data, float]] = {}
+        self.buffered_bytes = 0
+        self.unacked = 0
+        self.ack_at: float | None = None
+
+
+class _Peer:
+    __slots__ = ("incarnation", "recv", "send")
+
+    def __init__(self, incarnation: int, initial_rto: float) -> None:
+        self.incarnation = incarnation
+        self.send = _SendStream(initial_rto)
+        self.recv = _RecvStream()
+
+
+class Transport:
+    """The transport state machine of one endpoint, for all its peers."""
+
+    def __init__(self, config: TransportConfig | None = None) -> None:
+        self.config = config or TransportConfig()
+        self.counters: Counter[str] = Counter()
+        self._peers: dict[EndpointId, _Peer] = {}
+        self._events: deque[TransportEvent] = deque()
+        self._dirty: set[EndpointId] = set()  # peers with something to send
+        self._blocked: set[EndpointId] = set()  # peers a sender found full
+
+    # --- peers ----------------------------------------------------------------------------------
+
+    def add_peer(self, peer: EndpointId, incarnation: int) -> None:
+        """Start streams to and from ``peer`` (a new incarnation replaces the old streams)."""
+        known = self._peers.get(peer)
+        if known is not None and known.incarnation == incarnation:
+            return
+        if known is not None:
+            self.remove_peer(peer)
+        self._peers[peer] = _Peer(incarnation, self.config.initial_rto_s)
+
+    def remove_peer(self, peer: EndpointId) -> None:
+        """Forget ``peer`` at once: its queued and in-flight frames are dropped and counted."""
+        state = self._peers.pop(peer, None)
+        if state is None:
+            return
+        dropped = len(state.send.pending) + len(state.send.unacked)
+        if dropped:
+            self.counters["frames_dropped_peer_gone"] += dropped
+            logger.debug("dropped %d frames queued for departed peer %d", dropped, peer)
+        self._dirty.discard(peer)
+        if peer in self._blocked:
+            self._blocked.discard(peer)
+            self._events.append(SendSpaceFreed(peer))
+
+    def incarnation(self, peer: EndpointId) -> int | None:
+        """The incarnation of ``peer`` the streams belong to, if known."""
+        state = self._peers.get(peer)
+        return state.incarnation if state else None
+
+    def peers(self) -> list[EndpointId]:
+        """Ids of the peers that have streams."""
+        return list(self._peers)
+
+    def in_flight(self, peer: EndpointId) -> int:
+        """Frames queued or unacknowledged towards ``peer``."""
+        state = self._peers.get(peer)
+        return len(state.send.pending) + len(state.send.unacked) if state else 0
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def can_send(self, peer: EndpointId, size: int) -> bool:
+        """Whether ``size`` more payload bytes fit in the send queue to ``peer`` now."""
+        state = self._peers.get(peer)
+        if state is None:
+            return True  # sending to an unknown peer is refused by send(), not blocked
+        fits = state.send.queued_bytes + size <= self.config.queue_bytes
+        if not fits:
+            self._blocked.add(peer)
+        return fits
+
+    def send(
+        self,
+        peer: EndpointId,
+        payload: bytes,
+        *,
+        expires_at: float,
+        now: float,
+        part: int = 0,
+        parts: int = 1,
+    ) -> bool:
+        """Queue one frame to ``peer``; False if the peer is unknown (nothing is queued)."""
+        state = self._peers.get(peer)
+        if state is None:
+            self.counters["frames_to_unknown_peer"] += 1
+            return False
+        stream = state.send
+        out = _Outgoing(stream.next_seq, payload, part, parts, expires_at)
+        stream.next_seq += 1
+        stream.pending.append(out)
+        stream.queued_bytes += len(payload)
+        self._dirty.add(peer)
+        return True
+
+    def receive(
+        self, frame: Data | Ack | Skip, peer: EndpointId, incarnation: int, *, now: float
+    ) -> None:
+        """Take one transport frame from ``peer`` (its incarnation from the datagram header)."""
+        state = self._peers.get(peer)
+        if state is None or state.incarnation != incarnation:
+            self.counters["frames_from_unknown_peer"] += 1
+            return
+        if type(frame) is Data:
+            self._receive_data(peer, state.recv, frame, now)
+        elif type(frame) is Ack:
+            self._receive_ack(peer, state.send, frame, now)
+        else:
+            assert type(frame) is Skip
+            self._receive_skip(peer, state.recv, frame.seq, now)
+
+    def handle_timer(self, *, now: float) -> None:
+        """Resend what timed out, expire what is too old, send due acks."""
+        for peer, state in self._peers.items():
+            stream = state.send
+            if stream.resend_at is not None and stream.resend_at <= now:
+                self._on_rto(stream, now)
+                self._dirty.add(peer)
+            if stream.skip_to > stream.acked_to + 1 and stream.skip_sent_at + stream.rto <= now:
+                self._dirty.add(peer)
+            if state.recv.ack_at is not None and state.recv.ack_at <= now:
+                self._dirty.add(peer)
+
+    # --- outputs --------------------------------------------------------------------------------
+
+    def frames_to_send(self, *, now: float) -> list[tuple[EndpointId, list[Data | Ack | Skip]]]:
+        """Frames to transmit now, grouped per peer (acks first, then skips, then data)."""
+        out: list[tuple[EndpointId, list[Data | Ack | Skip]]] = []
+        for peer in self._dirty:
+            state = self._peers.get(peer)
+            if state is None:
+                continue
+            frames: list[Data | Ack | Skip] = []
+            recv = state.recv
+            stream = state.send
+            self._fill_window(stream, now)
+            if stream.skip_to > stream.acked_to + 1 and stream.skip_sent_at + stream.rto <= now:
+                frames.append(Skip(stream.skip_to))
+                stream.skip_sent_at = now
+                self.counters["skips_sent"] += 1
+            # A due ack goes now; a delayed one rides along with data when there is some.
+            if recv.ack_at is not None and (recv.ack_at <= now or stream.outbox):
+                frames.append(self._make_ack(recv))
+            if stream.outbox:
+                frames.extend(stream.outbox)
+                stream.outbox = []
+            if frames:
+                out.append((peer, frames))
+        self._dirty.clear()
+        return out
+
+    def next_event(self) -> TransportEvent | None:
+        """The oldest event not yet pulled, or ``None``."""
+        return self._events.popleft() if self._events else None
+
+    def next_deadline(self) -> float | None:
+        """The earliest resend, skip or delayed-ack time over all peers."""
+        deadline: float | None = None
+        for state in self._peers.values():
+            stream = state.send
+            candidates = []
+            if stream.resend_at is not None:
+                candidates.append(stream.resend_at)
+            if stream.skip_to > stream.acked_to + 1:
+                candidates.append(stream.skip_sent_at + stream.rto)
+            if state.recv.ack_at is not None:
+                candidates.append(state.recv.ack_at)
+            for candidate in candidates:
+                if deadline is None or candidate < deadline:
+                    deadline = candidate
+        return deadline
+
+    def has_output(self) -> bool:
+        """Whether ``frames_to_send`` would return something now (cheap check)."""
+        return bool(self._dirty)
+
+    # --- sending internals ----------------------------------------------------------------------
+
+    def _fill_window(self, stream: _SendStream, now: float) -> None:
+        config = self.config
+        pending = stream.pending
+        unacked = stream.unacked
+        outbox = stream.outbox
+        while (
+            pending
+            and len(unacked) < config.window_frames
+            and stream.in_flight_bytes < config.window_bytes
+        ):
+            out = pending.popleft()
+            ttl_ms = int((out.expires_at - now) * 1000)
+            if ttl_ms <= 0:
+                self._expire(stream, out)
+                continue
+            out.sent_at = now
+            unacked[out.seq] = out
+            stream.in_flight_bytes += len(out.payload)
+            outbox.append(Data(out.seq, out.payload, min(ttl_ms, MAX_TTL_MS), out.part, out.parts))
+        if unacked and stream.resend_at is None:
+            stream.resend_at = now + stream.rto
+        self.counters["frames_sent"] += len(outbox)
+
+    def _expire(self, stream: _SendStream, out: _Outgoing) -> None:
+        stream.queued_bytes -= len(out.payload)
+        self.counters["frames_expired"] += 1
+        # Everything below the lowest frame still held is done or abandoned: tell the receiver.
+        lowest = min(
+            next(iter(stream.unacked), stream.next_seq),
+            stream.pending[0].seq if stream.pending else stream.next_seq,
+        )
+        if lowest > stream.skip_to:
+            stream.skip_to = lowest
+            stream.skip_sent_at = float("-inf")
+
+    def _on_rto(self, stream: _SendStream, now: float) -> None:
+        rto = stream.rto
+        expired = []
+        for seq, out in stream.unacked.items():
+            if out.sent_at + rto > now:
+                continue
+            if out.expires_at <= now:
+                expired.append(seq)
+                continue
+            self._resend(stream, out, now)
+        for seq in expired:
+            out = stream.unacked.pop(seq)
+            stream.in_flight_bytes -= len(out.payload)
+            self._expire(stream, out)
+        stream.rto = min(self.config.max_rto_s, rto * 2)
+        stream.resend_at = (
+            min(out.sent_at for out in stream.unacked.values()) + stream.rto
+            if stream.unacked
+            else None
+        )
+        self.counters["timeouts"] += 1
+
+    def _resend(self, stream: _SendStream, out: _Outgoing, now: float) -> None:
+        ttl_ms = int((out.expires_at - now) * 1000)
+        out.sent_at = now
+        out.resends += 1
+        stream.outbox.append(
+            Data(out.seq, out.payload, min(ttl_ms, MAX_TTL_MS), out.part, out.parts)
+        )
+        self.counters["frames_resent"] += 1
+
+    def _receive_ack(self, peer: EndpointId, stream: _SendStream, ack: Ack, now: float) -> None:
+        unacked = stream.unacked
+        newest: _Outgoing | None = None
+        acked = 0
+        freed = 0
+        cumulative = min(ack.cumulative, stream.next_seq - 1)
+        if cumulative > stream.acked_to:
+            for seq in range(stream.acked_to + 1, cumulative + 1):
+                out = unacked.pop(seq, None)
+                if out is not None:
+                    acked += 1
+                    freed += len(out.payload)
+                    if out.resends == 0:
+                        newest = out
+            stream.acked_to = cumulative
+        highest = cumulative
+        for low, high in ack.ranges:
+            high = min(high, stream.next_seq - 1)
+            for seq in range(low, high + 1):
+                out = unacked.pop(seq, None)
+                if out is not None:
+                    acked += 1
+                    freed += len(out.payload)
+                    if out.resends == 0 and (newest is None or out.seq > newest.seq):
+                        newest = out
+            highest = max(highest, high)
+        if acked:
+            stream.in_flight_bytes -= freed
+            stream.queued_bytes -= freed
+            self.counters["frames_acked"] += acked
+            if newest is not None:
+                self._sample_rtt(stream, now - newest.sent_at)
+            # Progress restarts the retransmission timer (RFC 6298, 5.3).
+            first = next(iter(unacked.values()), None)
+            stream.resend_at = first.sent_at + stream.rto if first is not None else None
+            self._dirty.add(peer)  # the window opened
+            if peer in self._blocked:
+                self._blocked.discard(peer)
+                self._events.append(SendSpaceFreed(peer))
+        if ack.ranges and unacked:
+            self._fast_retransmit(stream, highest, now)
+
+    def _fast_retransmit(self, stream: _SendStream, highest: int, now: float) -> None:
+        srtt = stream.srtt if stream.srtt is not None else stream.rto
+        for seq, out in stream.unacked.items():
+            if seq > highest - _FAST_RETRANSMIT_THRESHOLD:
+                break
+            if now - out.sent_at >= srtt and out.expires_at > now:
+                self._resend(stream, out, now)
+                self.counters["fast_resends"] += 1
+
+    def _sample_rtt(self, stream: _SendStream, rtt: float) -> None:
+        if stream.srtt is None:
+            stream.srtt = rtt
+            stream.rttvar = rtt / 2
+        else:
+            stream.rttvar = (1 - _RTT_BETA) * stream.rttvar + _RTT_BETA * abs(stream.srtt - rtt)
+            stream.srtt = (1 - _RTT_ALPHA) * stream.srtt + _RTT_ALPHA * rtt
+        config = self.config
+        stream.rto = min(config.max_rto_s, max(config.min_rto_s, stream.srtt + 4 * stream.rttvar))
+
+    # --- receiving internals --------------------------------------------------------------------
+
+    def _receive_data(self, peer: EndpointId, recv: _RecvStream, frame: Data, now: float) -> None:
+        seq = frame.seq
+        config = self.config
+        if seq <= recv.delivered_to or seq in recv.buffer:
+            self.counters["duplicates_dropped"] += 1
+            self._ack_soon(peer, recv, now, immediately=True)  # our ack was probably lost
+            return
+        if seq == recv.delivered_to + 1:
+            recv.delivered_to = seq
+            self._events.append(FrameReceived(peer, frame))
+            self.counters["frames_delivered"] += 1
+            if recv.buffer:
+                self._drain(peer, recv, now)
+            self._ack_soon(peer, recv, now, immediately=bool(recv.buffer))
+            return
+        if (
+            seq > recv.delivered_to + config.window_frames
+            or recv.buffered_bytes + len(frame.payload) > config.window_bytes
+        ):
+            self.counters["frames_beyond_window"] += 1
+            return
+        recv.buffer[seq] = (frame, now + frame.ttl_ms / 1000.0)
+        recv.buffered_bytes += len(frame.payload)
+        self._ack_soon(peer, recv, now, immediately=True)  # a gap: tell the sender now
+
+    def _drain(self, peer: EndpointId, recv: _RecvStream, now: float) -> None:
+        buffer = recv.buffer
+        while (entry := buffer.pop(recv.delivered_to + 1, None)) is not None:
+            frame, expires_at = entry
+            recv.delivered_to += 1
+            recv.buffered_bytes -= len(frame.payload)
+            if expires_at <= now:
+                self.counters["frames_expired_in_buffer"] += 1
+                self._skipped(peer, frame.seq, frame.seq)
+            else:
+                self._events.append(FrameReceived(peer, frame))
+                self.counters["frames_delivered"] += 1
+
+    def _receive_skip(self, peer: EndpointId, recv: _RecvStream, seq: int, now: float) -> None:
+        self._ack_soon(peer, recv, now, immediately=True)
+        if seq - 1 <= recv.delivered_to:
+            return
+        # Walk only what is buffered below seq (never the whole range: a skip may cover many
+        # frames that expired in the sender's queue), delivering what is still alive, in order.
+        run_start = recv.delivered_to + 1
+        buffer = recv.buffer
+        for held in sorted(s for s in buffer if s < seq):
+            frame, expires_at = buffer.pop(held)
+            recv.buffered_bytes -= len(frame.payload)
+            if expires_at <= now:
+                continue  # part of the skipped run
+            if held > run_start:
+                self._skipped(peer, run_start, held - 1)
+            self._events.append(FrameReceived(peer, frame))
+            self.counters["frames_delivered"] += 1
+            run_start = held + 1
+        if run_start <= seq - 1:
+            self._skipped(peer, run_start, seq - 1)
+        recv.delivered_to = seq - 1
+        self._drain(peer, recv, now)
+
+    def _skipped(self, peer: EndpointId, first: int, last: int) -> None:
+        self._events.append(FramesSkipped(peer, first, last))
+        self.counters["frames_skipped"] += last - first + 1
+
+    def _ack_soon(
+        self, peer: EndpointId, recv: _RecvStream, now: float, *, immediately: bool
+    ) -> None:
+        recv.unacked += 1
+        if immediately or recv.unacked >= self.config.ack_every:
+            recv.ack_at = now
+            self._dirty.add(peer)
+        elif recv.ack_at is None:
+            recv.ack_at = now + self.config.ack_delay_s
+
+    def _make_ack(self, recv: _RecvStream) -> Ack:
+        recv.ack_at = None
+        recv.unacked = 0
+        self.counters["acks_sent"] += 1
+        if not recv.buffer:
+            return Ack(recv.delivered_to)
+        ranges: list[tuple[int, int]] = []
+        for seq in sorted(recv.buffer):
+            if ranges and ranges[-1][1] == seq - 1:
+                ranges[-1] = (ranges[-1][0], seq)
+            elif len(ranges) < MAX_ACK_RANGES:
+                ranges.append((seq, seq))
+            else:
+                break
+        return Ack(recv.delivered_to, tuple(ranges))
