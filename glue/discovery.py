@@ -17,7 +17,8 @@ Rules:
 - Announce at once, then every period (jittered 0.9..1.0 x rate so endpoints do not synchronise),
   to every target; also directly to every peer not heard on multicast lately, so peers that met
   through a rendezvous keep each other alive when the rendezvous goes away (peer-set sharing).
-- A peer expires after its announced rate x our multiplier of silence; a ``Goodbye`` removes it at
+- A peer expires after its announced rate x our multiplier of silence (``touch`` says a transport
+  datagram from it arrived, which counts as hearing it); a ``Goodbye`` removes it at
   once; a higher incarnation of a known id replaces the old entry at once ("restarted"); a lower
   one is stale and ignored.
 - A newcomer gets our announcement at once, by unicast, so two endpoints meet in one round trip.
@@ -118,6 +119,12 @@ class Discovery:
             self._receive_goodbye(header, now=now)
         else:
             self._receive_announce(frame, source, multicast=multicast, now=now)
+
+    def touch(self, endpoint_id: EndpointId, incarnation: int, *, now: float) -> None:
+        """A valid datagram came from this peer: it is alive even if announcements were lost."""
+        state = self._peers.get(endpoint_id)
+        if state is not None and state.peer.incarnation == incarnation and now > state.heard_at:
+            state.heard_at = now
 
     def set_targets(self, targets: Sequence[Target]) -> None:
         """Replace the announcement targets (the runtime re-resolves DNS names every period)."""

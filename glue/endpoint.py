@@ -359,6 +359,13 @@ class Endpoint:
         """Call ``listener(events)`` on the loop after each burst; it must not block."""
         self._listeners.append(listener)
 
+    def peer_counters(self) -> dict[int, dict[str, int]]:
+        """Per-peer transport counters (call on the loop thread)."""
+        stack = self._stack
+        if stack is None:
+            return {}
+        return {p.endpoint_id: stack.peer_counters(p.endpoint_id) for p in stack.peers()}
+
     def all_counters(self) -> dict[str, int]:
         """Runtime and layer counters, merged (call on the loop thread)."""
         merged = Counter(self.counters)

@@ -119,8 +119,13 @@ class AsyncEndpointManager:
         return sorted(self._peers.values(), key=lambda p: p.name)
 
     def counters(self) -> dict[str, int]:
-        """Datagrams, bytes, drops by reason, and every layer's counters."""
+        """Datagrams, bytes, drops by reason, and every layer's counters, in total."""
         return self._endpoint.all_counters()
+
+    def peer_counters(self) -> dict[int, dict[str, int]]:
+        """For each peer id: frames sent, resent, acked, delivered, duplicates dropped, expired,
+        data datagrams and bytes sent and received."""
+        return self._endpoint.peer_counters()
 
     async def wait_for_peers(
         self,
@@ -379,8 +384,13 @@ class EndpointManager:
         return self._call(self._async.peers())
 
     def counters(self) -> dict[str, int]:
-        """Datagrams, bytes, drops by reason, and every layer's counters."""
+        """Datagrams, bytes, drops by reason, and every layer's counters, in total."""
         return self._call(_as_coroutine(self._async.counters))
+
+    def peer_counters(self) -> dict[int, dict[str, int]]:
+        """For each peer id: frames sent, resent, acked, delivered, duplicates dropped, expired,
+        data datagrams and bytes sent and received."""
+        return self._call(_as_coroutine(self._async.peer_counters))
 
     def wait_for_peers(
         self, count: int, *, timeout: float, where: Callable[[Peer], bool] | None = None

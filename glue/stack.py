@@ -75,10 +75,13 @@ class StackConfig:
 
 
 class _Route:
-    __slots__ = ("address", "datagram_bytes", "header", "peer")
+    __slots__ = ("address", "counters", "datagram_bytes", "header", "peer")
 
-    def __init__(self, peer: Peer, header: wire.Header, datagram_bytes: int) -> None:
+    def __init__(
+        self, peer: Peer, header: wire.Header, datagram_bytes: int, counters: Counter[str]
+    ) -> None:
         self.peer = peer
+        self.counters = counters
         self.address = peer.address
         self.header = header
         self.datagram_bytes = datagram_bytes
@@ -133,6 +136,7 @@ class Stack:
             self.counters["own_datagrams_ignored"] += 1  # our own multicast, looped back
             return
         transport = self.transport
+        touched = False
         for frame in datagram.frames:
             kind = type(frame)
             if kind is Data or kind is Ack or kind is Skip:
@@ -140,9 +144,16 @@ class Stack:
                     self.counters["dropped_other_incarnation"] += 1
                     continue
                 transport.receive(frame, header.source_id, header.incarnation, now=now)  # type: ignore[arg-type]
+                touched = True
             else:
                 self.discovery.receive(frame, header, source, multicast=multicast, now=now)  # type: ignore[arg-type]
                 self._pump_discovery()
+        if touched:
+            self.discovery.touch(header.source_id, header.incarnation, now=now)
+            route = self._routes.get(header.source_id)
+            if route is not None:
+                route.counters["datagrams_received"] += 1
+                route.counters["bytes_received"] += len(data)
         self._pump_transport(now)
 
     def send(self, peer: EndpointId, payload: bytes, *, expires_at: float, now: float) -> bool:
@@ -210,6 +221,8 @@ class Stack:
                 datagrams = wire.pack(
                     route.header, transport_frames, max_bytes=route.datagram_bytes
                 )
+                route.counters["datagrams_sent"] += len(datagrams)
+                route.counters["bytes_sent"] += sum(map(len, datagrams))
                 out.extend((datagram, route.address) for datagram in datagrams)
         return out
 
@@ -236,12 +249,17 @@ class Stack:
         """The peers known now, ordered by name."""
         return self.discovery.peers()
 
+    def peer_counters(self, peer: EndpointId) -> dict[str, int]:
+        """Transport counters and data datagrams/bytes for one peer (empty if unknown)."""
+        counters = self.transport.peer_counters(peer)
+        return dict(sorted(counters.items())) if counters else {}
+
     def all_counters(self) -> dict[str, int]:
         """Every layer's counters, prefixed by layer."""
         merged = Counter(self.counters)
         for prefix, counters in (
             ("discovery", self.discovery.counters),
-            ("transport", self.transport.counters),
+            ("transport", self.transport.total_counters()),
             ("fragmentation", self.reassembler.counters),
         ):
             merged.update({f"{prefix}_{key}": value for key, value in counters.items()})
@@ -270,7 +288,9 @@ class Stack:
         )
         loopback = peer.host.startswith("127.")
         size = self.config.loopback_datagram_bytes if loopback else self.config.datagram_bytes
-        return _Route(peer, header, size)
+        counters = self.transport.peer_counters(peer.endpoint_id)
+        assert counters is not None  # added to the transport just before
+        return _Route(peer, header, size, counters)
 
     def _pump_transport(self, now: float) -> None:
         transport = self.transport

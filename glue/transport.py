@@ -64,6 +64,7 @@ class TransportConfig:
     max_rto_s: float = 1.0
     ack_delay_s: float = 0.002
     ack_every: int = 32
+    retired_streams: int = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +95,17 @@ TransportEvent = FrameReceived | FramesSkipped | SendSpaceFreed
 
 
 class _Outgoing:
-    __slots__ = ("expires_at", "part", "parts", "payload", "resends", "sent_at", "seq")
+    __slots__ = (
+        "abandoned",
+        "expires_at",
+        "part",
+        "parts",
+        "payload",
+        "resends",
+        "sacked",
+        "sent_at",
+        "seq",
+    )
 
     def __init__(self, seq: int, payload: bytes, part: int, parts: int, expires_at: float) -> None:
         self.seq = seq
@@ -102,47 +113,60 @@ class _Outgoing:
         self.part = part
         self.parts = parts
         self.expires_at = expires_at
-        self.sent_at = 0.0
+        self.sent_at = -1.0  # never sent
         self.resends = 0
+        self.sacked = False  # selectively acked: not resent, but kept until cumulatively acked
+        self.abandoned = False  # expired: a placeholder until the receiver skips past it
 
 
 class _SendStream:
     __slots__ = (
+        "abandoned",
         "acked_to",
+        "counters",
         "in_flight_bytes",
         "next_seq",
+        "one_way_s",
         "outbox",
         "pending",
         "queued_bytes",
         "resend_at",
         "rto",
         "rttvar",
+        "sacked",
         "skip_sent_at",
         "skip_to",
         "srtt",
         "unacked",
     )
 
-    def __init__(self, initial_rto: float) -> None:
+    def __init__(self, initial_rto: float, counters: Counter[str]) -> None:
+        self.counters = counters
         self.next_seq = 1
         self.acked_to = 0
         self.pending: deque[_Outgoing] = deque()
         self.unacked: dict[int, _Outgoing] = {}
         self.queued_bytes = 0  # pending + unacked payload bytes
         self.in_flight_bytes = 0
+        self.sacked = 0  # how many unacked frames are marked sacked
+        self.abandoned = 0  # how many unacked frames are expired placeholders
         self.skip_to = 0
         self.skip_sent_at = float("-inf")
         self.srtt: float | None = None
         self.rttvar = 0.0
+        # Estimated transit time (srtt / 2), taken off the time to live a frame carries, since the
+        # receiver counts it from arrival: it keeps a message from living longer than it should.
+        self.one_way_s = 0.0
         self.rto = initial_rto
         self.resend_at: float | None = None  # the one retransmission timer (RFC 6298)
         self.outbox: list[Data] = []
 
 
 class _RecvStream:
-    __slots__ = ("ack_at", "buffer", "buffered_bytes", "delivered_to", "unacked")
+    __slots__ = ("ack_at", "buffer", "buffered_bytes", "counters", "delivered_to", "unacked")
 
-    def __init__(self) -> None:
+    def __init__(self, counters: Counter[str]) -> None:
+        self.counters = counters
         self.delivered_to = 0
         self.buffer: dict[int, tuple[Data, float]] = {}
         self.buffered_bytes = 0
@@ -151,12 +175,13 @@ class _RecvStream:
 
 
 class _Peer:
-    __slots__ = ("incarnation", "recv", "send")
+    __slots__ = ("counters", "incarnation", "recv", "send")
 
     def __init__(self, incarnation: int, initial_rto: float) -> None:
         self.incarnation = incarnation
-        self.send = _SendStream(initial_rto)
-        self.recv = _RecvStream()
+        self.counters: Counter[str] = Counter()  # this peer's; folded into the totals on removal
+        self.send = _SendStream(initial_rto, self.counters)
+        self.recv = _RecvStream(self.counters)
 
 
 class Transport:
@@ -168,24 +193,47 @@ class Transport:
         self._peers: dict[EndpointId, _Peer] = {}
         self._events: deque[TransportEvent] = deque()
         self._dirty: set[EndpointId] = set()  # peers with something to send
+        # (peer, incarnation) -> (next seq to send, last seq delivered) of departed peers.
+        self._retired: dict[tuple[EndpointId, int], tuple[int, int]] = {}
         self._blocked: set[EndpointId] = set()  # peers a sender found full
 
     # --- peers ----------------------------------------------------------------------------------
 
     def add_peer(self, peer: EndpointId, incarnation: int) -> None:
-        """Start streams to and from ``peer`` (a new incarnation replaces the old streams)."""
+        """Start streams to and from ``peer`` (a new incarnation replaces the old streams).
+
+        A peer that comes back in the *same* incarnation (a healed partition) resumes where the
+        streams stopped: sending continues after the last sequence number used, with a ``Skip``
+        over what was dropped, and receiving continues after the last frame delivered. The other
+        side may never have noticed the gap, so restarting from 1 would lose or stall frames.
+        """
         known = self._peers.get(peer)
         if known is not None and known.incarnation == incarnation:
             return
         if known is not None:
             self.remove_peer(peer)
-        self._peers[peer] = _Peer(incarnation, self.config.initial_rto_s)
+        state = _Peer(incarnation, self.config.initial_rto_s)
+        resumed = self._retired.pop((peer, incarnation), None)
+        if resumed is not None:
+            next_seq, delivered_to = resumed
+            state.send.next_seq = next_seq
+            state.send.skip_to = next_seq  # sent until an ack covers next_seq - 1
+            state.recv.delivered_to = delivered_to
+            self.counters["streams_resumed"] += 1
+            self._dirty.add(peer)
+        self._peers[peer] = state
 
     def remove_peer(self, peer: EndpointId) -> None:
         """Forget ``peer`` at once: its queued and in-flight frames are dropped and counted."""
         state = self._peers.pop(peer, None)
         if state is None:
             return
+        retired = self._retired
+        retired[(peer, state.incarnation)] = (state.send.next_seq, state.recv.delivered_to)
+        if len(retired) > self.config.retired_streams:
+            del retired[next(iter(retired))]  # the oldest; a resume then starts afresh
+            self.counters["retired_streams_evicted"] += 1
+        self.counters.update(state.counters)
         dropped = len(state.send.pending) + len(state.send.unacked)
         if dropped:
             self.counters["frames_dropped_peer_gone"] += dropped
@@ -194,6 +242,18 @@ class Transport:
         if peer in self._blocked:
             self._blocked.discard(peer)
             self._events.append(SendSpaceFreed(peer))
+
+    def total_counters(self) -> Counter[str]:
+        """Counters over every peer, present and departed."""
+        total = Counter(self.counters)
+        for state in self._peers.values():
+            total.update(state.counters)
+        return total
+
+    def peer_counters(self, peer: EndpointId) -> Counter[str] | None:
+        """The live counters of ``peer`` (frames sent, resent, acked, delivered, ...), if known."""
+        state = self._peers.get(peer)
+        return state.counters if state else None
 
     def incarnation(self, peer: EndpointId) -> int | None:
         """The incarnation of ``peer`` the streams belong to, if known."""
@@ -288,7 +348,7 @@ class Transport:
             if stream.skip_to > stream.acked_to + 1 and stream.skip_sent_at + stream.rto <= now:
                 frames.append(Skip(stream.skip_to))
                 stream.skip_sent_at = now
-                self.counters["skips_sent"] += 1
+                stream.counters["skips_sent"] += 1
             # A due ack goes now; a delayed one rides along with data when there is some.
             if recv.ack_at is not None and (recv.ack_at <= now or stream.outbox):
                 frames.append(self._make_ack(recv))
@@ -332,117 +392,161 @@ class Transport:
         pending = stream.pending
         unacked = stream.unacked
         outbox = stream.outbox
+        expired = False
         while (
             pending
             and len(unacked) < config.window_frames
             and stream.in_flight_bytes < config.window_bytes
         ):
             out = pending.popleft()
-            ttl_ms = int((out.expires_at - now) * 1000)
+            unacked[out.seq] = out
+            ttl_ms = int((out.expires_at - now - stream.one_way_s) * 1000)
             if ttl_ms <= 0:
-                self._expire(stream, out)
+                self._abandon(stream, out)
+                expired = True
                 continue
             out.sent_at = now
-            unacked[out.seq] = out
             stream.in_flight_bytes += len(out.payload)
             outbox.append(Data(out.seq, out.payload, min(ttl_ms, MAX_TTL_MS), out.part, out.parts))
-        if unacked and stream.resend_at is None:
+        if expired:
+            self._update_skip(stream)
+        if outbox and stream.resend_at is None:
             stream.resend_at = now + stream.rto
-        self.counters["frames_sent"] += len(outbox)
+        stream.counters["frames_sent"] += len(outbox)
 
-    def _expire(self, stream: _SendStream, out: _Outgoing) -> None:
-        stream.queued_bytes -= len(out.payload)
-        self.counters["frames_expired"] += 1
-        # Everything below the lowest frame still held is done or abandoned: tell the receiver.
-        lowest = min(
-            next(iter(stream.unacked), stream.next_seq),
+    def _abandon(self, stream: _SendStream, out: _Outgoing) -> None:
+        """``out`` (in ``unacked``) expired: never send it again; keep a placeholder for its seq."""
+        size = len(out.payload)
+        stream.queued_bytes -= size
+        if out.sent_at >= 0:
+            stream.in_flight_bytes -= size
+        if out.sacked:
+            out.sacked = False
+            stream.sacked -= 1
+        out.abandoned = True
+        out.payload = b""
+        stream.abandoned += 1
+        stream.counters["frames_expired"] += 1
+
+    def _update_skip(self, stream: _SendStream) -> None:
+        """If the lowest unacknowledged frames are abandoned, have the receiver skip past them."""
+        if not stream.abandoned:
+            return
+        unacked = stream.unacked
+        front = next(iter(unacked.values()), None)
+        if front is None or not front.abandoned:
+            return  # a live frame must get through first
+        target = next(
+            (out.seq for out in unacked.values() if not out.abandoned),
             stream.pending[0].seq if stream.pending else stream.next_seq,
         )
-        if lowest > stream.skip_to:
-            stream.skip_to = lowest
+        if target > stream.skip_to:
+            stream.skip_to = target
             stream.skip_sent_at = float("-inf")
 
     def _on_rto(self, stream: _SendStream, now: float) -> None:
         rto = stream.rto
-        expired = []
-        for seq, out in stream.unacked.items():
-            if out.sent_at + rto > now:
+        expired = False
+        for out in stream.unacked.values():
+            if out.abandoned:
                 continue
-            if out.expires_at <= now:
-                expired.append(seq)
-                continue
-            self._resend(stream, out, now)
-        for seq in expired:
-            out = stream.unacked.pop(seq)
-            stream.in_flight_bytes -= len(out.payload)
-            self._expire(stream, out)
+            if out.expires_at - stream.one_way_s <= now:
+                self._abandon(stream, out)
+                expired = True
+            elif not out.sacked and out.sent_at + rto <= now:
+                self._resend(stream, out, now)
+        if expired:
+            self._update_skip(stream)
         stream.rto = min(self.config.max_rto_s, rto * 2)
-        stream.resend_at = (
-            min(out.sent_at for out in stream.unacked.values()) + stream.rto
-            if stream.unacked
-            else None
-        )
-        self.counters["timeouts"] += 1
+        stream.resend_at = self._oldest_unsacked(stream)
+        stream.counters["timeouts"] += 1
 
     def _resend(self, stream: _SendStream, out: _Outgoing, now: float) -> None:
-        ttl_ms = int((out.expires_at - now) * 1000)
+        ttl_ms = max(1, int((out.expires_at - now - stream.one_way_s) * 1000))
         out.sent_at = now
         out.resends += 1
         stream.outbox.append(
             Data(out.seq, out.payload, min(ttl_ms, MAX_TTL_MS), out.part, out.parts)
         )
-        self.counters["frames_resent"] += 1
+        stream.counters["frames_resent"] += 1
 
     def _receive_ack(self, peer: EndpointId, stream: _SendStream, ack: Ack, now: float) -> None:
         unacked = stream.unacked
-        newest: _Outgoing | None = None
-        acked = 0
-        freed = 0
         cumulative = min(ack.cumulative, stream.next_seq - 1)
         if cumulative > stream.acked_to:
-            for seq in range(stream.acked_to + 1, cumulative + 1):
-                out = unacked.pop(seq, None)
-                if out is not None:
-                    acked += 1
-                    freed += len(out.payload)
-                    if out.resends == 0:
-                        newest = out
             stream.acked_to = cumulative
+        newest: _Outgoing | None = None
+        freed = 0
+        acked = 0
+        # unacked is in sequence order: pop from the front while cumulatively acknowledged.
+        while unacked:
+            out = next(iter(unacked.values()))
+            if out.seq > cumulative:
+                break
+            del unacked[out.seq]
+            acked += 1
+            freed += len(out.payload)
+            if out.sacked:
+                stream.sacked -= 1
+            elif out.abandoned:
+                stream.abandoned -= 1
+            elif out.resends == 0:
+                newest = out
         highest = cumulative
         for low, high in ack.ranges:
-            high = min(high, stream.next_seq - 1)
-            for seq in range(low, high + 1):
-                out = unacked.pop(seq, None)
-                if out is not None:
-                    acked += 1
-                    freed += len(out.payload)
-                    if out.resends == 0 and (newest is None or out.seq > newest.seq):
-                        newest = out
+            for seq in range(low, min(high, stream.next_seq - 1) + 1):
+                held = unacked.get(seq)
+                if held is not None and not held.sacked and not held.abandoned:
+                    # Kept until cumulatively acked: a receiver that forgets its buffer (the
+                    # peer was removed and came back) reneges, and then it must be resent.
+                    held.sacked = True
+                    stream.sacked += 1
+                    if held.resends == 0 and (newest is None or seq > newest.seq):
+                        newest = held
             highest = max(highest, high)
+        if not ack.ranges and stream.sacked:
+            for held in unacked.values():
+                held.sacked = False  # nothing is buffered over there any more
+            stream.sacked = 0
+            stream.counters["reneged"] += 1
+        if newest is not None:
+            self._sample_rtt(stream, now - newest.sent_at)
         if acked:
             stream.in_flight_bytes -= freed
             stream.queued_bytes -= freed
-            self.counters["frames_acked"] += acked
-            if newest is not None:
-                self._sample_rtt(stream, now - newest.sent_at)
+            stream.counters["frames_acked"] += acked
             # Progress restarts the retransmission timer (RFC 6298, 5.3).
-            first = next(iter(unacked.values()), None)
-            stream.resend_at = first.sent_at + stream.rto if first is not None else None
+            waiting = len(unacked) > stream.sacked + stream.abandoned
+            stream.resend_at = now + stream.rto if waiting else None
+            self._update_skip(stream)
             self._dirty.add(peer)  # the window opened
             if peer in self._blocked:
                 self._blocked.discard(peer)
                 self._events.append(SendSpaceFreed(peer))
         if ack.ranges and unacked:
             self._fast_retransmit(stream, highest, now)
+            if stream.outbox:
+                self._dirty.add(peer)
+
+    @staticmethod
+    def _oldest_unsacked(stream: _SendStream) -> float | None:
+        """When the retransmission timer should fire: the oldest frame not sacked, plus RTO."""
+        oldest = min(
+            (o.sent_at for o in stream.unacked.values() if not o.sacked and not o.abandoned),
+            default=None,
+        )
+        return None if oldest is None else oldest + stream.rto
 
     def _fast_retransmit(self, stream: _SendStream, highest: int, now: float) -> None:
         srtt = stream.srtt if stream.srtt is not None else stream.rto
         for seq, out in stream.unacked.items():
             if seq > highest - _FAST_RETRANSMIT_THRESHOLD:
                 break
-            if now - out.sent_at >= srtt and out.expires_at > now:
+            if out.sacked or out.abandoned:
+                continue
+            if now - out.sent_at >= srtt and out.expires_at - stream.one_way_s > now:
                 self._resend(stream, out, now)
-                self.counters["fast_resends"] += 1
+                stream.counters["fast_resends"] += 1
 
     def _sample_rtt(self, stream: _SendStream, rtt: float) -> None:
         if stream.srtt is None:
@@ -453,6 +557,7 @@ class Transport:
             stream.srtt = (1 - _RTT_ALPHA) * stream.srtt + _RTT_ALPHA * rtt
         config = self.config
         stream.rto = min(config.max_rto_s, max(config.min_rto_s, stream.srtt + 4 * stream.rttvar))
+        stream.one_way_s = stream.srtt / 2
 
     # --- receiving internals --------------------------------------------------------------------
 
@@ -460,13 +565,13 @@ class Transport:
         seq = frame.seq
         config = self.config
         if seq <= recv.delivered_to or seq in recv.buffer:
-            self.counters["duplicates_dropped"] += 1
+            recv.counters["duplicates_dropped"] += 1
             self._ack_soon(peer, recv, now, immediately=True)  # our ack was probably lost
             return
         if seq == recv.delivered_to + 1:
             recv.delivered_to = seq
             self._events.append(FrameReceived(peer, frame))
-            self.counters["frames_delivered"] += 1
+            recv.counters["frames_delivered"] += 1
             if recv.buffer:
                 self._drain(peer, recv, now)
             self._ack_soon(peer, recv, now, immediately=bool(recv.buffer))
@@ -475,7 +580,7 @@ class Transport:
             seq > recv.delivered_to + config.window_frames
             or recv.buffered_bytes + len(frame.payload) > config.window_bytes
         ):
-            self.counters["frames_beyond_window"] += 1
+            recv.counters["frames_beyond_window"] += 1
             return
         recv.buffer[seq] = (frame, now + frame.ttl_ms / 1000.0)
         recv.buffered_bytes += len(frame.payload)
@@ -488,11 +593,11 @@ class Transport:
             recv.delivered_to += 1
             recv.buffered_bytes -= len(frame.payload)
             if expires_at <= now:
-                self.counters["frames_expired_in_buffer"] += 1
-                self._skipped(peer, frame.seq, frame.seq)
+                recv.counters["frames_expired_in_buffer"] += 1
+                self._skipped(peer, recv, frame.seq, frame.seq)
             else:
                 self._events.append(FrameReceived(peer, frame))
-                self.counters["frames_delivered"] += 1
+                recv.counters["frames_delivered"] += 1
 
     def _receive_skip(self, peer: EndpointId, recv: _RecvStream, seq: int, now: float) -> None:
         self._ack_soon(peer, recv, now, immediately=True)
@@ -508,18 +613,18 @@ class Transport:
             if expires_at <= now:
                 continue  # part of the skipped run
             if held > run_start:
-                self._skipped(peer, run_start, held - 1)
+                self._skipped(peer, recv, run_start, held - 1)
             self._events.append(FrameReceived(peer, frame))
-            self.counters["frames_delivered"] += 1
+            recv.counters["frames_delivered"] += 1
             run_start = held + 1
         if run_start <= seq - 1:
-            self._skipped(peer, run_start, seq - 1)
+            self._skipped(peer, recv, run_start, seq - 1)
         recv.delivered_to = seq - 1
         self._drain(peer, recv, now)
 
-    def _skipped(self, peer: EndpointId, first: int, last: int) -> None:
+    def _skipped(self, peer: EndpointId, recv: _RecvStream, first: int, last: int) -> None:
         self._events.append(FramesSkipped(peer, first, last))
-        self.counters["frames_skipped"] += last - first + 1
+        recv.counters["frames_skipped"] += last - first + 1
 
     def _ack_soon(
         self, peer: EndpointId, recv: _RecvStream, now: float, *, immediately: bool
@@ -534,7 +639,7 @@ class Transport:
     def _make_ack(self, recv: _RecvStream) -> Ack:
         recv.ack_at = None
         recv.unacked = 0
-        self.counters["acks_sent"] += 1
+        recv.counters["acks_sent"] += 1
         if not recv.buffer:
             return Ack(recv.delivered_to)
         ranges: list[tuple[int, int]] = []

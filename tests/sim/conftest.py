@@ -1,0 +1,21 @@
+"""Simulation tests: ``--sim-runs N`` sets how many seeded runs the randomized suites make."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--sim-runs",
+        type=int,
+        default=1000,
+        help="seeded runs of each randomized simulation suite (CI: 1000; on demand: 100000)",
+    )
+    parser.addoption("--sim-seed", type=int, default=None, help="run only this seed")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/sim/" in str(item.path).replace("\\", "/"):
+            item.add_marker(pytest.mark.sim)
