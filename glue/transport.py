@@ -493,22 +493,34 @@ class Transport:
             elif out.resends == 0:
                 newest = out
         highest = cumulative
-        for low, high in ack.ranges:
-            for seq in range(low, min(high, stream.next_seq - 1) + 1):
-                held = unacked.get(seq)
-                if held is not None and not held.sacked and not held.abandoned:
-                    # Kept until cumulatively acked: a receiver that forgets its buffer (the
-                    # peer was removed and came back) reneges, and then it must be resent.
-                    held.sacked = True
-                    stream.sacked += 1
-                    if held.resends == 0 and (newest is None or seq > newest.seq):
-                        newest = held
-            highest = max(highest, high)
-        if not ack.ranges and stream.sacked:
+        ranges = ack.ranges
+        if ranges:
+            # Walk unacked and the ranges together (both ascending). A covered frame is marked
+            # sacked: not resent, but kept until cumulatively acked, because a receiver that
+            # forgets its buffer (the peer was removed and came back) reneges: a sacked frame
+            # no longer covered must become due again.
+            highest = ranges[-1][1]
+            index = 0
+            for seq, held in unacked.items():
+                if seq > highest:
+                    break
+                while ranges[index][1] < seq:
+                    index += 1
+                if ranges[index][0] <= seq:
+                    if not held.sacked and not held.abandoned:
+                        held.sacked = True
+                        stream.sacked += 1
+                        if held.resends == 0 and (newest is None or seq > newest.seq):
+                            newest = held
+                elif held.sacked:
+                    held.sacked = False
+                    stream.sacked -= 1
+                    stream.counters["reneged"] += 1
+        elif stream.sacked:
             for held in unacked.values():
                 held.sacked = False  # nothing is buffered over there any more
+            stream.counters["reneged"] += stream.sacked
             stream.sacked = 0
-            stream.counters["reneged"] += 1
         if newest is not None:
             self._sample_rtt(stream, now - newest.sent_at)
         if acked:
@@ -527,6 +539,8 @@ class Transport:
             self._fast_retransmit(stream, highest, now)
             if stream.outbox:
                 self._dirty.add(peer)
+        if stream.resend_at is None and len(unacked) > stream.sacked + stream.abandoned:
+            stream.resend_at = now + stream.rto  # e.g. a renege made sacked frames due again
 
     @staticmethod
     def _oldest_unsacked(stream: _SendStream) -> float | None:

@@ -1,0 +1,307 @@
+"""``python -m glue.bench``: glue against raw UDP, between two processes, in one run.
+
+Every figure is measured at the receiving process: raw UDP counts the datagrams that arrived
+(the sender blasts one datagram per message, as fast as Python can, so this is the ceiling of
+one-datagram-per-message in Python), glue counts whole messages delivered through the transport
+(exactly once, in order). The round trip is a 64-byte ping answered by the other process.
+
+Everything runs on 127.0.0.1 with a unicast rendezvous (no multicast), so it is safe anywhere;
+still, run it inside ``tools/isolated-net`` like every test. Printed: messages/s and MB/s for 64 B,
+64 KiB and 1 MiB messages, glue / raw ratios, and median round trips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+__all__ = ["main"]
+
+_MB = 1_000_000
+_RAW_MAX_DATAGRAM = 65507
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark (or one of its receiver roles, when started by itself)."""
+    parser = argparse.ArgumentParser(prog="python -m glue.bench", description=__doc__)
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="time budget per throughput case"
+    )
+    parser.add_argument("--role", choices=["raw-receiver", "glue-receiver"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.role == "raw-receiver":
+        return _raw_receiver(args.count, args.echo)
+    if args.role == "glue-receiver":
+        return _glue_receiver(args.port, args.count, args.echo)
+    return _run(args.seconds)
+
+
+# --- the driver ------------------------------------------------------------------------------------
+
+
+def _run(seconds: float) -> int:
+    print(
+        f"glue benchmark: two processes on 127.0.0.1, Python {sys.version.split()[0]}, "
+        f"{os.cpu_count()} CPUs"
+    )
+    rows: list[tuple[str, str, float, float]] = []
+    cases = [("64 B", 64, 200_000), ("64 KiB", 64 * 1024, 8_000), ("1 MiB", 1024 * 1024, 500)]
+    for label, size, count in cases:
+        raw = _raw_throughput(size, count, seconds)
+        glue = _glue_throughput(size, count, seconds)
+        rows.append((label, "raw UDP", *raw))
+        rows.append((label, "glue", *glue))
+        ratio = glue[0] / raw[0] if raw[0] else float("nan")
+        print(
+            f"{label:>7}  raw UDP {raw[0]:>10,.0f} msg/s {raw[1]:>8.1f} MB/s   "
+            f"glue {glue[0]:>10,.0f} msg/s {glue[1]:>8.1f} MB/s   glue/raw {ratio:5.2f}",
+            flush=True,
+        )
+    raw_rtt = _raw_round_trip()
+    glue_rtt = _glue_round_trip()
+    print(
+        f"round trip (64 B, median of 2000): raw UDP {raw_rtt * 1e6:.0f} us, "
+        f"glue {glue_rtt * 1e6:.0f} us"
+    )
+    return 0
+
+
+def _spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "glue.bench", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("GLUE_")},
+    )
+
+
+def _read_json(process: subprocess.Popen[str]) -> dict[str, Any]:
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line:
+        raise RuntimeError("the receiver process ended without a result")
+    result: dict[str, Any] = orjson.loads(line)
+    return result
+
+
+def _finish(process: subprocess.Popen[str]) -> dict[str, Any]:
+    result = _read_json(process)
+    process.wait(timeout=30)
+    return result
+
+
+def _rates(result: dict[str, Any], size: int) -> tuple[float, float]:
+    count, elapsed = result["count"], result["elapsed"]
+    if not count or elapsed <= 0:
+        return 0.0, 0.0
+    return count / elapsed, count * size / elapsed / _MB
+
+
+# --- raw UDP ---------------------------------------------------------------------------------------
+
+
+def _raw_throughput(size: int, count: int, seconds: float) -> tuple[float, float]:
+    """Datagrams of at most 65507 bytes; a message larger than that is several datagrams."""
+    per_message = max(1, -(-size // _RAW_MAX_DATAGRAM))
+    chunk = min(size, _RAW_MAX_DATAGRAM)
+    receiver = _spawn("--role", "raw-receiver", "--count", str(count * per_message))
+    port = _read_json(receiver)["port"]
+    payload = os.urandom(chunk)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+        deadline = time.perf_counter() + seconds
+        destination = ("127.0.0.1", port)
+        sent = 0
+        while sent < count * per_message and time.perf_counter() < deadline:
+            for _ in range(256):
+                try:
+                    sock.sendto(payload, destination)
+                except BlockingIOError:  # pragma: no cover - blocking socket
+                    continue
+                sent += 1
+        sock.sendto(b"", destination)  # end marker
+    assert receiver.stdin is not None
+    receiver.stdin.close()
+    result = _finish(receiver)
+    result["count"] //= per_message
+    return _rates(result, size)
+
+
+def _raw_receiver(count: int, echo: bool) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
+        sock.bind(("127.0.0.1", 0))
+        print(orjson.dumps({"port": sock.getsockname()[1]}).decode(), flush=True)
+        if echo:
+            while True:
+                data, source = sock.recvfrom(65536)
+                if not data:
+                    return 0
+                sock.sendto(data, source)
+        buffer = bytearray(65536)
+        got = 0
+        first = last = 0.0
+        sock.settimeout(2.0)
+        while got < count:
+            try:
+                n = sock.recv_into(buffer)
+            except TimeoutError:
+                break
+            if n == 0:
+                break
+            last = time.perf_counter()
+            if got == 0:
+                first = last
+            got += 1
+    print(orjson.dumps({"count": got, "elapsed": last - first}).decode(), flush=True)
+    return 0
+
+
+def _raw_round_trip() -> float:
+    echo = _spawn("--role", "raw-receiver", "--echo")
+    port = _read_json(echo)["port"]
+    samples = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect(("127.0.0.1", port))
+        payload = b"x" * 64
+        for _ in range(2200):
+            started = time.perf_counter()
+            sock.send(payload)
+            sock.recv(65536)
+            samples.append(time.perf_counter() - started)
+        sock.send(b"")
+    echo.wait(timeout=30)
+    return statistics.median(samples[200:])
+
+
+# --- glue ------------------------------------------------------------------------------------------
+
+
+def _glue_settings(**extra: Any) -> Any:
+    from glue.settings import load_settings
+
+    return load_settings(
+        listen_address="127.0.0.1:0",
+        listen_interface="lo",
+        discovery_rate_milliseconds=200,
+        **extra,
+    )
+
+
+def _glue_throughput(size: int, count: int, seconds: float) -> tuple[float, float]:
+    from glue.manager import EndpointManager
+
+    port = _free_port()
+    receiver = _spawn("--role", "glue-receiver", "--port", str(port), "--count", str(count))
+    _read_json(receiver)  # ready
+    settings = _glue_settings(
+        discovery_target_address=f"127.0.0.1:{port}", discovery_listen_address="0"
+    )
+    payload = os.urandom(size)
+    with EndpointManager(settings) as sender:
+        [peer] = sender.wait_for_peers(1, timeout=10)
+        deadline = time.perf_counter() + seconds
+        sent = 0
+        while sent < count and time.perf_counter() < deadline:
+            sender.send(payload, to=[peer.endpoint_id], expiry=60.0, timeout=30.0)
+            sent += 1
+        assert receiver.stdin is not None
+        receiver.stdin.write(f"{sent}\n")
+        receiver.stdin.flush()
+        result = _finish(receiver)
+    if not result["in_order"]:
+        raise RuntimeError("glue delivered messages out of order")
+    return _rates(result, size)
+
+
+def _glue_receiver(port: int, count: int, echo: bool) -> int:
+    from glue.events import MessageReceived
+    from glue.manager import EndpointManager
+
+    settings = _glue_settings(
+        discovery_target_address="0", discovery_listen_address=f"127.0.0.1:{port}"
+    )
+    done = threading.Event()
+    state = {"got": 0, "first": 0.0, "last": 0.0, "expected": count, "in_order": True}
+    with EndpointManager(settings) as endpoint:
+        if echo:
+            endpoint.on_message(
+                lambda m: endpoint.send(m.payload, to=[m.source.endpoint_id], expiry=10)
+            )
+        else:
+
+            def on_message(message: MessageReceived) -> None:
+                now = time.perf_counter()
+                if state["got"] == 0:
+                    state["first"] = now
+                state["got"] += 1
+                state["last"] = now
+                if state["got"] >= state["expected"]:
+                    done.set()
+
+            endpoint.on_message(on_message)
+        print(orjson.dumps({"ready": True}).decode(), flush=True)
+        sent = int(sys.stdin.readline() or 0)  # the sender says how many it sent, then waits
+        if echo:
+            return 0
+        state["expected"] = sent
+        if state["got"] < sent:
+            done.wait(timeout=120)
+    got = int(state["got"])
+    print(
+        orjson.dumps(
+            {"count": got, "elapsed": state["last"] - state["first"], "in_order": state["in_order"]}
+        ).decode(),
+        flush=True,
+    )
+    return 0
+
+
+def _glue_round_trip() -> float:
+    from glue.manager import EndpointManager
+
+    port = _free_port()
+    echo = _spawn("--role", "glue-receiver", "--port", str(port), "--echo")
+    _read_json(echo)
+    settings = _glue_settings(
+        discovery_target_address=f"127.0.0.1:{port}", discovery_listen_address="0"
+    )
+    samples = []
+    with EndpointManager(settings) as pinger:
+        [peer] = pinger.wait_for_peers(1, timeout=10)
+        replies = pinger.messages(timeout=5)
+        payload = b"x" * 64
+        for _ in range(2200):
+            started = time.perf_counter()
+            pinger.send(payload, to=[peer.endpoint_id], expiry=5)
+            next(replies)
+            samples.append(time.perf_counter() - started)
+        assert echo.stdin is not None
+        echo.stdin.write("0\n")
+        echo.stdin.flush()
+    echo.wait(timeout=30)
+    return statistics.median(samples[200:])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
