@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(args.seconds)
 
 
-# --- the driver ------------------------------------------------------------------------------------
+# --- the driver ----------------------------------------------------------------------------------
 
 
 def _run(seconds: float) -> int:
@@ -111,7 +111,7 @@ def _rates(result: dict[str, Any], size: int) -> tuple[float, float]:
     return count / elapsed, count * size / elapsed / _MB
 
 
-# --- raw UDP ---------------------------------------------------------------------------------------
+# --- raw UDP -------------------------------------------------------------------------------------
 
 
 def _raw_throughput(size: int, count: int, seconds: float) -> tuple[float, float]:
@@ -188,7 +188,7 @@ def _raw_round_trip() -> float:
     return statistics.median(samples[200:])
 
 
-# --- glue ------------------------------------------------------------------------------------------
+# --- glue ----------------------------------------------------------------------------------------
 
 
 def _glue_settings(**extra: Any) -> Any:

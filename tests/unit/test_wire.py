@@ -1,4 +1,8 @@
-"""glue.wire: round trips, greedy packing, the pinned byte format, every decode error, fuzzing."""
+"""glue.wire: round trips, greedy packing, the pinned byte format, every decode error, fuzzing.
+
+Covers the discovery frames (``ann``, ``bye``), the transport frames (``d`` with its time to live
+and fragment fields, ``a`` with its selective-ack ranges, ``s``) and the header's optional ``dst``.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +22,15 @@ from hypothesis import strategies as st
 from glue import wire
 from glue.errors import DecodeError, ProtocolError
 from glue.wire import (
+    MAX_ACK_RANGES,
     MAX_AGE_MS,
     MAX_DATAGRAM_BYTES,
     MAX_ID,
     MAX_NAME_CHARS,
+    MAX_PARTS,
     MAX_RATE_MS,
+    MAX_TTL_MS,
+    Ack,
     Announce,
     Data,
     Datagram,
@@ -30,9 +38,12 @@ from glue.wire import (
     Frame,
     Goodbye,
     Header,
+    Skip,
 )
 
 HEADER = Header(network_id=1, source_id=EndpointId(42), incarnation=7)
+#: The same sender, addressing the incarnation 99 of its peer (transport datagrams carry ``dst``).
+TO_99 = Header(network_id=1, source_id=EndpointId(42), incarnation=7, destination=99)
 OWN = Announce(EndpointId(42), 7, "alpha", "", 5000, 1000)
 ASK = Announce(EndpointId(42), 7, "alpha", "10.0.0.1", 5000, 1000, ask=True)
 FORWARDED = Announce(EndpointId(99), 3, "beta", "10.0.0.2", 6000, 500, forwarded=True, age_ms=250)
@@ -67,13 +78,38 @@ def roundtrip(frames: list[Frame], header: Header = HEADER) -> Datagram:
             id="announce-forwarded-limits",
         ),
         pytest.param(Goodbye(), id="goodbye"),
-        pytest.param(Data(0, b""), id="data-empty"),
+        pytest.param(Data(1, b""), id="data-empty"),
         pytest.param(Data(MAX_ID, b"line\nbreak\x00nul\n"), id="data-lf-nul"),
         pytest.param(Data(5, bytes(range(256)) * 4), id="data-every-byte"),
+        pytest.param(Data(1, b"x", 1), id="data-ttl-1ms"),
+        pytest.param(Data(2, b"x", MAX_TTL_MS), id="data-ttl-one-day"),
+        pytest.param(Data(3, b"first", 250, 0, 2), id="data-first-of-two"),
+        pytest.param(Data(4, b"last", 250, 1, 2), id="data-last-of-two"),
+        pytest.param(Data(MAX_ID, b"", MAX_TTL_MS, MAX_PARTS - 1, MAX_PARTS), id="data-limits"),
+        pytest.param(Ack(0), id="ack-nothing"),
+        pytest.param(Ack(17), id="ack-cumulative"),
+        pytest.param(Ack(MAX_ID), id="ack-cumulative-limit"),
+        pytest.param(Ack(0, ((2, 2),)), id="ack-one-range"),
+        pytest.param(Ack(5, ((7, 9), (11, 11), (13, 20))), id="ack-three-ranges"),
+        pytest.param(Ack(0, ((2, MAX_ID),)), id="ack-range-to-limit"),
+        pytest.param(
+            Ack(3, tuple((5 + 3 * i, 6 + 3 * i) for i in range(MAX_ACK_RANGES))),
+            id="ack-64-ranges",
+        ),
+        pytest.param(Skip(1), id="skip-1"),
+        pytest.param(Skip(MAX_ID), id="skip-limit"),
     ],
 )
 def test_every_frame_kind_round_trips(frame: Frame) -> None:
     assert roundtrip([frame]) == Datagram(HEADER, (frame,))
+    assert roundtrip([frame], TO_99) == Datagram(TO_99, (frame,))
+
+
+@pytest.mark.parametrize("destination", [0, 1, 99, MAX_ID])
+def test_the_destination_incarnation_round_trips(destination: int) -> None:
+    header = Header(1, EndpointId(42), 7, destination)
+    assert roundtrip([Goodbye()], header).header == header
+    assert roundtrip([Data(1, b"x"), Ack(3), Skip(2)], header).header.destination == destination
 
 
 def test_own_announcement_round_trips_with_the_limits_of_the_header() -> None:
@@ -87,8 +123,10 @@ def test_several_frames_round_trip_in_order_with_payloads_in_frame_order() -> No
         OWN,
         Data(1, b"first\n"),
         FORWARDED,
-        Data(2, b""),
-        Data(3, b"\x00\n\x00"),
+        Ack(9, ((11, 12),)),
+        Data(2, b"", 40),
+        Skip(3),
+        Data(3, b"\x00\n\x00", 1, 2, 3),
         Goodbye(),
         Data(4, b"{not json}\n"),
     ]
@@ -106,11 +144,62 @@ def test_names_with_line_feeds_stay_in_the_header() -> None:
 
 
 def test_the_format_is_pinned_byte_for_byte() -> None:
-    encoded = wire.encode(HEADER, [OWN, Data(3, b"hi\n"), Goodbye(), Data(4, b"\x00")])
+    encoded = wire.encode(HEADER, [OWN, Data(3, b"hi\n", 1500), Goodbye(), Data(4, b"\x00")])
     assert encoded == (
         b'{"glue":1,"net":1,"src":42,"inc":7,"f":['
         b'{"t":"ann","id":42,"inc":7,"name":"alpha","host":"","port":5000,"rate":1000},'
-        b'{"t":"d","seq":3,"n":3},{"t":"bye"},{"t":"d","seq":4,"n":1}]}\nhi\n\x00'
+        b'{"t":"d","seq":3,"ttl":1500,"n":3},{"t":"bye"},'
+        b'{"t":"d","seq":4,"ttl":86400000,"n":1}]}\nhi\n\x00'
+    )
+
+
+def test_the_transport_frames_are_pinned_byte_for_byte() -> None:
+    frames: list[Frame] = [
+        Ack(5, ((7, 9), (11, 11))),
+        Skip(9),
+        Data(10, b"ab", 250, 0, 3),
+        Data(11, b"\n", 249, 1, 3),
+        Ack(12),
+        Data(13, b"", 1),
+    ]
+    assert wire.encode(TO_99, frames) == (
+        b'{"glue":1,"net":1,"src":42,"inc":7,"dst":99,"f":['
+        b'{"t":"a","cum":5,"sack":[[7,9],[11,11]]},'
+        b'{"t":"s","seq":9},'
+        b'{"t":"d","seq":10,"ttl":250,"n":2,"p":0,"ps":3},'
+        b'{"t":"d","seq":11,"ttl":249,"n":1,"p":1,"ps":3},'
+        b'{"t":"a","cum":12},'
+        b'{"t":"d","seq":13,"ttl":1,"n":0}]}\nab\n'
+    )
+
+
+@pytest.mark.parametrize(
+    ("frame", "obj"),
+    [
+        pytest.param(Data(1, b"", 7), b'{"t":"d","seq":1,"ttl":7,"n":0}', id="data-one-part"),
+        pytest.param(
+            Data(1, b"", 7, 0, 1), b'{"t":"d","seq":1,"ttl":7,"n":0}', id="data-explicit-one-part"
+        ),
+        pytest.param(
+            Data(1, b"", 7, 0, 2), b'{"t":"d","seq":1,"ttl":7,"n":0,"p":0,"ps":2}', id="data-parts"
+        ),
+        pytest.param(Ack(0), b'{"t":"a","cum":0}', id="ack-without-ranges"),
+        pytest.param(Ack(0, ((2, 2),)), b'{"t":"a","cum":0,"sack":[[2,2]]}', id="ack-with-range"),
+        pytest.param(Skip(1), b'{"t":"s","seq":1}', id="skip"),
+    ],
+)
+def test_optional_transport_fields_are_written_only_when_needed(frame: Frame, obj: bytes) -> None:
+    assert wire.encode(HEADER, [frame]) == (
+        b'{"glue":1,"net":1,"src":42,"inc":7,"f":[' + obj + b"]}\n"
+    )
+
+
+def test_the_destination_is_written_after_inc_and_only_when_not_zero() -> None:
+    assert wire.encode(Header(1, EndpointId(42), 7, 0), [Goodbye()]) == (
+        b'{"glue":1,"net":1,"src":42,"inc":7,"f":[{"t":"bye"}]}\n'
+    )
+    assert wire.encode(Header(1, EndpointId(42), 7, MAX_ID), [Goodbye()]) == (
+        b'{"glue":1,"net":1,"src":42,"inc":7,"dst":9007199254740991,"f":[{"t":"bye"}]}\n'
     )
 
 
@@ -147,6 +236,27 @@ def test_explicit_false_flags_are_accepted() -> None:
     assert wire.decode(_raw(head), network_id=1).frames == (OWN,)
 
 
+def test_explicit_defaults_of_transport_fields_are_accepted() -> None:
+    head = _head([_d(p=0, ps=1), _ack(cum=4, sack=[])], dst=0)
+    datagram = wire.decode(_raw(head, b"x"), network_id=1)
+    assert datagram == Datagram(HEADER, (Data(1, b"x", 500), Ack(4)))
+    # The canonical form leaves them out again.
+    assert wire.encode(datagram.header, datagram.frames) == (
+        b'{"glue":1,"net":1,"src":42,"inc":7,"f":['
+        b'{"t":"d","seq":1,"ttl":500,"n":1},{"t":"a","cum":4}]}\nx'
+    )
+
+
+def test_a_part_without_parts_is_an_unknown_key_and_ignored() -> None:
+    head = _head([_d(p=3)])
+    assert wire.decode(_raw(head, b"x"), network_id=1).frames == (Data(1, b"x", 500),)
+
+
+def test_sack_ranges_may_be_one_apart_but_not_adjacent() -> None:
+    head = _head([_ack(cum=1, sack=[[3, 3], [5, 9], [11, 11]])])
+    assert wire.decode(_raw(head), network_id=1).frames == (Ack(1, ((3, 3), (5, 9), (11, 11))),)
+
+
 # --- pack ---------------------------------------------------------------------------------------
 
 
@@ -173,17 +283,36 @@ def test_pack_of_nothing_is_no_datagram() -> None:
 
 
 def test_pack_puts_everything_that_fits_in_one_datagram() -> None:
-    frames: list[Frame] = [OWN, Data(1, b"a\n"), Goodbye()]
+    frames: list[Frame] = [OWN, Data(1, b"a\n"), Goodbye(), Ack(3, ((5, 6),)), Skip(2)]
     assert wire.pack(HEADER, frames) == [wire.encode(HEADER, frames)]
+    assert wire.pack(TO_99, frames) == [wire.encode(TO_99, frames)]
 
 
 @pytest.mark.parametrize("max_bytes", [146, 147, 150, 199, 200, 333, 1400])
 def test_pack_splits_greedily_below_max_bytes(max_bytes: int) -> None:
-    frames: list[Frame] = [Data(i, bytes([i]) * (i % 40)) for i in range(60)]
+    frames: list[Frame] = [Data(i, bytes([i]) * (i % 40), 100 * i) for i in range(1, 61)]
     frames[10:10] = [OWN, FORWARDED, Goodbye()]
+    frames[30:30] = [Ack(4, tuple((6 + 2 * i, 6 + 2 * i) for i in range(5))), Skip(8)]
     datagrams = wire.pack(HEADER, frames, max_bytes=max_bytes)
     assert len(datagrams) > 1
     _assert_packed(frames, datagrams, max_bytes)
+
+
+@pytest.mark.parametrize("max_bytes", [120, 121, 200, 576, 1472])
+def test_pack_splits_transport_frames_and_every_datagram_keeps_the_destination(
+    max_bytes: int,
+) -> None:
+    frames: list[Frame] = [Ack(0, ((2, 2), (4, 9))), Skip(1)]
+    frames += [Data(seq, b"\n" * (seq % 7), 1000 - seq, seq % 3, 3) for seq in range(1, 40)]
+    datagrams = wire.pack(TO_99, frames, max_bytes=max_bytes)
+    assert len(datagrams) > 1
+    assert all(len(d) <= max_bytes for d in datagrams)
+    decoded = [wire.decode(d, network_id=1, max_bytes=max_bytes) for d in datagrams]
+    assert {d.header for d in decoded} == {TO_99}
+    assert [f for d in decoded for f in d.frames] == frames
+    # Greedy: the first frame of each datagram would not have fitted into the one before.
+    for before, after in itertools.pairwise(decoded):
+        assert len(wire.encode(TO_99, [*before.frames, after.frames[0]])) > max_bytes
 
 
 def test_pack_fills_a_datagram_to_exactly_max_bytes() -> None:
@@ -201,6 +330,17 @@ def test_pack_refuses_a_frame_that_cannot_fit_alone() -> None:
         wire.pack(HEADER, [Goodbye(), frame], max_bytes=alone - 1)
     with pytest.raises(ValueError, match="exceeds 65507"):
         wire.pack(HEADER, [Data(1, b"x" * MAX_DATAGRAM_BYTES)])
+
+
+def test_pack_counts_the_destination_in_the_size() -> None:
+    frame = Ack(1)
+    with_dst = len(wire.encode(TO_99, [frame]))
+    assert with_dst == len(wire.encode(HEADER, [frame])) + len(b'"dst":99,')
+    assert wire.pack(TO_99, [frame], max_bytes=with_dst) == [wire.encode(TO_99, [frame])]
+    with pytest.raises(ValueError, match="Ack frame"):
+        wire.pack(TO_99, [frame], max_bytes=with_dst - 1)
+    with pytest.raises(ValueError, match="Skip frame"):
+        wire.pack(TO_99, [Skip(1)], max_bytes=len(wire.encode(TO_99, [Skip(1)])) - 1)
 
 
 # --- decode errors ------------------------------------------------------------------------------
@@ -223,6 +363,19 @@ def _fwd(**fields: Any) -> dict[str, Any]:
     return _ann(**{**forwarded, **fields})
 
 
+def _d(**fields: Any) -> dict[str, Any]:
+    """A data frame object: seq 1, ttl 500 ms, a 1-byte payload."""
+    return _with({"t": "d", "seq": 1, "ttl": 500, "n": 1}, fields)
+
+
+def _ack(**fields: Any) -> dict[str, Any]:
+    return _with({"t": "a", "cum": 0}, fields)
+
+
+def _skip(**fields: Any) -> dict[str, Any]:
+    return _with({"t": "s", "seq": 1}, fields)
+
+
 def _head(frames: Any = _MISSING, **fields: Any) -> dict[str, Any]:
     head = {"glue": 1, "net": 1, "src": 42, "inc": 7, "f": [_ann()]}
     if frames is not _MISSING:
@@ -235,16 +388,14 @@ def _raw(head: Any, payload: bytes = b"") -> bytes:
 
 
 def test_the_helpers_build_a_valid_datagram() -> None:
-    head = _head([_ann(), _fwd(), {"t": "d", "seq": 1, "n": 2}, {"t": "bye"}])
+    head = _head([_ann(), _fwd(), _d(n=2), {"t": "bye"}, _ack(), _skip()])
     forwarded = Announce(
         EndpointId(99), 3, "beta", "10.0.0.2", 5000, 1000, forwarded=True, age_ms=5
     )
-    assert wire.decode(_raw(head, b"ok"), network_id=1).frames == (
-        OWN,
-        forwarded,
-        Data(1, b"ok"),
-        Goodbye(),
+    assert wire.decode(_raw(head, b"ok"), network_id=1) == Datagram(
+        HEADER, (OWN, forwarded, Data(1, b"ok", 500), Goodbye(), Ack(0), Skip(1))
     )
+    assert wire.decode(_raw(_head([_ack()], dst=99)), network_id=1).header == TO_99
 
 
 _VALID = wire.encode(HEADER, [OWN, Data(1, b"payload\n")])
@@ -255,10 +406,11 @@ DECODE_ERRORS = [
     pytest.param(_VALID[:30], "truncated", id="header-without-lf"),
     pytest.param(b"{", "truncated", id="only-a-brace"),
     pytest.param(_VALID[:-1], "truncated", id="payload-cut"),
+    pytest.param(_raw(_head([_d(n=5)]), b"abcd"), "truncated", id="payload-length-beyond-data"),
     pytest.param(
-        _raw(_head([{"t": "d", "seq": 1, "n": 5}]), b"abcd"),
+        _raw(_head([_d(n=2), _ack(), _d(seq=2, n=2)]), b"abc"),
         "truncated",
-        id="payload-length-beyond-data",
+        id="second-payload-beyond-data",
     ),
     pytest.param(_VALID + b"x", "malformed", id="trailing-byte"),
     pytest.param(_raw(_head([_ann()]), b"\n"), "malformed", id="trailing-lf"),
@@ -298,6 +450,12 @@ DECODE_ERRORS = [
     pytest.param(_raw(_head(src="42")), "malformed", id="string-src"),
     pytest.param(_raw(_head(inc=-1)), "malformed", id="negative-inc"),
     pytest.param(_raw(_head(inc=MAX_ID + 1)), "malformed", id="inc-2**53"),
+    pytest.param(_raw(_head(dst=-1)), "malformed", id="negative-dst"),
+    pytest.param(_raw(_head(dst=MAX_ID + 1)), "malformed", id="dst-2**53"),
+    pytest.param(_raw(_head(dst=99.0)), "malformed", id="float-dst"),
+    pytest.param(_raw(_head(dst=True)), "malformed", id="bool-dst"),
+    pytest.param(_raw(_head(dst="99")), "malformed", id="string-dst"),
+    pytest.param(_raw(_head(dst=None)), "malformed", id="null-dst"),
     pytest.param(
         b'{"glue":1,"net":1,"src":42,"inc":1e3,"f":[{"t":"bye"}]}\n', "malformed", id="exponent-inc"
     ),
@@ -313,36 +471,101 @@ DECODE_ERRORS = [
     pytest.param(_raw(_head([1])), "malformed", id="frame-not-an-object"),
     pytest.param(_raw(_head([["t", "bye"]])), "malformed", id="frame-is-a-list"),
     pytest.param(_raw(_head([{"t": "ack"}])), "malformed", id="unknown-kind"),
+    pytest.param(_raw(_head([{"t": "data", "seq": 1}])), "malformed", id="unknown-kind-data"),
+    pytest.param(_raw(_head([{"t": "S", "seq": 1}])), "malformed", id="kind-wrong-case-skip"),
     pytest.param(_raw(_head([{"seq": 1}])), "malformed", id="missing-kind"),
     pytest.param(_raw(_head([{"t": None}])), "malformed", id="null-kind"),
     pytest.param(_raw(_head([{"t": "BYE"}])), "malformed", id="kind-wrong-case"),
     pytest.param(_raw(_head([{"t": "bye"}, {"t": "x"}])), "malformed", id="unknown-after-bye"),
     # data frames
-    pytest.param(_raw(_head([{"t": "d", "n": 1}]), b"x"), "malformed", id="data-missing-seq"),
-    pytest.param(_raw(_head([{"t": "d", "seq": 1}]), b"x"), "malformed", id="data-missing-n"),
+    pytest.param(_raw(_head([_d(seq=_MISSING)]), b"x"), "malformed", id="data-missing-seq"),
+    pytest.param(_raw(_head([_d(n=_MISSING)]), b"x"), "malformed", id="data-missing-n"),
+    pytest.param(_raw(_head([_d(ttl=_MISSING)]), b"x"), "malformed", id="data-missing-ttl"),
+    pytest.param(_raw(_head([_d(seq=0)]), b"x"), "malformed", id="data-seq-0"),
+    pytest.param(_raw(_head([_d(seq=-1)]), b"x"), "malformed", id="data-negative-seq"),
+    pytest.param(_raw(_head([_d(seq=MAX_ID + 1)]), b"x"), "malformed", id="data-seq-2**53"),
+    pytest.param(_raw(_head([_d(seq=True)]), b"x"), "malformed", id="data-bool-seq"),
+    pytest.param(_raw(_head([_d(seq=1.0)]), b"x"), "malformed", id="data-float-seq"),
+    pytest.param(_raw(_head([_d(n=True)]), b"x"), "malformed", id="data-bool-n"),
+    pytest.param(_raw(_head([_d(n=1.0)]), b"x"), "malformed", id="data-float-n"),
+    pytest.param(_raw(_head([_d(n=-1)]), b"x"), "malformed", id="data-negative-n"),
     pytest.param(
-        _raw(_head([{"t": "d", "seq": -1, "n": 1}]), b"x"), "malformed", id="data-negative-seq"
+        _raw(_head([_d(n=MAX_DATAGRAM_BYTES + 1)]), b"x"), "malformed", id="data-n-too-big"
+    ),
+    pytest.param(_raw(_head([_d(n="1")]), b"x"), "malformed", id="data-string-n"),
+    pytest.param(_raw(_head([_d(ttl=0)]), b"x"), "malformed", id="data-ttl-0"),
+    pytest.param(_raw(_head([_d(ttl=-5)]), b"x"), "malformed", id="data-negative-ttl"),
+    pytest.param(
+        _raw(_head([_d(ttl=MAX_TTL_MS + 1)]), b"x"), "malformed", id="data-ttl-beyond-a-day"
+    ),
+    pytest.param(_raw(_head([_d(ttl=1.5)]), b"x"), "malformed", id="data-float-ttl"),
+    pytest.param(_raw(_head([_d(ttl=True)]), b"x"), "malformed", id="data-bool-ttl"),
+    pytest.param(_raw(_head([_d(ttl="500")]), b"x"), "malformed", id="data-string-ttl"),
+    pytest.param(_raw(_head([_d(ttl=None)]), b"x"), "malformed", id="data-null-ttl"),
+    pytest.param(_raw(_head([_d(p=0, ps=0)]), b"x"), "malformed", id="data-parts-0"),
+    pytest.param(
+        _raw(_head([_d(p=0, ps=MAX_PARTS + 1)]), b"x"), "malformed", id="data-parts-too-many"
+    ),
+    pytest.param(_raw(_head([_d(p=0, ps=2.0)]), b"x"), "malformed", id="data-float-parts"),
+    pytest.param(_raw(_head([_d(p=0, ps="2")]), b"x"), "malformed", id="data-string-parts"),
+    pytest.param(_raw(_head([_d(p=0, ps=None)]), b"x"), "malformed", id="data-null-parts"),
+    pytest.param(_raw(_head([_d(ps=2)]), b"x"), "malformed", id="data-parts-without-part"),
+    pytest.param(_raw(_head([_d(ps=1)]), b"x"), "malformed", id="data-one-part-without-part"),
+    pytest.param(_raw(_head([_d(p=2, ps=2)]), b"x"), "malformed", id="data-part-equals-parts"),
+    pytest.param(_raw(_head([_d(p=1, ps=1)]), b"x"), "malformed", id="data-part-1-of-1"),
+    pytest.param(_raw(_head([_d(p=-1, ps=2)]), b"x"), "malformed", id="data-negative-part"),
+    pytest.param(_raw(_head([_d(p=1.0, ps=2)]), b"x"), "malformed", id="data-float-part"),
+    pytest.param(_raw(_head([_d(p=False, ps=2)]), b"x"), "malformed", id="data-bool-part"),
+    # acks
+    pytest.param(_raw(_head([_ack(cum=_MISSING)])), "malformed", id="ack-missing-cum"),
+    pytest.param(_raw(_head([_ack(cum=-1)])), "malformed", id="ack-negative-cum"),
+    pytest.param(_raw(_head([_ack(cum=MAX_ID + 1)])), "malformed", id="ack-cum-2**53"),
+    pytest.param(_raw(_head([_ack(cum=1.0)])), "malformed", id="ack-float-cum"),
+    pytest.param(_raw(_head([_ack(cum=True)])), "malformed", id="ack-bool-cum"),
+    pytest.param(_raw(_head([_ack(cum="3")])), "malformed", id="ack-string-cum"),
+    pytest.param(_raw(_head([_ack(sack=None)])), "malformed", id="sack-null"),
+    pytest.param(_raw(_head([_ack(sack={"2": 3})])), "malformed", id="sack-object"),
+    pytest.param(_raw(_head([_ack(sack=2)])), "malformed", id="sack-integer"),
+    pytest.param(_raw(_head([_ack(sack=[2, 3])])), "malformed", id="sack-flat-list"),
+    pytest.param(_raw(_head([_ack(sack=[[2]])])), "malformed", id="sack-range-of-one"),
+    pytest.param(_raw(_head([_ack(sack=[[2, 3, 4]])])), "malformed", id="sack-range-of-three"),
+    pytest.param(_raw(_head([_ack(sack=[[]])])), "malformed", id="sack-empty-range"),
+    pytest.param(
+        _raw(_head([_ack(sack=[{"lo": 2, "hi": 3}])])), "malformed", id="sack-range-object"
+    ),
+    pytest.param(_raw(_head([_ack(sack=[[2.0, 3]])])), "malformed", id="sack-float-low"),
+    pytest.param(_raw(_head([_ack(sack=[[2, 3.0]])])), "malformed", id="sack-float-high"),
+    pytest.param(_raw(_head([_ack(sack=[[True, 3]])])), "malformed", id="sack-bool-low"),
+    pytest.param(_raw(_head([_ack(sack=[["2", "3"]])])), "malformed", id="sack-strings"),
+    pytest.param(_raw(_head([_ack(sack=[[2, None]])])), "malformed", id="sack-null-high"),
+    pytest.param(_raw(_head([_ack(sack=[[3, 2]])])), "malformed", id="sack-high-below-low"),
+    pytest.param(_raw(_head([_ack(cum=4, sack=[[4, 6]])])), "malformed", id="sack-at-cum"),
+    pytest.param(_raw(_head([_ack(cum=4, sack=[[5, 6]])])), "malformed", id="sack-at-cum+1"),
+    pytest.param(_raw(_head([_ack(cum=4, sack=[[2, 6]])])), "malformed", id="sack-below-cum"),
+    pytest.param(_raw(_head([_ack(sack=[[0, 0]])])), "malformed", id="sack-zero"),
+    pytest.param(
+        _raw(_head([_ack(sack=[[2, 5], [5, 8]])])), "malformed", id="sack-overlapping-end"
     ),
     pytest.param(
-        _raw(_head([{"t": "d", "seq": True, "n": 1}]), b"x"), "malformed", id="data-bool-seq"
+        _raw(_head([_ack(sack=[[2, 5], [3, 4]])])), "malformed", id="sack-overlapping-inside"
     ),
+    pytest.param(_raw(_head([_ack(sack=[[2, 5], [6, 8]])])), "malformed", id="sack-adjacent"),
+    pytest.param(_raw(_head([_ack(sack=[[8, 9], [2, 5]])])), "malformed", id="sack-decreasing"),
+    pytest.param(_raw(_head([_ack(sack=[[2, 2], [2, 2]])])), "malformed", id="sack-repeated"),
+    pytest.param(_raw(_head([_ack(sack=[[2, MAX_ID + 1]])])), "malformed", id="sack-high-2**53"),
     pytest.param(
-        _raw(_head([{"t": "d", "seq": 1, "n": True}]), b"x"), "malformed", id="data-bool-n"
-    ),
-    pytest.param(
-        _raw(_head([{"t": "d", "seq": 1, "n": 1.0}]), b"x"), "malformed", id="data-float-n"
-    ),
-    pytest.param(
-        _raw(_head([{"t": "d", "seq": 1, "n": -1}]), b"x"), "malformed", id="data-negative-n"
-    ),
-    pytest.param(
-        _raw(_head([{"t": "d", "seq": 1, "n": MAX_DATAGRAM_BYTES + 1}]), b"x"),
+        _raw(_head([_ack(sack=[[2 * i + 2, 2 * i + 2] for i in range(MAX_ACK_RANGES + 1)])])),
         "malformed",
-        id="data-n-too-big",
+        id="sack-65-ranges",
     ),
-    pytest.param(
-        _raw(_head([{"t": "d", "seq": 1, "n": "1"}]), b"x"), "malformed", id="data-string-n"
-    ),
+    # skips
+    pytest.param(_raw(_head([_skip(seq=_MISSING)])), "malformed", id="skip-missing-seq"),
+    pytest.param(_raw(_head([_skip(seq=0)])), "malformed", id="skip-seq-0"),
+    pytest.param(_raw(_head([_skip(seq=-1)])), "malformed", id="skip-negative-seq"),
+    pytest.param(_raw(_head([_skip(seq=MAX_ID + 1)])), "malformed", id="skip-seq-2**53"),
+    pytest.param(_raw(_head([_skip(seq=2.0)])), "malformed", id="skip-float-seq"),
+    pytest.param(_raw(_head([_skip(seq=True)])), "malformed", id="skip-bool-seq"),
+    pytest.param(_raw(_head([_skip(seq="2")])), "malformed", id="skip-string-seq"),
     # announcements: fields
     pytest.param(_raw(_head([_ann(id=_MISSING)])), "malformed", id="ann-missing-id"),
     pytest.param(_raw(_head([_ann(inc=_MISSING)])), "malformed", id="ann-missing-inc"),
@@ -392,7 +615,19 @@ DECODE_ERRORS = [
     pytest.param(_raw(_head([_fwd(host="")])), "malformed", id="forwarded-empty-host"),
     pytest.param(_raw(_head([_fwd(host=_MISSING)])), "malformed", id="forwarded-no-host"),
     pytest.param(_raw(_head([_fwd(ask=True)])), "malformed", id="forwarded-with-ask"),
+    # one bad frame spoils the datagram, whatever comes before it
+    pytest.param(
+        _raw(_head([_ann(), _d(), _ack(), _skip(seq=0)]), b"x"), "malformed", id="bad-last-frame"
+    ),
 ]
+
+
+def test_the_largest_ack_is_accepted() -> None:
+    sack = [[2 * i + 2, 2 * i + 2] for i in range(MAX_ACK_RANGES - 1)] + [[200, MAX_ID]]
+    head = _head([_ack(sack=sack)])
+    ack = Ack(0, tuple((low, high) for low, high in sack))
+    assert wire.decode(_raw(head), network_id=1).frames == (ack,)
+    assert wire.decode(wire.encode(HEADER, [ack]), network_id=1).frames == (ack,)
 
 
 @pytest.mark.parametrize(("data", "reason"), DECODE_ERRORS)
@@ -441,7 +676,8 @@ names = st.text(min_size=1, max_size=MAX_NAME_CHARS)
 hosts = st.ip_addresses(v=4).map(str)
 ports = st.integers(1, 65535)
 rates = st.integers(1, MAX_RATE_MS)
-headers = st.builds(Header, st.integers(0, MAX_ID), endpoint_ids, incarnations)
+destinations = st.just(0) | incarnations
+headers = st.builds(Header, st.integers(0, MAX_ID), endpoint_ids, incarnations, destinations)
 forwarded_announces = st.builds(
     Announce,
     endpoint_ids,
@@ -454,7 +690,36 @@ forwarded_announces = st.builds(
     age_ms=st.integers(0, MAX_AGE_MS),
 )
 goodbyes = st.just(Goodbye())
-data_frames = st.builds(Data, st.integers(0, MAX_ID), st.binary(max_size=1000))
+seqs = st.integers(1, MAX_ID)
+ttls = st.integers(1, MAX_TTL_MS)
+data_frames = st.builds(Data, seqs, st.binary(max_size=1000), ttls)
+skips = st.builds(Skip, seqs)
+
+
+@st.composite
+def fragments(draw: st.DrawFn) -> Data:
+    """A data frame that is one of several parts of a message."""
+    parts = draw(st.integers(2, MAX_PARTS))
+    part = draw(st.integers(0, parts - 1))
+    return Data(draw(seqs), draw(st.binary(max_size=300)), draw(ttls), part, parts)
+
+
+@st.composite
+def acks(draw: st.DrawFn) -> Ack:
+    """A valid ack: each range starts at least two above the end of what comes before it."""
+    cumulative = draw(st.integers(0, MAX_ID) | st.integers(0, 1000))
+    ranges: list[tuple[int, int]] = []
+    floor = cumulative + 1
+    for gap, length in draw(
+        st.lists(st.tuples(st.integers(1, 1000), st.integers(0, 1000)), max_size=MAX_ACK_RANGES)
+    ):
+        low = floor + gap
+        high = low + length
+        if high > MAX_ID:
+            break
+        ranges.append((low, high))
+        floor = high + 1
+    return Ack(cumulative, tuple(ranges))
 
 
 def own_announces(header: Header) -> st.SearchStrategy[Announce]:
@@ -474,7 +739,15 @@ def own_announces(header: Header) -> st.SearchStrategy[Announce]:
 @st.composite
 def datagrams(draw: st.DrawFn) -> tuple[Header, list[Frame]]:
     header = draw(headers)
-    kinds = own_announces(header) | forwarded_announces | goodbyes | data_frames
+    kinds = (
+        own_announces(header)
+        | forwarded_announces
+        | goodbyes
+        | data_frames
+        | fragments()
+        | acks()
+        | skips
+    )
     return header, draw(st.lists(kinds, min_size=1, max_size=10))
 
 
@@ -522,19 +795,30 @@ _ODD_VALUES = [
     b'"10.0.0.1"',
     b"65507",
     b"1e3",
+    b'"a"',
+    b'"s"',
+    b"86400000",
+    b"86400001",
+    b"1048576",
+    b"[[2,2]]",
+    b"[[3,2]]",
+    b"[[2,3],[4,5]]",
 ]
 
 
 def _fuzz_seeds() -> list[bytes]:
     header = Header(1, EndpointId(42), 7)
+    to_peer = Header(1, EndpointId(42), 7, destination=1732350000500001)
     return [
         wire.encode(header, [OWN]),
         wire.encode(header, [ASK]),
         wire.encode(header, [OWN, FORWARDED, FORWARDED]),
         wire.encode(header, [Goodbye()]),
-        wire.encode(header, [Data(1, b"hello\n\x00world")]),
-        wire.encode(header, [Data(1, b"a"), Data(2, b""), Data(3, b"\n\n"), Goodbye()]),
-        wire.encode(header, [OWN, Data(9, bytes(range(64)))]),
+        wire.encode(to_peer, [Data(1, b"hello\n\x00world", 1500)]),
+        wire.encode(to_peer, [Data(1, b"a"), Data(2, b"", 9), Data(3, b"\n\n", 1), Goodbye()]),
+        wire.encode(header, [OWN, Data(9, bytes(range(64)), 250, 3, 5)]),
+        wire.encode(to_peer, [Ack(4, ((6, 9), (12, 12))), Data(5, b"xy", 70, 0, 2), Skip(3)]),
+        wire.encode(to_peer, [Ack(0), Skip(MAX_ID), Ack(MAX_ID - 3, ((MAX_ID - 1, MAX_ID),))]),
     ]
 
 
@@ -564,14 +848,19 @@ def _mutate(rng: random.Random, seeds: list[bytes]) -> bytes:
 
 
 def _fuzz(cases: int, seed: int) -> Counter[str]:
-    """Decode ``cases`` mutated datagrams; count the outcomes ("decoded" or the reason)."""
+    """Decode ``cases`` mutated datagrams; count the outcomes ("decoded" or the reason).
+
+    A datagram that decodes must also re-encode to something that decodes to the same thing
+    (the decoder accepts only what the encoder can write), and its frames are counted by kind
+    (``frame:Ack``...), to show the mutations reach every frame's decoder.
+    """
     rng = random.Random(seed)
     seeds = _fuzz_seeds()
     outcomes: Counter[str] = Counter()
     for case in range(cases):
         data = _mutate(rng, seeds)
         try:
-            wire.decode(data, network_id=1)
+            datagram = wire.decode(data, network_id=1)
         except DecodeError as exc:
             if exc.reason not in REASONS:
                 pytest.fail(f"seed {seed} case {case}: decode({data!r}) gave reason {exc.reason!r}")
@@ -580,19 +869,46 @@ def _fuzz(cases: int, seed: int) -> Counter[str]:
             pytest.fail(f"seed {seed} case {case}: decode({data!r}) raised {exc!r}")
         else:
             outcomes["decoded"] += 1
+            if data not in seeds:
+                outcomes.update(f"frame:{type(frame).__name__}" for frame in datagram.frames)
+                outcomes["dst"] += datagram.header.destination != 0
+            again = wire.encode(datagram.header, datagram.frames)
+            if wire.decode(again, network_id=1, max_bytes=len(again)) != datagram:
+                pytest.fail(f"seed {seed} case {case}: {data!r} does not survive a re-encode")
     return outcomes
 
 
 def test_fuzz_decode_raises_only_decode_error() -> None:
     outcomes = _fuzz(FUZZ_CASES, FUZZ_SEED)
-    assert sum(outcomes.values()) == FUZZ_CASES
+    assert sum(outcomes[key] for key in ("decoded", *REASONS)) == FUZZ_CASES
+    # The mutations get past the parser into every frame decoder, and some survive them.
+    for key in ("malformed", "truncated", "foreign", "decoded", "dst"):
+        assert outcomes[key] > 100, outcomes
+    for kind in ("Announce", "Goodbye", "Data", "Ack", "Skip"):
+        assert outcomes[f"frame:{kind}"] > 100, outcomes
 
 
 def test_the_examples_in_protocol_md_are_true() -> None:
     protocol = Path(__file__).parents[2] / "docs" / "PROTOCOL.md"
-    examples = re.findall(r"```python\n(b'.*?')\n```", protocol.read_text(encoding="utf-8"))
-    assert len(examples) >= 5
+    text = protocol.read_text(encoding="utf-8")
+    examples = list(re.finditer(r"```python\n(b'.*?')\n```", text))
+    assert len(examples) >= 8
+    seen: set[str] = set()
     for example in examples:
-        data = ast.literal_eval(example)
+        data = ast.literal_eval(example[1])
         datagram = wire.decode(data, network_id=1)
         assert wire.encode(datagram.header, datagram.frames) == data
+        # The text since the previous code block states the example's size: "..., 157 bytes".
+        before = text[: example.start()]
+        sizes = re.findall(r"(\d+) bytes", before[before.rfind("```") :])
+        assert sizes, example[1][:60]
+        assert len(data) == int(sizes[-1]), example[1][:60]
+        seen.update(type(frame).__name__ for frame in datagram.frames)
+        if datagram.header.destination:
+            seen.add("dst")
+        for frame in datagram.frames:
+            if isinstance(frame, Data) and frame.parts > 1:
+                seen.add("fragment")
+            if isinstance(frame, Ack) and frame.ranges:
+                seen.add("sack")
+    assert seen >= {"Announce", "Goodbye", "Data", "Ack", "Skip", "dst", "fragment", "sack"}
