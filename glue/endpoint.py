@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 _RECV_BYTES: Final = 65536
 _MAX_READS_PER_WAKEUP: Final = 4096
 _UDP_IP_OVERHEAD: Final = 28
+_MAX_DRAIN_PER_CALL: Final = 2048
 
 #: Called on the loop thread with the events of one burst; must not block.
 EventListener = Callable[[list[StackEvent]], None]
@@ -322,12 +323,19 @@ class Endpoint:
         with self._handoff_lock:
             self._drain_scheduled = False
             handoff = self._handoff
-            while handoff:
+            # A bounded slice per call, so reads, acks and timers interleave with a long queue.
+            for _ in range(_MAX_DRAIN_PER_CALL):
+                if not handoff:
+                    break
                 item = handoff[0]
                 if not self._place(stack, item, now):
                     break
                 handoff.popleft()
                 freed += len(item.payload)
+            else:
+                if handoff:
+                    self._drain_scheduled = True
+                    loop.call_soon(self._drain_handoff)
             if freed:
                 self._handoff_bytes -= freed
                 self._handoff_lock.notify_all()

@@ -108,9 +108,12 @@ def _gap_free(receiver: SimNode, sender_name: str, since: float) -> bool:
     sender = next(n for n in receiver.sim.nodes if n.name == sender_name)
     for node, other in ((receiver, sender), (sender, receiver)):
         for at, event in node.events:
-            if at >= since and isinstance(event, PeerRemoved):
-                if event.peer.endpoint_id == other.endpoint_id:
-                    return False
+            if (
+                at >= since
+                and isinstance(event, PeerRemoved)
+                and event.peer.endpoint_id == other.endpoint_id
+            ):
+                return False
     return True
 
 

@@ -1,0 +1,229 @@
+"""Reliable transport over real sockets: loss from iptables, a peer killed mid-stream, a flood."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from glue import EndpointManager, MessageReceived, wire
+from tests.helpers import free_udp_port, wait_until
+from tests.integration.nodes import base_env
+
+
+@pytest.fixture
+def group() -> str:
+    return f"239.192.137.1:{free_udp_port()}"
+
+
+def _settings(group: str, **extra: object) -> dict[str, object]:
+    return {
+        "discovery_target_address": group,
+        "discovery_listen_address": group,
+        "discovery_rate_milliseconds": 200,
+        "discovery_rate_timeout_multiplier": 5.0,
+        **extra,
+    }
+
+
+@pytest.fixture
+def lossy_port() -> Iterator[int]:
+    """A UDP port on which iptables drops 20 % of arriving datagrams, at random."""
+    port = free_udp_port()
+    rule = [
+        "INPUT", "-p", "udp", "--dport", str(port),
+        "-m", "statistic", "--mode", "random", "--probability", "0.2", "-j", "DROP",
+    ]  # fmt: skip
+    subprocess.run(["iptables", "-A", *rule], check=True)
+    try:
+        yield port
+    finally:
+        subprocess.run(["iptables", "-D", *rule], check=True)
+
+
+def _collect(endpoint: EndpointManager) -> tuple[list[bytes], threading.Condition]:
+    got: list[bytes] = []
+    changed = threading.Condition()
+
+    def on_message(message: MessageReceived) -> None:
+        with changed:
+            got.append(message.payload)
+            changed.notify_all()
+
+    endpoint.on_message(on_message)
+    return got, changed
+
+
+def test_everything_arrives_once_and_in_order_through_20_percent_loss(
+    group: str, lossy_port: int
+) -> None:
+    small = [b"%d:" % n + os.urandom(40) for n in range(1, 10_001)]
+    large = [b"%d:" % n + os.urandom(1024 * 1024 - 16) for n in range(10_001, 10_201)]
+    with (
+        EndpointManager.from_env(
+            **_settings(group, listen_address=f"127.0.0.1:{lossy_port}")
+        ) as rx,
+        EndpointManager.from_env(**_settings(group)) as tx,
+    ):
+        got, changed = _collect(rx)
+        [peer] = tx.wait_for_peers(1, timeout=5)
+        started = time.perf_counter()
+        for payload in small + large:
+            tx.send(payload, to=[peer.endpoint_id], expiry=120, timeout=60)
+        with changed:
+            assert changed.wait_for(lambda: len(got) == len(small) + len(large), timeout=120)
+        elapsed = time.perf_counter() - started
+        counters = tx.peer_counters()[peer.endpoint_id]
+        dropped = rx.counters()
+    assert got == small + large  # every message once, in order, intact
+    assert counters["frames_resent"] > 0  # the loss was real and was repaired
+    print(
+        f"\n20 % loss: 10,000 x 64 B + 200 x 1 MiB in {elapsed:.1f} s; "
+        f"frames sent {counters['frames_sent']}, resent {counters['frames_resent']}, "
+        f"fast resends {counters.get('fast_resends', 0)}, timeouts {counters.get('timeouts', 0)}; "
+        f"receiver dropped duplicates {dropped.get('transport_duplicates_dropped', 0)}"
+    )
+
+
+def _receiver(**glue: str | int) -> tuple[subprocess.Popen[str], int, list[dict]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.receiver_process"],
+        env=base_env(**glue),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    started = orjson.loads(process.stdout.readline())
+    lines: list[dict] = []
+
+    def read() -> None:
+        assert process.stdout is not None
+        lines.extend(orjson.loads(line) for line in process.stdout)
+
+    threading.Thread(target=read, daemon=True).start()
+    return process, started["id"], lines
+
+
+def test_a_peer_killed_mid_stream_is_dropped_and_the_others_continue(group: str) -> None:
+    glue = {
+        "discovery_target_address": group,
+        "discovery_listen_address": group,
+        "discovery_rate_milliseconds": 200,
+        "discovery_rate_timeout_multiplier": 2.0,
+    }
+    victim, victim_id, _ = _receiver(**glue)
+    survivor, survivor_id, survivor_lines = _receiver(**glue)
+    sending = threading.Event()
+    stop = threading.Event()
+    sent = [0]
+    try:
+        with EndpointManager.from_env(**glue) as tx:
+            tx.wait_for_peers(2, timeout=5)
+
+            def stream() -> None:
+                while not stop.is_set():
+                    sent[0] += 1
+                    tx.send(b"%d:" % sent[0] + b"x" * 500, expiry=60, timeout=10)
+                    sending.set()
+
+            streamer = threading.Thread(target=stream)
+            streamer.start()
+            assert sending.wait(5)
+            assert wait_until(lambda: victim_id in tx.peer_counters(), timeout=5)
+            assert wait_until(
+                lambda: tx.peer_counters()[victim_id].get("frames_acked", 0) > 1000, timeout=10
+            )
+            victim.send_signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+            # Its state goes with discovery's timeout (0.2 s x 2); nothing resends to the dead.
+            assert wait_until(lambda: victim_id not in tx.peer_counters(), timeout=0.4 + 0.5)
+            gone_after = time.monotonic() - killed_at
+            at_removal = sent[0]
+            assert wait_until(lambda: sent[0] > at_removal + 2000, timeout=10)  # still sending
+            stop.set()
+            streamer.join(10)
+            total = sent[0]
+            counters = tx.counters()
+            whole_hundreds = total - total % 100  # the receiver reports every 100 messages
+            assert wait_until(
+                lambda: any(line.get("count", 0) >= whole_hundreds for line in survivor_lines[-1:]),
+                timeout=20,
+            )
+            # The rest is at most 99 small messages already sent: give the acks time to settle.
+            assert wait_until(
+                lambda: tx.peer_counters()[survivor_id].get("frames_acked", 0) >= total, timeout=10
+            )
+        assert counters["transport_frames_dropped_peer_gone"] >= 0
+        print(f"\nkilled peer's state dropped {gone_after:.2f} s after kill -9; {total} sent")
+    finally:
+        stop.set()
+        for process in (victim, survivor):
+            if process.poll() is None:
+                process.terminate()
+            process.wait(10)
+            if process.stdout is not None:
+                process.stdout.close()
+    assert survivor_lines[-1]["event"] == "stopped"
+    assert survivor_lines[-1]["count"] == total
+    assert survivor_lines[-1]["ok"]  # exactly once, in order
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_flood_of_fragments_that_never_complete_keeps_memory_bounded(group: str) -> None:
+    limit = 1024 * 1024
+    with EndpointManager.from_env(**_settings(group, max_message_bytes=limit)) as target:
+        port = target.data_address[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+            attacker.bind(("127.0.0.1", 0))
+            attacker.settimeout(5)
+            me = wire.Header(1, wire.EndpointId(777), 1)
+            hello = wire.Announce(
+                wire.EndpointId(777), 1, "attacker", "", attacker.getsockname()[1], 200
+            )
+            attacker.sendto(wire.encode(me, [hello]), ("127.0.0.1", port))
+            # The target introduces itself back: that tells us its incarnation.
+            reply = wire.decode(attacker.recvfrom(65536)[0], network_id=1)
+            header = wire.Header(1, wire.EndpointId(777), 1, destination=reply.header.incarnation)
+            chunk = os.urandom(60_000)
+            baseline = _rss_bytes()
+            peak = baseline
+            seq = 0
+            # 1 GB offered: 300 messages announced as 61 fragments of 60 kB whose last fragment
+            # never comes. The first half arrives in order (partial messages grow to the 1 MiB
+            # limit and are dropped); the second half leaves holes, so frames pile up in the
+            # reorder buffer until it is full.
+            for message in range(300):
+                holes = message >= 150
+                for part in range(60):
+                    seq += 1
+                    frame_seq = seq + (5000 if holes and part % 7 == 3 else 0)
+                    data = wire.Data(frame_seq, chunk, 60_000, part, 61)
+                    attacker.sendto(wire.encode(header, [data]), ("127.0.0.1", port))
+                if message % 10 == 0:
+                    attacker.sendto(wire.encode(me, [hello]), ("127.0.0.1", port))  # stay alive
+                    peak = max(peak, _rss_bytes())
+            assert wait_until(
+                lambda: target.counters().get("transport_frames_beyond_window", 0) > 0, timeout=10
+            )
+            peak = max(peak, _rss_bytes())
+        counters = target.counters()
+    growth = peak - baseline
+    print(f"\nflood: RSS grew {growth / 1e6:.1f} MB (limit 1 MiB/message, 8 MiB reorder window)")
+    assert counters.get("fragmentation_partial_dropped_oversized", 0) > 0
+    assert counters.get("transport_frames_beyond_window", 0) > 0
+    assert growth < 64 * 1024 * 1024
