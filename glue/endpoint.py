@@ -346,16 +346,17 @@ class Endpoint:
     def _place(self, stack: Stack, item: _Outgoing, now: float) -> bool:
         """Queue ``item`` to every target with room; True when no target is left."""
         if item.remaining is None:
-            item.remaining = {peer.endpoint_id for peer in stack.peers()}
+            item.remaining = set(stack.peer_ids())
         if item.expires_at <= now:
             self.counters["messages_expired_before_sending"] += 1
             return True
         size = len(item.payload)
-        for peer in list(item.remaining):
+        remaining = item.remaining
+        for peer in list(remaining) if len(remaining) > 1 else tuple(remaining):
             if stack.can_send(peer, size):
                 stack.send(peer, item.payload, expires_at=item.expires_at, now=now)
-                item.remaining.discard(peer)
-        return not item.remaining
+                remaining.discard(peer)
+        return not remaining
 
     # --- queries and listeners --------------------------------------------------------------------
 

@@ -89,6 +89,10 @@ class Reassembler:
         self.counters["messages_reassembled"] += 1
         return b"".join(partial.chunks)
 
+    def holds(self, peer: EndpointId) -> bool:
+        """Whether a partial message from ``peer`` is being rebuilt."""
+        return peer in self._partials
+
     def discard(self, peer: EndpointId) -> None:
         """Frames of ``peer`` were skipped or the peer left: its partial message is lost."""
         if peer in self._partials:

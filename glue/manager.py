@@ -216,23 +216,26 @@ class AsyncEndpointManager:
         """Runs inside the network loop's handlers: only cheap, non-blocking work here."""
         loop = asyncio.get_running_loop()
         changed = False
+        batch: list[tuple[_Callback, object]] = []
+        message_callbacks = [cb for kind, cb in self._callbacks if kind is MessageReceived]
+        message_streams = self._message_streams
         for event in events:
             if isinstance(event, MessageReceived):
-                for stream in self._message_streams:
+                for stream in message_streams:
                     _put_bounded(stream, event, self._endpoint)
-                argument: object = event
+                batch.extend((callback, event) for callback in message_callbacks)
+                continue
+            changed = True
+            peer = event.peer
+            if isinstance(event, PeerAdded):
+                self._peers[peer.endpoint_id] = peer
             else:
-                changed = True
-                if isinstance(event, PeerAdded):
-                    self._peers[event.peer.endpoint_id] = event.peer
-                else:
-                    self._peers.pop(event.peer.endpoint_id, None)
-                for peer_stream in self._peer_streams:
-                    _put_bounded(peer_stream, event, self._endpoint)
-                argument = event.peer
-            for kind, callback in self._callbacks:
-                if isinstance(event, kind):
-                    loop.call_soon(_run_callback, callback, argument)
+                self._peers.pop(peer.endpoint_id, None)
+            for peer_stream in self._peer_streams:
+                _put_bounded(peer_stream, event, self._endpoint)
+            batch.extend((cb, peer) for kind, cb in self._callbacks if isinstance(event, kind))
+        if batch:
+            loop.call_soon(_run_callbacks, batch)  # one hop for the burst, in order
         if changed:
             self._notify()
 
@@ -245,15 +248,16 @@ class AsyncEndpointManager:
 _callback_tasks: set[asyncio.Future[Any]] = set()
 
 
-def _run_callback(callback: _Callback, argument: object) -> None:
-    try:
-        result = callback(argument)
-        if isinstance(result, Awaitable):
-            task = asyncio.ensure_future(result)
-            _callback_tasks.add(task)  # keep a reference until it finishes
-            task.add_done_callback(_callback_tasks.discard)
-    except Exception:
-        logger.exception("callback %r failed", callback)
+def _run_callbacks(batch: list[tuple[_Callback, object]]) -> None:
+    for callback, argument in batch:
+        try:
+            result = callback(argument)
+            if isinstance(result, Awaitable):
+                task = asyncio.ensure_future(result)
+                _callback_tasks.add(task)  # keep a reference until it finishes
+                task.add_done_callback(_callback_tasks.discard)
+        except Exception:
+            logger.exception("callback %r failed", callback)
 
 
 def _put_bounded(stream: asyncio.Queue[Any], item: object, endpoint: Endpoint) -> None:
@@ -481,7 +485,11 @@ class EndpointManager:
             callbacks = list(self._callbacks)
         batch: list[tuple[_Callback, object]] = []
         dropped = 0
+        message_callbacks = [cb for kind, cb in callbacks if kind is MessageReceived]
         for event in events:
+            if type(event) is MessageReceived and not self._message_streams:
+                batch.extend((callback, event) for callback in message_callbacks)
+                continue
             argument = event if isinstance(event, MessageReceived) else event.peer
             batch.extend((cb, argument) for kind, cb in callbacks if isinstance(event, kind))
             streams: set[Any] = (

@@ -170,6 +170,9 @@ class Stack:
         route = self._routes.get(peer)
         if route is None:
             return False
+        if len(payload) <= route.datagram_bytes - FRAME_OVERHEAD_BYTES:
+            self.transport.send(peer, payload, expires_at=expires_at, now=now)
+            return True
         fragments = split(payload, route.datagram_bytes - FRAME_OVERHEAD_BYTES)
         parts = len(fragments)
         send = self.transport.send
@@ -249,6 +252,10 @@ class Stack:
         """The peers known now, ordered by name."""
         return self.discovery.peers()
 
+    def peer_ids(self) -> list[EndpointId]:
+        """Ids of the peers data can be sent to now (cheap: no sorting)."""
+        return list(self._routes)
+
     def peer_counters(self, peer: EndpointId) -> dict[str, int]:
         """Transport counters and data datagrams/bytes for one peer (empty if unknown)."""
         counters = self.transport.peer_counters(peer)
@@ -294,13 +301,20 @@ class Stack:
 
     def _pump_transport(self, now: float) -> None:
         transport = self.transport
+        reassembler = self.reassembler
+        routes = self._routes
+        events = self._events
         while (event := transport.next_event()) is not None:
             if type(event) is FrameReceived:
-                message = self.reassembler.receive(event.peer, event.frame, now=now)
+                frame = event.frame
+                if frame.parts == 1 and not reassembler.holds(event.peer):
+                    message: bytes | None = frame.payload  # the common case: no fragments
+                else:
+                    message = reassembler.receive(event.peer, frame, now=now)
                 if message is not None:
-                    route = self._routes.get(event.peer)
+                    route = routes.get(event.peer)
                     if route is not None:
-                        self._events.append(MessageReceived(route.peer, message, now))
+                        events.append(MessageReceived(route.peer, message, now))
             elif type(event) is FramesSkipped:
                 self.reassembler.discard(event.peer)
                 self.counters["frames_skipped"] += event.last - event.first + 1

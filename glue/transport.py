@@ -163,10 +163,19 @@ class _SendStream:
 
 
 class _RecvStream:
-    __slots__ = ("ack_at", "buffer", "buffered_bytes", "counters", "delivered_to", "unacked")
+    __slots__ = (
+        "ack_at",
+        "buffer",
+        "buffered_bytes",
+        "counters",
+        "delivered",
+        "delivered_to",
+        "unacked",
+    )
 
     def __init__(self, counters: Counter[str]) -> None:
         self.counters = counters
+        self.delivered = 0  # frames delivered on the hot path (added to counters when read)
         self.delivered_to = 0
         self.buffer: dict[int, tuple[Data, float]] = {}
         self.buffered_bytes = 0
@@ -233,6 +242,7 @@ class Transport:
         if len(retired) > self.config.retired_streams:
             del retired[next(iter(retired))]  # the oldest; a resume then starts afresh
             self.counters["retired_streams_evicted"] += 1
+        self._fold(state)
         self.counters.update(state.counters)
         dropped = len(state.send.pending) + len(state.send.unacked)
         if dropped:
@@ -247,13 +257,23 @@ class Transport:
         """Counters over every peer, present and departed."""
         total = Counter(self.counters)
         for state in self._peers.values():
+            self._fold(state)
             total.update(state.counters)
         return total
+
+    @staticmethod
+    def _fold(state: _Peer) -> None:
+        if state.recv.delivered:
+            state.counters["frames_delivered"] += state.recv.delivered
+            state.recv.delivered = 0
 
     def peer_counters(self, peer: EndpointId) -> Counter[str] | None:
         """The live counters of ``peer`` (frames sent, resent, acked, delivered, ...), if known."""
         state = self._peers.get(peer)
-        return state.counters if state else None
+        if state is None:
+            return None
+        self._fold(state)
+        return state.counters
 
     def incarnation(self, peer: EndpointId) -> int | None:
         """The incarnation of ``peer`` the streams belong to, if known."""
@@ -313,7 +333,20 @@ class Transport:
             self.counters["frames_from_unknown_peer"] += 1
             return
         if type(frame) is Data:
-            self._receive_data(peer, state.recv, frame, now)
+            recv = state.recv
+            if frame.seq == recv.delivered_to + 1 and not recv.buffer:
+                # The hot path, in order with nothing buffered: deliver, ack later or now.
+                recv.delivered_to = frame.seq
+                self._events.append(FrameReceived(peer, frame))
+                recv.delivered += 1
+                recv.unacked += 1
+                if recv.unacked >= self.config.ack_every:
+                    recv.ack_at = now
+                    self._dirty.add(peer)
+                elif recv.ack_at is None:
+                    recv.ack_at = now + self.config.ack_delay_s
+                return
+            self._receive_data(peer, recv, frame, now)
         elif type(frame) is Ack:
             self._receive_ack(peer, state.send, frame, now)
         else:

@@ -149,8 +149,8 @@ def encode(header: Header, frames: Sequence[Frame]) -> bytes:
     objects = []
     payloads = []
     for frame in frames:
-        obj, payload = _frame_to_wire(frame)
-        objects.append(_dumps(obj))
+        encoded, payload = _encode_frame(frame)
+        objects.append(encoded)
         if payload:
             payloads.append(payload)
     return b"".join((_prefix(header), b",".join(objects), b"]}\n", *payloads))
@@ -173,8 +173,7 @@ def pack(
     payloads: list[bytes] = []
     size = base
     for frame in frames:
-        obj, payload = _frame_to_wire(frame)
-        encoded = _dumps(obj)
+        encoded, payload = _encode_frame(frame)
         cost = len(encoded) + len(payload)
         if base + cost > max_bytes:
             raise ValueError(f"a {type(frame).__name__} frame of {cost} bytes exceeds {max_bytes}")
@@ -204,6 +203,18 @@ def _prefix(header: Header) -> bytes:
     if header.destination:
         head["dst"] = header.destination
     return orjson.dumps(head)[:-1] + b',"f":['
+
+
+def _encode_frame(frame: Frame) -> tuple[bytes, bytes]:
+    """One frame's JSON object and payload; data frames skip the dict (the hot path)."""
+    if type(frame) is Data and frame.parts == 1:
+        payload = frame.payload
+        return _DATA_FORMAT % (frame.seq, frame.ttl_ms, len(payload)), payload
+    obj, payload = _frame_to_wire(frame)
+    return _dumps(obj), payload
+
+
+_DATA_FORMAT: Final = b'{"t":"d","seq":%d,"ttl":%d,"n":%d}'
 
 
 def _frame_to_wire(frame: Frame) -> tuple[dict[str, Any], bytes]:
@@ -299,6 +310,19 @@ def _frame_from_wire(raw: object, data: bytes, offset: int, header: Header) -> t
         raise DecodeError("a frame must be an object", reason="malformed")
     kind = raw.get("t")
     if kind == "d":
+        # Fast path for the hot frame: all three fields plain ints in range, no fragments.
+        length, seq, ttl_ms = raw.get("n"), raw.get("seq"), raw.get("ttl")
+        if (
+            type(length) is int
+            and type(seq) is int
+            and type(ttl_ms) is int
+            and 0 <= length <= MAX_DATAGRAM_BYTES
+            and 1 <= seq <= MAX_ID
+            and 1 <= ttl_ms <= MAX_TTL_MS
+            and "ps" not in raw
+            and offset + length <= len(data)
+        ):
+            return Data(seq, data[offset : offset + length], ttl_ms), offset + length
         length = _int(raw, "n", 0, MAX_DATAGRAM_BYTES)
         end = offset + length
         if end > len(data):

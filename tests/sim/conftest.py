@@ -15,7 +15,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--sim-seed", type=int, default=None, help="run only this seed")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    runs = config.getoption("--sim-runs")
     for item in items:
         if "tests/sim/" in str(item.path).replace("\\", "/"):
             item.add_marker(pytest.mark.sim)
+            # About 15 ms a run on these machines; leave room for slower ones.
+            item.add_marker(pytest.mark.timeout(120 + runs * 0.1))
