@@ -29,7 +29,7 @@ from typing import Final
 from glue import network, wire
 from glue.discovery import Address, Target
 from glue.errors import BackpressureError, ConfigError, UsageError
-from glue.events import Peer, PeerRemoved, StackEvent
+from glue.events import MessageReceived, Peer, PeerRemoved, StackEvent
 from glue.settings import GlueSettings
 from glue.stack import Stack, StackConfig
 from glue.transport import SendSpaceFreed, TransportConfig
@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 _RECV_BYTES: Final = 65536
 _MAX_READS_PER_WAKEUP: Final = 4096
 _UDP_IP_OVERHEAD: Final = 28
-_MAX_DRAIN_PER_CALL: Final = 2048
+_MAX_DRAIN_PER_CALL: Final = 4096
+_HANDOFF_SOFT_ITEMS: Final = 8192
 
 #: Called on the loop thread with the events of one burst; must not block.
 EventListener = Callable[[list[StackEvent]], None]
@@ -82,8 +83,9 @@ class Endpoint:
         self._state = "new"
         # The hand-off queue between senders and the loop (bounded in bytes).
         self._handoff: deque[_Outgoing] = deque()
-        self._handoff_bytes = 0
-        self._handoff_lock = threading.Condition()
+        self._staged: deque[_Outgoing] = deque()  # taken by the loop, not yet in the stack
+        self._handoff_bytes = 0  # of both queues
+        self._handoff_lock = threading.Condition(threading.Lock())
         self._space = asyncio.Event()
         self._drain_scheduled = False
 
@@ -201,8 +203,9 @@ class Endpoint:
             self._timer.cancel()
         self._close_sockets()
         with self._handoff_lock:
-            dropped = len(self._handoff)
+            dropped = len(self._handoff) + len(self._staged)
             self._handoff.clear()
+            self._staged.clear()
             self._handoff_bytes = 0
             self._handoff_lock.notify_all()
         self._space.set()
@@ -273,9 +276,11 @@ class Endpoint:
             )
         if not expiry_s > 0:
             raise UsageError(f"expiry must be a positive number of seconds, not {expiry_s!r}")
-        targets = None if to is None else {EndpointId(peer) for peer in to}
+        targets: set[EndpointId] | None = None if to is None else set(to)  # type: ignore[arg-type]
+        if type(payload) is not bytes:
+            payload = bytes(payload)  # a caller's bytearray must not change under us
         # The loop's clock is time.monotonic(), so this is valid from any thread.
-        return _Outgoing(bytes(payload), targets, time.monotonic() + expiry_s)
+        return _Outgoing(payload, targets, time.monotonic() + expiry_s)
 
     def _offer(self, item: _Outgoing, *, locked: bool = False) -> bool:
         """Append ``item`` to the hand-off queue if it has room; wake the loop if it was empty."""
@@ -283,7 +288,12 @@ class Endpoint:
             with self._handoff_lock:
                 return self._offer(item, locked=True)
         size = len(item.payload)
-        if self._handoff and self._handoff_bytes + size > self.settings.send_queue_bytes:
+        waiting = self._handoff or self._staged
+        if waiting and self._handoff_bytes + size > self.settings.send_queue_bytes:
+            return False
+        if len(self._handoff) >= _HANDOFF_SOFT_ITEMS:
+            # The loop is behind: let the sender wait (releasing the GIL) until the loop has
+            # taken the queue, instead of spinning against it.
             return False
         was_empty = not self._handoff
         self._handoff.append(item)
@@ -313,32 +323,47 @@ class Endpoint:
         )
 
     def _drain_handoff(self) -> None:
-        """On the loop: move queued messages into the stack, in order, as far as room allows."""
+        """On the loop: move queued messages into the stack, in order, as far as room allows.
+
+        The shared queue is swapped out under the lock in O(1), so senders are never held up
+        while messages are placed; placing takes a bounded slice per call, so reads, acks and
+        timers interleave with a long queue.
+        """
         stack, loop = self._stack, self._loop
-        if stack is None or loop is None or self._state != "running":
+        staged = self._staged
+        with self._handoff_lock:
             self._drain_scheduled = False
+            if self._handoff:
+                if staged:
+                    staged.extend(self._handoff)
+                else:
+                    self._staged = staged = self._handoff
+                self._handoff = deque()
+                self._handoff_lock.notify_all()  # senders waiting on the soft limit may go on
+        if stack is None or loop is None or self._state != "running":
             return
         now = loop.time()
         freed = 0
+        placed_all = False
+        for _ in range(_MAX_DRAIN_PER_CALL):
+            if not staged:
+                placed_all = True
+                break
+            item = staged[0]
+            if not self._place(stack, item, now):
+                break  # a peer's queue is full: SendSpaceFreed or its removal retries
+            staged.popleft()
+            freed += len(item.payload)
+        else:
+            placed_all = not staged
         with self._handoff_lock:
-            self._drain_scheduled = False
-            handoff = self._handoff
-            # A bounded slice per call, so reads, acks and timers interleave with a long queue.
-            for _ in range(_MAX_DRAIN_PER_CALL):
-                if not handoff:
-                    break
-                item = handoff[0]
-                if not self._place(stack, item, now):
-                    break
-                handoff.popleft()
-                freed += len(item.payload)
-            else:
-                if handoff:
-                    self._drain_scheduled = True
-                    loop.call_soon(self._drain_handoff)
             if freed:
                 self._handoff_bytes -= freed
                 self._handoff_lock.notify_all()
+            more = bool(self._handoff) or (bool(staged) and not placed_all and freed > 0)
+            if more and not self._drain_scheduled:
+                self._drain_scheduled = True
+                loop.call_soon(self._drain_handoff)
         if freed:
             self._space.set()
         self._service(now)
@@ -451,6 +476,9 @@ class Endpoint:
         events: list[StackEvent] = []
         retry = False
         while (event := stack.next_event()) is not None:
+            if type(event) is MessageReceived:
+                events.append(event)
+                continue
             if isinstance(event, SendSpaceFreed):
                 retry = True
                 continue
@@ -459,7 +487,7 @@ class Endpoint:
             events.append(event)
         if retry:
             with self._handoff_lock:
-                if self._handoff and not self._drain_scheduled:
+                if (self._handoff or self._staged) and not self._drain_scheduled:
                     self._drain_scheduled = True
                     assert self._loop is not None
                     self._loop.call_soon(self._drain_handoff)

@@ -281,10 +281,10 @@ class EndpointManager:
         self._endpoint = self._async._endpoint
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        # Batches of (callback, argument) for the delivery thread; ``_pending`` bounds them.
-        self._deliveries: queue.SimpleQueue[list[tuple[_Callback, object]] | None] = (
-            queue.SimpleQueue()
-        )
+        # Batches of (callbacks, items) for the delivery thread; ``_pending`` bounds the items.
+        self._deliveries: queue.SimpleQueue[
+            list[tuple[tuple[_Callback, ...], Sequence[object]]] | None
+        ] = queue.SimpleQueue()
         self._pending = 0
         self._delivery_thread: threading.Thread | None = None
         self._callbacks: list[tuple[type[StackEvent], _Callback]] = []
@@ -483,28 +483,36 @@ class EndpointManager:
         """On the network thread: hand the burst's events over without blocking."""
         with self._lock:
             callbacks = list(self._callbacks)
-        batch: list[tuple[_Callback, object]] = []
+        message_callbacks = tuple(cb for kind, cb in callbacks if kind is MessageReceived)
+        batch: list[tuple[tuple[_Callback, ...], Sequence[object]]] = []
+        messages: list[MessageReceived] = []
         dropped = 0
-        message_callbacks = [cb for kind, cb in callbacks if kind is MessageReceived]
         for event in events:
-            if type(event) is MessageReceived and not self._message_streams:
-                batch.extend((callback, event) for callback in message_callbacks)
+            if isinstance(event, MessageReceived):
+                messages.append(event)
+                for message_stream in list(self._message_streams):
+                    if not _put_thread_bounded(message_stream, event):
+                        dropped += 1
                 continue
-            argument = event if isinstance(event, MessageReceived) else event.peer
-            batch.extend((cb, argument) for kind, cb in callbacks if isinstance(event, kind))
-            streams: set[Any] = (
-                self._message_streams if isinstance(event, MessageReceived) else self._peer_streams
-            )
-            for stream in list(streams):
+            if messages:  # keep the order of messages and peer events
+                batch.append((message_callbacks, messages))
+                messages = []
+            peer_callbacks = tuple(cb for kind, cb in callbacks if isinstance(event, kind))
+            batch.append((peer_callbacks, [event.peer]))
+            for stream in list(self._peer_streams):
                 if not _put_thread_bounded(stream, event):
                     dropped += 1
+        if messages:
+            batch.append((message_callbacks, messages))
+        batch = [(cbs, items) for cbs, items in batch if cbs]
         if batch:
+            size = sum(len(items) for _, items in batch)
             with self._lock:
-                if self._pending + len(batch) > EVENT_QUEUE_SIZE:
-                    dropped += len(batch)
+                if self._pending + size > EVENT_QUEUE_SIZE:
+                    dropped += size
                     batch = []
                 else:
-                    self._pending += len(batch)
+                    self._pending += size
             if batch:
                 self._deliveries.put(batch)
         if dropped:
@@ -513,13 +521,17 @@ class EndpointManager:
 
     def _deliver(self) -> None:
         while (batch := self._deliveries.get()) is not None:
-            for callback, argument in batch:
-                try:
-                    callback(argument)
-                except Exception:
-                    logger.exception("callback %r failed", callback)
+            size = 0
+            for callbacks, items in batch:
+                size += len(items)
+                for item in items:
+                    for callback in callbacks:
+                        try:
+                            callback(item)
+                        except Exception:
+                            logger.exception("callback %r failed", callback)
             with self._lock:
-                self._pending -= len(batch)
+                self._pending -= size
 
     def _call(self, coroutine: Coroutine[Any, Any, T], *, timeout: float | None = None) -> T:
         loop = self._loop
