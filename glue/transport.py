@@ -368,7 +368,7 @@ class Transport:
     # --- outputs --------------------------------------------------------------------------------
 
     def frames_to_send(self, *, now: float) -> list[tuple[EndpointId, list[Data | Ack | Skip]]]:
-        """Frames to transmit now, grouped per peer (acks first, then skips, then data)."""
+        """Frames to transmit now, grouped per peer (a skip first, then an ack, then data)."""
         out: list[tuple[EndpointId, list[Data | Ack | Skip]]] = []
         for peer in self._dirty:
             state = self._peers.get(peer)
@@ -426,6 +426,7 @@ class Transport:
         unacked = stream.unacked
         outbox = stream.outbox
         expired = False
+        fresh = 0
         while (
             pending
             and len(unacked) < config.window_frames
@@ -439,13 +440,14 @@ class Transport:
                 expired = True
                 continue
             out.sent_at = now
+            fresh += 1
             stream.in_flight_bytes += len(out.payload)
             outbox.append(Data(out.seq, out.payload, min(ttl_ms, MAX_TTL_MS), out.part, out.parts))
         if expired:
             self._update_skip(stream)
         if outbox and stream.resend_at is None:
             stream.resend_at = now + stream.rto
-        stream.counters["frames_sent"] += len(outbox)
+        stream.counters["frames_sent"] += fresh  # first transmissions; resends count apart
 
     def _abandon(self, stream: _SendStream, out: _Outgoing) -> None:
         """``out`` (in ``unacked``) expired: never send it again; keep a placeholder for its seq."""
@@ -480,6 +482,7 @@ class Transport:
     def _on_rto(self, stream: _SendStream, now: float) -> None:
         rto = stream.rto
         expired = False
+        resent = False
         for out in stream.unacked.values():
             if out.abandoned:
                 continue
@@ -488,11 +491,13 @@ class Transport:
                 expired = True
             elif not out.sacked and out.sent_at + rto <= now:
                 self._resend(stream, out, now)
+                resent = True
         if expired:
             self._update_skip(stream)
-        stream.rto = min(self.config.max_rto_s, rto * 2)
+        if resent:  # back off only for a real timeout, not a timer that found nothing due
+            stream.rto = min(self.config.max_rto_s, rto * 2)
+            stream.counters["timeouts"] += 1
         stream.resend_at = self._oldest_unsacked(stream)
-        stream.counters["timeouts"] += 1
 
     def _resend(self, stream: _SendStream, out: _Outgoing, now: float) -> None:
         ttl_ms = max(1, int((out.expires_at - now - stream.one_way_s) * 1000))
