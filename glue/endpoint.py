@@ -237,6 +237,13 @@ class Endpoint:
         """
         item = self._outgoing(payload, to, expiry_s)
         loop = asyncio.get_running_loop()
+        stack = self._stack
+        idle = not self._handoff and not self._staged and stack is not None and stack.idle()
+        # Nothing in flight: send at once (one loop turn less on the round trip). While frames
+        # are in flight, messages gather in the queue and go out packed.
+        if idle and self._offer(item):
+            self._drain_handoff()
+            return
         deadline = loop.time() + timeout
         while not self._offer(item):
             remaining = deadline - loop.time()
@@ -506,7 +513,11 @@ class Endpoint:
         if self._state != "running":
             return
         deadline = stack.next_deadline()
-        if deadline == self._timer_at:
+        armed = self._timer_at
+        if deadline is None or (armed is not None and armed <= deadline):
+            # The armed timer fires no later than needed; when it does, the layers find what is
+            # due (possibly nothing) and it is re-armed. Re-arming on every burst would churn
+            # the loop's timer heap for deadlines (delayed acks, resends) that move constantly.
             return
         if self._timer is not None:
             self._timer.cancel()

@@ -180,6 +180,10 @@ class Stack:
             send(peer, fragment, expires_at=expires_at, now=now, part=part, parts=parts)
         return True
 
+    def idle(self) -> bool:
+        """Whether no frame is queued or unacknowledged towards any peer."""
+        return self.transport.idle()
+
     def can_send(self, peer: EndpointId, size: int) -> bool:
         """Whether ``size`` bytes fit in the send queue to ``peer`` now."""
         return self.transport.can_send(peer, size)

@@ -284,6 +284,10 @@ class Transport:
         """Ids of the peers that have streams."""
         return list(self._peers)
 
+    def idle(self) -> bool:
+        """Whether nothing is queued or unacknowledged towards any peer."""
+        return not any(s.send.pending or s.send.unacked for s in self._peers.values())
+
     def in_flight(self, peer: EndpointId) -> int:
         """Frames queued or unacknowledged towards ``peer``."""
         state = self._peers.get(peer)
