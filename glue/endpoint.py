@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from glue import network, wire
-from glue.discovery import Address, Target
+from glue.discovery import Address, DiscoveryConfig, Target
 from glue.errors import BackpressureError, ConfigError, UsageError
 from glue.events import MessageReceived, Peer, PeerRemoved, StackEvent
 from glue.settings import GlueSettings
@@ -159,15 +159,17 @@ class Endpoint:
         )
         return StackConfig(
             network_id=settings.network_id,
-            endpoint_id=self.endpoint_id,
-            incarnation=self.incarnation,
-            name=self.name,
-            port=port,
-            host="" if host == "0.0.0.0" else host,
-            rate_s=settings.discovery_rate_s,
-            multiplier=settings.discovery_rate_timeout_multiplier,
-            max_peers=settings.max_peers,
-            announce=announces,
+            discovery=DiscoveryConfig(
+                endpoint_id=self.endpoint_id,
+                incarnation=self.incarnation,
+                name=self.name,
+                port=port,
+                host="" if host == "0.0.0.0" else host,
+                rate_s=settings.discovery_rate_s,
+                multiplier=settings.discovery_rate_timeout_multiplier,
+                max_peers=settings.max_peers,
+                announce=announces,
+            ),
             transport=TransportConfig(queue_bytes=settings.send_queue_bytes),
             datagram_bytes=datagram_bytes,
             loopback_datagram_bytes=settings.max_datagram_bytes or wire.MAX_DATAGRAM_BYTES,

@@ -23,7 +23,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from glue.discovery import Address
+from glue.discovery import Address, DiscoveryConfig
 from glue.events import MessageReceived, PeerAdded, PeerRemoved, StackEvent
 from glue.stack import Stack, StackConfig
 from glue.transport import TransportConfig
@@ -58,7 +58,7 @@ class SimNode:
     @property
     def endpoint_id(self) -> EndpointId:
         """The node's endpoint id."""
-        return self.stack.config.endpoint_id
+        return self.stack.endpoint_id
 
     def knows(self, *others: SimNode) -> bool:
         """Whether discovery on this node knows every one of ``others``."""
@@ -119,13 +119,15 @@ class Simulation:
         address = (f"10.0.0.{index}", 40000 + index)
         config = StackConfig(
             network_id=1,
-            endpoint_id=EndpointId(endpoint_id or index),
-            incarnation=index,
-            name=name,
-            port=address[1],
-            host=address[0],
-            rate_s=self._rate_s,
-            multiplier=self._multiplier,
+            discovery=DiscoveryConfig(
+                endpoint_id=EndpointId(endpoint_id or index),
+                incarnation=index,
+                name=name,
+                port=address[1],
+                host=address[0],
+                rate_s=self._rate_s,
+                multiplier=self._multiplier,
+            ),
             transport=self._transport,
             datagram_bytes=self._datagram_bytes,
             max_message_bytes=self._max_message_bytes,

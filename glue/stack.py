@@ -56,15 +56,7 @@ class StackConfig:
     """Identity, timings and bounds of one endpoint's layers."""
 
     network_id: int
-    endpoint_id: EndpointId
-    incarnation: int
-    name: str
-    port: int
-    host: str = ""
-    rate_s: float = 1.0
-    multiplier: float = 2.0
-    max_peers: int = 1000
-    announce: bool = True
+    discovery: DiscoveryConfig
     transport: TransportConfig = field(default_factory=TransportConfig)
     #: Largest datagram to peers on other hosts (the path MTU less 28 bytes of IP and UDP).
     datagram_bytes: int = 1472
@@ -93,27 +85,16 @@ class Stack:
     def __init__(self, config: StackConfig, *, rng: random.Random, now: float) -> None:
         self.config = config
         self.counters: Counter[str] = Counter()
-        self.discovery = Discovery(
-            DiscoveryConfig(
-                endpoint_id=config.endpoint_id,
-                incarnation=config.incarnation,
-                name=config.name,
-                port=config.port,
-                host=config.host,
-                rate_s=config.rate_s,
-                multiplier=config.multiplier,
-                max_peers=config.max_peers,
-                announce=config.announce,
-            ),
-            rng=rng,
-            now=now,
-        )
+        identity = config.discovery
+        self.endpoint_id = identity.endpoint_id
+        self.incarnation = identity.incarnation
+        self.discovery = Discovery(identity, rng=rng, now=now)
         self.transport = Transport(config.transport)
         self.reassembler = Reassembler(
             max_message_bytes=config.max_message_bytes,
             max_total_bytes=config.max_reassembly_bytes,
         )
-        self._header = wire.Header(config.network_id, config.endpoint_id, config.incarnation)
+        self._header = wire.Header(config.network_id, self.endpoint_id, self.incarnation)
         self._routes: dict[EndpointId, _Route] = {}
         self._events: deque[StackOutput] = deque()
 
@@ -131,8 +112,8 @@ class Stack:
                 logger.debug("dropped %d bytes from %s:%d: %s", len(data), *source, exc)
             return
         header = datagram.header
-        config = self.config
-        if header.source_id == config.endpoint_id and header.incarnation == config.incarnation:
+        incarnation = self.incarnation
+        if header.source_id == self.endpoint_id and header.incarnation == incarnation:
             self.counters["own_datagrams_ignored"] += 1  # our own multicast, looped back
             return
         transport = self.transport
@@ -140,7 +121,7 @@ class Stack:
         for frame in datagram.frames:
             kind = type(frame)
             if kind is Data or kind is Ack or kind is Skip:
-                if header.destination != config.incarnation:
+                if header.destination != incarnation:
                     self.counters["dropped_other_incarnation"] += 1
                     continue
                 transport.receive(frame, header.source_id, header.incarnation, now=now)  # type: ignore[arg-type]
@@ -293,8 +274,8 @@ class Stack:
     def _route(self, peer: Peer) -> _Route:
         header = wire.Header(
             self.config.network_id,
-            self.config.endpoint_id,
-            self.config.incarnation,
+            self.endpoint_id,
+            self.incarnation,
             destination=peer.incarnation,
         )
         loopback = peer.host.startswith("127.")

@@ -33,6 +33,16 @@ async def async_wait_until(
         await asyncio.sleep(interval)
 
 
+def multicast_settings(group: str, **extra: object) -> dict[str, object]:
+    """Keyword settings for an endpoint on the multicast ``group`` ("ip:port"), 200 ms period."""
+    return {
+        "discovery_target_address": group,
+        "discovery_listen_address": group,
+        "discovery_rate_milliseconds": 200,
+        **extra,
+    }
+
+
 def free_udp_port() -> int:
     """A UDP port free on 127.0.0.1 right now (used for per-test discovery ports)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:

@@ -20,7 +20,7 @@ from glue import (
     UsageError,
     wire,
 )
-from tests.helpers import async_wait_until, free_udp_port, wait_until
+from tests.helpers import async_wait_until, free_udp_port, multicast_settings, wait_until
 
 RATE_MS = 200
 
@@ -31,12 +31,7 @@ def group() -> str:
 
 
 def _settings(group: str, **extra: object) -> dict[str, object]:
-    return {
-        "discovery_target_address": group,
-        "discovery_listen_address": group,
-        "discovery_rate_milliseconds": RATE_MS,
-        **extra,
-    }
+    return multicast_settings(group, discovery_rate_milliseconds=RATE_MS, **extra)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from glue import EndpointManager, MessageReceived, wire
-from tests.helpers import free_udp_port, wait_until
+from tests.helpers import free_udp_port, multicast_settings, wait_until
 from tests.integration.nodes import base_env
 
 
@@ -25,13 +25,7 @@ def group() -> str:
 
 
 def _settings(group: str, **extra: object) -> dict[str, object]:
-    return {
-        "discovery_target_address": group,
-        "discovery_listen_address": group,
-        "discovery_rate_milliseconds": 200,
-        "discovery_rate_timeout_multiplier": 5.0,
-        **extra,
-    }
+    return multicast_settings(group, discovery_rate_timeout_multiplier=5.0, **extra)
 
 
 @pytest.fixture
