@@ -133,6 +133,7 @@ class _SendStream:
         "resend_at",
         "rto",
         "rttvar",
+        "sack_top",
         "sacked",
         "skip_sent_at",
         "skip_to",
@@ -149,6 +150,7 @@ class _SendStream:
         self.queued_bytes = 0  # pending + unacked payload bytes
         self.in_flight_bytes = 0
         self.sacked = 0  # how many unacked frames are marked sacked
+        self.sack_top = 0  # the highest seq any selective ack has reached
         self.abandoned = 0  # how many unacked frames are expired placeholders
         self.skip_to = 0
         self.skip_sent_at = float("-inf")
@@ -542,6 +544,10 @@ class Transport:
             # forgets its buffer (the peer was removed and came back) reneges: a sacked frame
             # no longer covered must become due again.
             highest = ranges[-1][1]
+            # An ack reaching less far than one already seen may simply be older (acks can be
+            # reordered): it marks what it covers but is not taken as evidence of reneging.
+            current = highest >= stream.sack_top
+            stream.sack_top = max(stream.sack_top, highest)
             index = 0
             for seq, held in unacked.items():
                 if seq > highest:
@@ -554,7 +560,7 @@ class Transport:
                         stream.sacked += 1
                         if held.resends == 0 and (newest is None or seq > newest.seq):
                             newest = held
-                elif held.sacked:
+                elif held.sacked and current:
                     held.sacked = False
                     stream.sacked -= 1
                     stream.counters["reneged"] += 1
@@ -563,6 +569,7 @@ class Transport:
                 held.sacked = False  # nothing is buffered over there any more
             stream.counters["reneged"] += stream.sacked
             stream.sacked = 0
+            stream.sack_top = 0
         if newest is not None:
             self._sample_rtt(stream, now - newest.sent_at)
         if acked:
