@@ -250,12 +250,12 @@ class Endpoint:
         while not self._offer(item):
             remaining = deadline - loop.time()
             if remaining <= 0 or not self.running:
-                raise self._backpressure(timeout)
+                raise self._backpressure(timeout, len(item.payload))
             self._space.clear()
             try:
                 await asyncio.wait_for(self._space.wait(), remaining)
             except TimeoutError:
-                raise self._backpressure(timeout) from None
+                raise self._backpressure(timeout, len(item.payload)) from None
 
     def send_threadsafe(
         self, payload: bytes, *, to: Sequence[int] | None, expiry_s: float, timeout: float
@@ -272,7 +272,7 @@ class Endpoint:
             while not self._offer(item, locked=True):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self.running:
-                    raise self._backpressure(timeout)
+                    raise self._backpressure(timeout, len(item.payload))
                 self._handoff_lock.wait(remaining)
 
     def _outgoing(self, payload: bytes, to: Sequence[int] | None, expiry_s: float) -> _Outgoing:
@@ -317,13 +317,13 @@ class Endpoint:
                 loop.call_soon_threadsafe(self._drain_handoff)
         return True
 
-    def _backpressure(self, timeout: float) -> BackpressureError:
+    def _backpressure(self, timeout: float, size: int) -> BackpressureError:
         self.counters["backpressure_errors"] += 1
         stack = self._stack
-        full = tuple(
-            p.endpoint_id
-            for p in (stack.peers() if stack else [])
-            if not stack or not stack.can_send(p.endpoint_id, 1)
+        full = (
+            ()
+            if stack is None
+            else tuple(p for p in stack.peer_ids() if not stack.can_send(p, size))
         )
         return BackpressureError(
             f"no room to queue a message for {timeout} s: peers {list(full)} are not acknowledging "

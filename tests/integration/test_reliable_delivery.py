@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from glue import EndpointManager, MessageReceived, wire
+from glue import BackpressureError, EndpointManager, MessageReceived, UsageError, wire
 from tests.helpers import free_udp_port, multicast_settings, wait_until
 from tests.integration.nodes import base_env
 
@@ -221,3 +221,49 @@ def test_a_flood_of_fragments_that_never_complete_keeps_memory_bounded(group: st
     assert counters.get("fragmentation_partial_dropped_oversized", 0) > 0
     assert counters.get("transport_frames_beyond_window", 0) > 0
     assert growth < 64 * 1024 * 1024
+
+
+def test_a_peer_that_stops_acknowledging_gives_backpressure_then_recovers(group: str) -> None:
+    glue = {
+        "discovery_target_address": group,
+        "discovery_listen_address": group,
+        "discovery_rate_milliseconds": 200,
+        "discovery_rate_timeout_multiplier": 100.0,  # stopped, not gone
+    }
+    receiver, receiver_id, lines = _receiver(**glue)
+    try:
+        with EndpointManager.from_env(**glue, send_queue_bytes=65536) as tx:
+            tx.wait_for_peers(1, timeout=5)
+            receiver.send_signal(signal.SIGSTOP)
+            sent = 0
+            started = time.monotonic()
+            with pytest.raises(BackpressureError) as caught:
+                while time.monotonic() - started < 30:
+                    tx.send(b"%d:" % (sent + 1) + b"x" * 1000, timeout=0.5)
+                    sent += 1
+            assert caught.value.peers == (receiver_id,)
+            # Bounded: the hand-off queue and the peer's queue, 64 KiB each, and no more.
+            assert sent * 1000 <= 2 * 65536 + 2000
+            receiver.send_signal(signal.SIGCONT)
+            for _ in range(200):  # sending works again once acks flow
+                sent += 1
+                tx.send(b"%d:" % sent + b"x" * 1000, timeout=10)
+            assert wait_until(
+                lambda: tx.peer_counters()[receiver_id].get("frames_acked", 0) >= sent, timeout=20
+            )
+    finally:
+        receiver.send_signal(signal.SIGCONT)
+        receiver.terminate()
+        receiver.wait(10)
+        if receiver.stdout is not None:
+            receiver.stdout.close()
+    assert lines[-1]["event"] == "stopped"
+    assert lines[-1]["count"] == sent
+    assert lines[-1]["ok"]  # exactly once, in order, the refused message never sent
+
+
+def test_a_message_over_the_maximum_is_refused_at_send(group: str) -> None:
+    with EndpointManager.from_env(**_settings(group, max_message_bytes=4096)) as tx:
+        with pytest.raises(UsageError, match="GLUE_MAX_MESSAGE_BYTES"):
+            tx.send(b"x" * 4097)
+        tx.send(b"x" * 4096)  # the maximum itself is fine
