@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 DISCOVERY_DATAGRAM_BYTES: Final = 1400
 #: Room kept in each datagram for the header and one frame's JSON around a fragment's payload.
 FRAME_OVERHEAD_BYTES: Final = 256
+#: Messages up to this size sent to one peer in one burst travel as one bundle frame.
+BUNDLE_MAX_MESSAGE_BYTES: Final = 1024
+#: JSON of one message's entry in a bundle's "m" list, at most ("[65507,86400000],").
+_BUNDLE_ENTRY_BYTES: Final = 18
 
 StackOutput = StackEvent | SendSpaceFreed
 
@@ -97,6 +101,9 @@ class Stack:
         self._header = wire.Header(config.network_id, self.endpoint_id, self.incarnation)
         self._routes: dict[EndpointId, _Route] = {}
         self._events: deque[StackOutput] = deque()
+        # Small messages waiting to be bundled, per peer, until the next datagrams_to_send.
+        self._bundles: dict[EndpointId, list[tuple[bytes, float]]] = {}
+        self._bundle_bytes: dict[EndpointId, int] = {}
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -151,7 +158,20 @@ class Stack:
         route = self._routes.get(peer)
         if route is None:
             return False
-        if len(payload) <= route.datagram_bytes - FRAME_OVERHEAD_BYTES:
+        size = len(payload)
+        if size <= BUNDLE_MAX_MESSAGE_BYTES:
+            # Small messages of one burst share a frame: one sequence number, one ack entry, one
+            # frame object for many messages (Python pays per object, not per byte).
+            bundle = self._bundles.get(peer)
+            if bundle is None:
+                self._bundles[peer] = [(payload, expires_at)]
+                self._bundle_bytes[peer] = size
+            else:
+                bundle.append((payload, expires_at))
+                self._bundle_bytes[peer] += size
+            return True
+        self._flush_bundle(peer, now)  # what was sent before goes first
+        if size <= route.datagram_bytes - FRAME_OVERHEAD_BYTES:
             self.transport.send(peer, payload, expires_at=expires_at, now=now)
             return True
         fragments = split(payload, route.datagram_bytes - FRAME_OVERHEAD_BYTES)
@@ -167,7 +187,7 @@ class Stack:
 
     def can_send(self, peer: EndpointId, size: int) -> bool:
         """Whether ``size`` bytes fit in the send queue to ``peer`` now."""
-        return self.transport.can_send(peer, size)
+        return self.transport.can_send(peer, size + self._bundle_bytes.get(peer, 0))
 
     def set_targets(self, targets: Sequence[Target]) -> None:
         """Replace the discovery targets (resolved addresses)."""
@@ -184,6 +204,8 @@ class Stack:
     def leave(self) -> None:
         """Say goodbye; every peer's state is dropped."""
         self.discovery.leave()
+        self._bundles.clear()
+        self._bundle_bytes.clear()
         for peer in list(self._routes):
             self.transport.remove_peer(peer)
         self._routes.clear()
@@ -201,6 +223,9 @@ class Stack:
             for destination, frames in by_destination.items():
                 datagrams = wire.pack(self._header, frames, max_bytes=DISCOVERY_DATAGRAM_BYTES)
                 out.extend((datagram, destination) for datagram in datagrams)
+        if self._bundles:
+            for peer in list(self._bundles):
+                self._flush_bundle(peer, now)
         if self.transport.has_output():
             for peer, transport_frames in self.transport.frames_to_send(now=now):
                 route = self._routes.get(peer)
@@ -259,6 +284,41 @@ class Stack:
 
     # --- internals ------------------------------------------------------------------------------
 
+    def _flush_bundle(self, peer: EndpointId, now: float) -> None:
+        """Hand ``peer``'s waiting small messages to the transport, as few frames as fit."""
+        items = self._bundles.pop(peer, None)
+        self._bundle_bytes.pop(peer, None)
+        route = self._routes.get(peer)
+        if not items or route is None:
+            return
+        send = self.transport.send
+        if len(items) == 1:
+            payload, expires_at = items[0]
+            send(peer, payload, expires_at=expires_at, now=now)
+            return
+        budget = route.datagram_bytes - FRAME_OVERHEAD_BYTES
+        start, used = 0, 0
+        for index, (payload, _) in enumerate(items):
+            cost = len(payload) + _BUNDLE_ENTRY_BYTES
+            if index > start and (used + cost > budget or index - start >= wire.MAX_BUNDLE):
+                self._send_bundle(peer, items[start:index], now)
+                start, used = index, 0
+            used += cost
+        self._send_bundle(peer, items[start:], now)
+
+    def _send_bundle(self, peer: EndpointId, items: list[tuple[bytes, float]], now: float) -> None:
+        if len(items) == 1:
+            payload, expires_at = items[0]
+            self.transport.send(peer, payload, expires_at=expires_at, now=now)
+            return
+        self.transport.send(
+            peer,
+            b"".join([payload for payload, _ in items]),
+            expires_at=max(expires_at for _, expires_at in items),
+            now=now,
+            bundle=tuple((len(payload), expires_at) for payload, expires_at in items),
+        )
+
     def _pump_discovery(self) -> None:
         while (event := self.discovery.next_event()) is not None:
             peer = event.peer
@@ -269,7 +329,32 @@ class Stack:
                 self.transport.remove_peer(peer.endpoint_id)
                 self.reassembler.discard(peer.endpoint_id)
                 self._routes.pop(peer.endpoint_id, None)
+                self._bundles.pop(peer.endpoint_id, None)
+                self._bundle_bytes.pop(peer.endpoint_id, None)
             self._events.append(event)
+
+    def _unbundle(self, event: FrameReceived, now: float) -> None:
+        """Deliver each message of a bundle whose own time to live has not run out."""
+        if self.reassembler.holds(event.peer):
+            self.reassembler.discard(event.peer)  # cannot happen with a well-behaved sender
+        route = self._routes.get(event.peer)
+        if route is None:
+            return
+        source = route.peer
+        payload = event.frame.payload
+        arrived = event.arrived_at
+        append = self._events.append
+        offset = 0
+        expired = 0
+        for length, ttl_ms in event.frame.messages:
+            end = offset + length
+            if ttl_ms and arrived + ttl_ms / 1000.0 > now:
+                append(MessageReceived(source, payload[offset:end], now))
+            else:
+                expired += 1
+            offset = end
+        if expired:
+            self.counters["messages_expired_in_bundle"] += expired
 
     def _route(self, peer: Peer) -> _Route:
         header = wire.Header(
@@ -292,6 +377,9 @@ class Stack:
         while (event := transport.next_event()) is not None:
             if type(event) is FrameReceived:
                 frame = event.frame
+                if frame.messages:
+                    self._unbundle(event, now)
+                    continue
                 if frame.parts == 1 and not reassembler.holds(event.peer):
                     message: bytes | None = frame.payload  # the common case: no fragments
                 else:

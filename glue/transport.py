@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from glue.wire import MAX_ACK_RANGES, MAX_TTL_MS, Ack, Data, EndpointId, Skip
@@ -69,10 +69,11 @@ class TransportConfig:
 
 @dataclass(frozen=True, slots=True)
 class FrameReceived:
-    """A frame from ``peer``, in order, exactly once."""
+    """A frame from ``peer``, in order, exactly once; it arrived at ``arrived_at``."""
 
     peer: EndpointId
     frame: Data
+    arrived_at: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,7 @@ TransportEvent = FrameReceived | FramesSkipped | SendSpaceFreed
 class _Outgoing:
     __slots__ = (
         "abandoned",
+        "bundle",
         "expires_at",
         "part",
         "parts",
@@ -117,6 +119,7 @@ class _Outgoing:
         self.resends = 0
         self.sacked = False  # selectively acked: not resent, but kept until cumulatively acked
         self.abandoned = False  # expired: a placeholder until the receiver skips past it
+        self.bundle: tuple[tuple[int, float], ...] = ()  # (length, expires_at) per message
 
 
 class _SendStream:
@@ -179,7 +182,7 @@ class _RecvStream:
         self.counters = counters
         self.delivered = 0  # frames delivered on the hot path (added to counters when read)
         self.delivered_to = 0
-        self.buffer: dict[int, tuple[Data, float]] = {}
+        self.buffer: dict[int, tuple[Data, float, float]] = {}  # seq -> frame, expiry, arrival
         self.buffered_bytes = 0
         self.unacked = 0
         self.ack_at: float | None = None
@@ -316,14 +319,21 @@ class Transport:
         now: float,
         part: int = 0,
         parts: int = 1,
+        bundle: tuple[tuple[int, float], ...] = (),
     ) -> bool:
-        """Queue one frame to ``peer``; False if the peer is unknown (nothing is queued)."""
+        """Queue one frame to ``peer``; False if the peer is unknown (nothing is queued).
+
+        ``bundle`` makes the frame a bundle of small messages: ``(length, expires_at)`` of each,
+        their payloads concatenated in ``payload``; ``expires_at`` is then the latest of them.
+        """
         state = self._peers.get(peer)
         if state is None:
             self.counters["frames_to_unknown_peer"] += 1
             return False
         stream = state.send
         out = _Outgoing(stream.next_seq, payload, part, parts, expires_at)
+        if bundle:
+            out.bundle = bundle
         stream.next_seq += 1
         stream.pending.append(out)
         stream.queued_bytes += len(payload)
@@ -343,7 +353,7 @@ class Transport:
             if frame.seq == recv.delivered_to + 1 and not recv.buffer:
                 # The hot path, in order with nothing buffered: deliver, ack later or now.
                 recv.delivered_to = frame.seq
-                self._events.append(FrameReceived(peer, frame))
+                self._events.append(FrameReceived(peer, frame, now))
                 recv.delivered += 1
                 recv.unacked += 1
                 if recv.unacked >= self.config.ack_every:
@@ -448,12 +458,23 @@ class Transport:
             out.sent_at = now
             fresh += 1
             stream.in_flight_bytes += len(out.payload)
-            outbox.append(Data(out.seq, out.payload, min(ttl_ms, MAX_TTL_MS), out.part, out.parts))
+            outbox.append(self._data(out, ttl_ms, now, stream.one_way_s))
         if expired:
             self._update_skip(stream)
         if outbox and stream.resend_at is None:
             stream.resend_at = now + stream.rto
         stream.counters["frames_sent"] += fresh  # first transmissions; resends count apart
+
+    @staticmethod
+    def _data(out: _Outgoing, ttl_ms: int, now: float, one_way_s: float) -> Data:
+        """The frame for one (re)transmission of ``out``, times to live counted from ``now``."""
+        if not out.bundle:
+            return Data(out.seq, out.payload, min(ttl_ms, MAX_TTL_MS), out.part, out.parts)
+        messages = tuple(
+            (length, min(MAX_TTL_MS, max(0, int((expires_at - now - one_way_s) * 1000))))
+            for length, expires_at in out.bundle
+        )
+        return Data(out.seq, out.payload, min(ttl_ms, MAX_TTL_MS), messages=messages)
 
     def _abandon(self, stream: _SendStream, out: _Outgoing) -> None:
         """``out`` (in ``unacked``) expired: never send it again; keep a placeholder for its seq."""
@@ -509,9 +530,7 @@ class Transport:
         ttl_ms = max(1, int((out.expires_at - now - stream.one_way_s) * 1000))
         out.sent_at = now
         out.resends += 1
-        stream.outbox.append(
-            Data(out.seq, out.payload, min(ttl_ms, MAX_TTL_MS), out.part, out.parts)
-        )
+        stream.outbox.append(self._data(out, ttl_ms, now, stream.one_way_s))
         stream.counters["frames_resent"] += 1
 
     def _receive_ack(self, peer: EndpointId, stream: _SendStream, ack: Ack, now: float) -> None:
@@ -633,7 +652,7 @@ class Transport:
             return
         if seq == recv.delivered_to + 1:
             recv.delivered_to = seq
-            self._events.append(FrameReceived(peer, frame))
+            self._events.append(FrameReceived(peer, frame, now))
             recv.counters["frames_delivered"] += 1
             if recv.buffer:
                 self._drain(peer, recv, now)
@@ -645,21 +664,21 @@ class Transport:
         ):
             recv.counters["frames_beyond_window"] += 1
             return
-        recv.buffer[seq] = (frame, now + frame.ttl_ms / 1000.0)
+        recv.buffer[seq] = (frame, now + frame.ttl_ms / 1000.0, now)
         recv.buffered_bytes += len(frame.payload)
         self._ack_soon(peer, recv, now, immediately=True)  # a gap: tell the sender now
 
     def _drain(self, peer: EndpointId, recv: _RecvStream, now: float) -> None:
         buffer = recv.buffer
         while (entry := buffer.pop(recv.delivered_to + 1, None)) is not None:
-            frame, expires_at = entry
+            frame, expires_at, arrived_at = entry
             recv.delivered_to += 1
             recv.buffered_bytes -= len(frame.payload)
             if expires_at <= now:
                 recv.counters["frames_expired_in_buffer"] += 1
                 self._skipped(peer, recv, frame.seq, frame.seq)
             else:
-                self._events.append(FrameReceived(peer, frame))
+                self._events.append(FrameReceived(peer, frame, arrived_at))
                 recv.counters["frames_delivered"] += 1
 
     def _receive_skip(self, peer: EndpointId, recv: _RecvStream, seq: int, now: float) -> None:
@@ -671,13 +690,13 @@ class Transport:
         run_start = recv.delivered_to + 1
         buffer = recv.buffer
         for held in sorted(s for s in buffer if s < seq):
-            frame, expires_at = buffer.pop(held)
+            frame, expires_at, arrived_at = buffer.pop(held)
             recv.buffered_bytes -= len(frame.payload)
             if expires_at <= now:
                 continue  # part of the skipped run
             if held > run_start:
                 self._skipped(peer, recv, run_start, held - 1)
-            self._events.append(FrameReceived(peer, frame))
+            self._events.append(FrameReceived(peer, frame, arrived_at))
             recv.counters["frames_delivered"] += 1
             run_start = held + 1
         if run_start <= seq - 1:

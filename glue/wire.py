@@ -54,6 +54,7 @@ MAX_AGE_MS: Final = 86_400_000
 MAX_TTL_MS: Final = 86_400_000
 MAX_PARTS: Final = 1 << 20
 MAX_ACK_RANGES: Final = 64
+MAX_BUNDLE: Final = 4096
 
 EndpointId = NewType("EndpointId", int)
 
@@ -106,6 +107,9 @@ class Data:
 
     ``seq`` counts frames of one sender incarnation to one receiver, from 1. ``ttl_ms`` is how long
     the message had left to live when this copy was sent; the receiver never delivers it later.
+    ``messages``, when not empty, says the payload is a *bundle* of several small messages:
+    ``(length, ttl_ms)`` of each, in order (a ttl of 0: that message expired, drop it); the
+    frame's own ``ttl_ms`` is then the longest of them.
     """
 
     seq: int
@@ -113,6 +117,7 @@ class Data:
     ttl_ms: int = MAX_TTL_MS
     part: int = 0
     parts: int = 1
+    messages: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +212,7 @@ def _prefix(header: Header) -> bytes:
 
 def _encode_frame(frame: Frame) -> tuple[bytes, bytes]:
     """One frame's JSON object and payload; data frames skip the dict (the hot path)."""
-    if type(frame) is Data and frame.parts == 1:
+    if type(frame) is Data and frame.parts == 1 and not frame.messages:
         payload = frame.payload
         return _DATA_FORMAT % (frame.seq, frame.ttl_ms, len(payload)), payload
     obj, payload = _frame_to_wire(frame)
@@ -220,6 +225,14 @@ _DATA_FORMAT: Final = b'{"t":"d","seq":%d,"ttl":%d,"n":%d}'
 def _frame_to_wire(frame: Frame) -> tuple[dict[str, Any], bytes]:
     match frame:
         case Data(seq=seq, payload=payload, ttl_ms=ttl_ms, part=part, parts=parts):
+            if frame.messages:
+                return {
+                    "t": "d",
+                    "seq": seq,
+                    "ttl": ttl_ms,
+                    "n": len(payload),
+                    "m": frame.messages,
+                }, payload
             if parts == 1:
                 return {"t": "d", "seq": seq, "ttl": ttl_ms, "n": len(payload)}, payload
             return {
@@ -320,6 +333,7 @@ def _frame_from_wire(raw: object, data: bytes, offset: int, header: Header) -> t
             and 1 <= seq <= MAX_ID
             and 1 <= ttl_ms <= MAX_TTL_MS
             and "ps" not in raw
+            and "m" not in raw
             and offset + length <= len(data)
         ):
             return Data(seq, data[offset : offset + length], ttl_ms), offset + length
@@ -329,6 +343,11 @@ def _frame_from_wire(raw: object, data: bytes, offset: int, header: Header) -> t
             raise DecodeError(f"payload wants {length} bytes, has fewer", reason="truncated")
         seq = _int(raw, "seq", 1, MAX_ID)
         ttl_ms = _int(raw, "ttl", 1, MAX_TTL_MS)
+        if "m" in raw:
+            if "ps" in raw:
+                raise DecodeError("a bundle cannot be a fragment", reason="malformed")
+            messages = _bundle_from_wire(raw["m"], length)
+            return Data(seq, data[offset:end], ttl_ms, messages=messages), end
         if "ps" not in raw:
             return Data(seq, data[offset:end], ttl_ms), end
         parts = _int(raw, "ps", 1, MAX_PARTS)
@@ -365,6 +384,28 @@ def _announce_from_wire(raw: dict[str, Any], header: Header) -> Announce:
     elif (announce.endpoint_id, announce.incarnation) != (header.source_id, header.incarnation):
         raise DecodeError("announcement about another endpoint not marked fwd", reason="malformed")
     return announce
+
+
+def _bundle_from_wire(raw: object, length: int) -> tuple[tuple[int, int], ...]:
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_BUNDLE:
+        raise DecodeError(f"'m' must be a list of 1..{MAX_BUNDLE} pairs", reason="malformed")
+    messages = []
+    total = 0
+    for pair in raw:
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or type(pair[0]) is not int
+            or type(pair[1]) is not int
+            or pair[0] < 0
+            or not 0 <= pair[1] <= MAX_TTL_MS
+        ):
+            raise DecodeError("'m' holds [length, ttl] pairs of integers", reason="malformed")
+        total += pair[0]
+        messages.append((pair[0], pair[1]))
+    if total != length:
+        raise DecodeError(f"'m' lengths add up to {total}, not 'n' = {length}", reason="malformed")
+    return tuple(messages)
 
 
 def _ack_from_wire(raw: dict[str, Any]) -> Ack:

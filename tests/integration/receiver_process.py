@@ -1,7 +1,8 @@
 """A receiving endpoint process for integration tests (configured by GLUE_* variables).
 
-Prints one JSON line when started, then one per 100 messages and at stop, with the count and
-whether every message so far arrived exactly once and in order (payloads start "<number>:").
+Prints one JSON line when started, then one whenever the count changed (checked every 50 ms)
+and at stop, with the count and whether every message so far arrived exactly once and in order
+(payloads start "<number>:").
 """
 
 from __future__ import annotations
@@ -31,9 +32,15 @@ def main() -> None:
             state["ok"] = False
         state["last"] = number
         state["count"] += 1
-        if state["count"] % 100 == 0:
-            report("progress")
 
+    def reporter() -> None:
+        reported = -1
+        while not stop.wait(0.05):
+            if state["count"] != reported:
+                reported = state["count"]
+                report("progress")
+
+    threading.Thread(target=reporter, daemon=True).start()
     with EndpointManager.from_env() as endpoint:
         endpoint.on_message(on_message)
         sys.stdout.write(orjson.dumps({"event": "started", "id": endpoint.endpoint_id}).decode())

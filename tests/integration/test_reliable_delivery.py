@@ -114,7 +114,7 @@ def test_a_peer_killed_mid_stream_is_dropped_and_the_others_continue(group: str)
         "discovery_rate_timeout_multiplier": 2.0,
     }
     victim, victim_id, _ = _receiver(**glue)
-    survivor, survivor_id, survivor_lines = _receiver(**glue)
+    survivor, _, survivor_lines = _receiver(**glue)
     sending = threading.Event()
     stop = threading.Event()
     sent = [0]
@@ -146,14 +146,10 @@ def test_a_peer_killed_mid_stream_is_dropped_and_the_others_continue(group: str)
             streamer.join(10)
             total = sent[0]
             counters = tx.counters()
-            whole_hundreds = total - total % 100  # the receiver reports every 100 messages
+            # Everything sent reaches the survivor before the sender closes.
             assert wait_until(
-                lambda: any(line.get("count", 0) >= whole_hundreds for line in survivor_lines[-1:]),
+                lambda: bool(survivor_lines) and survivor_lines[-1].get("count", 0) >= total,
                 timeout=20,
-            )
-            # The rest is at most 99 small messages already sent: give the acks time to settle.
-            assert wait_until(
-                lambda: tx.peer_counters()[survivor_id].get("frames_acked", 0) >= total, timeout=10
             )
         assert counters["transport_frames_dropped_peer_gone"] >= 0
         print(f"\nkilled peer's state dropped {gone_after:.2f} s after kill -9; {total} sent")
@@ -237,20 +233,23 @@ def test_a_peer_that_stops_acknowledging_gives_backpressure_then_recovers(group:
             receiver.send_signal(signal.SIGSTOP)
             sent = 0
             started = time.monotonic()
-            with pytest.raises(BackpressureError) as caught:
-                while time.monotonic() - started < 30:
+            refused: BackpressureError | None = None
+            while refused is None and time.monotonic() - started < 30:
+                try:
                     tx.send(b"%d:" % (sent + 1) + b"x" * 1000, timeout=0.5)
+                except BackpressureError as exc:
+                    refused = exc
+                else:
                     sent += 1
-            assert caught.value.peers == (receiver_id,)
+            assert refused is not None, "send never reported back-pressure"
+            assert refused.peers == (receiver_id,)
             # Bounded: the hand-off queue and the peer's queue, 64 KiB each, and no more.
             assert sent * 1000 <= 2 * 65536 + 2000
             receiver.send_signal(signal.SIGCONT)
             for _ in range(200):  # sending works again once acks flow
                 sent += 1
                 tx.send(b"%d:" % sent + b"x" * 1000, timeout=10)
-            assert wait_until(
-                lambda: tx.peer_counters()[receiver_id].get("frames_acked", 0) >= sent, timeout=20
-            )
+            assert wait_until(lambda: bool(lines) and lines[-1].get("count", 0) >= sent, timeout=20)
     finally:
         receiver.send_signal(signal.SIGCONT)
         receiver.terminate()

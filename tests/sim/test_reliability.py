@@ -75,11 +75,14 @@ def run_scenario(seed: int) -> Report:
             sim.heal()
             healed = True
         sender, receiver = rng.sample(nodes, 2)
-        number = counters[(sender.name, receiver.name)] = counters[(sender.name, receiver.name)] + 1
-        expiry = LONG_EXPIRY_S if rng.random() < 0.7 else rng.uniform(0.01, 0.5)
-        payload = _payload(rng, sender.name, number)
-        if sender.send(receiver, payload, expiry=expiry):
-            report.sent.append(Sent(sender.name, receiver.name, number, sim.now, expiry, payload))
+        # Often a burst at one instant: small messages of one burst travel as one bundle.
+        for _ in range(rng.choice([1, 1, 1, 3, 10])):
+            key = (sender.name, receiver.name)
+            number = counters[key] = counters[key] + 1
+            expiry = LONG_EXPIRY_S if rng.random() < 0.7 else rng.uniform(0.01, 0.5)
+            payload = _payload(rng, sender.name, number)
+            if sender.send(receiver, payload, expiry=expiry):
+                report.sent.append(Sent(*key, number, sim.now, expiry, payload))
     if not healed:
         sim.run_for(max(0.0, heal_at - sim.now))
         sim.heal()

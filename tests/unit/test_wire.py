@@ -912,3 +912,43 @@ def test_the_examples_in_protocol_md_are_true() -> None:
             if isinstance(frame, Ack) and frame.ranges:
                 seen.add("sack")
     assert seen >= {"Announce", "Goodbye", "Data", "Ack", "Skip", "dst", "fragment", "sack"}
+
+
+# --- bundles -------------------------------------------------------------------------------------
+
+
+def test_a_bundle_round_trips_and_keeps_its_messages_in_order() -> None:
+    header = wire.Header(1, wire.EndpointId(7), 3, destination=9)
+    frame = Data(4, b"aaabbcccc", 500, messages=((3, 500), (2, 0), (4, 120)))
+    data = wire.encode(header, [frame])
+    assert b'"m":[[3,500],[2,0],[4,120]]' in data
+    assert wire.decode(data, network_id=1).frames == (frame,)
+    # A bundle packs like any frame.
+    assert [wire.decode(d, network_id=1).frames for d in wire.pack(header, [frame, frame])] == [
+        (frame, frame)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("m", "n"),
+    [
+        pytest.param("[]", 0, id="empty"),
+        pytest.param("[[1,5],[1,5]]", 3, id="lengths-not-n"),
+        pytest.param("[[1,5,7]]", 1, id="triple"),
+        pytest.param("[[-1,5],[2,5]]", 1, id="negative-length"),
+        pytest.param("[[1,86400001]]", 1, id="ttl-too-long"),
+        pytest.param("[[1,-1]]", 1, id="negative-ttl"),
+        pytest.param("[[1,true]]", 1, id="bool-ttl"),
+        pytest.param('"x"', 1, id="not-a-list"),
+        pytest.param("[[1,1]]", 1, id="with-ps"),
+    ],
+)
+def test_a_bad_bundle_is_a_decode_error(m: str, n: int) -> None:
+    extra = ',"p":0,"ps":2' if "with-ps" in m or m == "[[1,1]]" else ""
+    head = (
+        '{"glue":1,"net":1,"src":7,"inc":3,"dst":9,"f":[{"t":"d","seq":1,"ttl":5,"n":%d,"m":%s%s}]}'
+    )
+    data = (head % (n, m, extra)).encode() + b"\n" + b"x" * n
+    with pytest.raises(DecodeError) as caught:
+        wire.decode(data, network_id=1)
+    assert caught.value.reason == "malformed"

@@ -1,0 +1,115 @@
+"""The layers wired together (no sockets): bundles of small messages, order with large ones."""
+
+from __future__ import annotations
+
+import random
+
+from glue import wire
+from glue.discovery import DiscoveryConfig
+from glue.events import MessageReceived
+from glue.stack import Stack, StackConfig
+from glue.transport import TransportConfig
+from glue.wire import Data, EndpointId
+
+A, B = EndpointId(1), EndpointId(2)
+
+
+def _stack(endpoint_id: EndpointId, **transport: float) -> Stack:
+    identity = DiscoveryConfig(
+        endpoint_id=endpoint_id,
+        incarnation=int(endpoint_id),
+        name=f"n{endpoint_id}",
+        port=40000 + endpoint_id,
+        host=f"10.0.0.{endpoint_id}",
+    )
+    config = StackConfig(
+        network_id=1,
+        discovery=identity,
+        transport=TransportConfig(**transport),  # type: ignore[arg-type]
+        datagram_bytes=1472,
+    )
+    return Stack(config, rng=random.Random(1), now=0.0)
+
+
+def _address(stack: Stack) -> tuple[str, int]:
+    config = stack.config.discovery
+    return (config.host, config.port)
+
+
+def _pair(**transport: float) -> tuple[Stack, Stack]:
+    a, b = _stack(A, **transport), _stack(B, **transport)
+    for sender, receiver in ((a, b), (b, a)):
+        config = sender.config.discovery
+        announce = wire.Announce(
+            config.endpoint_id, config.incarnation, config.name, config.host, config.port, 1000
+        )
+        header = wire.Header(1, config.endpoint_id, config.incarnation)
+        receiver.receive_datagram(
+            wire.encode(header, [announce]), _address(sender), multicast=True, now=0.0
+        )
+    for stack in (a, b):
+        stack.datagrams_to_send(now=0.0)
+        while stack.next_event() is not None:
+            pass
+    return a, b
+
+
+def _frames(datagrams: list[tuple[bytes, tuple[str, int]]]) -> list[wire.Frame]:
+    return [f for data, _ in datagrams for f in wire.decode(data, network_id=1).frames]
+
+
+def _deliver(
+    datagrams: list[tuple[bytes, tuple[str, int]]], sender: Stack, to: Stack, now: float
+) -> list[bytes]:
+    for data, _ in datagrams:
+        to.receive_datagram(data, _address(sender), multicast=False, now=now)
+    got = []
+    while (event := to.next_event()) is not None:
+        if isinstance(event, MessageReceived):
+            got.append(event.payload)
+    return got
+
+
+def test_small_messages_of_one_burst_travel_as_one_bundle_frame() -> None:
+    a, b = _pair()
+    for payload in (b"one", b"two", b"three"):
+        assert a.send(B, payload, expires_at=10.0, now=0.0)
+    datagrams = a.datagrams_to_send(now=0.0)
+    [frame] = [f for f in _frames(datagrams) if isinstance(f, Data)]
+    assert frame.messages == ((3, frame.ttl_ms), (3, frame.ttl_ms), (5, frame.ttl_ms))
+    assert frame.payload == b"onetwothree"
+    assert _deliver(datagrams, a, b, now=0.001) == [b"one", b"two", b"three"]
+
+
+def test_a_large_message_keeps_its_place_between_small_ones() -> None:
+    a, b = _pair()
+    large = bytes(range(256)) * 20  # 5120 bytes: fragmented, never bundled
+    for payload in (b"before", large, b"after"):
+        a.send(B, payload, expires_at=10.0, now=0.0)
+    datagrams = a.datagrams_to_send(now=0.0)
+    assert _deliver(datagrams, a, b, now=0.001) == [b"before", large, b"after"]
+
+
+def test_a_bundled_message_that_expired_before_a_resend_is_dropped_alone() -> None:
+    a, b = _pair(initial_rto_s=0.05)
+    a.send(B, b"short", expires_at=0.03, now=0.0)
+    a.send(B, b"long", expires_at=10.0, now=0.0)
+    lost = a.datagrams_to_send(now=0.0)  # never delivered
+    assert next(f.messages for f in _frames(lost) if isinstance(f, Data))[0][0] == 5
+    deadline = a.transport.next_deadline()  # the retransmission timer
+    assert deadline is not None
+    a.handle_timer(now=deadline)
+    resent = a.datagrams_to_send(now=deadline)
+    [frame] = [f for f in _frames(resent) if isinstance(f, Data)]
+    assert frame.messages == ((5, 0), (4, frame.ttl_ms))  # "short" has no time left
+    assert _deliver(resent, a, b, now=deadline + 0.001) == [b"long"]
+    assert b.all_counters()["messages_expired_in_bundle"] == 1
+
+
+def test_bundled_bytes_count_against_the_send_queue() -> None:
+    a, _ = _pair(queue_bytes=2000)
+    assert a.can_send(B, 1000)
+    a.send(B, b"x" * 1000, expires_at=10.0, now=0.0)
+    assert a.can_send(B, 1000)
+    a.send(B, b"y" * 1000, expires_at=10.0, now=0.0)
+    assert not a.can_send(B, 1)  # still waiting in the bundle, not yet in the transport
