@@ -24,7 +24,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, cast
 
 from glue import network, wire
 from glue.discovery import Address, DiscoveryConfig, Target
@@ -50,11 +50,12 @@ EventListener = Callable[[list[StackEvent]], None]
 
 
 class _Outgoing:
-    __slots__ = ("expires_at", "payload", "remaining")
+    __slots__ = ("expires_at", "payload", "remaining", "targets")
 
-    def __init__(self, payload: bytes, remaining: set[EndpointId] | None, expires_at: float):
+    def __init__(self, payload: bytes, targets: Sequence[EndpointId] | None, expires_at: float):
         self.payload = payload
-        self.remaining = remaining  # None: every peer known when it reaches the stack
+        self.targets = targets  # None: every peer known when it reaches the stack
+        self.remaining: list[EndpointId] | None = None  # the targets a full queue held back
         self.expires_at = expires_at
 
 
@@ -285,7 +286,8 @@ class Endpoint:
             )
         if not expiry_s > 0:
             raise UsageError(f"expiry must be a positive number of seconds, not {expiry_s!r}")
-        targets: set[EndpointId] | None = None if to is None else set(to)  # type: ignore[arg-type]
+        # Ids are plain ints on the wire; the NewType is for the type checker only.
+        targets = None if to is None else cast(tuple[EndpointId, ...], tuple(to))
         if type(payload) is not bytes:
             payload = bytes(payload)  # a caller's bytearray must not change under us
         # The loop's clock is time.monotonic(), so this is valid from any thread.
@@ -354,12 +356,13 @@ class Endpoint:
         now = loop.time()
         freed = 0
         placed_all = False
+        everyone = stack.peer_ids()
         for _ in range(_MAX_DRAIN_PER_CALL):
             if not staged:
                 placed_all = True
                 break
             item = staged[0]
-            if not self._place(stack, item, now):
+            if not self._place(stack, item, now, everyone):
                 break  # a peer's queue is full: SendSpaceFreed or its removal retries
             staged.popleft()
             freed += len(item.payload)
@@ -377,20 +380,26 @@ class Endpoint:
             self._space.set()
         self._service(now)
 
-    def _place(self, stack: Stack, item: _Outgoing, now: float) -> bool:
+    def _place(
+        self, stack: Stack, item: _Outgoing, now: float, everyone: Sequence[EndpointId]
+    ) -> bool:
         """Queue ``item`` to every target with room; True when no target is left."""
-        if item.remaining is None:
-            item.remaining = set(stack.peer_ids())
         if item.expires_at <= now:
             self.counters["messages_expired_before_sending"] += 1
             return True
-        size = len(item.payload)
-        remaining = item.remaining
-        for peer in list(remaining) if len(remaining) > 1 else tuple(remaining):
-            if stack.can_send(peer, size):
-                stack.send(peer, item.payload, expires_at=item.expires_at, now=now)
-                remaining.discard(peer)
-        return not remaining
+        targets: Sequence[EndpointId]
+        if item.remaining is not None:
+            targets = item.remaining
+        else:
+            targets = everyone if item.targets is None else item.targets
+        offer = stack.offer
+        held = [
+            peer
+            for peer in targets
+            if not offer(peer, item.payload, expires_at=item.expires_at, now=now)
+        ]
+        item.remaining = held
+        return not held
 
     # --- queries and listeners --------------------------------------------------------------------
 

@@ -185,6 +185,19 @@ class Stack:
         """Whether no frame is queued or unacknowledged towards any peer."""
         return self.transport.idle()
 
+    def offer(self, peer: EndpointId, payload: bytes, *, expires_at: float, now: float) -> bool:
+        """Queue ``payload`` to ``peer`` if its send queue has room; True if queued or unknown.
+
+        An unknown peer (departed) counts as done: there is nobody to wait for.
+
+        Raises:
+            UsageError: the payload is larger than ``max_message_bytes``.
+        """
+        if not self.transport.can_send(peer, len(payload) + self._bundle_bytes.get(peer, 0)):
+            return False
+        self.send(peer, payload, expires_at=expires_at, now=now)
+        return True
+
     def can_send(self, peer: EndpointId, size: int) -> bool:
         """Whether ``size`` bytes fit in the send queue to ``peer`` now."""
         return self.transport.can_send(peer, size + self._bundle_bytes.get(peer, 0))
