@@ -29,7 +29,7 @@ from typing import Final, cast
 from glue import network, wire
 from glue.discovery import Address, DiscoveryConfig, Target
 from glue.errors import BackpressureError, ConfigError, UsageError
-from glue.events import MessageReceived, Peer, PeerRemoved, StackEvent
+from glue.events import Peer, PeerRemoved, StackEvent
 from glue.settings import GlueSettings
 from glue.stack import Stack, StackConfig
 from glue.transport import SendSpaceFreed, TransportConfig
@@ -491,24 +491,21 @@ class Endpoint:
     def _dispatch_events(self) -> None:
         stack = self._stack
         assert stack is not None
-        events: list[StackEvent] = []
-        retry = False
-        while (event := stack.next_event()) is not None:
-            if type(event) is MessageReceived:
-                events.append(event)
-                continue
-            if isinstance(event, SendSpaceFreed):
-                retry = True
-                continue
-            if isinstance(event, PeerRemoved):
-                retry = True  # messages waiting for that peer need not wait any more
-            events.append(event)
-        if retry:
-            with self._handoff_lock:
-                if (self._handoff or self._staged) and not self._drain_scheduled:
-                    self._drain_scheduled = True
-                    assert self._loop is not None
-                    self._loop.call_soon(self._drain_handoff)
+        pulled, control = stack.take_events()
+        if not pulled:
+            return
+        events: list[StackEvent]
+        if control:  # rare: peers came or went, or acks made room
+            retry = any(isinstance(e, SendSpaceFreed | PeerRemoved) for e in pulled)
+            events = [e for e in pulled if not isinstance(e, SendSpaceFreed)]
+            if retry:  # messages waiting for room, or for a departed peer, may go on
+                with self._handoff_lock:
+                    if (self._handoff or self._staged) and not self._drain_scheduled:
+                        self._drain_scheduled = True
+                        assert self._loop is not None
+                        self._loop.call_soon(self._drain_handoff)
+        else:
+            events = cast(list[StackEvent], pulled)
         if not events:
             return
         for listener in self._listeners:

@@ -219,8 +219,11 @@ class AsyncEndpointManager:
         batch: list[tuple[_Callback, object]] = []
         message_callbacks = [cb for kind, cb in self._callbacks if kind is MessageReceived]
         message_streams = self._message_streams
+        wants_messages = bool(message_callbacks or message_streams)
         for event in events:
             if isinstance(event, MessageReceived):
+                if not wants_messages:
+                    continue
                 for stream in message_streams:
                     _put_bounded(stream, event, self._endpoint)
                 batch.extend((callback, event) for callback in message_callbacks)

@@ -101,6 +101,7 @@ class Stack:
         self._header = wire.Header(config.network_id, self.endpoint_id, self.incarnation)
         self._routes: dict[EndpointId, _Route] = {}
         self._events: deque[StackOutput] = deque()
+        self._control_events = False  # whether _events holds anything but MessageReceived
         # Small messages waiting to be bundled, per peer, until the next datagrams_to_send.
         self._bundles: dict[EndpointId, list[tuple[bytes, float]]] = {}
         self._bundle_bytes: dict[EndpointId, int] = {}
@@ -256,6 +257,13 @@ class Stack:
         """The oldest event not yet pulled, or ``None``."""
         return self._events.popleft() if self._events else None
 
+    def take_events(self) -> tuple[list[StackOutput], bool]:
+        """Every event not yet pulled, and whether any is not a ``MessageReceived`` (bulk pull)."""
+        events = list(self._events)
+        self._events.clear()
+        control, self._control_events = self._control_events, False
+        return events, control
+
     def next_deadline(self) -> float | None:
         """The earliest time any layer wants ``handle_timer``."""
         deadlines = [
@@ -345,6 +353,7 @@ class Stack:
                 self._bundles.pop(peer.endpoint_id, None)
                 self._bundle_bytes.pop(peer.endpoint_id, None)
             self._events.append(event)
+            self._control_events = True
 
     def _unbundle(self, event: FrameReceived, now: float) -> None:
         """Deliver each message of a bundle whose own time to live has not run out."""
@@ -407,3 +416,4 @@ class Stack:
             else:
                 assert isinstance(event, SendSpaceFreed)
                 self._events.append(event)
+                self._control_events = True

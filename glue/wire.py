@@ -387,25 +387,20 @@ def _announce_from_wire(raw: dict[str, Any], header: Header) -> Announce:
 
 
 def _bundle_from_wire(raw: object, length: int) -> tuple[tuple[int, int], ...]:
+    # Checked with builtins that loop in C: a bundle may list thousands of messages.
+    bad = DecodeError("'m' holds [length, ttl] pairs of integers", reason="malformed")
     if not isinstance(raw, list) or not 0 < len(raw) <= MAX_BUNDLE:
         raise DecodeError(f"'m' must be a list of 1..{MAX_BUNDLE} pairs", reason="malformed")
-    messages = []
-    total = 0
-    for pair in raw:
-        if (
-            not isinstance(pair, list)
-            or len(pair) != 2
-            or type(pair[0]) is not int
-            or type(pair[1]) is not int
-            or pair[0] < 0
-            or not 0 <= pair[1] <= MAX_TTL_MS
-        ):
-            raise DecodeError("'m' holds [length, ttl] pairs of integers", reason="malformed")
-        total += pair[0]
-        messages.append((pair[0], pair[1]))
-    if total != length:
-        raise DecodeError(f"'m' lengths add up to {total}, not 'n' = {length}", reason="malformed")
-    return tuple(messages)
+    if set(map(type, raw)) != {list} or set(map(len, raw)) != {2}:
+        raise bad
+    lengths, ttls = zip(*raw, strict=True)
+    if set(map(type, lengths)) != {int} or set(map(type, ttls)) != {int}:
+        raise bad
+    if min(lengths) < 0 or min(ttls) < 0 or max(ttls) > MAX_TTL_MS:
+        raise bad
+    if sum(lengths) != length:
+        raise DecodeError(f"'m' lengths do not add up to 'n' = {length}", reason="malformed")
+    return tuple(zip(lengths, ttls, strict=True))
 
 
 def _ack_from_wire(raw: dict[str, Any]) -> Ack:
