@@ -177,15 +177,9 @@ class AsyncEndpointManager:
         """Call ``callback(message)`` (plain or ``async``) for each message; returns a remover."""
         return self._add_callback(MessageReceived, callback)
 
-    async def messages(self) -> AsyncIterator[MessageReceived]:
+    def messages(self) -> AsyncIterator[MessageReceived]:
         """``async for message in endpoint.messages()``: every message from now until stop."""
-        stream: asyncio.Queue[MessageReceived | None] = asyncio.Queue(EVENT_QUEUE_SIZE)
-        self._message_streams.add(stream)
-        try:
-            while (message := await stream.get()) is not None:
-                yield message
-        finally:
-            self._message_streams.discard(stream)
+        return _iterate(self._message_streams)
 
     # --- peer events ----------------------------------------------------------------------------
 
@@ -197,15 +191,9 @@ class AsyncEndpointManager:
         """Call ``callback(peer)`` (plain or ``async``) when a peer goes away; returns a remover."""
         return self._add_callback(PeerRemoved, callback)
 
-    async def peer_events(self) -> AsyncIterator[PeerEvent]:
+    def peer_events(self) -> AsyncIterator[PeerEvent]:
         """``async for event in endpoint.peer_events()``: every event from now until stop."""
-        stream: asyncio.Queue[PeerEvent | None] = asyncio.Queue(EVENT_QUEUE_SIZE)
-        self._peer_streams.add(stream)
-        try:
-            while (event := await stream.get()) is not None:
-                yield event
-        finally:
-            self._peer_streams.discard(stream)
+        return _iterate(self._peer_streams)
 
     def _add_callback(self, kind: type[StackEvent], callback: _Callback) -> Callable[[], None]:
         entry = (kind, callback)
@@ -246,6 +234,17 @@ class AsyncEndpointManager:
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(None)
             self._changed = asyncio.get_running_loop().create_future()
+
+
+async def _iterate(streams: set[asyncio.Queue[T | None]]) -> AsyncIterator[T]:
+    """Items put in a new bounded queue registered in ``streams``, until ``None`` (stop)."""
+    stream: asyncio.Queue[T | None] = asyncio.Queue(EVENT_QUEUE_SIZE)
+    streams.add(stream)
+    try:
+        while (item := await stream.get()) is not None:
+            yield item
+    finally:
+        streams.discard(stream)
 
 
 _callback_tasks: set[asyncio.Future[Any]] = set()
