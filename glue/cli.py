@@ -1,4 +1,4 @@
-"""The ``glue`` command: ``glue peers`` and ``glue demo``.
+"""The ``glue`` command: ``glue peers``, ``glue demo`` and ``glue bench``.
 
 The only module of the package that prints.
 
@@ -87,7 +87,19 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--nodes", type=int, default=3, help="endpoints besides the rendezvous")
     demo.add_argument("--rate-ms", type=int, default=500, help="announcement period")
     demo.set_defaults(run=_run_demo)
+
+    bench = commands.add_parser(
+        "bench", help="glue against raw UDP between two processes (run it in tools/isolated-net)"
+    )
+    bench.add_argument("--seconds", type=float, default=3.0, help="time budget per case")
+    bench.set_defaults(run=_run_bench)
     return parser
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from glue import bench  # only when asked: it is not needed to run an endpoint
+
+    return bench.main(["--seconds", str(args.seconds)])
 
 
 # --- glue peers ----------------------------------------------------------------------------------

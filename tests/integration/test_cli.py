@@ -57,3 +57,11 @@ def test_demo_runs_to_completion_on_loopback() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "endpoints know each other" in result.stdout
     assert "the mesh is intact" in result.stdout
+
+
+def test_bench_runs_and_prints_every_figure() -> None:
+    result = _glue("bench", "--seconds", "0.3", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for label in ("64 B", "64 KiB", "1 MiB", "round trip"):
+        assert label in result.stdout
+    assert result.stdout.count("glue/raw") == 3
