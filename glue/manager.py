@@ -236,15 +236,23 @@ class AsyncEndpointManager:
             self._changed = asyncio.get_running_loop().create_future()
 
 
-async def _iterate(streams: set[asyncio.Queue[T | None]]) -> AsyncIterator[T]:
-    """Items put in a new bounded queue registered in ``streams``, until ``None`` (stop)."""
+def _iterate(streams: set[asyncio.Queue[T | None]]) -> AsyncIterator[T]:
+    """Items put in a new bounded queue registered in ``streams``, until ``None`` (stop).
+
+    The queue is registered now, not at the first ``__anext__``, so nothing that happens between
+    the call and the first iteration is missed.
+    """
     stream: asyncio.Queue[T | None] = asyncio.Queue(EVENT_QUEUE_SIZE)
     streams.add(stream)
-    try:
-        while (item := await stream.get()) is not None:
-            yield item
-    finally:
-        streams.discard(stream)
+
+    async def items() -> AsyncIterator[T]:
+        try:
+            while (item := await stream.get()) is not None:
+                yield item
+        finally:
+            streams.discard(stream)
+
+    return items()
 
 
 _callback_tasks: set[asyncio.Future[Any]] = set()
@@ -455,19 +463,24 @@ class EndpointManager:
         return self._iterate(self._peer_streams, timeout)
 
     def _iterate(self, streams: set[queue.Queue[T | None]], timeout: float | None) -> Iterator[T]:
+        # Registered now, not at the first next(): events right after the call are not missed.
         stream: queue.Queue[T | None] = queue.Queue(EVENT_QUEUE_SIZE)
         streams.add(stream)
-        try:
-            while True:
-                try:
-                    item = stream.get(timeout=timeout)
-                except queue.Empty:
-                    return
-                if item is None:
-                    return
-                yield item
-        finally:
-            streams.discard(stream)
+
+        def items() -> Iterator[T]:
+            try:
+                while True:
+                    try:
+                        item = stream.get(timeout=timeout)
+                    except queue.Empty:
+                        return
+                    if item is None:
+                        return
+                    yield item
+            finally:
+                streams.discard(stream)
+
+        return items()
 
     def _add_callback(self, kind: type[StackEvent], callback: _Callback) -> Callable[[], None]:
         entry = (kind, callback)
