@@ -106,6 +106,19 @@ def _receiver(**glue: str | int) -> tuple[subprocess.Popen[str], int, list[dict]
     return process, started["id"], lines
 
 
+def _stop(process: subprocess.Popen[str]) -> None:
+    """Stop a receiver cleanly (SIGTERM: it reports its final count); kill it if it hangs."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
+
+
 def test_a_peer_killed_mid_stream_is_dropped_and_the_others_continue(group: str) -> None:
     glue = {
         "discovery_target_address": group,
@@ -156,11 +169,7 @@ def test_a_peer_killed_mid_stream_is_dropped_and_the_others_continue(group: str)
     finally:
         stop.set()
         for process in (victim, survivor):
-            if process.poll() is None:
-                process.terminate()
-            process.wait(10)
-            if process.stdout is not None:
-                process.stdout.close()
+            _stop(process)
     assert survivor_lines[-1]["event"] == "stopped"
     assert survivor_lines[-1]["count"] == total
     assert survivor_lines[-1]["ok"]  # exactly once, in order
@@ -251,11 +260,9 @@ def test_a_peer_that_stops_acknowledging_gives_backpressure_then_recovers(group:
                 tx.send(b"%d:" % sent + b"x" * 1000, timeout=10)
             assert wait_until(lambda: bool(lines) and lines[-1].get("count", 0) >= sent, timeout=20)
     finally:
-        receiver.send_signal(signal.SIGCONT)
-        receiver.terminate()
-        receiver.wait(10)
-        if receiver.stdout is not None:
-            receiver.stdout.close()
+        if receiver.poll() is None:
+            receiver.send_signal(signal.SIGCONT)
+        _stop(receiver)
     assert lines[-1]["event"] == "stopped"
     assert lines[-1]["count"] == sent
     assert lines[-1]["ok"]  # exactly once, in order, the refused message never sent
