@@ -194,7 +194,7 @@ class Stack:
         Raises:
             UsageError: the payload is larger than ``max_message_bytes``.
         """
-        if not self.transport.can_send(peer, len(payload) + self._bundle_bytes.get(peer, 0)):
+        if not self.can_send(peer, len(payload)):
             return False
         self.send(peer, payload, expires_at=expires_at, now=now)
         return True
@@ -311,11 +311,6 @@ class Stack:
         self._bundle_bytes.pop(peer, None)
         route = self._routes.get(peer)
         if not items or route is None:
-            return
-        send = self.transport.send
-        if len(items) == 1:
-            payload, expires_at = items[0]
-            send(peer, payload, expires_at=expires_at, now=now)
             return
         budget = route.datagram_bytes - FRAME_OVERHEAD_BYTES
         start, used = 0, 0
