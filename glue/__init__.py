@@ -7,7 +7,8 @@ other by periodic announcements and exchange data without a broker. Start with
     from glue import EndpointManager
 
     with EndpointManager.from_env() as endpoint:
-        print(endpoint.wait_for_peers(1, timeout=5))
+        endpoint.subscribe("sensors/#", "reading", lambda message: print(message.json()))
+        endpoint.publish_json("sensors/kitchen", "reading", {"celsius": 21.5})
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from glue.errors import (
     ProtocolError,
     UsageError,
 )
-from glue.events import MessageReceived, Peer, PeerAdded, PeerEvent, PeerRemoved
+from glue.events import Message, MessageReceived, Peer, PeerAdded, PeerEvent, PeerRemoved
 from glue.manager import AsyncEndpointManager, EndpointManager
 from glue.settings import GlueSettings, load_settings
+from glue.subscription import AsyncSubscription, Subscription
 
 __all__ = [
     "AsyncEndpointManager",
+    "AsyncSubscription",
     "BackpressureError",
     "ConfigError",
     "DecodeError",
@@ -36,12 +39,14 @@ __all__ = [
     "EndpointManager",
     "GlueError",
     "GlueSettings",
+    "Message",
     "MessageReceived",
     "Peer",
     "PeerAdded",
     "PeerEvent",
     "PeerRemoved",
     "ProtocolError",
+    "Subscription",
     "UsageError",
     "load_settings",
 ]

@@ -100,6 +100,8 @@ class Discovery:
         self._announce_at: float | None = now if config.announce else None
         self._warned: set[tuple[str, object]] = set()
         self._left = False
+        #: The topics layer's interest version, carried in our announcements.
+        self.interest_version = 0
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -334,6 +336,7 @@ class Discovery:
             config.host,
             config.port,
             self._rate_ms,
+            interest=self.interest_version,
         )
 
     def _timeout_s(self, state: _PeerState) -> float:

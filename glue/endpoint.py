@@ -32,6 +32,7 @@ from glue.errors import BackpressureError, ConfigError, UsageError
 from glue.events import Peer, PeerRemoved, StackEvent
 from glue.settings import GlueSettings
 from glue.stack import Stack, StackConfig
+from glue.topics import DIRECT_ENVELOPE, TopicsConfig, validate_topic_name, validate_topic_type
 from glue.transport import SendSpaceFreed, TransportConfig
 from glue.wire import EndpointId
 
@@ -50,13 +51,22 @@ EventListener = Callable[[list[StackEvent]], None]
 
 
 class _Outgoing:
-    __slots__ = ("expires_at", "payload", "remaining", "targets")
+    __slots__ = ("expires_at", "payload", "remaining", "size", "targets", "topic")
 
-    def __init__(self, payload: bytes, targets: Sequence[EndpointId] | None, expires_at: float):
+    def __init__(
+        self,
+        payload: bytes,
+        targets: Sequence[EndpointId] | None,
+        expires_at: float,
+        topic: tuple[str, str, int | None] | None = None,
+    ):
         self.payload = payload
+        self.size = len(payload)  # as counted in the hand-off queue's bytes
         self.targets = targets  # None: every peer known when it reaches the stack
         self.remaining: list[EndpointId] | None = None  # the targets a full queue held back
         self.expires_at = expires_at
+        # (name, type, history depth) of a publish not yet numbered by the topics layer
+        self.topic = topic
 
 
 class Endpoint:
@@ -134,6 +144,7 @@ class Endpoint:
         self._stack = Stack(
             self._stack_config(host, port, announces), rng=random.Random(), now=loop.time()
         )
+        self._stack.topics.wall_offset = time.time() - loop.time()
         loop.add_reader(self._data.fileno(), self._on_readable, self._data, False)
         for sock, multicast in self._discovery_sockets.sockets if self._discovery_sockets else ():
             loop.add_reader(sock.fileno(), self._on_readable, sock, multicast)
@@ -172,6 +183,10 @@ class Endpoint:
                 announce=announces,
             ),
             transport=TransportConfig(queue_bytes=settings.send_queue_bytes),
+            topics=TopicsConfig(
+                history_depth=settings.history_depth,
+                history_max_bytes=settings.history_max_bytes,
+            ),
             datagram_bytes=datagram_bytes,
             loopback_datagram_bytes=settings.max_datagram_bytes or wire.MAX_DATAGRAM_BYTES,
             max_message_bytes=settings.max_message_bytes,
@@ -238,7 +253,73 @@ class Endpoint:
             BackpressureError: the hand-off queue stayed full for ``timeout`` seconds.
             UsageError: the endpoint is not running, or the payload is too large.
         """
-        item = self._outgoing(payload, to, expiry_s)
+        await self._hand_off(self._outgoing(payload, to, expiry_s), timeout)
+
+    async def publish(
+        self,
+        topic: str,
+        topic_type: str,
+        payload: bytes,
+        *,
+        expiry_s: float,
+        history_depth: int | None,
+        timeout: float,  # noqa: ASYNC109 - the same signature as the blocking twin
+    ) -> None:
+        """Queue a publication on ``topic``, from the loop thread (see :meth:`send`)."""
+        item = self._publication(topic, topic_type, payload, expiry_s, history_depth)
+        await self._hand_off(item, timeout)
+
+    def publish_threadsafe(
+        self,
+        topic: str,
+        topic_type: str,
+        payload: bytes,
+        *,
+        expiry_s: float,
+        history_depth: int | None,
+        timeout: float,
+    ) -> None:
+        """Queue a publication on ``topic`` from any thread but the loop's (see
+        :meth:`send_threadsafe`)."""
+        item = self._publication(topic, topic_type, payload, expiry_s, history_depth)
+        self._hand_off_threadsafe(item, timeout)
+
+    def subscribe(self, pattern: str, topic_type: str) -> int:
+        """Add a subscription (on the loop thread); peers hear of it at once. Returns its id.
+
+        Raises:
+            UsageError: the pattern or type is not valid, or the endpoint is not running.
+        """
+        if not self.running or self._stack is None:
+            raise UsageError("the endpoint is not running")
+        subscription = self._stack.subscribe(pattern, topic_type)
+        self._flush()
+        return subscription
+
+    def unsubscribe(self, subscription: int) -> None:
+        """Remove a subscription (on the loop thread); peers hear of it at once."""
+        if self._stack is not None:
+            self._stack.unsubscribe(subscription)
+            if self.running:
+                self._flush()
+
+    def _publication(
+        self,
+        topic: str,
+        topic_type: str,
+        payload: bytes,
+        expiry_s: float,
+        history_depth: int | None,
+    ) -> _Outgoing:
+        validate_topic_name(topic)
+        validate_topic_type(topic_type)
+        if history_depth is not None and (type(history_depth) is not int or history_depth < 0):
+            raise UsageError(f"history_depth must be an int >= 0, not {history_depth!r}")
+        item = self._outgoing(payload, (), expiry_s, envelope=False)
+        item.topic = (topic, topic_type, history_depth)
+        return item
+
+    async def _hand_off(self, item: _Outgoing, timeout: float) -> None:  # noqa: ASYNC109
         loop = asyncio.get_running_loop()
         stack = self._stack
         idle = not self._handoff and not self._staged and stack is not None and stack.idle()
@@ -251,12 +332,12 @@ class Endpoint:
         while not self._offer(item):
             remaining = deadline - loop.time()
             if remaining <= 0 or not self.running:
-                raise self._backpressure(timeout, len(item.payload))
+                raise self._backpressure(timeout, item.size)
             self._space.clear()
             try:
                 await asyncio.wait_for(self._space.wait(), remaining)
             except TimeoutError:
-                raise self._backpressure(timeout, len(item.payload)) from None
+                raise self._backpressure(timeout, item.size) from None
 
     def send_threadsafe(
         self, payload: bytes, *, to: Sequence[int] | None, expiry_s: float, timeout: float
@@ -267,16 +348,25 @@ class Endpoint:
             BackpressureError: the hand-off queue stayed full for ``timeout`` seconds.
             UsageError: the endpoint is not running, or the payload is too large.
         """
-        item = self._outgoing(payload, to, expiry_s)
+        self._hand_off_threadsafe(self._outgoing(payload, to, expiry_s), timeout)
+
+    def _hand_off_threadsafe(self, item: _Outgoing, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         with self._handoff_lock:
             while not self._offer(item, locked=True):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self.running:
-                    raise self._backpressure(timeout, len(item.payload))
+                    raise self._backpressure(timeout, item.size)
                 self._handoff_lock.wait(remaining)
 
-    def _outgoing(self, payload: bytes, to: Sequence[int] | None, expiry_s: float) -> _Outgoing:
+    def _outgoing(
+        self,
+        payload: bytes,
+        to: Sequence[int] | None,
+        expiry_s: float,
+        *,
+        envelope: bool = True,
+    ) -> _Outgoing:
         if not self.running:
             raise UsageError("the endpoint is not running")
         if len(payload) > self.settings.max_message_bytes:
@@ -288,7 +378,9 @@ class Endpoint:
             raise UsageError(f"expiry must be a positive number of seconds, not {expiry_s!r}")
         # Ids are plain ints on the wire; the NewType is for the type checker only.
         targets = None if to is None else cast(tuple[EndpointId, ...], tuple(to))
-        if type(payload) is not bytes:
+        if envelope:
+            payload = DIRECT_ENVELOPE + payload  # a copy: a caller's bytearray may change
+        elif type(payload) is not bytes:
             payload = bytes(payload)  # a caller's bytearray must not change under us
         # The loop's clock is time.monotonic(), so this is valid from any thread.
         return _Outgoing(payload, targets, time.monotonic() + expiry_s)
@@ -298,7 +390,7 @@ class Endpoint:
         if not locked:
             with self._handoff_lock:
                 return self._offer(item, locked=True)
-        size = len(item.payload)
+        size = item.size
         waiting = self._handoff or self._staged
         if waiting and self._handoff_bytes + size > self.settings.send_queue_bytes:
             return False
@@ -365,7 +457,7 @@ class Endpoint:
             if not self._place(stack, item, now, everyone):
                 break  # a peer's queue is full: SendSpaceFreed or its removal retries
             staged.popleft()
-            freed += len(item.payload)
+            freed += item.size
         else:
             placed_all = not staged
         with self._handoff_lock:
@@ -388,6 +480,17 @@ class Endpoint:
             self.counters["messages_expired_before_sending"] += 1
             return True
         targets: Sequence[EndpointId]
+        if item.topic is not None:
+            topic, topic_type, depth = item.topic
+            item.topic = None
+            item.payload, item.targets = stack.publish(
+                topic,
+                topic_type,
+                item.payload,
+                expires_at=item.expires_at,
+                now=now,
+                history_depth=depth,
+            )
         if item.remaining is not None:
             targets = item.remaining
         else:
@@ -542,6 +645,8 @@ class Endpoint:
         if self._state != "running":
             return
         now = max(deadline, loop.time())
+        # Follow wall-clock steps (NTP) for the timestamps of messages; cheap, once per timer.
+        stack.topics.wall_offset = time.time() - now
         stack.handle_timer(now=now)
         self._service(now)
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+import orjson
 
 from glue.wire import EndpointId
 
 __all__ = [
+    "Message",
     "MessageReceived",
     "Peer",
     "PeerAdded",
@@ -15,6 +18,7 @@ __all__ = [
     "PeerRemoved",
     "RemovalReason",
     "StackEvent",
+    "TopicDelivery",
 ]
 
 RemovalReason = Literal["expired", "left", "restarted"]
@@ -68,4 +72,41 @@ class MessageReceived:
     received_at: float
 
 
-StackEvent = PeerAdded | PeerRemoved | MessageReceived
+@dataclass(slots=True)
+class Message:
+    """One message published on a topic, as a subscriber receives it.
+
+    ``sequence`` counts the publisher's messages on this topic (from 1, per publisher
+    incarnation), so a gap shows messages that expired or were dropped from history.
+    ``sent_at`` is the publisher's wall clock at publish and ``received_at`` this endpoint's, in
+    seconds since the epoch (the difference is the latency when the clocks agree). Treat it as
+    read-only (not frozen, for the same reason as :class:`MessageReceived`).
+    """
+
+    topic_name: str
+    topic_type: str
+    payload: bytes
+    source_id: int
+    source_name: str
+    sequence: int
+    sent_at: float
+    received_at: float
+
+    def json(self) -> Any:
+        """The payload decoded as JSON (see ``publish_json``).
+
+        Raises:
+            ValueError: the payload is not JSON.
+        """
+        return orjson.loads(self.payload)
+
+
+@dataclass(slots=True)
+class TopicDelivery:
+    """A topic message for the local subscriptions ``subscriptions`` (ids), in order."""
+
+    message: Message
+    subscriptions: tuple[int, ...]
+
+
+StackEvent = PeerAdded | PeerRemoved | MessageReceived | TopicDelivery

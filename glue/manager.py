@@ -20,10 +20,29 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
+import orjson
+
 from glue.endpoint import Endpoint
 from glue.errors import GlueError, UsageError
-from glue.events import MessageReceived, Peer, PeerAdded, PeerEvent, PeerRemoved, StackEvent
+from glue.events import (
+    MessageReceived,
+    Peer,
+    PeerAdded,
+    PeerEvent,
+    PeerRemoved,
+    StackEvent,
+    TopicDelivery,
+)
 from glue.settings import GlueSettings, load_settings
+from glue.subscription import (
+    DEFAULT_QUEUE_SIZE,
+    AsyncMessageCallback,
+    AsyncSubscription,
+    CallbackPool,
+    MessageCallback,
+    Subscription,
+)
+from glue.topics import validate_pattern, validate_topic_type
 
 __all__ = ["DEFAULT_EXPIRY_S", "DEFAULT_SEND_TIMEOUT_S", "AsyncEndpointManager", "EndpointManager"]
 
@@ -37,7 +56,6 @@ _START_TIMEOUT_S: Final = 30.0
 
 T = TypeVar("T")
 PeerCallback = Callable[[Peer], object]
-MessageCallback = Callable[[MessageReceived], object]
 _Callback = Callable[[Any], object]
 
 
@@ -55,6 +73,7 @@ class AsyncEndpointManager:
         self._callbacks: list[tuple[type[StackEvent], _Callback]] = []
         self._peer_streams: set[asyncio.Queue[PeerEvent | None]] = set()
         self._message_streams: set[asyncio.Queue[MessageReceived | None]] = set()
+        self._subscriptions: dict[int, AsyncSubscription] = {}
         self._changed: asyncio.Future[None] | None = None
         self._endpoint.add_listener(self._on_events)
 
@@ -84,6 +103,12 @@ class AsyncEndpointManager:
         streams: list[asyncio.Queue[Any]] = [*self._peer_streams, *self._message_streams]
         for stream in streams:
             _put_bounded(stream, None, self._endpoint)
+        subscriptions = list(self._subscriptions.values())
+        self._subscriptions.clear()
+        for subscription in subscriptions:
+            subscription._end()
+        for subscription in subscriptions:
+            await subscription._wait_closed()
         self._notify()
 
     aclose = stop
@@ -153,6 +178,100 @@ class AsyncEndpointManager:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._changed), remaining)
 
+    # --- topics ---------------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        topic_name: str,
+        topic_type: str,
+        payload: bytes,
+        *,
+        expiry: float = DEFAULT_EXPIRY_S,
+        history_depth: int | None = None,
+        timeout: float = DEFAULT_SEND_TIMEOUT_S,  # noqa: ASYNC109 - same as the blocking twin
+    ) -> None:
+        """Publish ``payload`` on ``topic_name``: see :meth:`EndpointManager.publish`."""
+        await self._endpoint.publish(
+            topic_name,
+            topic_type,
+            payload,
+            expiry_s=expiry,
+            history_depth=history_depth,
+            timeout=timeout,
+        )
+
+    async def publish_json(
+        self,
+        topic_name: str,
+        topic_type: str,
+        value: Any,
+        *,
+        expiry: float = DEFAULT_EXPIRY_S,
+        history_depth: int | None = None,
+        timeout: float = DEFAULT_SEND_TIMEOUT_S,  # noqa: ASYNC109 - same as the blocking twin
+    ) -> None:
+        """Publish ``value`` encoded with orjson (read it back with ``message.json()``).
+
+        Raises:
+            TypeError: ``value`` cannot be encoded as JSON.
+        """
+        await self.publish(
+            topic_name,
+            topic_type,
+            orjson.dumps(value),
+            expiry=expiry,
+            history_depth=history_depth,
+            timeout=timeout,
+        )
+
+    def subscribe(
+        self,
+        topic_name: str,
+        topic_type: str,
+        callback: AsyncMessageCallback | None = None,
+        *,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+    ) -> AsyncSubscription:
+        """Receive messages published on topics matching ``topic_name`` with type ``topic_type``.
+
+        ``topic_name`` may be ``#`` (everything), end in ``/#`` (a prefix) or hold ``+`` for
+        one segment. With ``callback`` (plain or ``async``), it is called for each message, in
+        order; without, iterate: ``async for message in endpoint.subscribe(...)``. Messages
+        published here reach matching subscriptions here too, without the network.
+
+        Raises:
+            UsageError: the pattern or type is not valid, or the endpoint is not running.
+        """
+        validate_pattern(topic_name)
+        validate_topic_type(topic_type)
+        subscription = AsyncSubscription(
+            topic_name,
+            topic_type,
+            callback,
+            queue_size=queue_size,
+            unsubscribe=self._remove_subscription,
+        )
+        try:
+            subscription.id = self._endpoint.subscribe(topic_name, topic_type)
+        except BaseException:
+            subscription._end()
+            raise
+        self._subscriptions[subscription.id] = subscription
+        return subscription
+
+    def unsubscribe(self, subscription: AsyncSubscription | str) -> None:
+        """Close one subscription, or every subscription to the pattern given as a string."""
+        if isinstance(subscription, str):
+            for entry in list(self._subscriptions.values()):
+                if entry.topic_name == subscription:
+                    entry.close()
+        else:
+            subscription.close()
+
+    def _remove_subscription(self, subscription: AsyncSubscription) -> None:
+        if self._subscriptions.pop(subscription.id, None) is not None:
+            self._endpoint.unsubscribe(subscription.id)
+
     # --- messages -------------------------------------------------------------------------------
 
     async def send(
@@ -208,7 +327,16 @@ class AsyncEndpointManager:
         message_callbacks = [cb for kind, cb in self._callbacks if kind is MessageReceived]
         message_streams = self._message_streams
         wants_messages = bool(message_callbacks or message_streams)
+        subscriptions = self._subscriptions
         for event in events:
+            if isinstance(event, TopicDelivery):
+                if subscriptions:
+                    message = event.message
+                    for subscription_id in event.subscriptions:
+                        entry = subscriptions.get(subscription_id)
+                        if entry is not None and not entry._put(message):
+                            self._endpoint.counters["subscription_messages_dropped"] += 1
+                continue
             if isinstance(event, MessageReceived):
                 if not wants_messages:
                     continue
@@ -300,6 +428,8 @@ class EndpointManager:
         self._callbacks: list[tuple[type[StackEvent], _Callback]] = []
         self._peer_streams: set[queue.Queue[PeerEvent | None]] = set()
         self._message_streams: set[queue.Queue[MessageReceived | None]] = set()
+        self._subscriptions: dict[int, Subscription] = {}  # touched on the network thread only
+        self._pool = CallbackPool(self.settings.callback_threads, self._async.name)
         self._lock = threading.Lock()
         self._stopped = False
 
@@ -360,6 +490,11 @@ class EndpointManager:
         streams: list[queue.Queue[Any]] = [*self._peer_streams, *self._message_streams]
         for stream in streams:
             _put_thread_bounded(stream, None)
+        subscriptions = list(self._subscriptions.values())
+        self._subscriptions.clear()
+        for subscription in subscriptions:
+            subscription._end()
+        self._pool.stop()
         if self._delivery_thread is not None:
             self._deliveries.put(None)
             if self._delivery_thread is not threading.current_thread():
@@ -415,6 +550,131 @@ class EndpointManager:
             TimeoutError: not enough peers within ``timeout`` seconds.
         """
         return self._call(self._async.wait_for_peers(count, timeout=timeout, where=where))
+
+    # --- topics ---------------------------------------------------------------------------------
+
+    def publish(
+        self,
+        topic_name: str,
+        topic_type: str,
+        payload: bytes,
+        *,
+        expiry: float = DEFAULT_EXPIRY_S,
+        history_depth: int | None = None,
+        timeout: float = DEFAULT_SEND_TIMEOUT_S,
+    ) -> None:
+        """Publish ``payload`` on ``topic_name`` with type ``topic_type``.
+
+        Every endpoint subscribed to a matching pattern with the same type gets it exactly once
+        and in publish order, unless ``expiry`` seconds pass first (then it is never delivered).
+        Matching subscriptions of this endpoint get it too, without the network. The last
+        ``history_depth`` messages of the topic (default ``GLUE_HISTORY_DEPTH``; the value given
+        applies to the topic from now on) are kept until they expire, for subscribers that
+        appear later. Returns once queued; waits only while the queue is full.
+
+        Raises:
+            UsageError: invalid name, type or depth; payload over ``GLUE_MAX_MESSAGE_BYTES``;
+                expiry not positive; endpoint not running.
+            BackpressureError: subscribers acknowledge too slowly and the queue stayed full
+                ``timeout`` seconds.
+        """
+        if self._loop is None or self._stopped:
+            raise UsageError("the endpoint is not running (call start() or use `with`)")
+        self._endpoint.publish_threadsafe(
+            topic_name,
+            topic_type,
+            payload,
+            expiry_s=expiry,
+            history_depth=history_depth,
+            timeout=timeout,
+        )
+
+    def publish_json(
+        self,
+        topic_name: str,
+        topic_type: str,
+        value: Any,
+        *,
+        expiry: float = DEFAULT_EXPIRY_S,
+        history_depth: int | None = None,
+        timeout: float = DEFAULT_SEND_TIMEOUT_S,
+    ) -> None:
+        """Publish ``value`` encoded with orjson (read it back with ``message.json()``).
+
+        Raises:
+            TypeError: ``value`` cannot be encoded as JSON (and as :meth:`publish`).
+        """
+        self.publish(
+            topic_name,
+            topic_type,
+            orjson.dumps(value),
+            expiry=expiry,
+            history_depth=history_depth,
+            timeout=timeout,
+        )
+
+    def subscribe(
+        self,
+        topic_name: str,
+        topic_type: str,
+        callback: MessageCallback | None = None,
+        *,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+    ) -> Subscription:
+        """Receive messages published on topics matching ``topic_name`` with type ``topic_type``.
+
+        ``topic_name`` may be ``#`` (everything), end in ``/#`` (a prefix) or hold ``+`` for
+        one segment. With ``callback``, it is called on a callback thread for each message, in
+        order (other subscriptions' callbacks run on other threads); without, iterate:
+        ``for message in endpoint.subscribe(...)``. Up to ``queue_size`` messages wait for a slow
+        subscriber; beyond, they are dropped for it, counted and reported.
+
+        Raises:
+            UsageError: the pattern or type is not valid, or the endpoint is not running.
+        """
+        validate_pattern(topic_name)
+        validate_topic_type(topic_type)
+        subscription = Subscription(
+            topic_name,
+            topic_type,
+            callback,
+            queue_size=queue_size,
+            pool=self._pool,
+            unsubscribe=self._remove_subscription,
+        )
+
+        def register() -> None:
+            # On the network thread, so no message can arrive before it is registered.
+            subscription.id = self._endpoint.subscribe(topic_name, topic_type)
+            self._subscriptions[subscription.id] = subscription
+
+        self._call(_as_coroutine(register))
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription | str) -> None:
+        """Close one subscription, or every subscription to the pattern given as a string.
+
+        No callback of it starts after this returns."""
+        if isinstance(subscription, str):
+            subscriptions = self._subscriptions
+            found = self._call(
+                _as_coroutine(
+                    lambda: [s for s in subscriptions.values() if s.topic_name == subscription]
+                )
+            )
+            for entry in found:
+                entry.close()
+        else:
+            subscription.close()
+
+    def _remove_subscription(self, subscription: Subscription) -> None:
+        def remove() -> None:
+            if self._subscriptions.pop(subscription.id, None) is not None:
+                self._endpoint.unsubscribe(subscription.id)
+
+        if self._loop is not None and not self._stopped:
+            with contextlib.suppress(UsageError):
+                self._call(_as_coroutine(remove))
 
     # --- messages -------------------------------------------------------------------------------
 
@@ -502,7 +762,15 @@ class EndpointManager:
         batch: list[tuple[tuple[_Callback, ...], Sequence[object]]] = []
         messages: list[MessageReceived] = []
         dropped = 0
+        subscriptions = self._subscriptions
         for event in events:
+            if isinstance(event, TopicDelivery):
+                message = event.message
+                for subscription_id in event.subscriptions:
+                    entry = subscriptions.get(subscription_id)
+                    if entry is not None and not entry._put(message):
+                        self._endpoint.counters["subscription_messages_dropped"] += 1
+                continue
             if isinstance(event, MessageReceived):
                 messages.append(event)
                 for message_stream in list(self._message_streams):

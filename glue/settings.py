@@ -66,6 +66,9 @@ EXPECTED: Final[dict[str, str]] = {
         "or an integer from 576 to 65507"
     ),
     "send_queue_bytes": "an integer from 65536 to 1099511627776 (bytes per peer)",
+    "history_depth": "an integer from 0 to 1000000 (messages kept per topic for late joiners)",
+    "history_max_bytes": "an integer from 0 to 1099511627776 (bytes of history in total)",
+    "callback_threads": "an integer from 1 to 256 (threads running subscription callbacks)",
     "log_level": "one of " + ", ".join(_LOG_LEVELS),
 }
 
@@ -104,6 +107,9 @@ class GlueSettings(BaseSettings):
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1024**3)
     max_datagram_bytes: int = Field(0, ge=0, le=65507)
     send_queue_bytes: int = Field(64 * 1024 * 1024, ge=65536, le=1024**4)
+    history_depth: int = Field(1, ge=0, le=1_000_000)
+    history_max_bytes: int = Field(64 * 1024 * 1024, ge=0, le=1024**4)
+    callback_threads: int = Field(4, ge=1, le=256)
     log_level: str = "INFO"
 
     @field_validator("listen_address", mode="before")

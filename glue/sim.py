@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from glue.discovery import Address, DiscoveryConfig
-from glue.events import MessageReceived, PeerAdded, PeerRemoved, StackEvent
+from glue.events import Message, MessageReceived, PeerAdded, PeerRemoved, StackEvent, TopicDelivery
+from glue.topics import DIRECT_ENVELOPE
 from glue.stack import Stack, StackConfig
 from glue.transport import TransportConfig
 from glue.wire import EndpointId
@@ -54,6 +55,8 @@ class SimNode:
     sim: Simulation
     events: list[tuple[float, StackEvent]] = field(default_factory=list)
     received: list[MessageReceived] = field(default_factory=list)
+    #: Topic messages delivered to this node's subscriptions (once per message).
+    topic_messages: list[Message] = field(default_factory=list)
 
     @property
     def endpoint_id(self) -> EndpointId:
@@ -67,9 +70,41 @@ class SimNode:
     def send(self, to: SimNode, payload: bytes, *, expiry: float) -> bool:
         """Queue ``payload`` to ``to`` (False if ``to`` is not a known peer)."""
         now = self.sim.now
-        sent = self.stack.send(to.endpoint_id, payload, expires_at=now + expiry, now=now)
+        sent = self.stack.send(
+            to.endpoint_id, DIRECT_ENVELOPE + payload, expires_at=now + expiry, now=now
+        )
         self.sim._touched[self] = None
         return sent
+
+    def publish(
+        self,
+        topic: str,
+        topic_type: str,
+        payload: bytes,
+        *,
+        expiry: float,
+        history_depth: int | None = None,
+    ) -> int:
+        """Publish on ``topic`` to every interested peer; returns how many peers it went to."""
+        now = self.sim.now
+        envelope, targets = self.stack.publish(
+            topic,
+            topic_type,
+            payload,
+            expires_at=now + expiry,
+            now=now,
+            history_depth=history_depth,
+        )
+        for peer in targets:
+            self.stack.send(peer, envelope, expires_at=now + expiry, now=now)
+        self.sim._touched[self] = None
+        return len(targets)
+
+    def subscribe(self, pattern: str, topic_type: str) -> int:
+        """Subscribe to ``pattern``; returns the subscription id."""
+        subscription = self.stack.subscribe(pattern, topic_type)
+        self.sim._touched[self] = None
+        return subscription
 
     def removals(self, other: SimNode) -> list[PeerRemoved]:
         """Every removal of ``other`` this node reported."""
@@ -215,6 +250,8 @@ class Simulation:
                     node.events.append((self.now, event))
                 if isinstance(event, MessageReceived):
                     node.received.append(event)
+                elif isinstance(event, TopicDelivery):
+                    node.topic_messages.append(event.message)
 
     def _transmit(self, sender: SimNode, to: SimNode, datagram: bytes, *, multicast: bool) -> None:
         if frozenset((sender.name, to.name)) in self._cut:

@@ -21,8 +21,9 @@ from typing import Final
 from glue import wire
 from glue.discovery import Address, Discovery, DiscoveryConfig, Target
 from glue.errors import DecodeError, UsageError
-from glue.events import MessageReceived, Peer, PeerAdded, StackEvent
+from glue.events import Peer, PeerAdded, StackEvent
 from glue.fragmentation import Reassembler, split
+from glue.topics import MAX_ENVELOPE_BYTES, Topics, TopicsConfig
 from glue.transport import (
     FrameReceived,
     FramesSkipped,
@@ -62,6 +63,7 @@ class StackConfig:
     network_id: int
     discovery: DiscoveryConfig
     transport: TransportConfig = field(default_factory=TransportConfig)
+    topics: TopicsConfig = field(default_factory=TopicsConfig)
     #: Largest datagram to peers on other hosts (the path MTU less 28 bytes of IP and UDP).
     datagram_bytes: int = 1472
     #: Largest datagram to peers on 127.0.0.0/8.
@@ -95,13 +97,20 @@ class Stack:
         self.discovery = Discovery(identity, rng=rng, now=now)
         self.transport = Transport(config.transport)
         self.reassembler = Reassembler(
-            max_message_bytes=config.max_message_bytes,
+            max_message_bytes=config.max_message_bytes + MAX_ENVELOPE_BYTES,
             max_total_bytes=config.max_reassembly_bytes,
         )
         self._header = wire.Header(config.network_id, self.endpoint_id, self.incarnation)
         self._routes: dict[EndpointId, _Route] = {}
         self._events: deque[StackOutput] = deque()
-        self._control_events = False  # whether _events holds anything but MessageReceived
+        self._control_events = False  # whether _events holds anything but messages
+        self.topics = Topics(
+            config.topics,
+            endpoint_id=self.endpoint_id,
+            name=identity.name,
+            incarnation=self.incarnation,
+            emit=self._events.append,
+        )
         # Small messages waiting to be bundled, per peer, until the next datagrams_to_send.
         self._bundles: dict[EndpointId, list[tuple[bytes, float]]] = {}
         self._bundle_bytes: dict[EndpointId, int] = {}
@@ -137,6 +146,8 @@ class Stack:
             else:
                 self.discovery.receive(frame, header, source, multicast=multicast, now=now)  # type: ignore[arg-type]
                 self._pump_discovery()
+                if kind is wire.Announce and frame.interest and not frame.forwarded:  # type: ignore[union-attr]
+                    self.topics.announced(frame.endpoint_id, frame.interest)  # type: ignore[union-attr]
         if touched:
             self.discovery.touch(header.source_id, header.incarnation, now=now)
             route = self._routes.get(header.source_id)
@@ -151,9 +162,9 @@ class Stack:
         Raises:
             UsageError: the payload is larger than ``max_message_bytes``.
         """
-        if len(payload) > self.config.max_message_bytes:
+        if len(payload) > self.config.max_message_bytes + MAX_ENVELOPE_BYTES:
             raise UsageError(
-                f"a message of {len(payload)} bytes exceeds the maximum of "
+                f"a message of {len(payload) - MAX_ENVELOPE_BYTES}+ bytes exceeds the maximum of "
                 f"{self.config.max_message_bytes} (GLUE_MAX_MESSAGE_BYTES)"
             )
         route = self._routes.get(peer)
@@ -199,6 +210,41 @@ class Stack:
         self.send(peer, payload, expires_at=expires_at, now=now)
         return True
 
+    def publish(
+        self,
+        topic: str,
+        topic_type: str,
+        payload: bytes,
+        *,
+        expires_at: float,
+        now: float,
+        history_depth: int | None = None,
+    ) -> tuple[bytes, tuple[EndpointId, ...]]:
+        """Number, keep and locally deliver a topic message; returns what to send, and to whom.
+
+        The caller offers the envelope to each target (:meth:`offer`), as for any message.
+        """
+        return self.topics.publish(
+            topic,
+            topic_type,
+            payload,
+            expires_at=expires_at,
+            now=now,
+            history_depth=history_depth,
+        )
+
+    def subscribe(self, pattern: str, topic_type: str) -> int:
+        """Add a local subscription (its id); peers learn it at the next flush.
+
+        Raises:
+            UsageError: the pattern or type is not valid.
+        """
+        return self.topics.subscribe(pattern, topic_type)
+
+    def unsubscribe(self, subscription: int) -> None:
+        """Remove a local subscription; peers learn it at the next flush."""
+        self.topics.unsubscribe(subscription)
+
     def can_send(self, peer: EndpointId, size: int) -> bool:
         """Whether ``size`` bytes fit in the send queue to ``peer`` now."""
         return self.transport.can_send(peer, size + self._bundle_bytes.get(peer, 0))
@@ -213,6 +259,7 @@ class Stack:
         self._pump_discovery()
         self.transport.handle_timer(now=now)
         self.reassembler.handle_timer(now=now)
+        self.topics.prune_history(now)
         self._pump_transport(now)
 
     def leave(self) -> None:
@@ -229,6 +276,13 @@ class Stack:
     def datagrams_to_send(self, *, now: float) -> list[tuple[bytes, Address]]:
         """Every datagram to send now, packed per destination."""
         out: list[tuple[bytes, Address]] = []
+        topics = self.topics
+        if topics.has_sends():
+            horizon = now + wire.MAX_TTL_MS / 1000.0
+            send = self.send
+            for peer, envelope, expires_at in topics.take_sends():
+                send(peer, envelope, expires_at=min(expires_at, horizon), now=now)
+            self.discovery.interest_version = topics.version
         announcements = self.discovery.frames_to_send()
         if announcements:
             by_destination: dict[Address, list[wire.Frame]] = {}
@@ -299,6 +353,7 @@ class Stack:
             ("discovery", self.discovery.counters),
             ("transport", self.transport.total_counters()),
             ("fragmentation", self.reassembler.counters),
+            ("topics", self.topics.counters),
         ):
             merged.update({f"{prefix}_{key}": value for key, value in counters.items()})
         return dict(merged)
@@ -341,12 +396,14 @@ class Stack:
             if isinstance(event, PeerAdded):
                 self.transport.add_peer(peer.endpoint_id, peer.incarnation)
                 self._routes[peer.endpoint_id] = self._route(peer)
+                self.topics.peer_added(peer)
             else:
                 self.transport.remove_peer(peer.endpoint_id)
                 self.reassembler.discard(peer.endpoint_id)
                 self._routes.pop(peer.endpoint_id, None)
                 self._bundles.pop(peer.endpoint_id, None)
                 self._bundle_bytes.pop(peer.endpoint_id, None)
+                self.topics.peer_removed(peer)
             self._events.append(event)
             self._control_events = True
 
@@ -360,13 +417,13 @@ class Stack:
         source = route.peer
         payload = event.frame.payload
         arrived = event.arrived_at
-        append = self._events.append
+        deliver = self.topics.receive
         offset = 0
         expired = 0
         for length, ttl_ms in event.frame.messages:
             end = offset + length
             if ttl_ms and arrived + ttl_ms / 1000.0 > now:
-                append(MessageReceived(source, payload[offset:end], now))
+                deliver(source, payload[offset:end], now)
             else:
                 expired += 1
             offset = end
@@ -390,7 +447,7 @@ class Stack:
         transport = self.transport
         reassembler = self.reassembler
         routes = self._routes
-        events = self._events
+        deliver = self.topics.receive
         while (event := transport.next_event()) is not None:
             if type(event) is FrameReceived:
                 frame = event.frame
@@ -404,7 +461,7 @@ class Stack:
                 if message is not None:
                     route = routes.get(event.peer)
                     if route is not None:
-                        events.append(MessageReceived(route.peer, message, now))
+                        deliver(route.peer, message, now)
             elif type(event) is FramesSkipped:
                 self.reassembler.discard(event.peer)
                 self.counters["frames_skipped"] += event.last - event.first + 1

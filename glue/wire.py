@@ -94,6 +94,9 @@ class Announce:
     ask: bool = False
     forwarded: bool = False
     age_ms: int = 0
+    #: Version of the announcer's topic interest (0: no subscriptions yet, or unknown when
+    #: forwarded); a receiver holding an older version asks for the whole set.
+    interest: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +264,8 @@ def _frame_to_wire(frame: Frame) -> tuple[dict[str, Any], bytes]:
             }
             if frame.ask:
                 obj["ask"] = True
+            if frame.interest:
+                obj["iv"] = frame.interest
             if frame.forwarded:
                 obj["fwd"] = True
                 obj["age"] = frame.age_ms
@@ -375,6 +380,7 @@ def _announce_from_wire(raw: dict[str, Any], header: Header) -> Announce:
         ask=_bool(raw, "ask"),
         forwarded=forwarded,
         age_ms=_int(raw, "age", 0, MAX_AGE_MS) if forwarded else 0,
+        interest=_int(raw, "iv", 0, MAX_ID) if "iv" in raw else 0,
     )
     if forwarded:
         if announce.ask:

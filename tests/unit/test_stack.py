@@ -8,6 +8,7 @@ from glue import wire
 from glue.discovery import DiscoveryConfig
 from glue.events import MessageReceived
 from glue.stack import Stack, StackConfig
+from glue.topics import DIRECT_ENVELOPE as E
 from glue.transport import TransportConfig
 from glue.wire import Data, EndpointId
 
@@ -73,11 +74,11 @@ def _deliver(
 def test_small_messages_of_one_burst_travel_as_one_bundle_frame() -> None:
     a, b = _pair()
     for payload in (b"one", b"two", b"three"):
-        assert a.send(B, payload, expires_at=10.0, now=0.0)
+        assert a.send(B, E + payload, expires_at=10.0, now=0.0)
     datagrams = a.datagrams_to_send(now=0.0)
     [frame] = [f for f in _frames(datagrams) if isinstance(f, Data)]
-    assert frame.messages == ((3, frame.ttl_ms), (3, frame.ttl_ms), (5, frame.ttl_ms))
-    assert frame.payload == b"onetwothree"
+    assert frame.messages == ((6, frame.ttl_ms), (6, frame.ttl_ms), (8, frame.ttl_ms))
+    assert frame.payload == E + b"one" + E + b"two" + E + b"three"
     assert _deliver(datagrams, a, b, now=0.001) == [b"one", b"two", b"three"]
 
 
@@ -85,23 +86,23 @@ def test_a_large_message_keeps_its_place_between_small_ones() -> None:
     a, b = _pair()
     large = bytes(range(256)) * 20  # 5120 bytes: fragmented, never bundled
     for payload in (b"before", large, b"after"):
-        a.send(B, payload, expires_at=10.0, now=0.0)
+        a.send(B, E + payload, expires_at=10.0, now=0.0)
     datagrams = a.datagrams_to_send(now=0.0)
     assert _deliver(datagrams, a, b, now=0.001) == [b"before", large, b"after"]
 
 
 def test_a_bundled_message_that_expired_before_a_resend_is_dropped_alone() -> None:
     a, b = _pair(initial_rto_s=0.05)
-    a.send(B, b"short", expires_at=0.03, now=0.0)
-    a.send(B, b"long", expires_at=10.0, now=0.0)
+    a.send(B, E + b"short", expires_at=0.03, now=0.0)
+    a.send(B, E + b"long", expires_at=10.0, now=0.0)
     lost = a.datagrams_to_send(now=0.0)  # never delivered
-    assert next(f.messages for f in _frames(lost) if isinstance(f, Data))[0][0] == 5
+    assert next(f.messages for f in _frames(lost) if isinstance(f, Data))[0][0] == 8
     deadline = a.transport.next_deadline()  # the retransmission timer
     assert deadline is not None
     a.handle_timer(now=deadline)
     resent = a.datagrams_to_send(now=deadline)
     [frame] = [f for f in _frames(resent) if isinstance(f, Data)]
-    assert frame.messages == ((5, 0), (4, frame.ttl_ms))  # "short" has no time left
+    assert frame.messages == ((8, 0), (7, frame.ttl_ms))  # "short" has no time left
     assert _deliver(resent, a, b, now=deadline + 0.001) == [b"long"]
     assert b.all_counters()["messages_expired_in_bundle"] == 1
 

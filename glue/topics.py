@@ -1,0 +1,634 @@
+"""Topics: publish/subscribe by name and type, interest, history (sans-IO; see ``docs/topics.md``).
+
+How this layer works
+--------------------
+Every message the transport delivers starts with one line of JSON, the *envelope*, then ``\\n``,
+then the body (``docs/PROTOCOL.md``, "Topics"):
+
+- ``{"t":"sensors/a","y":"reading","s":7,"w":1763900000.5}`` a message published on topic ``t``
+  of type ``y``, the publisher's ``s``-th on that topic (per incarnation), sent at wall time ``w``;
+- ``{"i":3,"set":["sensors/#"],"ask":true}`` the sender's whole interest (the topic patterns it
+  subscribes to), version 3; ``ask`` asks for ours in return;
+- ``{"i":4,"add":["b"],"del":[]}`` a change of interest from version 3 to 4;
+- ``{}`` a direct message (``send(payload, to=...)``), outside any topic.
+
+State: local subscriptions (id -> pattern, type), each peer's interest (patterns and version),
+this endpoint's history per published topic (the last *depth* envelopes, with their expiry), and
+the last sequence delivered per (publisher, incarnation, topic).
+
+Rules:
+- When a peer appears we send it our whole interest and ask for its own; afterwards every change
+  of our subscriptions goes to every peer as a delta, coalesced per burst. Interest travels on the
+  reliable transport, so it arrives once and in order; a delta that does not follow the version we
+  hold makes us ask again for the whole set.
+- ``publish`` gives a message the next sequence of its topic, keeps it in the topic's history,
+  delivers it to matching local subscriptions without the network, and returns the peers whose
+  interest matches the topic.
+- When a peer's interest grows to match a topic in our history (it appeared, or subscribed later),
+  that topic's unexpired history goes to it at once, in order, before anything newer.
+- A received topic message whose sequence is not above the last one delivered from that
+  publisher incarnation and topic is a duplicate (history sent again after a partition healed) and
+  is dropped; so every message reaches each subscribing endpoint at most once, in order.
+- A subscription whose type differs from the message's does not get it; the mismatch is counted
+  and logged once per (topic, type).
+
+Bounds: history by depth per topic and by ``history_max_bytes`` in total (oldest topics' entries
+go first), the dedup table by ``max_streams`` entries, each peer's interest by
+``max_peer_patterns``, and the match caches by entry count.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from glue.errors import UsageError
+from glue.events import Message, MessageReceived, Peer, StackEvent, TopicDelivery
+from glue.wire import EndpointId
+
+__all__ = [
+    "DIRECT_ENVELOPE",
+    "MAX_ENVELOPE_BYTES",
+    "MAX_TOPIC_CHARS",
+    "MAX_TYPE_CHARS",
+    "Topics",
+    "TopicsConfig",
+    "matches",
+    "validate_pattern",
+    "validate_topic_name",
+    "validate_topic_type",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_TOPIC_CHARS: Final = 256
+MAX_TYPE_CHARS: Final = 128
+_SEGMENT: Final = r"[A-Za-z0-9_.:\-]+"
+_TOPIC_RE: Final = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
+_PATTERN_RE: Final = re.compile(rf"(?:(?:{_SEGMENT}|\+)(?:/(?:{_SEGMENT}|\+))*(?:/#)?|#)")
+_TYPE_RE: Final = re.compile(r"[A-Za-z0-9_.:/\-]+")
+#: Room for an envelope on top of the largest message (GLUE_MAX_MESSAGE_BYTES counts the body).
+MAX_ENVELOPE_BYTES: Final = 1024
+#: The envelope of a direct message (not on a topic).
+DIRECT_ENVELOPE: Final = b"{}\n"
+_CACHE_ENTRIES: Final = 65536
+_MAX_WARNED: Final = 256
+
+Send = tuple[EndpointId, bytes, float]
+
+
+def validate_topic_name(name: str) -> str:
+    """Return ``name`` if it can be published to.
+
+    A topic name is 1 to 256 characters: segments of letters, digits, ``_ . : -`` separated by
+    single ``/`` (``sensors/kitchen/temperature``).
+
+    Raises:
+        UsageError: the name is not valid (the message says why).
+    """
+    if (
+        type(name) is not str
+        or not 0 < len(name) <= MAX_TOPIC_CHARS
+        or not _TOPIC_RE.fullmatch(name)
+    ):
+        raise UsageError(
+            f"invalid topic name {name!r}: expected 1-{MAX_TOPIC_CHARS} characters, segments of "
+            "letters, digits and _ . : - separated by single '/' (e.g. 'sensors/kitchen')"
+        )
+    return name
+
+
+def validate_pattern(pattern: str) -> str:
+    """Return ``pattern`` if it can be subscribed to.
+
+    A pattern is a topic name, ``#`` (everything), a name ending in ``/#`` (that name and every
+    name under it), and ``+`` may stand for exactly one segment (``sensors/+/temperature``).
+
+    Raises:
+        UsageError: the pattern is not valid.
+    """
+    if (
+        type(pattern) is not str
+        or not 0 < len(pattern) <= MAX_TOPIC_CHARS
+        or not _PATTERN_RE.fullmatch(pattern)
+    ):
+        raise UsageError(
+            f"invalid topic pattern {pattern!r}: expected a topic name, '#', a name ending in "
+            "'/#', with '+' standing for one whole segment (e.g. 'sensors/+/temperature')"
+        )
+    return pattern
+
+
+def validate_topic_type(topic_type: str) -> str:
+    """Return ``topic_type`` if valid: 1 to 128 letters, digits and ``_ . : / -``.
+
+    Raises:
+        UsageError: the type is not valid.
+    """
+    if (
+        type(topic_type) is not str
+        or not 0 < len(topic_type) <= MAX_TYPE_CHARS
+        or not _TYPE_RE.fullmatch(topic_type)
+    ):
+        raise UsageError(
+            f"invalid topic type {topic_type!r}: expected 1-{MAX_TYPE_CHARS} letters, digits "
+            "and _ . : / -"
+        )
+    return topic_type
+
+
+def matches(pattern: str, topic: str) -> bool:
+    """Whether the subscription ``pattern`` matches the topic name ``topic``."""
+    if pattern == "#" or pattern == topic:
+        return True
+    if "#" not in pattern and "+" not in pattern:
+        return False
+    wanted = pattern.split("/")
+    parts = topic.split("/")
+    if wanted[-1] == "#":
+        wanted.pop()
+        if len(parts) < len(wanted):
+            return False
+        parts = parts[: len(wanted)]
+    elif len(parts) != len(wanted):
+        return False
+    return all(w == "+" or w == p for w, p in zip(wanted, parts, strict=True))
+
+
+def _any_matches(patterns: Iterable[str], topic: str) -> bool:
+    return any(matches(pattern, topic) for pattern in patterns)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicsConfig:
+    """Bounds and defaults of the topics layer."""
+
+    #: Messages kept per topic for late joiners when ``publish`` does not say (like MQTT retain).
+    history_depth: int = 1
+    #: Bytes of history kept in total; beyond it the least recently published topics lose
+    #: their oldest entries.
+    history_max_bytes: int = 64 * 1024 * 1024
+    #: (publisher, incarnation, topic) entries remembered for duplicate suppression.
+    max_streams: int = 100_000
+    #: Patterns accepted from one peer's interest.
+    max_peer_patterns: int = 10_000
+
+
+@dataclass(slots=True)
+class _Subscription:
+    pattern: str
+    topic_type: str
+
+
+class _History:
+    __slots__ = ("entries", "sequence")
+
+    def __init__(self) -> None:
+        self.sequence = 0
+        # (sequence, envelope, expires_at)
+        self.entries: deque[tuple[int, bytes, float]] = deque()
+
+
+class _Interest:
+    __slots__ = ("asked", "fresh", "patterns", "version")
+
+    def __init__(self) -> None:
+        self.version = 0  # what a peer without subscriptions announces
+        self.patterns: frozenset[str] = frozenset()
+        self.asked = False
+        self.fresh = True  # its first announcement: it sends its interest by itself
+
+
+class Topics:
+    """The topics state machine of one endpoint."""
+
+    def __init__(
+        self,
+        config: TopicsConfig,
+        *,
+        endpoint_id: EndpointId,
+        name: str,
+        incarnation: int,
+        emit: Callable[[StackEvent], object],
+        wall_offset: float = 0.0,
+    ) -> None:
+        self.config = config
+        self.endpoint_id = endpoint_id
+        self.name = name
+        self.incarnation = incarnation
+        #: Wall-clock seconds since the epoch minus the monotonic ``now`` the runtime passes in.
+        self.wall_offset = wall_offset
+        self.counters: Counter[str] = Counter()
+        self._emit = emit
+        self._subscriptions: dict[int, _Subscription] = {}
+        self._next_subscription = 1
+        self._pattern_counts: Counter[str] = Counter()
+        self._version = 0
+        self._added: set[str] = set()  # pattern changes since the last delta
+        self._removed: set[str] = set()
+        self._peers: dict[EndpointId, Peer] = {}
+        self._interest: dict[EndpointId, _Interest] = {}
+        self._history: dict[str, _History] = {}  # ordered by last publish (oldest first)
+        self._history_bytes = 0
+        self._seen: dict[tuple[int, int, str], int] = {}
+        self._local_cache: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {}
+        self._target_cache: dict[str, tuple[EndpointId, ...]] = {}
+        self._prefix_cache: dict[tuple[str, str], bytes] = {}
+        self._valid_topics: set[str] = set()
+        self._outbox: list[Send] = []
+        self._warned: set[object] = set()
+
+    # --- local subscriptions --------------------------------------------------------------------
+
+    def subscribe(self, pattern: str, topic_type: str) -> int:
+        """Add a local subscription; returns its id.
+
+        Raises:
+            UsageError: the pattern or type is not valid.
+        """
+        validate_pattern(pattern)
+        validate_topic_type(topic_type)
+        subscription = self._next_subscription
+        self._next_subscription += 1
+        self._subscriptions[subscription] = _Subscription(pattern, topic_type)
+        self._local_cache.clear()
+        self._pattern_counts[pattern] += 1
+        if self._pattern_counts[pattern] == 1:
+            if pattern in self._removed:
+                self._removed.discard(pattern)
+            else:
+                self._added.add(pattern)
+        return subscription
+
+    def unsubscribe(self, subscription: int) -> None:
+        """Remove a local subscription (no-op when unknown)."""
+        entry = self._subscriptions.pop(subscription, None)
+        if entry is None:
+            return
+        self._local_cache.clear()
+        pattern = entry.pattern
+        self._pattern_counts[pattern] -= 1
+        if self._pattern_counts[pattern] == 0:
+            del self._pattern_counts[pattern]
+            if pattern in self._added:
+                self._added.discard(pattern)
+            else:
+                self._removed.add(pattern)
+
+    def patterns(self) -> list[str]:
+        """The patterns this endpoint subscribes to, sorted."""
+        return sorted(self._pattern_counts)
+
+    def peer_patterns(self, peer: EndpointId) -> list[str]:
+        """The patterns ``peer`` told us it subscribes to, sorted."""
+        interest = self._interest.get(peer)
+        return sorted(interest.patterns) if interest else []
+
+    # --- publishing -----------------------------------------------------------------------------
+
+    def publish(
+        self,
+        topic: str,
+        topic_type: str,
+        payload: bytes,
+        *,
+        expires_at: float,
+        now: float,
+        history_depth: int | None = None,
+    ) -> tuple[bytes, tuple[EndpointId, ...]]:
+        """Number, keep and locally deliver one message; returns its envelope and the peers to
+        send it to. Names and types are validated by the caller (the API) before queuing."""
+        history = self._history.pop(topic, None)
+        if history is None:
+            history = _History()
+        self._history[topic] = history  # now the most recently published topic
+        history.sequence += 1
+        sequence = history.sequence
+        wall = now + self.wall_offset
+        key = (topic, topic_type)
+        prefix = self._prefix_cache.get(key)
+        if prefix is None:
+            if len(self._prefix_cache) >= _CACHE_ENTRIES:
+                self._prefix_cache.clear()
+            head = orjson.dumps({"t": topic, "y": topic_type})
+            prefix = self._prefix_cache[key] = head[:-1] + b',"s":'
+        envelope = b'%s%d,"w":%r}\n%s' % (prefix, sequence, wall, payload)
+        depth = self.config.history_depth if history_depth is None else history_depth
+        entries = history.entries
+        if depth > 0:
+            entries.append((sequence, envelope, expires_at))
+            self._history_bytes += len(envelope)
+        while len(entries) > depth:
+            self._history_bytes -= len(entries.popleft()[1])
+        if self._history_bytes > self.config.history_max_bytes:
+            self._trim_history()
+        local = self._local_matches(topic, topic_type)
+        if local:
+            message = Message(
+                topic, topic_type, payload, self.endpoint_id, self.name, sequence, wall, wall
+            )
+            self._emit(TopicDelivery(message, local))
+            self.counters["delivered_locally"] += 1
+        targets = self._target_cache.get(topic)
+        if targets is None:
+            targets = self._targets(topic)
+        self.counters["published"] += 1
+        return envelope, targets
+
+    def take_sends(self) -> list[Send]:
+        """Interest messages and history replays to send: (peer, envelope, expires_at)."""
+        if self._added or self._removed:
+            self._send_delta()
+        out, self._outbox = self._outbox, []
+        return out
+
+    def has_sends(self) -> bool:
+        """Whether ``take_sends`` has anything."""
+        return bool(self._outbox or self._added or self._removed)
+
+    # --- peers ----------------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        """Our interest version (announced by discovery)."""
+        return self._version
+
+    def peer_added(self, peer: Peer) -> None:
+        """Send the newcomer our whole interest (it does the same when it learns of us)."""
+        self._peers[peer.endpoint_id] = peer
+        self._interest[peer.endpoint_id] = _Interest()
+        self._target_cache.clear()
+        if self._pattern_counts:
+            self._send_full(peer.endpoint_id, ask=False)
+
+    def announced(self, peer: EndpointId, version: int) -> None:
+        """``peer`` announced interest ``version``: ask for its whole set if we hold an older one.
+
+        Not on the announcement that made it known (it sends its set by itself then), and not
+        again while an answer is awaited; this repairs what a one-sided removal lost.
+        """
+        interest = self._interest.get(peer)
+        if interest is None:
+            return
+        if interest.fresh:
+            interest.fresh = False
+            return
+        if version > interest.version and not interest.asked:
+            interest.asked = True
+            self.counters["interest_asked"] += 1
+            self._send_full(peer, ask=True)
+
+    def peer_removed(self, peer: Peer) -> None:
+        """Forget the peer's interest (what it received stays remembered for dedup)."""
+        self._peers.pop(peer.endpoint_id, None)
+        self._interest.pop(peer.endpoint_id, None)
+        self._target_cache.clear()
+
+    # --- receiving ------------------------------------------------------------------------------
+
+    def receive(self, peer: Peer, data: bytes, now: float) -> None:
+        """Take one whole message the transport delivered from ``peer``."""
+        if data[:3] == DIRECT_ENVELOPE:
+            self._emit(MessageReceived(peer, data[3:], now))
+            return
+        end = data.find(b"\n")
+        try:
+            head = orjson.loads(data[:end]) if end > 0 else None
+        except orjson.JSONDecodeError:
+            head = None
+        if type(head) is not dict:
+            self._drop("bad_envelope", peer, "a message without a valid envelope")
+            return
+        topic = head.get("t")
+        if topic is None:
+            if "i" in head:
+                self._receive_interest(peer, head, now)
+            else:
+                self._emit(MessageReceived(peer, data[end + 1 :], now))
+            return
+        try:
+            topic_type = head["y"]
+            sequence = head["s"]
+            sent_at = head["w"]
+            if topic not in self._valid_topics:
+                validate_topic_name(topic)
+                validate_topic_type(topic_type)
+                if len(self._valid_topics) >= _CACHE_ENTRIES:
+                    self._valid_topics.clear()
+                self._valid_topics.add(topic)
+            if type(sequence) is not int or sequence < 1:
+                raise TypeError("sequence")
+            sent_at = float(sent_at)
+            if type(topic_type) is not str:
+                raise TypeError("type")
+        except (KeyError, TypeError, ValueError, UsageError):
+            self._drop("bad_envelope", peer, "a topic message with a malformed envelope")
+            return
+        key = (peer.endpoint_id, peer.incarnation, topic)
+        seen = self._seen
+        last = seen.get(key)
+        if last is not None and sequence <= last:
+            self.counters["duplicates_suppressed"] += 1
+            return
+        if last is None and len(seen) >= self.config.max_streams:
+            del seen[next(iter(seen))]
+            self.counters["streams_forgotten"] += 1
+        seen[key] = sequence
+        local = self._local_matches(topic, topic_type)
+        if not local:
+            self.counters["received_unwanted"] += 1
+            return
+        self._emit(
+            TopicDelivery(
+                Message(
+                    topic,
+                    topic_type,
+                    data[end + 1 :],
+                    peer.endpoint_id,
+                    peer.name,
+                    sequence,
+                    sent_at,
+                    now + self.wall_offset,
+                ),
+                local,
+            )
+        )
+        self.counters["received"] += 1
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _local_matches(self, topic: str, topic_type: str) -> tuple[int, ...]:
+        key = (topic, topic_type)
+        found = self._local_cache.get(key)
+        if found is None:
+            found = self._match_locally(topic, topic_type)
+            if len(self._local_cache) >= _CACHE_ENTRIES:
+                self._local_cache.clear()
+            self._local_cache[key] = found
+        ids, mismatched = found
+        if mismatched:
+            self.counters["type_mismatches"] += mismatched
+        return ids
+
+    def _match_locally(self, topic: str, topic_type: str) -> tuple[tuple[int, ...], int]:
+        ids: list[int] = []
+        mismatched = 0
+        for subscription, entry in self._subscriptions.items():
+            if not matches(entry.pattern, topic):
+                continue
+            if entry.topic_type == topic_type:
+                ids.append(subscription)
+                continue
+            mismatched += 1
+            self._warn_once(
+                ("type", topic, topic_type, entry.topic_type),
+                "a message on %r has type %r; subscription %r wants %r: not delivered",
+                topic,
+                topic_type,
+                entry.pattern,
+                entry.topic_type,
+            )
+        return tuple(ids), mismatched
+
+    def _targets(self, topic: str) -> tuple[EndpointId, ...]:
+        found = tuple(
+            peer
+            for peer, interest in self._interest.items()
+            if _any_matches(interest.patterns, topic)
+        )
+        if len(self._target_cache) >= _CACHE_ENTRIES:
+            self._target_cache.clear()
+        self._target_cache[topic] = found
+        return found
+
+    def _send_full(self, peer: EndpointId, *, ask: bool) -> None:
+        head: dict[str, Any] = {"i": self._version, "set": sorted(self._pattern_counts)}
+        if ask:
+            head["ask"] = True
+        self._outbox.append((peer, orjson.dumps(head) + b"\n", float("inf")))
+        self.counters["interest_sent"] += 1
+
+    def _send_delta(self) -> None:
+        self._version += 1
+        head = orjson.dumps(
+            {"i": self._version, "add": sorted(self._added), "del": sorted(self._removed)}
+        )
+        self._added.clear()
+        self._removed.clear()
+        envelope = head + b"\n"
+        for peer in self._peers:
+            self._outbox.append((peer, envelope, float("inf")))
+        self.counters["interest_sent"] += len(self._peers)
+
+    def _receive_interest(self, peer: Peer, head: dict[str, Any], now: float) -> None:
+        interest = self._interest.get(peer.endpoint_id)
+        if interest is None:
+            self.counters["interest_from_unknown_peer"] += 1
+            return
+        try:
+            version = head["i"]
+            if type(version) is not int:
+                raise TypeError("version")
+            if "set" in head:
+                patterns = _patterns(head["set"])
+                if version < interest.version:
+                    self.counters["interest_stale"] += 1
+                    return
+                new = patterns
+            else:
+                added, removed = _patterns(head["add"]), _patterns(head["del"])
+                if version != interest.version + 1:
+                    # Not the next version: we lost track (cannot happen on one stream, but a
+                    # resumed stream may deliver older deltas): ask for the whole set once.
+                    self.counters["interest_out_of_step"] += 1
+                    if not interest.asked:
+                        interest.asked = True
+                        self._send_full(peer.endpoint_id, ask=True)
+                    return
+                new = (interest.patterns - removed) | added
+        except (KeyError, TypeError, UsageError):
+            self._drop("bad_interest", peer, "a malformed interest message")
+            return
+        if len(new) > self.config.max_peer_patterns:
+            self.counters["interest_patterns_over_limit"] += 1
+            self._warn_once(
+                ("patterns", peer.endpoint_id),
+                "peer %s subscribes to %d patterns; only %d are accepted",
+                peer.name,
+                len(new),
+                self.config.max_peer_patterns,
+            )
+            new = frozenset(sorted(new)[: self.config.max_peer_patterns])
+        old = interest.patterns
+        interest.patterns = new
+        interest.version = version
+        interest.asked = False
+        self.counters["interest_received"] += 1
+        if head.get("ask") is True:
+            self._send_full(peer.endpoint_id, ask=False)
+        if new != old:
+            self._target_cache.clear()
+            self._replay(peer.endpoint_id, old, new, now)
+
+    def _replay(
+        self, peer: EndpointId, old: frozenset[str], new: frozenset[str], now: float
+    ) -> None:
+        """Send ``peer`` the history of topics its interest now matches and did not before."""
+        added = new - old
+        if not added:
+            return
+        for topic, history in self._history.items():
+            if not history.entries or not _any_matches(added, topic):
+                continue
+            if _any_matches(old, topic):
+                continue  # it has been getting this topic all along
+            for _, envelope, expires_at in history.entries:
+                if expires_at > now:  # expired history is never sent
+                    self._outbox.append((peer, envelope, expires_at))
+                    self.counters["history_sent"] += 1
+
+    def prune_history(self, now: float) -> None:
+        """Drop expired history entries (called on timers; expired ones are never sent)."""
+        for topic in list(self._history):
+            history = self._history[topic]
+            entries = history.entries
+            while entries and entries[0][2] <= now:
+                self._history_bytes -= len(entries.popleft()[1])
+                self.counters["history_expired"] += 1
+
+    def _trim_history(self) -> None:
+        limit = self.config.history_max_bytes
+        for history in self._history.values():  # least recently published first
+            entries = history.entries
+            while entries and self._history_bytes > limit:
+                self._history_bytes -= len(entries.popleft()[1])
+                self.counters["history_evicted_for_space"] += 1
+            if self._history_bytes <= limit:
+                return
+
+    def _drop(self, reason: str, peer: Peer, what: str) -> None:
+        self.counters[f"dropped_{reason}"] += 1
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("dropped %s from %s", what, peer.name)
+
+    def _warn_once(self, key: object, message: str, *args: object) -> None:
+        if key in self._warned:
+            logger.debug(message, *args)
+            return
+        if len(self._warned) < _MAX_WARNED:
+            self._warned.add(key)
+        logger.warning(message, *args)
+
+
+def _patterns(raw: object) -> frozenset[str]:
+    if type(raw) is not list:
+        raise TypeError("patterns")
+    for pattern in raw:
+        validate_pattern(pattern)
+    return frozenset(raw)
