@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 from glue.discovery import Address, DiscoveryConfig
 from glue.events import Message, MessageReceived, PeerAdded, PeerRemoved, StackEvent, TopicDelivery
-from glue.topics import DIRECT_ENVELOPE
 from glue.stack import Stack, StackConfig
+from glue.topics import DIRECT_ENVELOPE
 from glue.transport import TransportConfig
 from glue.wire import EndpointId
 
