@@ -361,6 +361,8 @@ class Topics:
 
     def peer_added(self, peer: Peer) -> None:
         """Send the newcomer our whole interest (it does the same when it learns of us)."""
+        if self._added or self._removed:
+            self._send_delta()  # to the others; the newcomer gets the whole set, this version
         self._peers[peer.endpoint_id] = peer
         self._interest[peer.endpoint_id] = _Interest()
         self._target_cache.clear()
