@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def wait_until(predicate: Callable[[], bool], *, timeout: float, interval: float = 0.01) -> bool:
@@ -48,3 +50,29 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+class Inbox:
+    """A subscription callback that keeps what it gets; waits on conditions, never sleeps."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+        self.changed = threading.Condition()
+
+    def __call__(self, message: Any) -> None:
+        with self.changed:
+            self.messages.append(message)
+            self.changed.notify_all()
+
+    def wait_for_count(self, count: int, *, timeout: float) -> bool:
+        """Wait until at least ``count`` messages arrived, at most ``timeout`` seconds."""
+        with self.changed:
+            return self.changed.wait_for(lambda: len(self.messages) >= count, timeout)
+
+    def sequences(self) -> list[int]:
+        with self.changed:
+            return [m.sequence for m in self.messages]
+
+    def payloads(self) -> list[bytes]:
+        with self.changed:
+            return [m.payload for m in self.messages]
