@@ -9,6 +9,7 @@ subscription of it receives. Commands (each may carry an ``"id"``, echoed as ``"
   "expiry": s}`` -> ``{"event": "published", "first": sequence, "digests": [...]}``: message *i*
   is ``b"<i>:"`` plus random bytes, 64 KiB when *i* is a multiple of ``k`` (fragmented), else 200 B
 - ``{"op": "wait_peers", "count": n, "timeout": s}`` -> ``{"event": "peers", "ids": [...]}``
+- ``{"op": "peers"}`` -> ``{"event": "peers", "ids": [...]}`` (known now)
 - ``{"op": "counters"}`` -> ``{"event": "counters", "counters": {...}, "peers": {id: {...}}}``
 - ``{"op": "stop"}`` or end of input: stop the endpoint and exit.
 
@@ -95,6 +96,8 @@ def main() -> None:
         if op == "wait_peers":
             peers = endpoint.wait_for_peers(command["count"], timeout=command["timeout"])
             return {"event": "peers", "ids": [p.endpoint_id for p in peers]}
+        if op == "peers":
+            return {"event": "peers", "ids": [p.endpoint_id for p in endpoint.peers()]}
         if op == "counters":
             counters, peers = endpoint.counters(), endpoint.peer_counters()
             return {"event": "counters", "counters": counters, "peers": peers}
