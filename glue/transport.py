@@ -685,22 +685,17 @@ class Transport:
         self._ack_soon(peer, recv, now, immediately=True)
         if seq - 1 <= recv.delivered_to:
             return
-        # Walk only what is buffered below seq (never the whole range: a skip may cover many
-        # frames that expired in the sender's queue), delivering what is still alive, in order.
-        run_start = recv.delivered_to + 1
+        # The sender abandoned everything below seq: its frames expired, or it dropped them when
+        # it lost us for a while (a resumed stream). Frames of that range held here are dropped
+        # too, never delivered: after a resume, the topics layer may send their messages again
+        # from history, and delivering these first would put later messages before them.
+        # Walk only what is buffered (a skip may cover many frames never sent).
         buffer = recv.buffer
-        for held in sorted(s for s in buffer if s < seq):
-            frame, expires_at, arrived_at = buffer.pop(held)
+        for held in [s for s in buffer if s < seq]:
+            frame, _, _ = buffer.pop(held)
             recv.buffered_bytes -= len(frame.payload)
-            if expires_at <= now:
-                continue  # part of the skipped run
-            if held > run_start:
-                self._skipped(peer, recv, run_start, held - 1)
-            self._events.append(FrameReceived(peer, frame, arrived_at))
-            recv.counters["frames_delivered"] += 1
-            run_start = held + 1
-        if run_start <= seq - 1:
-            self._skipped(peer, recv, run_start, seq - 1)
+            recv.counters["frames_discarded_by_skip"] += 1
+        self._skipped(peer, recv, recv.delivered_to + 1, seq - 1)
         recv.delivered_to = seq - 1
         self._drain(peer, recv, now)
 
