@@ -95,3 +95,42 @@ def test_three_subscriber_processes_get_every_message_once_in_order_and_a_fourth
     print(
         f"\n{COUNT} messages ({COUNT // 10} x 64 KiB) to 3 subscriber processes in {elapsed:.2f} s"
     )
+
+
+def test_a_publisher_restarted_with_the_same_id_is_a_new_run_whose_messages_all_arrive(
+    glue: dict[str, str | int],
+) -> None:
+    # Dedup is per publisher *run* (incarnation): sequences start again at 1 after a restart and
+    # must not be taken for duplicates of the previous run's.
+    subscriber = TopicProcess(**glue)
+    first = second = None
+    try:
+        subscriber.request("subscribe", pattern=TOPIC, type=KIND)
+        first = TopicProcess(**glue, endpoint_id=4242)
+        first.request("wait_peers", count=1, timeout=5)
+        assert wait_until(
+            lambda: first.counters()[0].get("topics_interest_received", 0) >= 1, timeout=5
+        )
+        before = first.request("publish", topic=TOPIC, type=KIND, count=10, history_depth=10)
+        assert subscriber.wait_for(lambda: len(subscriber.messages()) == 10, 10)
+        first.process.kill()
+        first.process.wait(10)
+        second = TopicProcess(**glue, endpoint_id=4242)
+        second.request("wait_peers", count=1, timeout=5)
+        assert wait_until(
+            lambda: second.counters()[0].get("topics_interest_received", 0) >= 1, timeout=5
+        )
+        after = second.request("publish", topic=TOPIC, type=KIND, count=5)
+        assert subscriber.wait_for(lambda: len(subscriber.messages()) >= 15, 10), subscriber.log()
+        counters, _ = subscriber.counters()
+    finally:
+        for process in (subscriber, first, second):
+            if process is not None:
+                process.close()
+    got = subscriber.messages()
+    assert [(m["sequence"], m["digest"]) for m in got] == [
+        *enumerate(before["digests"], start=1),
+        *enumerate(after["digests"], start=1),
+    ]
+    assert {m["source"] for m in got} == {4242}
+    assert counters.get("topics_duplicates_suppressed", 0) == 0

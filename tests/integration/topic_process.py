@@ -22,6 +22,7 @@ collects its lines.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
@@ -196,21 +197,22 @@ class TopicProcess:
 
     def close(self) -> None:
         """Ask it to stop; terminate, then kill it if it does not."""
-        if self.process.poll() is None and self.process.stdin is not None:
+        stdin = self.process.stdin
+        if stdin is not None:
+            if self.process.poll() is None:
+                with contextlib.suppress(BrokenPipeError):
+                    stdin.write(b'{"op": "stop"}\n')
+            with contextlib.suppress(BrokenPipeError):
+                stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
             try:
-                self.process.stdin.write(b'{"op": "stop"}\n')
-                self.process.stdin.close()
-            except (BrokenPipeError, ValueError):
-                pass
-            try:
-                self.process.wait(timeout=10)
+                self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
+                self.process.kill()
+                self.process.wait()
         self._reader.join(timeout=10)
         if self.process.stdout is not None:
             self.process.stdout.close()
