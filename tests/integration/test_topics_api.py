@@ -290,3 +290,28 @@ def test_a_blocked_callback_holds_up_neither_other_subscriptions_nor_other_endpo
     assert slow == list(range(1, count + 1))
     assert fast.sequences() == slow
     assert elsewhere.sequences() == slow
+
+
+def test_after_unsubscribing_a_peer_is_sent_nothing_more_on_that_topic(
+    pair: tuple[EndpointManager, EndpointManager],
+) -> None:
+    publisher, subscriber = pair
+    gone, still = Inbox(), Inbox()
+    subscription = subscriber.subscribe("gone/t", KIND, gone)
+    _interest_known(publisher, 1)
+    publisher.publish("gone/t", KIND, b"before")
+    assert gone.wait_for_count(1, timeout=5)
+    subscription.close()
+    _interest_known(publisher, 2)  # the change reached the publisher
+    frames_before = publisher.peer_counters()[subscriber.endpoint_id]["frames_sent"]
+    for number in range(50):
+        publisher.publish("gone/t", KIND, b"%d" % number)
+    subscriber.subscribe("still/t", KIND, still)
+    _interest_known(publisher, 3)
+    publisher.publish("still/t", KIND, b"marker")  # sent after the 50, so it arrives after them
+    assert still.wait_for_count(1, timeout=5)
+    frames_after = publisher.peer_counters()[subscriber.endpoint_id]["frames_sent"]
+    counters = subscriber.counters()
+    assert gone.payloads() == [b"before"]
+    assert counters.get("topics_received_unwanted", 0) == 0
+    assert frames_after == frames_before + 1  # the marker alone

@@ -109,3 +109,24 @@ def test_a_known_peer_that_subscribes_later_gets_the_history_once(
     assert first.payloads() == payloads[5:10]
     assert second.sequences() == [11]
     assert counters["topics_received"] == 6
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="EndpointManager.publish's docstring says history_depth 'applies to the topic from "
+    "now on', but Topics.publish uses it for that call only: the next publish without it trims "
+    "the history back to GLUE_HISTORY_DEPTH (docs/late-joiners.md describes the code; one of "
+    "the two is wrong)",
+)
+def test_a_history_depth_given_to_publish_applies_to_the_topic_from_now_on(
+    settings: dict[str, object], publisher: EndpointManager
+) -> None:
+    _publish(publisher, range(1, 6), history_depth=5, expiry=60.0)
+    _publish(publisher, range(6, 8), expiry=60.0)  # no depth given: 5 should still hold
+    inbox = Inbox()
+    with EndpointManager.from_env(**settings) as late:
+        late.subscribe(TOPIC, KIND, inbox)
+        assert inbox.wait_for_count(1, timeout=5)
+        _publish(publisher, range(8, 9), expiry=60.0)  # history goes first: this one marks its end
+        assert wait_until(lambda: 8 in inbox.sequences(), timeout=5)
+    assert inbox.sequences() == [3, 4, 5, 6, 7, 8]
