@@ -80,14 +80,14 @@ def namespaces() -> Iterator[tuple[Namespace, Namespace]]:
             ns.holder.wait()
 
 
-def _endpoint(ns: Namespace, group: str) -> TopicProcess:
+def _endpoint(ns: Namespace, group: str, multiplier: float = MULTIPLIER) -> TopicProcess:
     return TopicProcess(
         ns.enter,
         discovery_target_address=group,
         discovery_listen_address=group,
         listen_interface=ns.interface,
         discovery_rate_milliseconds=RATE_MS,
-        discovery_rate_timeout_multiplier=MULTIPLIER,
+        discovery_rate_timeout_multiplier=multiplier,
     )
 
 
@@ -167,3 +167,50 @@ def test_messages_published_during_a_partition_arrive_once_in_order_after_it_hea
         f"\npartition {cut}: {'/'.join(losing)} expired the other {parted_after:.2f} s after "
         f"the cut; the {50 - before_healing} missing arrived {caught_up_after:.2f} s after healing"
     )
+
+
+def test_a_partition_shorter_than_the_discovery_timeout_is_repaired_by_the_transport(
+    namespaces: tuple[Namespace, Namespace],
+) -> None:
+    group = f"239.192.137.12:{free_udp_port()}"
+    publisher_ns, subscriber_ns = namespaces
+    # A 4 s discovery timeout: the cut below ends at the first resend, long before.
+    publisher = _endpoint(publisher_ns, group, multiplier=20)
+    subscriber = _endpoint(subscriber_ns, group, multiplier=20)
+    try:
+        subscriber.request("subscribe", pattern=TOPIC, type=KIND)
+        publisher.request("wait_peers", count=1, timeout=5)
+        assert wait_until(
+            lambda: publisher.counters()[0].get("topics_interest_received", 0) >= 1, timeout=5
+        )
+        first = publisher.request("publish", topic=TOPIC, type=KIND, count=5, large_every=3)
+        assert subscriber.wait_for(lambda: len(subscriber.messages()) == 5, 10)
+
+        def resent() -> int:
+            return publisher.counters()[1][subscriber.endpoint_id].get("frames_resent", 0)
+
+        resent_before = resent()
+        for chain in ("INPUT", "OUTPUT"):
+            subscriber_ns.run(f"iptables -A {chain} -j DROP")
+        cut_at = time.monotonic()
+        during = publisher.request("publish", topic=TOPIC, type=KIND, count=10, large_every=3)
+        assert wait_until(lambda: resent() > resent_before, timeout=3)  # lost, and resent
+        for chain in ("INPUT", "OUTPUT"):
+            subscriber_ns.run(f"iptables -D {chain} -j DROP")
+        cut_s = time.monotonic() - cut_at
+        assert subscriber.wait_for(lambda: len(subscriber.messages()) >= 15, 10)
+        publisher_counters, _ = publisher.counters()
+        subscriber_counters, _ = subscriber.counters()
+    finally:
+        publisher.close()
+        subscriber.close()
+    got = subscriber.messages()
+    assert [(m["sequence"], m["digest"]) for m in got] == list(
+        enumerate(first["digests"] + during["digests"], start=1)
+    )
+    # Neither side noticed a departure: the transport, not history, repaired the loss.
+    assert publisher_counters.get("discovery_peers_removed", 0) == 0
+    assert subscriber_counters.get("discovery_peers_removed", 0) == 0
+    assert publisher_counters.get("topics_history_sent", 0) == 0
+    assert subscriber_counters.get("topics_duplicates_suppressed", 0) == 0
+    print(f"\nshort partition: cut for {cut_s:.2f} s, repaired by resends")
