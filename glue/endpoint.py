@@ -99,6 +99,7 @@ class Endpoint:
         self._handoff_lock = threading.Condition(threading.Lock())
         self._space = asyncio.Event()
         self._drain_scheduled = False
+        self._valid_names: set[tuple[str, str]] = set()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -311,8 +312,12 @@ class Endpoint:
         expiry_s: float,
         history_depth: int | None,
     ) -> _Outgoing:
-        validate_topic_name(topic)
-        validate_topic_type(topic_type)
+        if (topic, topic_type) not in self._valid_names:  # validated once per pair (bounded)
+            validate_topic_name(topic)
+            validate_topic_type(topic_type)
+            if len(self._valid_names) >= 65536:
+                self._valid_names.clear()
+            self._valid_names.add((topic, topic_type))
         if history_depth is not None and (type(history_depth) is not int or history_depth < 0):
             raise UsageError(f"history_depth must be an int >= 0, not {history_depth!r}")
         item = self._outgoing(payload, (), expiry_s, envelope=False)

@@ -2,10 +2,13 @@
 
 Both are thin: one :class:`~glue.endpoint.Endpoint` does the work underneath. The asyncio manager
 runs it in the caller's loop; the blocking manager runs that same asyncio manager in one background
-thread and hands calls to it thread-safely. User callbacks never run inside the network handlers:
-the asyncio manager schedules them with ``call_soon``; the blocking manager runs them on its own
-delivery thread, in batches, through a queue bounded in items whose overflow is counted and
-reported.
+thread and hands calls to it thread-safely. User callbacks never run inside the network handlers.
+Subscriptions (:mod:`glue.subscription`) each have a bounded queue: the blocking manager runs
+their callbacks on a pool of ``GLUE_CALLBACK_THREADS`` threads (one subscription on one thread at
+a time, in order), the asyncio manager in one task per subscription on the caller's loop (which is
+also the network's: a callback that blocks that loop stalls acks, so make it ``async`` or quick).
+Direct-message and peer callbacks run on one delivery thread (blocking) or via ``call_soon``
+(asyncio). Overflow is counted and reported, never silent.
 """
 
 from __future__ import annotations

@@ -187,10 +187,11 @@ class _Subscription:
 
 
 class _History:
-    __slots__ = ("entries", "sequence")
+    __slots__ = ("depth", "entries", "sequence")
 
-    def __init__(self) -> None:
+    def __init__(self, depth: int) -> None:
         self.sequence = 0
+        self.depth = depth  # the configured default until a publish sets it for the topic
         # (sequence, envelope, expires_at)
         self.entries: deque[tuple[int, bytes, float]] = deque()
 
@@ -240,9 +241,12 @@ class Topics:
         self._local_cache: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {}
         self._target_cache: dict[str, tuple[EndpointId, ...]] = {}
         self._prefix_cache: dict[tuple[str, str], bytes] = {}
-        self._valid_topics: set[str] = set()
+        self._valid_names: set[tuple[str, str]] = set()
         self._outbox: list[Send] = []
         self._warned: set[object] = set()
+        self._stamp_now = float("nan")
+        self._stamp_wall = 0.0
+        self._stamp = b""
 
     # --- local subscriptions --------------------------------------------------------------------
 
@@ -306,11 +310,15 @@ class Topics:
         send it to. Names and types are validated by the caller (the API) before queuing."""
         history = self._history.pop(topic, None)
         if history is None:
-            history = _History()
+            history = _History(self.config.history_depth)
         self._history[topic] = history  # now the most recently published topic
         history.sequence += 1
         sequence = history.sequence
-        wall = now + self.wall_offset
+        if now != self._stamp_now:  # one wall-clock stamp per burst (now is the burst's time)
+            self._stamp_now = now
+            self._stamp_wall = now + self.wall_offset
+            self._stamp = b',"w":%r}\n' % self._stamp_wall
+        wall = self._stamp_wall
         key = (topic, topic_type)
         prefix = self._prefix_cache.get(key)
         if prefix is None:
@@ -318,8 +326,10 @@ class Topics:
                 self._prefix_cache.clear()
             head = orjson.dumps({"t": topic, "y": topic_type})
             prefix = self._prefix_cache[key] = head[:-1] + b',"s":'
-        envelope = b'%s%d,"w":%r}\n%s' % (prefix, sequence, wall, payload)
-        depth = self.config.history_depth if history_depth is None else history_depth
+        envelope = b"%s%d%s%s" % (prefix, sequence, self._stamp, payload)
+        if history_depth is not None:
+            history.depth = history_depth  # for this topic from now on
+        depth = history.depth
         entries = history.entries
         if depth > 0:
             entries.append((sequence, envelope, expires_at))
@@ -418,17 +428,16 @@ class Topics:
             topic_type = head["y"]
             sequence = head["s"]
             sent_at = head["w"]
-            if topic not in self._valid_topics:
+            if (topic, topic_type) not in self._valid_names:
                 validate_topic_name(topic)
                 validate_topic_type(topic_type)
-                if len(self._valid_topics) >= _CACHE_ENTRIES:
-                    self._valid_topics.clear()
-                self._valid_topics.add(topic)
+                if len(self._valid_names) >= _CACHE_ENTRIES:
+                    self._valid_names.clear()
+                self._valid_names.add((topic, topic_type))
             if type(sequence) is not int or sequence < 1:
                 raise TypeError("sequence")
-            sent_at = float(sent_at)
-            if type(topic_type) is not str:
-                raise TypeError("type")
+            if type(sent_at) is not float and type(sent_at) is not int:
+                raise TypeError("sent at")
         except (KeyError, TypeError, ValueError, UsageError):
             self._drop("bad_envelope", peer, "a topic message with a malformed envelope")
             return
@@ -438,14 +447,15 @@ class Topics:
         if last is not None and sequence <= last:
             self.counters["duplicates_suppressed"] += 1
             return
+        local = self._local_matches(topic, topic_type)
+        if not local:
+            # Not marked as seen: history may bring it again for a later subscription.
+            self.counters["received_unwanted"] += 1
+            return
         if last is None and len(seen) >= self.config.max_streams:
             del seen[next(iter(seen))]
             self.counters["streams_forgotten"] += 1
         seen[key] = sequence
-        local = self._local_matches(topic, topic_type)
-        if not local:
-            self.counters["received_unwanted"] += 1
-            return
         self._emit(
             TopicDelivery(
                 Message(
@@ -545,6 +555,9 @@ class Topics:
                 new = patterns
             else:
                 added, removed = _patterns(head["add"]), _patterns(head["del"])
+                if version <= interest.version:
+                    self.counters["interest_stale"] += 1  # the whole set we hold includes it
+                    return
                 if version != interest.version + 1:
                     # Not the next version: we lost track (cannot happen on one stream, but a
                     # resumed stream may deliver older deltas): ask for the whole set once.

@@ -126,13 +126,6 @@ def test_a_history_depth_given_to_publish_applies_to_the_topic_from_now_on(
     assert inbox.sequences() == [3, 4, 5, 6, 7, 8]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Topics.receive records a message's sequence for dedup even when no subscription "
-    "took it (type mismatch, or in flight after unsubscribing), so the history replayed for a "
-    "new subscription is suppressed as duplicates although it was never delivered "
-    "(docs/late-joiners.md: 'above the last it delivered')",
-)
 def test_history_of_a_message_no_subscription_took_reaches_a_later_subscription(
     settings: dict[str, object], publisher: EndpointManager
 ) -> None:
