@@ -13,6 +13,7 @@ still, run it inside ``tools/isolated-net`` like every test. Printed: messages/s
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import socket
 import statistics
@@ -29,6 +30,8 @@ __all__ = ["main"]
 
 _MB = 1_000_000
 _RAW_MAX_DATAGRAM = 65507
+_RTT_WARMUP = 200
+_RTT_SAMPLES = 2000
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,7 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--seconds", type=float, default=3.0, help="time budget per throughput case"
     )
-    parser.add_argument("--role", choices=["raw-receiver", "glue-receiver"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--role",
+        choices=["raw-receiver", "glue-receiver", "glue-async-echo"],
+        help=argparse.SUPPRESS,
+    )
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
@@ -46,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _raw_receiver(args.count, args.echo)
     if args.role == "glue-receiver":
         return _glue_receiver(args.port, args.count, args.echo)
+    if args.role == "glue-async-echo":
+        return asyncio.run(_glue_async_echo(args.port))
     return _run(args.seconds)
 
 
@@ -72,9 +81,11 @@ def _run(seconds: float) -> int:
         )
     raw_rtt = _raw_round_trip()
     glue_rtt = _glue_round_trip()
+    async_rtt = asyncio.run(_glue_async_round_trip())
     print(
-        f"round trip (64 B, median of 2000): raw UDP {raw_rtt * 1e6:.0f} us, "
-        f"glue {glue_rtt * 1e6:.0f} us"
+        f"round trip (64 B, median of {_RTT_SAMPLES}): raw UDP {raw_rtt * 1e6:.0f} us, "
+        f"glue {glue_rtt * 1e6:.0f} us (EndpointManager), "
+        f"{async_rtt * 1e6:.0f} us (AsyncEndpointManager)"
     )
     return 0
 
@@ -175,14 +186,14 @@ def _raw_round_trip() -> float:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.connect(("127.0.0.1", port))
         payload = b"x" * 64
-        for _ in range(2200):
+        for _ in range(_RTT_WARMUP + _RTT_SAMPLES):
             started = time.perf_counter()
             sock.send(payload)
             sock.recv(65536)
             samples.append(time.perf_counter() - started)
         sock.send(b"")
     echo.wait(timeout=30)
-    return statistics.median(samples[200:])
+    return statistics.median(samples[_RTT_WARMUP:])
 
 
 # --- glue ----------------------------------------------------------------------------------------
@@ -282,7 +293,7 @@ def _glue_round_trip() -> float:
         [peer] = pinger.wait_for_peers(1, timeout=10)
         replies = pinger.messages(timeout=5)
         payload = b"x" * 64
-        for _ in range(2200):
+        for _ in range(_RTT_WARMUP + _RTT_SAMPLES):
             started = time.perf_counter()
             pinger.send(payload, to=[peer.endpoint_id], expiry=5)
             next(replies)
@@ -291,7 +302,55 @@ def _glue_round_trip() -> float:
         echo.stdin.write("0\n")
         echo.stdin.flush()
     echo.wait(timeout=30)
-    return statistics.median(samples[200:])
+    return statistics.median(samples[_RTT_WARMUP:])
+
+
+async def _glue_async_round_trip() -> float:
+    """The same ping-pong with ``AsyncEndpointManager`` at both ends (no threads involved)."""
+    from glue.manager import AsyncEndpointManager
+
+    port = _free_port()
+    echo = _spawn("--role", "glue-async-echo", "--port", str(port))
+    _read_json(echo)
+    settings = _glue_settings(
+        discovery_target_address=f"127.0.0.1:{port}", discovery_listen_address="0"
+    )
+    samples = []
+    async with AsyncEndpointManager(settings) as pinger:
+        [peer] = await pinger.wait_for_peers(1, timeout=10)
+        replies = pinger.messages()
+        payload = b"x" * 64
+        for _ in range(_RTT_WARMUP + _RTT_SAMPLES):
+            started = time.perf_counter()
+            await pinger.send(payload, to=[peer.endpoint_id], expiry=5)
+            await asyncio.wait_for(anext(replies), 5)
+            samples.append(time.perf_counter() - started)
+        assert echo.stdin is not None
+        echo.stdin.write("0\n")
+        echo.stdin.flush()
+    echo.wait(timeout=30)
+    return statistics.median(samples[_RTT_WARMUP:])
+
+
+async def _glue_async_echo(port: int) -> int:
+    from glue.manager import AsyncEndpointManager
+
+    settings = _glue_settings(
+        discovery_target_address="0", discovery_listen_address=f"127.0.0.1:{port}"
+    )
+    loop = asyncio.get_running_loop()
+    async with AsyncEndpointManager(settings) as endpoint:
+
+        async def answer() -> None:
+            async for message in endpoint.messages():
+                await endpoint.send(message.payload, to=[message.source.endpoint_id], expiry=10)
+
+        answering = loop.create_task(answer())
+        print(orjson.dumps({"ready": True}).decode(), flush=True)
+        await loop.run_in_executor(None, sys.stdin.readline)  # the pinger says when it is done
+        answering.cancel()
+        await asyncio.gather(answering, return_exceptions=True)
+    return 0
 
 
 def _free_port() -> int:
