@@ -429,8 +429,10 @@ class EndpointManager:
         self._pending = 0
         self._delivery_thread: threading.Thread | None = None
         self._callbacks: list[tuple[type[StackEvent], _Callback]] = []
-        self._peer_streams: set[queue.Queue[PeerEvent | None]] = set()
-        self._message_streams: set[queue.Queue[MessageReceived | None]] = set()
+        # SimpleQueue: put and get are C calls (queue.Queue runs a Condition in Python), which
+        # is most of the hand-off to a thread waiting in ``messages()``. Bounded by its size.
+        self._peer_streams: set[queue.SimpleQueue[PeerEvent | None]] = set()
+        self._message_streams: set[queue.SimpleQueue[MessageReceived | None]] = set()
         self._subscriptions: dict[int, Subscription] = {}  # touched on the network thread only
         self._pool = CallbackPool(self.settings.callback_threads, self._async.name)
         self._lock = threading.Lock()
@@ -490,7 +492,7 @@ class EndpointManager:
             loop.call_soon_threadsafe(loop.stop)
             thread.join()
             loop.close()
-        streams: list[queue.Queue[Any]] = [*self._peer_streams, *self._message_streams]
+        streams: list[queue.SimpleQueue[Any]] = [*self._peer_streams, *self._message_streams]
         for stream in streams:
             _put_thread_bounded(stream, None)
         subscriptions = list(self._subscriptions.values())
@@ -725,9 +727,11 @@ class EndpointManager:
         """Iterate over peer events from now on; ends at stop, or after ``timeout`` s of quiet."""
         return self._iterate(self._peer_streams, timeout)
 
-    def _iterate(self, streams: set[queue.Queue[T | None]], timeout: float | None) -> Iterator[T]:
+    def _iterate(
+        self, streams: set[queue.SimpleQueue[T | None]], timeout: float | None
+    ) -> Iterator[T]:
         # Registered now, not at the first next(): events right after the call are not missed.
-        stream: queue.Queue[T | None] = queue.Queue(EVENT_QUEUE_SIZE)
+        stream: queue.SimpleQueue[T | None] = queue.SimpleQueue()
         streams.add(stream)
 
         def items() -> Iterator[T]:
@@ -832,9 +836,8 @@ async def _as_coroutine(function: Callable[[], T]) -> T:
     return function()
 
 
-def _put_thread_bounded(stream: queue.Queue[Any], item: object) -> bool:
-    try:
-        stream.put_nowait(item)
-    except queue.Full:
+def _put_thread_bounded(stream: queue.SimpleQueue[Any], item: object) -> bool:
+    if stream.qsize() >= EVENT_QUEUE_SIZE:
         return False
+    stream.put(item)
     return True
