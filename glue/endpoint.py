@@ -573,10 +573,13 @@ class Endpoint:
         stack, sock, loop = self._stack, self._data, self._loop
         if stack is None or sock is None or loop is None:
             return
+        datagrams = stack.datagrams_to_send(now=loop.time())
+        if not datagrams:  # e.g. a burst that only delivered: its ack is delayed
+            return
         sent = 0
         size = 0
         sendto = sock.sendto
-        for datagram, destination in stack.datagrams_to_send(now=loop.time()):
+        for datagram, destination in datagrams:
             try:
                 sendto(datagram, destination)
             except OSError as exc:
@@ -584,8 +587,9 @@ class Endpoint:
                 continue
             sent += 1
             size += len(datagram)
-        self.counters["datagrams_sent"] += sent
-        self.counters["bytes_sent"] += size
+        counters = self.counters
+        counters["datagrams_sent"] += sent
+        counters["bytes_sent"] += size
 
     def _send_failed(self, destination: Address, exc: OSError) -> None:
         # UDP is best effort; the transport resends what matters. Warn once per cause.

@@ -106,7 +106,9 @@ class Reassembler:
 
     def next_deadline(self) -> float | None:
         """When the oldest partial message expires, if any."""
-        return min((p.expires_at for p in self._partials.values()), default=None)
+        if not self._partials:  # the common case, asked after every burst
+            return None
+        return min(p.expires_at for p in self._partials.values())
 
     @property
     def buffered_bytes(self) -> int:

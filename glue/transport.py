@@ -415,19 +415,20 @@ class Transport:
 
     def next_deadline(self) -> float | None:
         """The earliest resend, skip or delayed-ack time over all peers."""
+        # Called after every burst: no lists, no generators (Python pays per object).
         deadline: float | None = None
         for state in self._peers.values():
             stream = state.send
-            candidates = []
-            if stream.resend_at is not None:
-                candidates.append(stream.resend_at)
+            candidate = stream.resend_at
+            if candidate is not None and (deadline is None or candidate < deadline):
+                deadline = candidate
             if stream.skip_to > stream.acked_to + 1:
-                candidates.append(stream.skip_sent_at + stream.rto)
-            if state.recv.ack_at is not None:
-                candidates.append(state.recv.ack_at)
-            for candidate in candidates:
+                candidate = stream.skip_sent_at + stream.rto
                 if deadline is None or candidate < deadline:
                     deadline = candidate
+            candidate = state.recv.ack_at
+            if candidate is not None and (deadline is None or candidate < deadline):
+                deadline = candidate
         return deadline
 
     def has_output(self) -> bool:
