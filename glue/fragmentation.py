@@ -21,7 +21,7 @@ from collections import Counter
 
 from glue.wire import Data, EndpointId
 
-__all__ = ["Reassembler", "split"]
+__all__ = ["Reassembler", "split", "split_views"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +34,19 @@ def split(payload: bytes, fragment_bytes: int) -> list[bytes]:
     return [bytes(view[i : i + fragment_bytes]) for i in range(0, len(payload), fragment_bytes)]
 
 
+def split_views(payload: bytes, fragment_bytes: int) -> list[memoryview]:
+    """``split`` without copying: views of ``payload`` (copied once, into each datagram)."""
+    view = memoryview(payload)
+    if len(payload) <= fragment_bytes:
+        return [view]
+    return [view[i : i + fragment_bytes] for i in range(0, len(payload), fragment_bytes)]
+
+
 class _Partial:
     __slots__ = ("chunks", "expires_at", "next_part", "parts", "size")
 
     def __init__(self, parts: int, expires_at: float) -> None:
-        self.chunks: list[bytes] = []
+        self.chunks: list[bytes | memoryview] = []  # joined once, when the last one comes
         self.parts = parts
         self.next_part = 0
         self.size = 0
@@ -60,7 +68,8 @@ class Reassembler:
         if frame.parts == 1:
             if peer in self._partials:
                 self._drop(peer, "incomplete")
-            return frame.payload
+            payload = frame.payload
+            return payload if type(payload) is bytes else bytes(payload)
         partial = self._partials.get(peer)
         if frame.part == 0:
             if partial is not None:

@@ -22,7 +22,7 @@ from glue import wire
 from glue.discovery import Address, Discovery, DiscoveryConfig, Target
 from glue.errors import DecodeError, UsageError
 from glue.events import Peer, PeerAdded, StackEvent
-from glue.fragmentation import Reassembler, split
+from glue.fragmentation import Reassembler, split_views
 from glue.topics import MAX_ENVELOPE_BYTES, Topics, TopicsConfig
 from glue.transport import (
     FrameReceived,
@@ -186,7 +186,8 @@ class Stack:
         if size <= route.datagram_bytes - FRAME_OVERHEAD_BYTES:
             self.transport.send(peer, payload, expires_at=expires_at, now=now)
             return True
-        fragments = split(payload, route.datagram_bytes - FRAME_OVERHEAD_BYTES)
+        # Views, not copies: each fragment's bytes are copied once, into its datagram.
+        fragments = split_views(payload, route.datagram_bytes - FRAME_OVERHEAD_BYTES)
         parts = len(fragments)
         send = self.transport.send
         for part, fragment in enumerate(fragments):
@@ -416,6 +417,8 @@ class Stack:
             return
         source = route.peer
         payload = event.frame.payload
+        if type(payload) is not bytes:  # only fragments arrive as views
+            payload = bytes(payload)
         arrived = event.arrived_at
         deliver = self.topics.receive
         offset = 0
@@ -454,8 +457,10 @@ class Stack:
                 if frame.messages:
                     self._unbundle(event, now)
                     continue
+                payload = frame.payload
                 if frame.parts == 1 and not reassembler.holds(event.peer):
-                    message: bytes | None = frame.payload  # the common case: no fragments
+                    # The common case, no fragments; only fragments are views, but be sure.
+                    message: bytes | None = payload if type(payload) is bytes else bytes(payload)
                 else:
                     message = reassembler.receive(event.peer, frame, now=now)
                 if message is not None:

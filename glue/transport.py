@@ -109,7 +109,9 @@ class _Outgoing:
         "seq",
     )
 
-    def __init__(self, seq: int, payload: bytes, part: int, parts: int, expires_at: float) -> None:
+    def __init__(
+        self, seq: int, payload: bytes | memoryview, part: int, parts: int, expires_at: float
+    ) -> None:
         self.seq = seq
         self.payload = payload
         self.part = part
@@ -313,7 +315,7 @@ class Transport:
     def send(
         self,
         peer: EndpointId,
-        payload: bytes,
+        payload: bytes | memoryview,
         *,
         expires_at: float,
         now: float,

@@ -113,10 +113,14 @@ class Data:
     ``messages``, when not empty, says the payload is a *bundle* of several small messages:
     ``(length, ttl_ms)`` of each, in order (a ttl of 0: that message expired, drop it); the
     frame's own ``ttl_ms`` is then the longest of them.
+
+    When sending, a fragment's payload (``parts`` > 1) may be a ``memoryview`` of the message it
+    was cut from: its bytes are copied once, into the datagram, not once more per fragment.
+    Decoded payloads are always ``bytes``.
     """
 
     seq: int
-    payload: bytes
+    payload: bytes | memoryview
     ttl_ms: int = MAX_TTL_MS
     part: int = 0
     parts: int = 1
@@ -155,7 +159,7 @@ class Datagram:
 def encode(header: Header, frames: Sequence[Frame]) -> bytes:
     """Encode ``frames`` into one datagram (no size check; see :func:`pack`)."""
     objects = []
-    payloads = []
+    payloads: list[bytes | memoryview] = []
     for frame in frames:
         encoded, payload = _encode_frame(frame)
         objects.append(encoded)
@@ -178,7 +182,7 @@ def pack(
     base = len(prefix) + 3  # ']}' and the LF
     datagrams: list[bytes] = []
     objects: list[bytes] = []
-    payloads: list[bytes] = []
+    payloads: list[bytes | memoryview] = []
     size = base
     for frame in frames:
         encoded, payload = _encode_frame(frame)
@@ -213,19 +217,28 @@ def _prefix(header: Header) -> bytes:
     return orjson.dumps(head)[:-1] + b',"f":['
 
 
-def _encode_frame(frame: Frame) -> tuple[bytes, bytes]:
+def _encode_frame(frame: Frame) -> tuple[bytes, bytes | memoryview]:
     """One frame's JSON object and payload; data frames skip the dict (the hot path)."""
-    if type(frame) is Data and frame.parts == 1 and not frame.messages:
+    if type(frame) is Data and not frame.messages:
         payload = frame.payload
-        return _DATA_FORMAT % (frame.seq, frame.ttl_ms, len(payload)), payload
+        if frame.parts == 1:
+            return _DATA_FORMAT % (frame.seq, frame.ttl_ms, len(payload)), payload
+        return _FRAGMENT_FORMAT % (
+            frame.seq,
+            frame.ttl_ms,
+            len(payload),
+            frame.part,
+            frame.parts,
+        ), payload
     obj, payload = _frame_to_wire(frame)
     return _dumps(obj), payload
 
 
 _DATA_FORMAT: Final = b'{"t":"d","seq":%d,"ttl":%d,"n":%d}'
+_FRAGMENT_FORMAT: Final = b'{"t":"d","seq":%d,"ttl":%d,"n":%d,"p":%d,"ps":%d}'
 
 
-def _frame_to_wire(frame: Frame) -> tuple[dict[str, Any], bytes]:
+def _frame_to_wire(frame: Frame) -> tuple[dict[str, Any], bytes | memoryview]:
     match frame:
         case Data(seq=seq, payload=payload, ttl_ms=ttl_ms, part=part, parts=parts):
             if frame.messages:
@@ -342,6 +355,10 @@ def _frame_from_wire(raw: object, data: bytes, offset: int, header: Header) -> t
             and offset + length <= len(data)
         ):
             return Data(seq, data[offset : offset + length], ttl_ms), offset + length
+        if type(length) is int and length >= 0 and offset + length <= len(data):
+            fragment = _fragment_from_wire(raw, data, offset, length)
+            if fragment is not None:
+                return fragment, offset + length
         length = _int(raw, "n", 0, MAX_DATAGRAM_BYTES)
         end = offset + length
         if end > len(data):
@@ -366,6 +383,28 @@ def _frame_from_wire(raw: object, data: bytes, offset: int, header: Header) -> t
     if kind == "bye":
         return Goodbye(), offset
     raise DecodeError(f"unknown frame kind {kind!r}", reason="malformed")
+
+
+def _fragment_from_wire(raw: dict[str, Any], data: bytes, offset: int, length: int) -> Data | None:
+    """A fragment with every field a plain int in range (the common case, cheaply), else None.
+
+    ``None`` sends the frame through the general path, which names what is wrong.
+    """
+    seq, ttl_ms, part, parts = raw.get("seq"), raw.get("ttl"), raw.get("p"), raw.get("ps")
+    if (
+        type(seq) is int
+        and type(ttl_ms) is int
+        and type(part) is int
+        and type(parts) is int
+        and length <= MAX_DATAGRAM_BYTES
+        and 1 <= seq <= MAX_ID
+        and 1 <= ttl_ms <= MAX_TTL_MS
+        and 1 < parts <= MAX_PARTS
+        and 0 <= part < parts
+        and "m" not in raw
+    ):
+        return Data(seq, data[offset : offset + length], ttl_ms, part, parts)
+    return None
 
 
 def _announce_from_wire(raw: dict[str, Any], header: Header) -> Announce:

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from glue.fragmentation import Reassembler, split
+from glue.fragmentation import Reassembler, split, split_views
 from glue.wire import Data, EndpointId
 
 P = EndpointId(1)
@@ -79,6 +79,14 @@ def test_property_split_rebuilds_the_payload(payload: bytes, fragment_bytes: int
     assert len(fragments) == max(1, math.ceil(len(payload) / fragment_bytes))
     assert all(len(f) == fragment_bytes for f in fragments[:-1])
     assert 0 < len(fragments[-1]) <= fragment_bytes or payload == b""
+
+
+@given(st.binary(max_size=2000), st.integers(1, 300))
+@PROPERTY_SETTINGS
+def test_property_split_views_are_split_without_copies(payload: bytes, fragment_bytes: int) -> None:
+    views = split_views(payload, fragment_bytes)
+    assert [bytes(v) for v in views] == split(payload, fragment_bytes)
+    assert all(v.obj is payload for v in views)
 
 
 # --- reassembly -----------------------------------------------------------------------------------

@@ -58,6 +58,31 @@ def roundtrip(frames: list[Frame], header: Header = HEADER) -> Datagram:
 # --- round trips ------------------------------------------------------------------------------
 
 
+def test_a_fragment_sent_as_a_view_arrives_as_bytes() -> None:
+    message = b"0123456789" * 10
+    frame = Data(5, memoryview(message)[40:70], 900, 1, 4)
+    [decoded] = roundtrip([frame]).frames
+    assert decoded == Data(5, message[40:70], 900, 1, 4)
+    assert isinstance(decoded, Data)
+    assert type(decoded.payload) is bytes
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param(b'"p":4,"ps":4', id="part-past-the-end"),
+        pytest.param(b'"p":-1,"ps":4', id="negative-part"),
+        pytest.param(b'"p":0,"ps":0', id="no-parts"),
+        pytest.param(b'"p":true,"ps":4', id="bool-part"),
+    ],
+)
+def test_a_fragment_with_bad_numbers_is_rejected(fields: bytes) -> None:
+    data = wire.encode(HEADER, [Data(1, b"x", 9, 0, 4)])
+    data = re.sub(rb'"p":0,"ps":4', fields, data)
+    with pytest.raises(DecodeError):
+        wire.decode(data, network_id=HEADER.network_id)
+
+
 @pytest.mark.parametrize(
     "frame",
     [
