@@ -77,6 +77,33 @@ def test_callbacks_run_on_the_delivery_thread_in_order(group: str) -> None:
     assert threads.pop().startswith("glue-callbacks-")
 
 
+def test_senders_on_many_threads_each_keep_their_order(
+    pair: tuple[EndpointManager, EndpointManager],
+) -> None:
+    # Sends on an idle link go out from the sender's thread, the others through the loop's
+    # queue: whichever way each message takes, every one arrives once, in its sender's order.
+    a, b = pair
+    [peer] = a.wait_for_peers(1, timeout=2)
+    got: list[bytes] = []
+    b.on_message(lambda m: got.append(m.payload))
+    threads, per_thread = 4, 200
+
+    def send_all(index: int) -> None:
+        for n in range(per_thread):
+            a.send(f"{index}:{n}".encode(), to=[peer.endpoint_id], expiry=30, timeout=30)
+
+    senders = [threading.Thread(target=send_all, args=(i,)) for i in range(threads)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    assert wait_until(lambda: len(got) >= threads * per_thread, timeout=10)
+    assert len(got) == len(set(got)) == threads * per_thread
+    for index in range(threads):
+        mine = [int(p.split(b":")[1]) for p in got if p.startswith(f"{index}:".encode())]
+        assert mine == list(range(per_thread))
+
+
 def test_a_failing_callback_does_not_stop_the_endpoint(group: str) -> None:
     seen: list[Peer] = []
 
