@@ -42,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 _RECV_BYTES: Final = 65536
 _MAX_READS_PER_WAKEUP: Final = 4096
+#: Bytes read per wake-up before the stack's outputs are flushed. A wake-up that drained a deep
+#: socket buffer of bundles (hundreds of messages per datagram) would otherwise go for hundreds
+#: of milliseconds without sending acks or announcements, and the sender would take this endpoint
+#: for dead. The socket stays readable, so the loop comes back at once for the rest.
+_MAX_BYTES_PER_WAKEUP: Final = 256 * 1024
 _UDP_IP_OVERHEAD: Final = 28
 _MAX_DRAIN_PER_CALL: Final = 4096
 _HANDOFF_SOFT_ITEMS: Final = 8192
@@ -557,6 +562,8 @@ class Endpoint:
             count += 1
             size += len(data)
             receive(data, source, multicast=multicast, now=now)
+            if size >= _MAX_BYTES_PER_WAKEUP:
+                break
         self.counters["datagrams_received"] += count
         self.counters["bytes_received"] += size
         self._service(now)
