@@ -28,6 +28,7 @@ import orjson
 from glue.endpoint import Endpoint
 from glue.errors import GlueError, UsageError
 from glue.events import (
+    Message,
     MessageReceived,
     Peer,
     PeerAdded,
@@ -331,14 +332,16 @@ class AsyncEndpointManager:
         message_streams = self._message_streams
         wants_messages = bool(message_callbacks or message_streams)
         subscriptions = self._subscriptions
+        # Each subscription's messages of the burst go to it in one call (one lock, one wake-up).
+        per_subscription: dict[int, list[Message]] = {}
         for event in events:
             if isinstance(event, TopicDelivery):
-                if subscriptions:
-                    message = event.message
-                    for subscription_id in event.subscriptions:
-                        entry = subscriptions.get(subscription_id)
-                        if entry is not None and not entry._put(message):
-                            self._endpoint.counters["subscription_messages_dropped"] += 1
+                for subscription_id in event.subscriptions:
+                    found = per_subscription.get(subscription_id)
+                    if found is None:
+                        per_subscription[subscription_id] = [event.message]
+                    else:
+                        found.append(event.message)
                 continue
             if isinstance(event, MessageReceived):
                 if not wants_messages:
@@ -356,6 +359,12 @@ class AsyncEndpointManager:
             for peer_stream in self._peer_streams:
                 _put_bounded(peer_stream, event, self._endpoint)
             batch.extend((cb, peer) for kind, cb in self._callbacks if isinstance(event, kind))
+        for subscription_id, delivered in per_subscription.items():
+            entry = subscriptions.get(subscription_id)
+            if entry is not None:
+                lost = entry._put_many(delivered)
+                if lost:
+                    self._endpoint.counters["subscription_messages_dropped"] += lost
         if batch:
             loop.call_soon(_run_callbacks, batch)  # one hop for the burst, in order
         if changed:
@@ -770,13 +779,16 @@ class EndpointManager:
         messages: list[MessageReceived] = []
         dropped = 0
         subscriptions = self._subscriptions
+        # Each subscription's messages of the burst go to it in one call (one lock, one wake-up).
+        per_subscription: dict[int, list[Message]] = {}
         for event in events:
             if isinstance(event, TopicDelivery):
-                message = event.message
                 for subscription_id in event.subscriptions:
-                    entry = subscriptions.get(subscription_id)
-                    if entry is not None and not entry._put(message):
-                        self._endpoint.counters["subscription_messages_dropped"] += 1
+                    found = per_subscription.get(subscription_id)
+                    if found is None:
+                        per_subscription[subscription_id] = [event.message]
+                    else:
+                        found.append(event.message)
                 continue
             if isinstance(event, MessageReceived):
                 messages.append(event)
@@ -794,6 +806,12 @@ class EndpointManager:
                     dropped += 1
         if messages:
             batch.append((message_callbacks, messages))
+        for subscription_id, delivered in per_subscription.items():
+            entry = subscriptions.get(subscription_id)
+            if entry is not None:
+                lost = entry._put_many(delivered)
+                if lost:
+                    self._endpoint.counters["subscription_messages_dropped"] += lost
         batch = [(cbs, items) for cbs, items in batch if cbs]
         if batch:
             size = sum(len(items) for _, items in batch)

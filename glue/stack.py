@@ -354,7 +354,7 @@ class Stack:
             ("discovery", self.discovery.counters),
             ("transport", self.transport.total_counters()),
             ("fragmentation", self.reassembler.counters),
-            ("topics", self.topics.counters),
+            ("topics", self.topics.fold_counters()),
         ):
             merged.update({f"{prefix}_{key}": value for key, value in counters.items()})
         return dict(merged)
@@ -420,16 +420,18 @@ class Stack:
         if type(payload) is not bytes:  # only fragments arrive as views
             payload = bytes(payload)
         arrived = event.arrived_at
-        deliver = self.topics.receive
+        alive: list[bytes] = []
+        keep = alive.append
         offset = 0
         expired = 0
         for length, ttl_ms in event.frame.messages:
             end = offset + length
             if ttl_ms and arrived + ttl_ms / 1000.0 > now:
-                deliver(source, payload[offset:end], now)
+                keep(payload[offset:end])
             else:
                 expired += 1
             offset = end
+        self.topics.receive_many(source, alive, now)
         if expired:
             self.counters["messages_expired_in_bundle"] += expired
 

@@ -50,16 +50,16 @@ MessageCallback = Callable[[Message], object]
 AsyncMessageCallback = Callable[[Message], object | Awaitable[object]]
 
 
-def _report_drop(subscription: Subscription | AsyncSubscription) -> None:
-    subscription.dropped += 1
-    dropped = subscription.dropped
-    # Warn at the 1st, 10th, 100th... drop: visible, without flooding the log.
-    if str(dropped).rstrip("0") == "1":
+def _report_drop(subscription: Subscription | AsyncSubscription, count: int) -> None:
+    before = subscription.dropped
+    subscription.dropped += count
+    # Warn when the count first reaches 1, 10, 100...: visible, without flooding the log.
+    if len(str(subscription.dropped)) > len(str(before)) or before == 0:
         logger.warning(
             "subscription %r (%s) is not keeping up: %d messages dropped (queue of %d full)",
             subscription.topic_name,
             subscription.topic_type,
-            dropped,
+            subscription.dropped,
             subscription.queue_size,
         )
 
@@ -145,7 +145,10 @@ class Subscription:
         self._pool = pool
         self._unsubscribe = unsubscribe
         self._items: deque[Message] = deque()
-        self._lock = threading.Condition(threading.Lock())
+        # A plain lock for the hot path (its ``with`` is a C call) and a Condition on it for
+        # iterators that wait.
+        self._mutex = threading.Lock()
+        self._lock = threading.Condition(self._mutex)
         self._running = threading.RLock()  # held while callbacks run
         self._scheduled = False
         self._closed = False
@@ -228,31 +231,41 @@ class Subscription:
 
     # --- called by the manager ------------------------------------------------------------------
 
-    def _put(self, message: Message) -> bool:
-        """On the network thread: queue ``message``; False when dropped (queue full)."""
+    def _put_many(self, messages: list[Message]) -> int:
+        """On the network thread: queue ``messages``; returns how many were dropped (full)."""
         schedule = False
-        with self._lock:
+        lost = 0
+        with self._mutex:
             if self._closed:
-                return True
-            if len(self._items) >= self.queue_size:
-                _report_drop(self)
-                return False
-            self._items.append(message)
+                return 0
+            items = self._items
+            room = self.queue_size - len(items)
+            if room < len(messages):
+                lost = len(messages) - max(room, 0)
+                messages = messages[: max(room, 0)]
+            items.extend(messages)
             if self.callback is None:
                 self._lock.notify()
-            elif not self._scheduled:
+            elif not self._scheduled and items:
                 self._scheduled = schedule = True
+        if lost:
+            _report_drop(self, lost)
         if schedule:
             self._pool.schedule(self)
-        return True
+        return lost
 
     def _run_batch(self) -> bool:
         """On a pool thread: run callbacks for up to a batch; True if more are waiting."""
         callback = self.callback
         assert callback is not None
         with self._running:
-            with self._lock:
-                batch = [self._items.popleft() for _ in range(min(_BATCH, len(self._items)))]
+            with self._mutex:
+                items = self._items
+                if len(items) <= _BATCH:
+                    batch = list(items)
+                    items.clear()
+                else:
+                    batch = [items.popleft() for _ in range(_BATCH)]
             for message in batch:
                 if self._closed:
                     break
@@ -260,7 +273,7 @@ class Subscription:
                     callback(message)
                 except Exception:
                     logger.exception("callback of subscription %r failed", self.topic_name)
-            with self._lock:
+            with self._mutex:
                 if self._items and not self._closed:
                     return True
                 self._scheduled = False
@@ -361,14 +374,17 @@ class AsyncSubscription:
 
     # --- called by the manager ------------------------------------------------------------------
 
-    def _put(self, message: Message) -> bool:
+    def _put_many(self, messages: list[Message]) -> int:
         if self._closed:
-            return True
-        if self._queue.qsize() >= self.queue_size:
-            _report_drop(self)
-            return False
-        self._queue.put_nowait(message)
-        return True
+            return 0
+        put = self._queue.put_nowait
+        room = self.queue_size - self._queue.qsize()
+        lost = max(0, len(messages) - max(room, 0))
+        for message in messages[: max(room, 0)]:
+            put(message)
+        if lost:
+            _report_drop(self, lost)
+        return lost
 
     async def _call_back(self, callback: AsyncMessageCallback) -> None:
         queue_ = self._queue

@@ -44,7 +44,7 @@ import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import orjson
 
@@ -78,6 +78,7 @@ MAX_ENVELOPE_BYTES: Final = 1024
 #: The envelope of a direct message (not on a topic).
 DIRECT_ENVELOPE: Final = b"{}\n"
 _CACHE_ENTRIES: Final = 65536
+_NO_MISMATCH: Final = ((), 0)
 _MAX_WARNED: Final = 256
 
 Send = tuple[EndpointId, bytes, float]
@@ -244,6 +245,8 @@ class Topics:
         self._valid_names: set[tuple[str, str]] = set()
         self._outbox: list[Send] = []
         self._warned: set[object] = set()
+        self._published = 0
+        self._received = 0
         self._stamp_now = float("nan")
         self._stamp_wall = 0.0
         self._stamp = b""
@@ -338,7 +341,10 @@ class Topics:
             self._history_bytes -= len(entries.popleft()[1])
         if self._history_bytes > self.config.history_max_bytes:
             self._trim_history()
-        local = self._local_matches(topic, topic_type)
+        found = self._local_cache.get(key)
+        local = found[0] if found is not None and not found[1] else None
+        if local is None:
+            local = self._local_matches(topic, topic_type)
         if local:
             message = Message(
                 topic, topic_type, payload, self.endpoint_id, self.name, sequence, wall, wall
@@ -348,7 +354,7 @@ class Topics:
         targets = self._target_cache.get(topic)
         if targets is None:
             targets = self._targets(topic)
-        self.counters["published"] += 1
+        self._published += 1  # folded into counters when they are read (a Counter is slower)
         return envelope, targets
 
     def take_sends(self) -> list[Send]:
@@ -406,72 +412,111 @@ class Topics:
 
     def receive(self, peer: Peer, data: bytes, now: float) -> None:
         """Take one whole message the transport delivered from ``peer``."""
-        if data[:3] == DIRECT_ENVELOPE:
-            self._emit(MessageReceived(peer, data[3:], now))
-            return
-        end = data.find(b"\n")
-        try:
-            head = orjson.loads(data[:end]) if end > 0 else None
-        except orjson.JSONDecodeError:
-            head = None
-        if type(head) is not dict:
-            self._drop("bad_envelope", peer, "a message without a valid envelope")
-            return
-        topic = head.get("t")
-        if topic is None:
-            if "i" in head:
-                self._receive_interest(peer, head, now)
-            else:
-                self._emit(MessageReceived(peer, data[end + 1 :], now))
-            return
-        try:
-            topic_type = head["y"]
-            sequence = head["s"]
-            sent_at = head["w"]
-            if (topic, topic_type) not in self._valid_names:
-                validate_topic_name(topic)
-                validate_topic_type(topic_type)
-                if len(self._valid_names) >= _CACHE_ENTRIES:
-                    self._valid_names.clear()
-                self._valid_names.add((topic, topic_type))
-            if type(sequence) is not int or sequence < 1:
-                raise TypeError("sequence")
-            if type(sent_at) is not float and type(sent_at) is not int:
-                raise TypeError("sent at")
-        except (KeyError, TypeError, ValueError, UsageError):
-            self._drop("bad_envelope", peer, "a topic message with a malformed envelope")
-            return
-        key = (peer.endpoint_id, peer.incarnation, topic)
+        self.receive_many(peer, (data,), now)
+
+    def receive_many(self, peer: Peer, messages: Iterable[bytes], now: float) -> None:
+        """Take whole messages the transport delivered from ``peer``, in order (a bundle's).
+
+        The loop keeps what repeats from one message to the next (the topic's checks, its local
+        subscriptions, the dedup key) in local variables: a bundle usually holds many messages
+        of one topic, and Python pays per operation.
+        """
+        emit = self._emit
+        loads = orjson.loads
         seen = self._seen
-        last = seen.get(key)
-        if last is not None and sequence <= last:
-            self.counters["duplicates_suppressed"] += 1
-            return
-        local = self._local_matches(topic, topic_type)
-        if not local:
-            # Not marked as seen: history may bring it again for a later subscription.
-            self.counters["received_unwanted"] += 1
-            return
-        if last is None and len(seen) >= self.config.max_streams:
-            del seen[next(iter(seen))]
-            self.counters["streams_forgotten"] += 1
-        seen[key] = sequence
-        self._emit(
-            TopicDelivery(
-                Message(
-                    topic,
-                    topic_type,
-                    data[end + 1 :],
-                    peer.endpoint_id,
-                    peer.name,
-                    sequence,
-                    sent_at,
-                    now + self.wall_offset,
-                ),
-                local,
+        valid = self._valid_names
+        peer_id, incarnation = peer.endpoint_id, peer.incarnation
+        received_at = now + self.wall_offset
+        current: tuple[str, str] | None = None  # (topic, type) of the previous message
+        key: tuple[int, int, str] = (0, 0, "")
+        local: tuple[int, ...] = ()
+        received = 0
+        for data in messages:
+            if data.startswith(DIRECT_ENVELOPE):
+                emit(MessageReceived(peer, data[3:], now))
+                continue
+            end = data.find(b"\n")
+            try:
+                head = loads(data[:end]) if end > 0 else None
+            except orjson.JSONDecodeError:
+                head = None
+            if type(head) is not dict:
+                self._drop("bad_envelope", peer, "a message without a valid envelope")
+                continue
+            topic = head.get("t")
+            if topic is None:
+                if "i" in head:
+                    self._receive_interest(peer, head, now)
+                else:
+                    emit(MessageReceived(peer, data[end + 1 :], now))
+                continue
+            topic_type = cast(str, head.get("y"))  # checked below, once per (topic, type)
+            sequence = head.get("s")
+            sent_at = head.get("w")
+            if (
+                type(sequence) is not int
+                or sequence < 1
+                or (type(sent_at) is not float and type(sent_at) is not int)
+            ):
+                self._drop("bad_envelope", peer, "a topic message with a malformed envelope")
+                continue
+            names = (topic, topic_type)
+            if names != current:
+                if names not in valid:
+                    try:
+                        validate_topic_name(topic)
+                        validate_topic_type(topic_type)
+                    except UsageError:
+                        self._drop("bad_envelope", peer, "a topic message with a bad name")
+                        continue
+                    if len(valid) >= _CACHE_ENTRIES:
+                        valid.clear()
+                    valid.add(names)
+                current = names
+                key = (peer_id, incarnation, topic)
+                local = self._local_matches(topic, topic_type)
+            elif self._local_cache.get(names, _NO_MISMATCH)[1]:
+                local = self._local_matches(topic, topic_type)
+            last = seen.get(key)
+            if last is not None and sequence <= last:
+                self.counters["duplicates_suppressed"] += 1
+                continue
+            if not local:
+                # Not marked as seen: history may bring it again for a later subscription.
+                self.counters["received_unwanted"] += 1
+                continue
+            if last is None and len(seen) >= self.config.max_streams:
+                del seen[next(iter(seen))]
+                self.counters["streams_forgotten"] += 1
+            seen[key] = sequence
+            emit(
+                TopicDelivery(
+                    Message(
+                        topic,
+                        topic_type,
+                        data[end + 1 :],
+                        peer_id,
+                        peer.name,
+                        sequence,
+                        sent_at,
+                        received_at,
+                    ),
+                    local,
+                )
             )
-        )
-        self.counters["received"] += 1
+            received += 1
+        self._received += received
+
+    def fold_counters(self) -> Counter[str]:
+        """The counters, with the hot-path ones folded in."""
+        counters = self.counters
+        if self._published:
+            counters["published"] += self._published
+            self._published = 0
+        if self._received:
+            counters["received"] += self._received
+            self._received = 0
+        return counters
 
     # --- internals ------------------------------------------------------------------------------
 
