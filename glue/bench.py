@@ -3,7 +3,10 @@
 Every figure is measured at the receiving process: raw UDP counts the datagrams that arrived
 (the sender blasts one datagram per message, as fast as Python can, so this is the ceiling of
 one-datagram-per-message in Python), glue counts whole messages delivered through the transport
-(exactly once, in order). The round trip is a 64-byte ping answered by the other process.
+(exactly once, in order), first sent to the peer directly (``send``, the transport's figure),
+then published on a topic the receiver subscribes to (``publish``/``subscribe``, end to end
+through the topics layer; the ratio to the direct figure is printed). The round trip is a
+64-byte ping answered by the other process, direct and through topics.
 
 Everything runs on 127.0.0.1 with a unicast rendezvous (no multicast), so it is safe anywhere;
 still, run it inside ``tools/isolated-net`` like every test. Printed: messages/s and MB/s for 64 B,
@@ -48,11 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pubsub", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "raw-receiver":
         return _raw_receiver(args.count, args.echo)
     if args.role == "glue-receiver":
-        return _glue_receiver(args.port, args.count, args.echo)
+        return _glue_receiver(args.port, args.count, args.echo, args.pubsub)
     if args.role == "glue-async-echo":
         return asyncio.run(_glue_async_echo(args.port))
     return _run(args.seconds)
@@ -71,21 +75,31 @@ def _run(seconds: float) -> int:
     for label, size, count in cases:
         raw = _raw_throughput(size, count, seconds)
         glue = _glue_throughput(size, count, seconds)
+        topics = _glue_throughput(size, count, seconds, pubsub=True)
         rows.append((label, "raw UDP", *raw))
         rows.append((label, "glue", *glue))
+        rows.append((label, "glue pub/sub", *topics))
         ratio = glue[0] / raw[0] if raw[0] else float("nan")
         print(
             f"{label:>7}  raw UDP {raw[0]:>10,.0f} msg/s {raw[1]:>8.1f} MB/s   "
             f"glue {glue[0]:>10,.0f} msg/s {glue[1]:>8.1f} MB/s   glue/raw {ratio:5.2f}",
             flush=True,
         )
+        ratio = topics[0] / glue[0] if glue[0] else float("nan")
+        print(
+            f"{'':>7}  {'':>32}   pub/sub {topics[0]:>7,.0f} msg/s {topics[1]:>8.1f} MB/s   "
+            f"pub/sub/direct {ratio:5.2f}",
+            flush=True,
+        )
     raw_rtt = _raw_round_trip()
     glue_rtt = _glue_round_trip()
     async_rtt = asyncio.run(_glue_async_round_trip())
+    topics_rtt = _glue_round_trip(pubsub=True)
     print(
         f"round trip (64 B, median of {_RTT_SAMPLES}): raw UDP {raw_rtt * 1e6:.0f} us, "
         f"glue {glue_rtt * 1e6:.0f} us (EndpointManager), "
-        f"{async_rtt * 1e6:.0f} us (AsyncEndpointManager)"
+        f"{async_rtt * 1e6:.0f} us (AsyncEndpointManager), "
+        f"{topics_rtt * 1e6:.0f} us (EndpointManager, publish/subscribe)"
     )
     return 0
 
@@ -210,11 +224,14 @@ def _glue_settings(**extra: Any) -> Any:
     )
 
 
-def _glue_throughput(size: int, count: int, seconds: float) -> tuple[float, float]:
+def _glue_throughput(
+    size: int, count: int, seconds: float, *, pubsub: bool = False
+) -> tuple[float, float]:
     from glue.manager import EndpointManager
 
     port = _free_port()
-    receiver = _spawn("--role", "glue-receiver", "--port", str(port), "--count", str(count))
+    mode = ("--pubsub",) if pubsub else ()
+    receiver = _spawn("--role", "glue-receiver", "--port", str(port), "--count", str(count), *mode)
     _read_json(receiver)  # ready
     settings = _glue_settings(
         discovery_target_address=f"127.0.0.1:{port}", discovery_listen_address="0"
@@ -222,10 +239,15 @@ def _glue_throughput(size: int, count: int, seconds: float) -> tuple[float, floa
     payload = os.urandom(size)
     with EndpointManager(settings) as sender:
         [peer] = sender.wait_for_peers(1, timeout=10)
+        if pubsub:
+            _wait_for_interest(sender)
         deadline = time.perf_counter() + seconds
         sent = 0
         while sent < count and time.perf_counter() < deadline:
-            sender.send(payload, to=[peer.endpoint_id], expiry=60.0, timeout=30.0)
+            if pubsub:
+                sender.publish("bench/data", "bench", payload, expiry=60.0, timeout=30.0)
+            else:
+                sender.send(payload, to=[peer.endpoint_id], expiry=60.0, timeout=30.0)
             sent += 1
         assert receiver.stdin is not None
         receiver.stdin.write(f"{sent}\n")
@@ -236,8 +258,17 @@ def _glue_throughput(size: int, count: int, seconds: float) -> tuple[float, floa
     return _rates(result, size)
 
 
-def _glue_receiver(port: int, count: int, echo: bool) -> int:
-    from glue.events import MessageReceived
+def _wait_for_interest(endpoint: Any, timeout: float = 10.0) -> None:
+    """Until the peer's subscription has reached ``endpoint`` (so nothing is sent before)."""
+    deadline = time.monotonic() + timeout
+    while not endpoint.counters().get("topics_interest_received"):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the subscriber's interest never arrived")
+        time.sleep(0.005)
+
+
+def _glue_receiver(port: int, count: int, echo: bool, pubsub: bool = False) -> int:
+    from glue.events import Message, MessageReceived
     from glue.manager import EndpointManager
 
     settings = _glue_settings(
@@ -246,10 +277,30 @@ def _glue_receiver(port: int, count: int, echo: bool) -> int:
     done = threading.Event()
     state = {"got": 0, "first": 0.0, "last": 0.0, "expected": count, "in_order": True}
     with EndpointManager(settings) as endpoint:
-        if echo:
+        if echo and pubsub:
+            endpoint.subscribe(
+                "bench/ping",
+                "bench",
+                lambda m: endpoint.publish("bench/pong", "bench", m.payload, expiry=10),
+            )
+        elif echo:
             endpoint.on_message(
                 lambda m: endpoint.send(m.payload, to=[m.source.endpoint_id], expiry=10)
             )
+        elif pubsub:
+
+            def on_topic(message: Message) -> None:
+                now = time.perf_counter()
+                if state["got"] == 0:
+                    state["first"] = now
+                state["got"] += 1
+                state["last"] = now
+                if message.sequence != state["got"]:  # every one, once, in order
+                    state["in_order"] = False
+                if state["got"] >= state["expected"]:
+                    done.set()
+
+            endpoint.subscribe("bench/data", "bench", on_topic)
         else:
 
             def on_message(message: MessageReceived) -> None:
@@ -279,11 +330,12 @@ def _glue_receiver(port: int, count: int, echo: bool) -> int:
     return 0
 
 
-def _glue_round_trip() -> float:
+def _glue_round_trip(*, pubsub: bool = False) -> float:
     from glue.manager import EndpointManager
 
     port = _free_port()
-    echo = _spawn("--role", "glue-receiver", "--port", str(port), "--echo")
+    mode = ("--pubsub",) if pubsub else ()
+    echo = _spawn("--role", "glue-receiver", "--port", str(port), "--echo", *mode)
     _read_json(echo)
     settings = _glue_settings(
         discovery_target_address=f"127.0.0.1:{port}", discovery_listen_address="0"
@@ -291,13 +343,22 @@ def _glue_round_trip() -> float:
     samples = []
     with EndpointManager(settings) as pinger:
         [peer] = pinger.wait_for_peers(1, timeout=10)
-        replies = pinger.messages(timeout=5)
         payload = b"x" * 64
-        for _ in range(_RTT_WARMUP + _RTT_SAMPLES):
-            started = time.perf_counter()
-            pinger.send(payload, to=[peer.endpoint_id], expiry=5)
-            next(replies)
-            samples.append(time.perf_counter() - started)
+        if pubsub:
+            pongs = pinger.subscribe("bench/pong", "bench")
+            _wait_for_interest(pinger)
+            for _ in range(_RTT_WARMUP + _RTT_SAMPLES):
+                started = time.perf_counter()
+                pinger.publish("bench/ping", "bench", payload, expiry=5)
+                pongs.get(timeout=5)
+                samples.append(time.perf_counter() - started)
+        else:
+            replies = pinger.messages(timeout=5)
+            for _ in range(_RTT_WARMUP + _RTT_SAMPLES):
+                started = time.perf_counter()
+                pinger.send(payload, to=[peer.endpoint_id], expiry=5)
+                next(replies)
+                samples.append(time.perf_counter() - started)
         assert echo.stdin is not None
         echo.stdin.write("0\n")
         echo.stdin.flush()
