@@ -101,10 +101,16 @@ class Endpoint:
         self._handoff: deque[_Outgoing] = deque()
         self._staged: deque[_Outgoing] = deque()  # taken by the loop, not yet in the stack
         self._handoff_bytes = 0  # of both queues
-        self._handoff_lock = threading.Condition(threading.Lock())
+        # A plain lock taken on the hot paths (its ``with`` is a C call) and a Condition on the
+        # same lock for senders that must wait for room.
+        self._handoff_mutex = threading.Lock()
+        self._handoff_lock = threading.Condition(self._handoff_mutex)
         self._space = asyncio.Event()
         self._drain_scheduled = False
         self._valid_names: set[tuple[str, str]] = set()
+        # Read on every send (plain attributes are cheaper than the settings model's).
+        self._max_message_bytes = settings.max_message_bytes
+        self._send_queue_bytes = settings.send_queue_bytes
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -226,7 +232,7 @@ class Endpoint:
         if self._timer is not None:
             self._timer.cancel()
         self._close_sockets()
-        with self._handoff_lock:
+        with self._handoff_mutex:
             dropped = len(self._handoff) + len(self._staged)
             self._handoff.clear()
             self._staged.clear()
@@ -325,9 +331,20 @@ class Endpoint:
             self._valid_names.add((topic, topic_type))
         if history_depth is not None and (type(history_depth) is not int or history_depth < 0):
             raise UsageError(f"history_depth must be an int >= 0, not {history_depth!r}")
-        item = self._outgoing(payload, (), expiry_s, envelope=False)
-        item.topic = (topic, topic_type, history_depth)
-        return item
+        if self._state != "running":
+            raise UsageError("the endpoint is not running")
+        if len(payload) > self._max_message_bytes:
+            raise UsageError(
+                f"a message of {len(payload)} bytes exceeds the maximum of "
+                f"{self._max_message_bytes} (GLUE_MAX_MESSAGE_BYTES)"
+            )
+        if not expiry_s > 0:
+            raise UsageError(f"expiry must be a positive number of seconds, not {expiry_s!r}")
+        if type(payload) is not bytes:
+            payload = bytes(payload)  # a caller's bytearray must not change under us
+        return _Outgoing(
+            payload, (), time.monotonic() + expiry_s, (topic, topic_type, history_depth)
+        )
 
     async def _hand_off(self, item: _Outgoing, timeout: float) -> None:  # noqa: ASYNC109
         loop = asyncio.get_running_loop()
@@ -361,8 +378,10 @@ class Endpoint:
         self._hand_off_threadsafe(self._outgoing(payload, to, expiry_s), timeout)
 
     def _hand_off_threadsafe(self, item: _Outgoing, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with self._handoff_lock:
+        with self._handoff_mutex:
+            if self._offer(item, locked=True):
+                return
+            deadline = time.monotonic() + timeout
             while not self._offer(item, locked=True):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self.running:
@@ -377,17 +396,17 @@ class Endpoint:
         *,
         envelope: bool = True,
     ) -> _Outgoing:
-        if not self.running:
+        if self._state != "running":
             raise UsageError("the endpoint is not running")
-        if len(payload) > self.settings.max_message_bytes:
+        if len(payload) > self._max_message_bytes:
             raise UsageError(
                 f"a message of {len(payload)} bytes exceeds the maximum of "
-                f"{self.settings.max_message_bytes} (GLUE_MAX_MESSAGE_BYTES)"
+                f"{self._max_message_bytes} (GLUE_MAX_MESSAGE_BYTES)"
             )
         if not expiry_s > 0:
             raise UsageError(f"expiry must be a positive number of seconds, not {expiry_s!r}")
         # Ids are plain ints on the wire; the NewType is for the type checker only.
-        targets = None if to is None else cast(tuple[EndpointId, ...], tuple(to))
+        targets: tuple[EndpointId, ...] | None = None if to is None else tuple(to)  # type: ignore[arg-type]
         if envelope:
             payload = DIRECT_ENVELOPE + payload  # a copy: a caller's bytearray may change
         elif type(payload) is not bytes:
@@ -398,11 +417,11 @@ class Endpoint:
     def _offer(self, item: _Outgoing, *, locked: bool = False) -> bool:
         """Append ``item`` to the hand-off queue if it has room; wake the loop if it was empty."""
         if not locked:
-            with self._handoff_lock:
+            with self._handoff_mutex:
                 return self._offer(item, locked=True)
         size = item.size
         waiting = self._handoff or self._staged
-        if waiting and self._handoff_bytes + size > self.settings.send_queue_bytes:
+        if waiting and self._handoff_bytes + size > self._send_queue_bytes:
             return False
         if len(self._handoff) >= _HANDOFF_SOFT_ITEMS:
             # The loop is behind: let the sender wait (releasing the GIL) until the loop has
@@ -444,7 +463,7 @@ class Endpoint:
         """
         stack, loop = self._stack, self._loop
         staged = self._staged
-        with self._handoff_lock:
+        with self._handoff_mutex:
             self._drain_scheduled = False
             if self._handoff:
                 if staged:
@@ -470,7 +489,7 @@ class Endpoint:
             freed += item.size
         else:
             placed_all = not staged
-        with self._handoff_lock:
+        with self._handoff_mutex:
             if freed:
                 self._handoff_bytes -= freed
                 self._handoff_lock.notify_all()
@@ -493,7 +512,7 @@ class Endpoint:
         if item.topic is not None:
             topic, topic_type, depth = item.topic
             item.topic = None
-            item.payload, item.targets = stack.publish(
+            item.payload, item.targets = stack.topics.publish(
                 topic,
                 topic_type,
                 item.payload,
@@ -618,7 +637,7 @@ class Endpoint:
             retry = any(isinstance(e, SendSpaceFreed | PeerRemoved) for e in pulled)
             events = [e for e in pulled if not isinstance(e, SendSpaceFreed)]
             if retry:  # messages waiting for room, or for a departed peer, may go on
-                with self._handoff_lock:
+                with self._handoff_mutex:
                     if (self._handoff or self._staged) and not self._drain_scheduled:
                         self._drain_scheduled = True
                         assert self._loop is not None
