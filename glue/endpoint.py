@@ -539,6 +539,10 @@ class Endpoint:
         """The peers discovery knows now (call on the loop thread)."""
         return self._stack.peers() if self._stack else []
 
+    def subscribers(self, topic: str) -> list[EndpointId]:
+        """Ids of the peers a publish on ``topic`` goes to now (call on the loop thread)."""
+        return list(self._stack.topics.subscribers(topic)) if self._stack else []
+
     def add_listener(self, listener: EventListener) -> None:
         """Call ``listener(events)`` on the loop after each burst; it must not block."""
         self._listeners.append(listener)

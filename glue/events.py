@@ -10,6 +10,7 @@ import orjson
 from glue.wire import EndpointId
 
 __all__ = [
+    "InterestChanged",
     "Message",
     "MessageReceived",
     "Peer",
@@ -109,4 +110,11 @@ class TopicDelivery:
     subscriptions: tuple[int, ...]
 
 
-StackEvent = PeerAdded | PeerRemoved | MessageReceived | TopicDelivery
+@dataclass(frozen=True, slots=True)
+class InterestChanged:
+    """What peer ``peer_id`` subscribes to changed (or became known)."""
+
+    peer_id: int
+
+
+StackEvent = PeerAdded | PeerRemoved | MessageReceived | TopicDelivery | InterestChanged

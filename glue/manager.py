@@ -28,6 +28,7 @@ import orjson
 from glue.endpoint import Endpoint
 from glue.errors import GlueError, UsageError
 from glue.events import (
+    InterestChanged,
     Message,
     MessageReceived,
     Peer,
@@ -46,7 +47,7 @@ from glue.subscription import (
     MessageCallback,
     Subscription,
 )
-from glue.topics import validate_pattern, validate_topic_type
+from glue.topics import validate_pattern, validate_topic_name, validate_topic_type
 
 __all__ = ["DEFAULT_EXPIRY_S", "DEFAULT_SEND_TIMEOUT_S", "AsyncEndpointManager", "EndpointManager"]
 
@@ -179,6 +180,43 @@ class AsyncEndpointManager:
             remaining = deadline - loop.time()
             if remaining <= 0 or self._changed is None:
                 raise TimeoutError(f"{len(found)} of {count} peers after {timeout} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._changed), remaining)
+
+    def subscribers(self, topic_name: str) -> list[Peer]:
+        """The peers subscribed to ``topic_name`` now (a publish on it goes to them), by name."""
+        peers = self._peers
+        found = [peers[i] for i in self._endpoint.subscribers(topic_name) if i in peers]
+        return sorted(found, key=lambda p: p.name)
+
+    async def wait_for_subscribers(
+        self,
+        topic_name: str,
+        count: int = 1,
+        *,
+        timeout: float,  # noqa: ASYNC109 - the same signature as the blocking twin
+    ) -> list[Peer]:
+        """Wait until at least ``count`` peers subscribe to ``topic_name`` (its messages reach
+        them from then on; what was published before reaches them only through history).
+
+        Raises:
+            UsageError: the name is not valid, or the endpoint is not running.
+            TimeoutError: fewer subscribers within ``timeout`` seconds.
+        """
+        validate_topic_name(topic_name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            found = self.subscribers(topic_name)
+            if len(found) >= count:
+                return found
+            if not self._endpoint.running:
+                raise UsageError("the endpoint is not running")
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._changed is None:
+                raise TimeoutError(
+                    f"{len(found)} of {count} subscribers to {topic_name!r} after {timeout} s"
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._changed), remaining)
 
@@ -342,6 +380,9 @@ class AsyncEndpointManager:
                         per_subscription[subscription_id] = [event.message]
                     else:
                         found.append(event.message)
+                continue
+            if isinstance(event, InterestChanged):
+                changed = True
                 continue
             if isinstance(event, MessageReceived):
                 if not wants_messages:
@@ -564,6 +605,22 @@ class EndpointManager:
             TimeoutError: not enough peers within ``timeout`` seconds.
         """
         return self._call(self._async.wait_for_peers(count, timeout=timeout, where=where))
+
+    def subscribers(self, topic_name: str) -> list[Peer]:
+        """The peers subscribed to ``topic_name`` now (a publish on it goes to them), by name."""
+        return self._call(_as_coroutine(lambda: self._async.subscribers(topic_name)))
+
+    def wait_for_subscribers(
+        self, topic_name: str, count: int = 1, *, timeout: float
+    ) -> list[Peer]:
+        """Block until at least ``count`` peers subscribe to ``topic_name`` (its messages reach
+        them from then on; what was published before reaches them only through history).
+
+        Raises:
+            UsageError: the name is not valid, or the endpoint is not running.
+            TimeoutError: fewer subscribers within ``timeout`` seconds.
+        """
+        return self._call(self._async.wait_for_subscribers(topic_name, count, timeout=timeout))
 
     # --- topics ---------------------------------------------------------------------------------
 
@@ -789,6 +846,8 @@ class EndpointManager:
                         per_subscription[subscription_id] = [event.message]
                     else:
                         found.append(event.message)
+                continue
+            if isinstance(event, InterestChanged):
                 continue
             if isinstance(event, MessageReceived):
                 messages.append(event)

@@ -49,7 +49,14 @@ from typing import Any, Final, cast
 import orjson
 
 from glue.errors import UsageError
-from glue.events import Message, MessageReceived, Peer, StackEvent, TopicDelivery
+from glue.events import (
+    InterestChanged,
+    Message,
+    MessageReceived,
+    Peer,
+    StackEvent,
+    TopicDelivery,
+)
 from glue.wire import EndpointId
 
 __all__ = [
@@ -296,6 +303,11 @@ class Topics:
         """The patterns ``peer`` told us it subscribes to, sorted."""
         interest = self._interest.get(peer)
         return sorted(interest.patterns) if interest else []
+
+    def subscribers(self, topic: str) -> tuple[EndpointId, ...]:
+        """The peers whose interest matches ``topic`` (those a publish on it goes to)."""
+        found = self._target_cache.get(topic)
+        return found if found is not None else self._targets(topic)
 
     # --- publishing -----------------------------------------------------------------------------
 
@@ -635,6 +647,7 @@ class Topics:
         if new != old:
             self._target_cache.clear()
             self._replay(peer.endpoint_id, old, new, now)
+            self._emit(InterestChanged(peer.endpoint_id))
 
     def _replay(
         self, peer: EndpointId, old: frozenset[str], new: frozenset[str], now: float
