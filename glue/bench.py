@@ -240,7 +240,7 @@ def _glue_throughput(
     with EndpointManager(settings) as sender:
         [peer] = sender.wait_for_peers(1, timeout=10)
         if pubsub:
-            _wait_for_interest(sender)
+            sender.wait_for_subscribers("bench/data", timeout=10)
         deadline = time.perf_counter() + seconds
         sent = 0
         while sent < count and time.perf_counter() < deadline:
@@ -256,15 +256,6 @@ def _glue_throughput(
     if not result["in_order"]:
         raise RuntimeError("glue delivered messages out of order")
     return _rates(result, size)
-
-
-def _wait_for_interest(endpoint: Any, timeout: float = 10.0) -> None:
-    """Until the peer's subscription has reached ``endpoint`` (so nothing is sent before)."""
-    deadline = time.monotonic() + timeout
-    while not endpoint.counters().get("topics_interest_received"):
-        if time.monotonic() > deadline:
-            raise RuntimeError("the subscriber's interest never arrived")
-        time.sleep(0.005)
 
 
 def _glue_receiver(port: int, count: int, echo: bool, pubsub: bool = False) -> int:
@@ -346,7 +337,7 @@ def _glue_round_trip(*, pubsub: bool = False) -> float:
         payload = b"x" * 64
         if pubsub:
             pongs = pinger.subscribe("bench/pong", "bench")
-            _wait_for_interest(pinger)
+            pinger.wait_for_subscribers("bench/ping", timeout=10)
             for _ in range(_RTT_WARMUP + _RTT_SAMPLES):
                 started = time.perf_counter()
                 pinger.publish("bench/ping", "bench", payload, expiry=5)
