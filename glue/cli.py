@@ -1,12 +1,15 @@
-"""The ``glue`` command: ``glue peers``, ``glue demo`` and ``glue bench``.
+"""The ``glue`` command: ``glue peers``, ``glue sub``, ``glue pub``, ``glue demo``, ``glue bench``.
 
 The only module of the package that prints.
 
 ``glue peers`` joins the network described by the ``GLUE_*`` settings and lists the endpoints it
-sees (``--watch`` follows them live, ``--json`` prints one JSON object per line for scripts).
-``glue demo`` starts a rendezvous and several endpoint processes on 127.0.0.1 only, with no
-multicast at all, so it is safe on any machine, and narrates discovery, expiry of a killed
-endpoint and the mesh surviving the loss of its rendezvous.
+sees (``--watch`` follows them live, ``--json`` prints one JSON object per line for scripts;
+``--subscribe``/``--publish`` add topic traffic to a watch, for the demo). ``glue sub`` prints
+the messages of a topic pattern and ``glue pub`` publishes, like ``mosquitto_sub``/``_pub``
+without a broker. ``glue demo`` starts a rendezvous and several endpoint processes on 127.0.0.1
+only, with no multicast at all, so it is safe on any machine, and narrates discovery,
+publish/subscribe, expiry of a killed endpoint, a late joiner served from history, and the mesh
+surviving the loss of its rendezvous.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -28,7 +32,7 @@ from typing import Any, TextIO
 import orjson
 
 from glue.errors import ConfigError, GlueError
-from glue.events import Peer, PeerAdded, PeerRemoved
+from glue.events import Message, Peer, PeerAdded, PeerRemoved
 from glue.manager import AsyncEndpointManager
 from glue.settings import load_settings
 
@@ -53,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"glue: configuration error:\n{exc}", file=sys.stderr)
         return 2
-    except GlueError as exc:
+    except (GlueError, TimeoutError) as exc:
         print(f"glue: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -81,10 +85,51 @@ def _parser() -> argparse.ArgumentParser:
     peers.add_argument("--watch", action="store_true", help="print peers as they come and go")
     peers.add_argument("--duration", type=float, help="with --watch: stop after this many seconds")
     peers.add_argument("--json", action="store_true", help="one JSON object per line")
+    peers.add_argument(
+        "--subscribe", metavar="PATTERN", help="with --watch: also print messages of PATTERN"
+    )
+    peers.add_argument(
+        "--publish", metavar="TOPIC", help="with --watch: also publish a counter on TOPIC"
+    )
+    peers.add_argument("--interval-ms", type=float, default=200.0, help="with --publish")
+    peers.add_argument("--type", default="demo", help="topic type for --subscribe/--publish")
     peers.set_defaults(run=_run_peers)
 
+    sub = commands.add_parser("sub", help="print the messages published on a topic pattern")
+    sub.add_argument("pattern", help="topic name or pattern: #, a/b/#, a/+/c")
+    sub.add_argument("--type", default="text", help="topic type (default: text)")
+    sub.add_argument("--count", type=int, default=0, help="exit after this many (0: never)")
+    sub.add_argument("--timeout", type=float, help="exit after this many seconds")
+    sub.add_argument("--json", action="store_true", help="one JSON object per line")
+    sub.set_defaults(run=_run_sub)
+
+    pub = commands.add_parser("pub", help="publish a message on a topic")
+    pub.add_argument("topic", help="topic name")
+    pub.add_argument("payload", help="message text (UTF-8), or - to read stdin")
+    pub.add_argument("--type", default="text", help="topic type (default: text)")
+    pub.add_argument("--expiry", type=float, default=5.0, help="seconds before it expires")
+    pub.add_argument("--history-depth", type=int, help="messages kept for late joiners")
+    pub.add_argument(
+        "--wait-for-subscribers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first wait (up to --timeout) until N peers subscribe to the topic",
+    )
+    pub.add_argument("--timeout", type=float, default=10.0, help="for --wait-for-subscribers")
+    pub.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        help="seconds to stay up after the subscribers acknowledged it, so that late joiners "
+        "get it from history (default 0)",
+    )
+    pub.set_defaults(run=_run_pub)
+
     demo = commands.add_parser("demo", help="several endpoints discovering each other on 127.0.0.1")
-    demo.add_argument("--nodes", type=int, default=3, help="endpoints besides the rendezvous")
+    demo.add_argument(
+        "--nodes", type=int, default=3, help="endpoints besides the rendezvous (the last publishes)"
+    )
     demo.add_argument("--rate-ms", type=int, default=500, help="announcement period")
     demo.set_defaults(run=_run_demo)
 
@@ -131,11 +176,18 @@ async def _peers(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        watcher = asyncio.create_task(_watch(endpoint, emit))
+        tasks = [asyncio.create_task(_watch(endpoint, emit))]
+        if args.subscribe:
+            endpoint.subscribe(
+                args.subscribe, args.type, lambda message: emit("message", _message_fields(message))
+            )
+        if args.publish:
+            tasks.append(asyncio.create_task(_publish_counter(endpoint, args)))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), args.duration)
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         emit("stopping", {"id": endpoint.endpoint_id, "name": endpoint.name})
     return 0
 
@@ -149,6 +201,99 @@ async def _watch(
                 emit("added", _peer_fields(peer))
             case PeerRemoved(peer=peer, reason=reason):
                 emit("removed", {**_peer_fields(peer), "reason": reason})
+
+
+async def _publish_counter(endpoint: AsyncEndpointManager, args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    period = args.interval_ms / 1000.0
+    number = 0
+    next_at = loop.time()
+    while True:
+        number += 1
+        await endpoint.publish_json(args.publish, args.type, {"n": number}, expiry=10 * period)
+        next_at += period
+        await asyncio.sleep(max(0.0, next_at - loop.time()))
+
+
+def _message_fields(message: Message) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "topic": message.topic_name,
+        "type": message.topic_type,
+        "seq": message.sequence,
+        "source": message.source_name,
+        "source_id": message.source_id,
+        "latency_ms": round((message.received_at - message.sent_at) * 1000, 3),
+        "bytes": len(message.payload),
+    }
+    try:
+        fields["payload"] = message.payload.decode()
+    except UnicodeDecodeError:
+        fields["payload_hex"] = message.payload[:64].hex()
+    return fields
+
+
+# --- glue sub / glue pub -------------------------------------------------------------------------
+
+
+def _run_sub(args: argparse.Namespace) -> int:
+    return asyncio.run(_sub(args))
+
+
+async def _sub(args: argparse.Namespace) -> int:
+    async with AsyncEndpointManager.from_env() as endpoint:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        received = 0
+
+        async def show() -> None:
+            nonlocal received
+            async for message in endpoint.subscribe(args.pattern, args.type):
+                if args.json:
+                    _json_line("message", _message_fields(message))
+                else:
+                    text = message.payload.decode(errors="replace")
+                    print(
+                        f"{message.topic_name} [{message.source_name} #{message.sequence}] {text}"
+                    )
+                    sys.stdout.flush()
+                received += 1
+                if args.count and received >= args.count:
+                    stop.set()
+                    return
+
+        task = asyncio.create_task(show())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), args.timeout)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return 0 if not args.count or received >= args.count else 1
+
+
+def _run_pub(args: argparse.Namespace) -> int:
+    return asyncio.run(_pub(args))
+
+
+async def _pub(args: argparse.Namespace) -> int:
+    payload = sys.stdin.buffer.read() if args.payload == "-" else args.payload.encode()
+    async with AsyncEndpointManager.from_env() as endpoint:
+        if args.wait_for_subscribers:
+            await endpoint.wait_for_subscribers(
+                args.topic, args.wait_for_subscribers, timeout=args.timeout
+            )
+        await endpoint.publish(
+            args.topic,
+            args.type,
+            payload,
+            expiry=args.expiry,
+            history_depth=args.history_depth,
+        )
+        with contextlib.suppress(TimeoutError):
+            await endpoint.flush(timeout=args.expiry)
+        if args.linger:
+            await asyncio.sleep(args.linger)  # serving late joiners from history meanwhile
+    return 0
 
 
 async def _wait_quietly(seconds: float) -> None:
@@ -191,13 +336,23 @@ def _print_table(peers: list[Peer]) -> None:
 
 
 class _Node:
-    """One endpoint process of the demo, running ``glue peers --watch --json``."""
+    """One endpoint process of the demo, running ``glue peers --watch --json`` (+ topics)."""
 
-    def __init__(self, label: str, env: dict[str, str], board: _Board) -> None:
+    def __init__(self, label: str, env: dict[str, str], board: _Board, *extra: str) -> None:
         self.label = label
         self.endpoint_id = int(env["GLUE_ENDPOINT_ID"])
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "glue", "--log-level", "WARNING", "peers", "--watch", "--json"],
+            [
+                sys.executable,
+                "-m",
+                "glue",
+                "--log-level",
+                "WARNING",
+                "peers",
+                "--watch",
+                "--json",
+                *extra,
+            ],
             env=env,
             stdout=subprocess.PIPE,
             text=True,
@@ -224,6 +379,7 @@ class _Board:
         self.out = out
         self.labels = labels
         self.seen: dict[str, set[int]] = {}
+        self.received: dict[str, list[dict[str, Any]]] = {}
         self.changed = threading.Condition()
         self.started = time.monotonic()
         self.quiet = False
@@ -239,6 +395,15 @@ class _Board:
             elif event == "removed":
                 seen.discard(message["id"])
                 self._say(f"{node.label:12} lost       {other} ({message.get('reason')})")
+            elif event == "message":
+                got = self.received.setdefault(node.label, [])
+                got.append(message)
+                if len(got) == 1:
+                    self._say(
+                        f"{node.label:12} received   {message['topic']} #{message['seq']} "
+                        f"{message.get('payload', '')} from {message['source']} "
+                        f"({message['latency_ms']:.2f} ms after it was published)"
+                    )
             self.changed.notify_all()
 
     def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
@@ -248,6 +413,13 @@ class _Board:
     def knows(self, label: str, ids: set[int]) -> bool:
         return ids <= self.seen.get(label, set())
 
+    def count(self, label: str) -> int:
+        return len(self.received.get(label, []))
+
+    def in_order(self, label: str) -> bool:
+        sequences = [m["seq"] for m in self.received.get(label, [])]
+        return all(b == a + 1 for a, b in itertools.pairwise(sequences))
+
     def _say(self, text: str) -> None:
         if self.quiet:
             return
@@ -255,8 +427,8 @@ class _Board:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    if args.nodes < 2:
-        raise ConfigError("glue demo needs --nodes 2 or more")
+    if args.nodes < 3:
+        raise ConfigError("glue demo needs --nodes 3 or more")
     rate_ms = args.rate_ms
     timeout_s = rate_ms / 1000 * 2.0
     port = _free_udp_port()
@@ -269,17 +441,22 @@ def _run_demo(args: argparse.Namespace) -> int:
         "GLUE_DISCOVERY_RATE_TIMEOUT_MULTIPLIER": "2.0",
         "PYTHONUNBUFFERED": "1",
     }
-    labels = {1: "rendezvous", **{100 + n: f"node-{n}" for n in range(1, args.nodes + 1)}}
+    labels = {
+        1: "rendezvous",
+        **{100 + n: f"node-{n}" for n in range(1, args.nodes + 1)},
+        999: "late-joiner",
+    }
     board = _Board(sys.stdout, labels)
     print(
         f"glue demo: a rendezvous on 127.0.0.1:{port} and {args.nodes} endpoints, announcing every "
-        f"{rate_ms} ms; all traffic stays on 127.0.0.1 (unicast only).\n"
+        f"{rate_ms} ms; node-{args.nodes} publishes a counter on demo/counter every 200 ms, the "
+        "others subscribe to demo/#.\nAll traffic stays on 127.0.0.1 (unicast only).\n"
     )
 
-    def start(endpoint_id: int, **extra: str) -> _Node:
-        env = {**common, "GLUE_ENDPOINT_ID": str(endpoint_id), **extra}
+    def start(endpoint_id: int, *extra: str, **glue: str) -> _Node:
+        env = {**common, "GLUE_ENDPOINT_ID": str(endpoint_id), **glue}
         env["GLUE_ENDPOINT_NAME"] = labels[endpoint_id]
-        return _Node(labels[endpoint_id], env, board)
+        return _Node(labels[endpoint_id], env, board, *extra)
 
     rendezvous = start(
         1, GLUE_DISCOVERY_TARGET_ADDRESS="0", GLUE_DISCOVERY_LISTEN_ADDRESS=f"127.0.0.1:{port}"
@@ -288,8 +465,10 @@ def _run_demo(args: argparse.Namespace) -> int:
         "GLUE_DISCOVERY_TARGET_ADDRESS": f"127.0.0.1:{port}",
         "GLUE_DISCOVERY_LISTEN_ADDRESS": "0",
     }
-    nodes = [start(100 + n, **node_env) for n in range(1, args.nodes + 1)]
-    everyone = [rendezvous, *nodes]
+    subscribe = ("--subscribe", "demo/#")
+    nodes = [start(100 + n, *subscribe, **node_env) for n in range(1, args.nodes)]
+    publisher = start(100 + args.nodes, "--publish", "demo/counter", **node_env)
+    everyone = [rendezvous, *nodes, publisher]
     try:
         ids = {node.endpoint_id for node in everyone}
         t0 = time.monotonic()
@@ -302,6 +481,10 @@ def _run_demo(args: argparse.Namespace) -> int:
             f"\n==> all {len(everyone)} endpoints know each other "
             f"({time.monotonic() - t0:.2f} s after start)\n"
         )
+        if not board.wait(lambda: all(board.count(n.label) >= 5 for n in nodes), timeout=10):
+            print("\nglue demo: FAILED, the subscribers did not receive the counter")
+            return 1
+        print("\n==> every subscriber receives the counter, in order and once each\n")
 
         victim, survivors = nodes[0], nodes[1:]
         print(
@@ -311,7 +494,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         if not board.wait(
             lambda: all(
-                victim.endpoint_id not in board.seen[n.label] for n in [rendezvous, *survivors]
+                victim.endpoint_id not in board.seen[n.label]
+                for n in [rendezvous, *survivors, publisher]
             ),
             timeout=timeout_s + 5,
         ):
@@ -319,17 +503,32 @@ def _run_demo(args: argparse.Namespace) -> int:
             return 1
         print(f"\n==> removed {time.monotonic() - t0:.2f} s after the kill\n")
 
-        print("==> stop the rendezvous: the remaining endpoints announce to each other directly\n")
-        rendezvous.stop()
-        survivor_ids = {n.endpoint_id for n in survivors}
-        board.wait(lambda: False, timeout=3 * timeout_s)
-        intact = all(board.knows(n.label, survivor_ids - {n.endpoint_id}) for n in survivors)
+        print("==> a late joiner subscribes: it gets the latest counter from history at once\n")
+        late = start(999, *subscribe, **node_env)
+        everyone.append(late)
+        if not board.wait(lambda: board.count(late.label) >= 3, timeout=10):
+            print("\nglue demo: FAILED, the late joiner received nothing")
+            return 1
+
         print(
-            f"\n==> {3 * timeout_s:.1f} s later the mesh is "
-            f"{'intact' if intact else 'BROKEN'}: {', '.join(n.label for n in survivors)} "
-            "still know each other\n"
+            "\n==> stop the rendezvous: the remaining endpoints announce to each other directly\n"
         )
-        return 0 if intact else 1
+        rendezvous.stop()
+        remaining = [*survivors, publisher, late]
+        remaining_ids = {n.endpoint_id for n in remaining}
+        counts = {n.label: board.count(n.label) for n in [*survivors, late]}
+        board.wait(lambda: False, timeout=3 * timeout_s)
+        intact = all(board.knows(n.label, remaining_ids - {n.endpoint_id}) for n in remaining)
+        flowing = all(board.count(label) > count for label, count in counts.items())
+        ordered = all(board.in_order(n.label) for n in [*survivors, late])
+        print(
+            f"\n==> {3 * timeout_s:.1f} s later the mesh is {'intact' if intact else 'BROKEN'} "
+            f"and messages {'still flow' if flowing else 'STOPPED'}"
+            f"{', in order, no gaps' if ordered else ', WITH GAPS'}: "
+            + ", ".join(f"{label} got {board.count(label)}" for label in counts)
+            + "\n"
+        )
+        return 0 if intact and flowing and ordered else 1
     finally:
         board.quiet = True
         for node in everyone:

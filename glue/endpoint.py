@@ -108,6 +108,7 @@ class Endpoint:
         self._space = asyncio.Event()
         self._drain_scheduled = False
         self._valid_names: set[tuple[str, str]] = set()
+        self._idle_waiters: list[asyncio.Future[None]] = []
         # Read on every send (plain attributes are cheaper than the settings model's).
         self._max_message_bytes = settings.max_message_bytes
         self._send_queue_bytes = settings.send_queue_bytes
@@ -598,6 +599,33 @@ class Endpoint:
         self._flush()
         self._dispatch_events()
         self._rearm()
+        if self._idle_waiters and self._all_sent():
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle_waiters.clear()
+
+    def _all_sent(self) -> bool:
+        stack = self._stack
+        return not self._handoff and not self._staged and (stack is None or stack.idle())
+
+    async def flush(self, timeout: float) -> None:  # noqa: ASYNC109 - as its blocking twin
+        """Wait until everything sent so far is acknowledged (or its peer left, or it expired).
+
+        Raises:
+            TimeoutError: still unacknowledged after ``timeout`` seconds.
+        """
+        if self._all_sent() or not self.running:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"messages still unacknowledged after {timeout} s") from None
+        finally:
+            if waiter in self._idle_waiters:
+                self._idle_waiters.remove(waiter)
 
     def _flush(self) -> None:
         stack, sock, loop = self._stack, self._data, self._loop

@@ -220,6 +220,15 @@ class AsyncEndpointManager:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._changed), remaining)
 
+    async def flush(self, *, timeout: float) -> None:  # noqa: ASYNC109 - as its blocking twin
+        """Wait until everything published or sent so far is acknowledged by the peers it went
+        to (or they left, or it expired): call before exiting a short-lived publisher.
+
+        Raises:
+            TimeoutError: still unacknowledged after ``timeout`` seconds.
+        """
+        await self._endpoint.flush(timeout)
+
     # --- topics ---------------------------------------------------------------------------------
 
     async def publish(
@@ -621,6 +630,15 @@ class EndpointManager:
             TimeoutError: fewer subscribers within ``timeout`` seconds.
         """
         return self._call(self._async.wait_for_subscribers(topic_name, count, timeout=timeout))
+
+    def flush(self, *, timeout: float) -> None:
+        """Block until everything published or sent so far is acknowledged by the peers it went
+        to (or they left, or it expired): call before exiting a short-lived publisher.
+
+        Raises:
+            TimeoutError: still unacknowledged after ``timeout`` seconds.
+        """
+        self._call(self._async.flush(timeout=timeout))
 
     # --- topics ---------------------------------------------------------------------------------
 

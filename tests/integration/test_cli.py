@@ -56,7 +56,74 @@ def test_demo_runs_to_completion_on_loopback() -> None:
     result = _glue("demo", "--rate-ms", "200", timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "endpoints know each other" in result.stdout
-    assert "the mesh is intact" in result.stdout
+    assert "every subscriber receives the counter" in result.stdout
+    assert "late-joiner  received   demo/counter" in result.stdout
+    assert "the mesh is intact and messages still flow, in order, no gaps" in result.stdout
+
+
+def test_glue_sub_prints_what_glue_pub_publishes_and_late_joiners_get_history() -> None:
+    group = f"239.192.137.1:{free_udp_port()}"
+    settings = {
+        "discovery_target_address": group,
+        "discovery_listen_address": group,
+        "discovery_rate_milliseconds": 200,
+        "listen_interface": "lo",
+    }
+    subscriber = subprocess.Popen(
+        [sys.executable, "-m", "glue", "sub", "sensors/#", "--count", "2", "--timeout", "30"],
+        env=base_env(**settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for topic, text in (("sensors/kitchen", "21.5 C"), ("sensors/hall", "19 C")):
+            published = _glue(
+                "pub", topic, text, "--wait-for-subscribers", "1", "--timeout", "20", **settings
+            )
+            assert published.returncode == 0, published.stderr
+        out, err = subscriber.communicate(timeout=30)
+    finally:
+        if subscriber.poll() is None:
+            subscriber.kill()
+            subscriber.communicate()
+    assert subscriber.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("sensors/kitchen [") and lines[0].endswith("#1] 21.5 C")
+    assert lines[1].startswith("sensors/hall [") and lines[1].endswith("#1] 19 C")
+    # A retained value: published with nobody listening, kept while the publisher lingers.
+    publisher = subprocess.Popen(
+        [sys.executable, "-m", "glue", "pub", "door", "open", "--expiry", "60", "--linger", "20"],
+        env=base_env(**settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        late = _glue("sub", "door", "--count", "1", "--timeout", "20", "--json", **settings)
+    finally:
+        publisher.terminate()
+        publisher.communicate(timeout=10)
+    assert late.returncode == 0, late.stderr
+    record = orjson.loads(late.stdout.splitlines()[0])
+    assert (record["topic"], record["payload"], record["seq"]) == ("door", "open", 1)
+
+
+def test_glue_pub_without_subscribers_times_out_clearly() -> None:
+    result = _glue(
+        "pub",
+        "nobody/here",
+        "x",
+        "--wait-for-subscribers",
+        "1",
+        "--timeout",
+        "0.5",
+        discovery_target_address="0",
+        discovery_listen_address="0",
+    )
+    assert result.returncode != 0
+    assert "subscribers to 'nobody/here'" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_bench_runs_and_prints_every_figure() -> None:
@@ -65,3 +132,5 @@ def test_bench_runs_and_prints_every_figure() -> None:
     for label in ("64 B", "64 KiB", "1 MiB", "round trip"):
         assert label in result.stdout
     assert result.stdout.count("glue/raw") == 3
+    assert result.stdout.count("pub/sub/direct") == 3
+    assert "publish/subscribe" in result.stdout
