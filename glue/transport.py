@@ -34,7 +34,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Final
 
-from glue.wire import MAX_ACK_RANGES, MAX_TTL_MS, Ack, Data, EndpointId, Skip
+from glue.wire import MAX_ACK_RANGES, MAX_DATAGRAM_BYTES, MAX_TTL_MS, Ack, Data, EndpointId, Skip
 
 __all__ = [
     "FrameReceived",
@@ -58,6 +58,11 @@ class TransportConfig:
 
     window_frames: int = 2048
     window_bytes: int = 8 * 1024 * 1024
+    #: Congestion window (bytes in flight) at the start and its floor after losses; it grows
+    #: as acks arrive (doubling per round trip up to the threshold, then by one datagram per
+    #: round trip) and halves on a loss, so a slower receiver is not flooded into dropping.
+    initial_congestion_bytes: int = 1024 * 1024
+    min_congestion_bytes: int = 128 * 1024
     queue_bytes: int = 64 * 1024 * 1024
     initial_rto_s: float = 0.05
     min_rto_s: float = 0.01
@@ -129,12 +134,14 @@ class _SendStream:
         "abandoned",
         "acked_to",
         "counters",
+        "cwnd",
         "in_flight_bytes",
         "next_seq",
         "one_way_s",
         "outbox",
         "pending",
         "queued_bytes",
+        "recover_to",
         "resend_at",
         "rto",
         "rttvar",
@@ -143,11 +150,15 @@ class _SendStream:
         "skip_sent_at",
         "skip_to",
         "srtt",
+        "ssthresh",
         "unacked",
     )
 
-    def __init__(self, initial_rto: float, counters: Counter[str]) -> None:
+    def __init__(self, initial_rto: float, counters: Counter[str], cwnd: int) -> None:
         self.counters = counters
+        self.cwnd = cwnd  # congestion window, bytes in flight
+        self.ssthresh = 1 << 62  # slow start until the first loss
+        self.recover_to = 0  # losses of frames up to this seq belong to one episode
         self.next_seq = 1
         self.acked_to = 0
         self.pending: deque[_Outgoing] = deque()
@@ -193,10 +204,10 @@ class _RecvStream:
 class _Peer:
     __slots__ = ("counters", "incarnation", "recv", "send")
 
-    def __init__(self, incarnation: int, initial_rto: float) -> None:
+    def __init__(self, incarnation: int, initial_rto: float, cwnd: int) -> None:
         self.incarnation = incarnation
         self.counters: Counter[str] = Counter()  # this peer's; folded into the totals on removal
-        self.send = _SendStream(initial_rto, self.counters)
+        self.send = _SendStream(initial_rto, self.counters, cwnd)
         self.recv = _RecvStream(self.counters)
 
 
@@ -228,7 +239,7 @@ class Transport:
             return
         if known is not None:
             self.remove_peer(peer)
-        state = _Peer(incarnation, self.config.initial_rto_s)
+        state = _Peer(incarnation, self.config.initial_rto_s, self.config.initial_congestion_bytes)
         resumed = self._retired.pop((peer, incarnation), None)
         if resumed is not None:
             next_seq, delivered_to = resumed
@@ -446,11 +457,8 @@ class Transport:
         outbox = stream.outbox
         expired = False
         fresh = 0
-        while (
-            pending
-            and len(unacked) < config.window_frames
-            and stream.in_flight_bytes < config.window_bytes
-        ):
+        limit = min(config.window_bytes, stream.cwnd)
+        while pending and len(unacked) < config.window_frames and stream.in_flight_bytes < limit:
             out = pending.popleft()
             unacked[out.seq] = out
             ttl_ms = int((out.expires_at - now - stream.one_way_s) * 1000)
@@ -527,6 +535,10 @@ class Transport:
         if resent:  # back off only for a real timeout, not a timer that found nothing due
             stream.rto = min(self.config.max_rto_s, rto * 2)
             stream.counters["timeouts"] += 1
+            floor = self.config.min_congestion_bytes
+            stream.ssthresh = max(floor, stream.cwnd // 2)
+            stream.cwnd = floor
+            stream.recover_to = stream.next_seq - 1
         stream.resend_at = self._oldest_unsacked(stream)
 
     def _resend(self, stream: _SendStream, out: _Outgoing, now: float) -> None:
@@ -597,6 +609,12 @@ class Transport:
         if acked:
             stream.in_flight_bytes -= freed
             stream.queued_bytes -= freed
+            cwnd = stream.cwnd
+            if cwnd < self.config.window_bytes:
+                if cwnd < stream.ssthresh:
+                    stream.cwnd = cwnd + freed  # slow start: doubles per round trip
+                else:  # about one largest datagram more per round trip
+                    stream.cwnd = cwnd + max(1, MAX_DATAGRAM_BYTES * freed // cwnd)
             stream.counters["frames_acked"] += acked
             # Progress restarts the retransmission timer (RFC 6298, 5.3).
             waiting = len(unacked) > stream.sacked + stream.abandoned
@@ -630,6 +648,11 @@ class Transport:
             if out.sacked or out.abandoned:
                 continue
             if now - out.sent_at >= srtt and out.expires_at - stream.one_way_s > now:
+                if seq > stream.recover_to:  # a new loss episode: halve the window once
+                    stream.ssthresh = max(self.config.min_congestion_bytes, stream.cwnd // 2)
+                    stream.cwnd = stream.ssthresh
+                    stream.recover_to = stream.next_seq - 1
+                    stream.counters["congestion_events"] += 1
                 self._resend(stream, out, now)
                 stream.counters["fast_resends"] += 1
 
