@@ -1064,3 +1064,49 @@ def test_the_property_run_reaches_loss_reorder_and_expiry() -> None:
     assert b["frames_delivered"] >= 30
     assert b["frames_delivered"] + b["frames_skipped"] == 60
     assert Counter(isinstance(m.life_ms, int) for m in messages) == Counter({True: 30, False: 30})
+
+
+# --- congestion control -------------------------------------------------------------------------
+
+CONGESTION = TransportConfig(
+    initial_rto_s=0.05, initial_congestion_bytes=4000, min_congestion_bytes=2000
+)
+
+
+def test_the_congestion_window_limits_bytes_in_flight_and_grows_with_acks() -> None:
+    pair = Pair(CONGESTION)
+    pair.send(*(bytes(1000) for _ in range(20)))
+    assert seqs(pair.pull_data(pair.a)) == [1, 2, 3, 4]  # 4000 bytes: the initial window
+    stream = pair.a._peers[B].send
+    pair.at(0.01).push(pair.a, [Ack(4)])
+    assert stream.cwnd == 8000  # slow start: every acked byte adds one
+    assert seqs(pair.pull_data(pair.a)) == [5, 6, 7, 8, 9, 10, 11, 12]
+
+
+def test_a_loss_seen_through_sacks_halves_the_window_once_per_episode() -> None:
+    pair = Pair(CONGESTION)
+    pair.send(*(bytes(1000) for _ in range(8)))
+    pair.pull_data(pair.a)
+    stream = pair.a._peers[B].send
+    pair.at(0.01).push(pair.a, [Ack(4)])  # window 8000; 5..12 go out
+    pair.pull_data(pair.a)
+    pair.at(0.05).push(pair.a, [Ack(4, ((6, 9),))])  # 5 lost, 6..9 arrived
+    assert stream.cwnd == 4000
+    assert stream.ssthresh == 4000
+    assert counters(pair.a, "congestion_events", "fast_resends") == {
+        "congestion_events": 1,
+        "fast_resends": 1,
+    }
+    pair.at(0.1).push(pair.a, [Ack(4, ((6, 10),))])  # the same episode: no second halving
+    assert stream.cwnd == 4000
+
+
+def test_a_retransmission_timeout_drops_the_window_to_its_floor() -> None:
+    pair = Pair(CONGESTION)
+    pair.send(*(bytes(1000) for _ in range(4)))
+    pair.pull_data(pair.a)  # all lost
+    stream = pair.a._peers[B].send
+    pair.timer(pair.a)
+    assert stream.cwnd == 2000
+    assert stream.ssthresh == 2000
+    assert seqs(pair.pull_data(pair.a)) == [1, 2, 3, 4]  # resends are not held back
