@@ -102,11 +102,43 @@ def test_a_stuck_subscriber_drops_counts_and_warns_and_holds_up_nobody(
         # Acks kept flowing: the publisher has nothing left in flight.
         peer = subscriber.endpoint_id
         assert wait_until(
-            lambda: publisher.peer_counters()[peer].get("frames_acked", 0)
-            >= publisher.peer_counters()[peer].get("frames_sent", 0),
+            lambda: (
+                publisher.peer_counters()[peer].get("frames_acked", 0)
+                >= publisher.peer_counters()[peer].get("frames_sent", 0)
+            ),
             timeout=5,
         ), publisher.peer_counters()[peer]
         release.set()
         kept = 200 - slow.dropped
         assert wait_until(lambda: len(stuck) == kept, timeout=5)
         assert [int(m.payload) for m in stuck] == list(range(kept))
+
+
+def test_flush_returns_once_subscribers_acknowledged_and_times_out_when_they_cannot(
+    settings: dict[str, object],
+) -> None:
+    with (
+        EndpointManager.from_env(**settings) as publisher,
+        EndpointManager.from_env(**settings) as subscriber,
+    ):
+        inbox = Inbox()
+        subscriber.subscribe("flush/me", KIND, inbox)
+        [peer] = publisher.wait_for_subscribers("flush/me", timeout=5)
+        for n in range(100):
+            publisher.publish("flush/me", KIND, bytes(5000) + b"%d" % n)
+        publisher.flush(timeout=10)
+        counters = publisher.peer_counters()[peer.endpoint_id]
+        assert counters["frames_acked"] == counters["frames_sent"], counters
+        assert inbox.wait_for_count(100, timeout=5)
+        # A subscriber that cannot acknowledge (its network loop is stopped): flush times out.
+        loop = subscriber._loop
+        assert loop is not None
+        gate = threading.Event()
+        loop.call_soon_threadsafe(gate.wait, 10)  # blocks the subscriber's network thread
+        try:
+            publisher.publish("flush/me", KIND, b"stuck")
+            with pytest.raises(TimeoutError):
+                publisher.flush(timeout=0.3)
+        finally:
+            gate.set()
+        publisher.flush(timeout=10)
