@@ -14,6 +14,7 @@ Lines printed: ``{"event": "started", "id", "name", "t"}``; ``{"event": "peer_ad
 - ``{"op": "publish", "topic": t, "type": y, "count": n, "large_every": k, "history_depth": d,
   "expiry": s}`` -> ``{"published": [digest, ...], "first": sequence}``; message *i* is ``b"<i>:"``
   plus 200 random bytes, or 64 KiB (fragmented) when *i* is a multiple of ``k``
+- ``{"op": "wait_subscribers", "topic": t, "count": n, "timeout": s}`` -> ``{"peers": [id, ...]}``
 - ``{"op": "peers"}`` -> ``{"peers": {id: ip}}``; ``{"op": "counters"}`` -> ``{"counters": {...},
   "peer_counters": {id: {...}}}``; ``{"op": "stop"}`` or end of input: stop and exit.
 """
@@ -93,6 +94,11 @@ def main() -> None:
                 published[topic] += 1
                 digests.append(digest(payload))
             return {"published": digests, "first": first}
+        if op == "wait_subscribers":
+            peers = endpoint.wait_for_subscribers(
+                command["topic"], command["count"], timeout=command["timeout"]
+            )
+            return {"peers": [p.endpoint_id for p in peers]}
         if op == "peers":
             return {"peers": {p.endpoint_id: p.host for p in endpoint.peers()}}
         if op == "counters":
