@@ -105,9 +105,11 @@ def main() -> None:
             return {"counters": endpoint.counters(), "peer_counters": endpoint.peer_counters()}
         raise ValueError(f"unknown op {op!r}")
 
-    with EndpointManager.from_env() as endpoint:
-        endpoint.on_peer_added(on_peer("peer_added"))
-        endpoint.on_peer_removed(on_peer("peer_removed"))
+    endpoint = EndpointManager.from_env()
+    # Before start: a peer met in the first milliseconds must not be missed.
+    endpoint.on_peer_added(on_peer("peer_added"))
+    endpoint.on_peer_removed(on_peer("peer_removed"))
+    with endpoint:
         write({"event": "started", "id": endpoint.endpoint_id, "name": endpoint.name})
         for raw in sys.stdin.buffer:
             command = orjson.loads(raw)

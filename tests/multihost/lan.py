@@ -274,6 +274,13 @@ class Lan:
         out = host.iptables("-L", "-v", "-n", "-x")
         return sum(int(line.split()[0]) for line in out.splitlines() if f"/* {_COMMENT} */" in line)
 
+    def udp_stats(self, host: Host) -> dict[str, int]:
+        """The kernel's UDP counters in ``host`` (/proc/net/snmp), e.g. ``RcvbufErrors``:
+        datagrams dropped because a socket's receive buffer was full."""
+        rows = [line.split()[1:] for line in host.run("cat", "/proc/net/snmp").splitlines()
+                if line.startswith("Udp:")]  # fmt: skip
+        return {name: int(value) for name, value in zip(rows[0], rows[1], strict=True)}
+
     def cut(self, host: Host, how: str = "link") -> None:
         """Disconnect ``host``: ``link`` sets its bridge port down (its ``lan0`` loses carrier,
         as when a cable is pulled); ``iptables`` drops everything in and out of it."""

@@ -46,6 +46,7 @@ def test_every_message_arrives_once_in_order_under_random_loss(lan: Callable[...
         )
     took = time.monotonic() - started
     dropped = {host.name: net.dropped(host) for host in net.hosts}
+    overflowed = sum(net.udp_stats(host)["RcvbufErrors"] for host in net.hosts)
     stats = [process.counters() for process in processes]
     for host in net.hosts:
         net.clear_loss(host)
@@ -65,5 +66,6 @@ def test_every_message_arrives_once_in_order_under_random_loss(lan: Callable[...
         f"\n10 % loss each way on 4 hosts: {everything} messages x 4 receivers "
         f"({len(processes) * COUNT // 10} of 64 KiB) all delivered once, in order, in "
         f"{took:.2f} s; packets dropped by iptables {dropped}; frames sent {sent}, resent "
-        f"{resent}; duplicates suppressed {suppressed}; peers expired on the way {removed}"
+        f"{resent}; datagrams dropped by full socket buffers {overflowed}; duplicates "
+        f"suppressed {suppressed}; peers expired on the way {removed}"
     )
