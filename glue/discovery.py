@@ -102,6 +102,9 @@ class Discovery:
         self._left = False
         #: The topics layer's interest version, carried in our announcements.
         self.interest_version = 0
+        # No peer expires before this (a lower bound, kept without a scan of every peer on every
+        # burst: hearing a peer only moves its expiry later; handle_timer recomputes it).
+        self._expiry_hint: float | None = None
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -136,9 +139,14 @@ class Discovery:
         """Expire silent peers and send the periodic announcement when due."""
         if self._left:
             return
+        hint: float | None = None
         for state in list(self._peers.values()):
-            if now >= self._expires_at(state):
-                self._remove(state, "expired")
+            expires_at = self._expires_at(state)
+            if now >= expires_at:
+                self._remove(state, "expired", rescan=False)  # the hint is recomputed here
+            elif hint is None or expires_at < hint:
+                hint = expires_at
+        self._expiry_hint = hint
         if self._announce_at is not None and now >= self._announce_at:
             self._announce(now)
             period = self.config.rate_s * self._rng.uniform(1.0 - _JITTER, 1.0)
@@ -170,10 +178,11 @@ class Discovery:
         """When ``handle_timer`` should next be called (absolute), or ``None``."""
         if self._left:
             return None
-        deadlines = [self._expires_at(state) for state in self._peers.values()]
-        if self._announce_at is not None:
-            deadlines.append(self._announce_at)
-        return min(deadlines, default=None)
+        hint = self._expiry_hint if self._peers else None
+        announce_at = self._announce_at
+        if hint is None:
+            return announce_at
+        return hint if announce_at is None or hint < announce_at else announce_at
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -239,6 +248,7 @@ class Discovery:
             if (peer.host, peer.port, peer.rate_s) != (*address, rate_s):
                 state.peer = replace(peer, host=address[0], port=address[1], rate_s=rate_s)
                 logger.debug("peer %s moved to %s:%d", peer.name, *address)
+                self._lower_hint(self._expires_at(state))  # a faster rate expires it sooner
         return state
 
     def _add(
@@ -267,6 +277,7 @@ class Discovery:
             announce.endpoint_id, announce.incarnation, name, *address, announce.rate_ms / 1000.0
         )
         state = _PeerState(peer, heard_at)
+        self._lower_hint(self._expires_at(state))
         self._peers[peer.endpoint_id] = state
         self._names[name] = peer.endpoint_id
         self._events.append(PeerAdded(peer))
@@ -278,10 +289,12 @@ class Discovery:
             self._outbox.append((self._own_announce(), peer.address))
         return state
 
-    def _remove(self, state: _PeerState, reason: RemovalReason) -> None:
+    def _remove(self, state: _PeerState, reason: RemovalReason, *, rescan: bool = True) -> None:
         peer = state.peer
         del self._peers[peer.endpoint_id]
         self._names.pop(peer.name, None)
+        if rescan:  # removals are rare: the deadline follows the peers that are left
+            self._expiry_hint = min(map(self._expires_at, self._peers.values()), default=None)
         self._events.append(PeerRemoved(peer, reason))
         self.counters["peers_removed"] += 1
         logger.info("peer removed (%s): %s (%d)", reason, peer.name, peer.endpoint_id)
@@ -344,6 +357,10 @@ class Discovery:
 
     def _expires_at(self, state: _PeerState) -> float:
         return state.heard_at + self._timeout_s(state)
+
+    def _lower_hint(self, expires_at: float) -> None:
+        if self._expiry_hint is None or expires_at < self._expiry_hint:
+            self._expiry_hint = expires_at
 
     def _warn_once(self, key: tuple[str, object], message: str, *args: object) -> None:
         if key in self._warned:

@@ -473,8 +473,8 @@ class Endpoint:
                     self._staged = staged = self._handoff
                 self._handoff = deque()
                 self._handoff_lock.notify_all()  # senders waiting on the soft limit may go on
-        if stack is None or loop is None or self._state != "running":
-            return
+        if stack is None or loop is None or self._state != "running" or not staged:
+            return  # (nothing staged: a drain scheduled for what an earlier call took)
         now = loop.time()
         freed = 0
         placed_all = False

@@ -340,10 +340,15 @@ def test_each_announcement_moves_the_expiry_and_a_new_rate_applies_at_once() -> 
     hear(d, ann(2), now=1.0)
     assert d.next_deadline() == 3.0
     hear(d, ann(2), now=1.5)
+    # The deadline is a lower bound kept without rescanning peers on every input: waking at
+    # the old expiry finds nothing due, and then the moved expiry is the deadline.
+    assert d.next_deadline() == 3.0
+    d.handle_timer(now=3.0)
+    assert d.peers() == [peer(2)]
     assert d.next_deadline() == 3.5
-    hear(d, ann(2, rate_ms=500), now=1.75)
-    assert d.next_deadline() == 1.75 + 0.5 * 2.0
-    assert d.peers() == [peer(2, rate_s=0.5)]
+    hear(d, ann(2, rate_ms=100), now=3.25)
+    assert d.next_deadline() == 3.25 + 0.1 * 2.0  # a faster rate brings it forward at once
+    assert d.peers() == [peer(2, rate_s=0.1)]
     assert events(d) == [PeerAdded(peer(2))]
 
 
@@ -730,6 +735,7 @@ def test_forwarded_announcement_of_a_known_peer_only_moves_its_expiry_forward() 
     hear(d, moved, now=10.0, via=9, multicast=False)  # heard at 9.7: older than what we know
     assert d.next_deadline() == 9.9 + 2.0
     hear(d, replace(moved, age_ms=50), now=10.0, via=9, multicast=False)
+    d.handle_timer(now=9.9 + 2.0)  # the old expiry passes: the newer news keeps it
     assert d.next_deadline() == (10.0 - 0.05) + 2.0
     assert d.peers() == [peer(2)]  # address and rate come only from the peer itself
     assert events(d) == []
