@@ -105,6 +105,7 @@ class _Outgoing:
         "abandoned",
         "bundle",
         "expires_at",
+        "lost",
         "part",
         "parts",
         "payload",
@@ -126,6 +127,7 @@ class _Outgoing:
         self.resends = 0
         self.sacked = False  # selectively acked: not resent, but kept until cumulatively acked
         self.abandoned = False  # expired: a placeholder until the receiver skips past it
+        self.lost = False  # timed out, waiting in the stream's ``lost`` queue to be resent
         self.bundle: tuple[tuple[int, float], ...] = ()  # (length, expires_at) per message
 
 
@@ -136,6 +138,7 @@ class _SendStream:
         "counters",
         "cwnd",
         "in_flight_bytes",
+        "lost",
         "next_seq",
         "one_way_s",
         "outbox",
@@ -163,6 +166,8 @@ class _SendStream:
         self.acked_to = 0
         self.pending: deque[_Outgoing] = deque()
         self.unacked: dict[int, _Outgoing] = {}
+        # Frames a timeout found lost, resent as acks come back (the ack clock), not all at once.
+        self.lost: deque[_Outgoing] = deque()
         self.queued_bytes = 0  # pending + unacked payload bytes
         self.in_flight_bytes = 0
         self.sacked = 0  # how many unacked frames are marked sacked
@@ -497,6 +502,7 @@ class Transport:
             out.sacked = False
             stream.sacked -= 1
         out.abandoned = True
+        out.lost = False
         out.payload = b""
         stream.abandoned += 1
         stream.counters["frames_expired"] += 1
@@ -520,26 +526,48 @@ class Transport:
     def _on_rto(self, stream: _SendStream, now: float) -> None:
         rto = stream.rto
         expired = False
-        resent = False
+        due: list[_Outgoing] = []
         for out in stream.unacked.values():
             if out.abandoned:
                 continue
             if out.expires_at - stream.one_way_s <= now:
                 self._abandon(stream, out)
                 expired = True
-            elif not out.sacked and out.sent_at + rto <= now:
-                self._resend(stream, out, now)
-                resent = True
+            elif not out.sacked and (out.lost or out.sent_at + rto <= now):
+                due.append(out)
         if expired:
             self._update_skip(stream)
-        if resent:  # back off only for a real timeout, not a timer that found nothing due
+        if due:  # back off only for a real timeout, not a timer that found nothing due
             stream.rto = min(self.config.max_rto_s, rto * 2)
             stream.counters["timeouts"] += 1
             floor = self.config.min_congestion_bytes
             stream.ssthresh = max(floor, stream.cwnd // 2)
             stream.cwnd = floor
             stream.recover_to = stream.next_seq - 1
+            # Resend one congestion window's worth now; the rest as acks come back. Resending
+            # a whole window into a receiver that just dropped it would only drop it again.
+            for out in due:
+                out.lost = True
+            stream.lost = deque(due)
+            self._resend_lost(stream, floor, now)
         stream.resend_at = self._oldest_unsacked(stream)
+        if stream.resend_at is None and stream.lost:
+            stream.resend_at = now + stream.rto
+
+    def _resend_lost(self, stream: _SendStream, budget: int, now: float) -> None:
+        """Resend frames of the ``lost`` queue, in order, up to ``budget`` bytes (at least one)."""
+        lost = stream.lost
+        while lost and budget > 0:
+            out = lost.popleft()
+            if not out.lost:
+                continue  # acked, sacked or abandoned since
+            out.lost = False
+            if out.expires_at - stream.one_way_s <= now:
+                self._abandon(stream, out)
+                self._update_skip(stream)
+                continue
+            self._resend(stream, out, now)
+            budget -= len(out.payload)
 
     def _resend(self, stream: _SendStream, out: _Outgoing, now: float) -> None:
         ttl_ms = max(1, int((out.expires_at - now - stream.one_way_s) * 1000))
@@ -555,6 +583,7 @@ class Transport:
             stream.acked_to = cumulative
         newest: _Outgoing | None = None
         freed = 0
+        sacked_bytes = 0
         acked = 0
         # unacked is in sequence order: pop from the front while cumulatively acknowledged.
         while unacked:
@@ -564,6 +593,7 @@ class Transport:
             del unacked[out.seq]
             acked += 1
             freed += len(out.payload)
+            out.lost = False
             if out.sacked:
                 stream.sacked -= 1
             elif out.abandoned:
@@ -591,6 +621,8 @@ class Transport:
                 if ranges[index][0] <= seq:
                     if not held.sacked and not held.abandoned:
                         held.sacked = True
+                        held.lost = False
+                        sacked_bytes += len(held.payload)
                         stream.sacked += 1
                         if held.resends == 0 and (newest is None or seq > newest.seq):
                             newest = held
@@ -624,10 +656,13 @@ class Transport:
             if peer in self._blocked:
                 self._blocked.discard(peer)
                 self._events.append(SendSpaceFreed(peer))
+        if stream.lost and (freed or sacked_bytes):
+            # The ack clock: what left the network lets twice as much be resent (slow start).
+            self._resend_lost(stream, 2 * (freed + sacked_bytes), now)
         if ack.ranges and unacked:
             self._fast_retransmit(stream, highest, now)
-            if stream.outbox:
-                self._dirty.add(peer)
+        if stream.outbox:
+            self._dirty.add(peer)
         if stream.resend_at is None and len(unacked) > stream.sacked + stream.abandoned:
             stream.resend_at = now + stream.rto  # e.g. a renege made sacked frames due again
 
@@ -635,7 +670,11 @@ class Transport:
     def _oldest_unsacked(stream: _SendStream) -> float | None:
         """When the retransmission timer should fire: the oldest frame not sacked, plus RTO."""
         oldest = min(
-            (o.sent_at for o in stream.unacked.values() if not o.sacked and not o.abandoned),
+            (
+                o.sent_at
+                for o in stream.unacked.values()
+                if not o.sacked and not o.abandoned and not o.lost
+            ),
             default=None,
         )
         return None if oldest is None else oldest + stream.rto
@@ -645,7 +684,7 @@ class Transport:
         for seq, out in stream.unacked.items():
             if seq > highest - _FAST_RETRANSMIT_THRESHOLD:
                 break
-            if out.sacked or out.abandoned:
+            if out.sacked or out.abandoned or out.lost:
                 continue
             if now - out.sent_at >= srtt and out.expires_at - stream.one_way_s > now:
                 if seq > stream.recover_to:  # a new loss episode: halve the window once

@@ -1109,4 +1109,23 @@ def test_a_retransmission_timeout_drops_the_window_to_its_floor() -> None:
     pair.timer(pair.a)
     assert stream.cwnd == 2000
     assert stream.ssthresh == 2000
-    assert seqs(pair.pull_data(pair.a)) == [1, 2, 3, 4]  # resends are not held back
+    # One window's worth is resent now, the rest as acks come back (the ack clock): resending
+    # everything into a receiver that just dropped it would only drop it again.
+    assert seqs(pair.pull_data(pair.a)) == [1, 2]
+    pair.at(pair.now + 0.01).push(pair.a, [Ack(2)])
+    assert seqs(pair.pull_data(pair.a)) == [3, 4]
+    pair.at(pair.now + 0.01).push(pair.a, [Ack(4)])
+    assert pair.a.in_flight(B) == 0
+
+
+def test_frames_waiting_after_a_timeout_go_when_the_timer_fires_again_if_no_ack_comes() -> None:
+    pair = Pair(CONGESTION)
+    pair.send(*(bytes(1000) for _ in range(4)))
+    pair.pull_data(pair.a)
+    pair.timer(pair.a)
+    assert seqs(pair.pull_data(pair.a)) == [1, 2]  # lost again, and no ack ever comes
+    pair.timer(pair.a)
+    assert seqs(pair.pull_data(pair.a)) == [1, 2]  # the oldest first, again one window
+    pair.at(pair.now + 0.01).push(pair.a, [Ack(4)])  # the peer had them after all
+    assert pair.a.in_flight(B) == 0
+    assert pair.a.next_deadline() is None
