@@ -225,7 +225,7 @@ class Discovery:
         if multicast:
             state.multicast_at = now
         if announce.ask:
-            self._answer(state, source, now=now)
+            self._answer(state, source, now=now, asker_digest=announce.peers_digest)
 
     def _upsert(
         self, announce: Announce, address: Address, heard_at: float, *, now: float
@@ -305,7 +305,17 @@ class Discovery:
         if state is not None and state.peer.incarnation == header.incarnation:
             self._remove(state, "left")
 
-    def _answer(self, asker: _PeerState, source: Address, *, now: float) -> None:
+    def _digest(self, *, exclude: int = 0) -> int:
+        """XOR of the ids of the peers known, and ours, but ``exclude``'s (see ``_answer``)."""
+        digest: int = self.config.endpoint_id
+        for endpoint_id in self._peers:
+            if endpoint_id != exclude:
+                digest ^= endpoint_id
+        return digest
+
+    def _answer(
+        self, asker: _PeerState, source: Address, *, now: float, asker_digest: int = 0
+    ) -> None:
         if now - asker.answered_at < self.config.rate_s / 2:
             return
         asker.answered_at = now
@@ -315,6 +325,10 @@ class Discovery:
         own = self._own_announce()
         slower_ms = max(own.rate_ms, round(asker.peer.rate_s * 1000))
         self._outbox.append((replace(own, rate_ms=slower_ms), source))
+        digest = asker_digest
+        if digest and digest == self._digest(exclude=asker.peer.endpoint_id):
+            self.counters["asks_answered_briefly"] += 1
+            return  # it knows everyone we know: no need to list them again every period
         for state in self._peers.values():
             if state is asker:
                 continue
@@ -334,8 +348,13 @@ class Discovery:
 
     def _announce(self, now: float) -> None:
         own = self._own_announce()
+        # Asks say which peers we know (as a digest), so an answerer that knows no more than
+        # that sends only itself: a headless Service's pods would otherwise each answer every
+        # other pod with its whole peer list every period (N^3 datagrams).
+        digest = self._digest() ^ self.config.endpoint_id if self._peers else 0
+        asking = replace(own, ask=True, peers_digest=digest)
         for address, ask in self._targets:
-            self._outbox.append((replace(own, ask=True) if ask else own, address))
+            self._outbox.append((asking if ask else own, address))
         for state in self._peers.values():
             if now - state.multicast_at > self._timeout_s(state):
                 self._outbox.append((own, state.peer.address))

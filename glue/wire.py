@@ -97,6 +97,10 @@ class Announce:
     #: Version of the announcer's topic interest (0: no subscriptions yet, or unknown when
     #: forwarded); a receiver holding an older version asks for the whole set.
     interest: int = 0
+    #: With ``ask``: the XOR of the ids of the peers the asker knows (0: none, or not said). An
+    #: answerer that knows exactly those (itself included, the asker excluded) answers with its
+    #: own announcement only, not the whole list again.
+    peers_digest: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +283,8 @@ def _frame_to_wire(frame: Frame) -> tuple[dict[str, Any], bytes | memoryview]:
                 obj["ask"] = True
             if frame.interest:
                 obj["iv"] = frame.interest
+            if frame.peers_digest:
+                obj["pd"] = frame.peers_digest
             if frame.forwarded:
                 obj["fwd"] = True
                 obj["age"] = frame.age_ms
@@ -420,6 +426,7 @@ def _announce_from_wire(raw: dict[str, Any], header: Header) -> Announce:
         forwarded=forwarded,
         age_ms=_int(raw, "age", 0, MAX_AGE_MS) if forwarded else 0,
         interest=_int(raw, "iv", 0, MAX_ID) if "iv" in raw else 0,
+        peers_digest=_int(raw, "pd", 0, MAX_ID) if "pd" in raw else 0,
     )
     if forwarded:
         if announce.ask:

@@ -628,6 +628,35 @@ def test_ask_is_answered_with_our_announcement_and_every_other_peer_with_its_age
     assert [f for d in datagrams for f in wire.decode(d, network_id=NET).frames] == frames
 
 
+def test_an_asker_that_knows_everyone_already_gets_only_the_answerer() -> None:
+    r = rendezvous()  # id 9
+    hear(r, ann(2, name="b"), now=1.0, multicast=False)
+    hear(r, ann(3, name="c"), now=1.0, multicast=False)
+    # b knows c and the rendezvous (digest = 3 ^ 9): nothing to tell it but our own news.
+    hear(r, ann(2, name="b", ask=True, peers_digest=3 ^ 9), now=2.0, multicast=False)
+    assert r.frames_to_send() == [(OWN_R, addr(2))]
+    assert r.counters["asks_answered_briefly"] == 1
+    # a newcomer that knows only the rendezvous (digest 9) gets the whole list.
+    hear(r, ann(1, name="a", ask=True, peers_digest=9), now=2.0, multicast=False)
+    assert [frame.endpoint_id for frame, _ in r.frames_to_send()] == [9, 2, 3]
+    # b missing one of them (it knows only the rendezvous) gets the list too.
+    hear(r, ann(2, name="b", ask=True, peers_digest=9), now=3.0, multicast=False)
+    assert [frame.endpoint_id for frame, _ in r.frames_to_send()] == [9, 3, 1]
+
+
+def test_asks_carry_the_digest_of_the_peers_known() -> None:
+    d = make(targets=[(RENDEZVOUS, True)])
+    d.handle_timer(now=0.0)
+    [(first, _)] = d.frames_to_send()
+    assert first.ask and first.peers_digest == 0  # knows nobody yet
+    hear(d, ann(2), now=0.5)
+    hear(d, ann(5), now=0.5)
+    d.frames_to_send()
+    d.handle_timer(now=1.0)
+    asks = [frame for frame, address in d.frames_to_send() if address == RENDEZVOUS]
+    assert [(a.ask, a.peers_digest) for a in asks] == [(True, 2 ^ 5)]
+
+
 def test_an_announcing_endpoint_answers_too_after_introducing_itself() -> None:
     d = make(seed=4, targets=[(GROUP, False)])
     d.handle_timer(now=0.0)
