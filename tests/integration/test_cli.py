@@ -89,8 +89,10 @@ def test_glue_sub_prints_what_glue_pub_publishes_and_late_joiners_get_history() 
             subscriber.communicate()
     assert subscriber.returncode == 0, err
     lines = out.splitlines()
-    assert lines[0].startswith("sensors/kitchen [") and lines[0].endswith("#1] 21.5 C")
-    assert lines[1].startswith("sensors/hall [") and lines[1].endswith("#1] 19 C")
+    assert lines[0].startswith("sensors/kitchen [")
+    assert lines[0].endswith("#1] 21.5 C")
+    assert lines[1].startswith("sensors/hall [")
+    assert lines[1].endswith("#1] 19 C")
     # A retained value: published with nobody listening, kept while the publisher lingers.
     publisher = subprocess.Popen(
         [sys.executable, "-m", "glue", "pub", "door", "open", "--expiry", "60", "--linger", "20"],

@@ -648,7 +648,8 @@ def test_asks_carry_the_digest_of_the_peers_known() -> None:
     d = make(targets=[(RENDEZVOUS, True)])
     d.handle_timer(now=0.0)
     [(first, _)] = d.frames_to_send()
-    assert first.ask and first.peers_digest == 0  # knows nobody yet
+    assert first.ask
+    assert first.peers_digest == 0
     hear(d, ann(2), now=0.5)
     hear(d, ann(5), now=0.5)
     d.frames_to_send()
