@@ -231,13 +231,23 @@ def _parse_time(stamp: str) -> datetime:
     return datetime.fromisoformat(f"{main}.{(fraction + '000000')[:6]}+00:00")
 
 
+_LIBRARY_PEER = re.compile(r"glue\.discovery: peer added: (\S+) \((\d+)\)")
+
+
 def parse_events(raw: bytes) -> list[Event]:
+    """simple_endpoint.py's ``event=...`` lines (stdout), and glue's own ``peer added: NAME``
+    log lines (stderr) as ``event=library_peer_added``: simple_endpoint.py registers its
+    on_peer_added callback only after ``start()``, so a peer met in between (a rendezvous answers
+    at once) is in glue's log but never gets an ``event=peer_added`` line."""
     events = []
     for line in raw.decode("utf-8", "replace").splitlines():
         stamp, _, text = line.partition(" ")
-        if not text.startswith("event="):
+        if text.startswith("event="):
+            fields = dict(word.split("=", 1) for word in text.split() if "=" in word)
+        elif match := _LIBRARY_PEER.search(text):
+            fields = {"event": "library_peer_added", "name": match[1], "id": match[2]}
+        else:
             continue
-        fields = dict(word.split("=", 1) for word in text.split() if "=" in word)
         events.append(Event(_parse_time(stamp), fields))
     return events
 
@@ -303,16 +313,25 @@ class Stack:
 
     def events(self) -> dict[str, list[Event]]:
         return {
-            service: parse_events(container.logs(stdout=True, stderr=False, timestamps=True))
+            service: parse_events(container.logs(stdout=True, stderr=True, timestamps=True))
             for service, container in self.containers().items()
         }
 
     def log_tails(self, lines: int = 15) -> str:
+        """Each container's state, every log line but the per-message ones (discovery, gaps,
+        warnings, summaries: what explains a failure), and its last ``lines`` lines."""
+        noisy = ("event=received", "event=published")
         parts = []
         for service, container in sorted(self.containers().items()):
             container.reload()
-            text = container.logs(tail=lines).decode("utf-8", "replace")
-            parts.append(f"--- {service} ({container.status}) ---\n{text}")
+            text = container.logs(timestamps=True).decode("utf-8", "replace").splitlines()
+            quiet = [line for line in text if not any(word in line for word in noisy)]
+            parts.append(
+                f"--- {service} ({container.status}): {len(text)} lines, all but messages ---\n"
+                + "\n".join(quiet[-60:])
+                + f"\n--- {service}: last {lines} ---\n"
+                + "\n".join(text[-lines:])
+            )
         return "\n".join(parts)
 
 
