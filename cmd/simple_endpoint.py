@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     receiver = Receiver(args.quiet)
+    # Before start: a rendezvous answers at once, so peers may be met during start itself.
+    endpoint.on_peer_added(lambda p: _peer("peer_added", p))
+    endpoint.on_peer_removed(lambda p: _peer("peer_removed", p))
     try:
         endpoint.start()
     except GlueError as exc:
@@ -144,8 +147,6 @@ def main(argv: list[str] | None = None) -> int:
             topic=args.topic_name,
             publisher=args.send_messages,
         )
-        endpoint.on_peer_added(lambda p: _peer("peer_added", p))
-        endpoint.on_peer_removed(lambda p: _peer("peer_removed", p))
         endpoint.subscribe(args.topic_name, args.topic_type, receiver)
         started = time.monotonic()
         next_summary = started + 5.0
