@@ -90,7 +90,9 @@ def _run(client: docker.DockerClient, cli: ComposeCli | None, file: str, nodes: 
     first_publish = published[0].at if published else None
     for node in sorted(nodes):
         mine = events.get(node, [])
-        start = next((e.at for e in mine if e.kind == "started"), None)
+        start = min(  # glue may log a peer just before simple_endpoint.py says started
+            (e.at for e in mine if e.kind in ("started", "library_peer_added")), default=None
+        )
         needed = nodes - {node}
         added = [e for e in mine if e.kind in PEER_EVENTS and e.fields.get("name") in needed]
         met = max((e.at for e in added), default=None)
