@@ -236,9 +236,8 @@ _LIBRARY_PEER = re.compile(r"glue\.discovery: peer added: (\S+) \((\d+)\)")
 
 def parse_events(raw: bytes) -> list[Event]:
     """simple_endpoint.py's ``event=...`` lines (stdout), and glue's own ``peer added: NAME``
-    log lines (stderr) as ``event=library_peer_added``: simple_endpoint.py registers its
-    on_peer_added callback only after ``start()``, so a peer met in between (a rendezvous answers
-    at once) is in glue's log but never gets an ``event=peer_added`` line."""
+    log lines (stderr) as ``event=library_peer_added``, to tell a peer glue met from one the
+    demo reported (a callback registered too late misses peers a rendezvous gives at once)."""
     events = []
     for line in raw.decode("utf-8", "replace").splitlines():
         stamp, _, text = line.partition(" ")
