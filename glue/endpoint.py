@@ -24,7 +24,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import Final, cast
+from typing import Final, NoReturn, cast
 
 from glue import network, wire
 from glue.discovery import Address, DiscoveryConfig, Target
@@ -332,15 +332,8 @@ class Endpoint:
             self._valid_names.add((topic, topic_type))
         if history_depth is not None and (type(history_depth) is not int or history_depth < 0):
             raise UsageError(f"history_depth must be an int >= 0, not {history_depth!r}")
-        if self._state != "running":
-            raise UsageError("the endpoint is not running")
-        if len(payload) > self._max_message_bytes:
-            raise UsageError(
-                f"a message of {len(payload)} bytes exceeds the maximum of "
-                f"{self._max_message_bytes} (GLUE_MAX_MESSAGE_BYTES)"
-            )
-        if not expiry_s > 0:
-            raise UsageError(f"expiry must be a positive number of seconds, not {expiry_s!r}")
+        if self._state != "running" or len(payload) > self._max_message_bytes or not expiry_s > 0:
+            self._refuse(payload, expiry_s)
         if type(payload) is not bytes:
             payload = bytes(payload)  # a caller's bytearray must not change under us
         return _Outgoing(
@@ -397,15 +390,8 @@ class Endpoint:
         *,
         envelope: bool = True,
     ) -> _Outgoing:
-        if self._state != "running":
-            raise UsageError("the endpoint is not running")
-        if len(payload) > self._max_message_bytes:
-            raise UsageError(
-                f"a message of {len(payload)} bytes exceeds the maximum of "
-                f"{self._max_message_bytes} (GLUE_MAX_MESSAGE_BYTES)"
-            )
-        if not expiry_s > 0:
-            raise UsageError(f"expiry must be a positive number of seconds, not {expiry_s!r}")
+        if self._state != "running" or len(payload) > self._max_message_bytes or not expiry_s > 0:
+            self._refuse(payload, expiry_s)
         # Ids are plain ints on the wire; the NewType is for the type checker only.
         targets: tuple[EndpointId, ...] | None = None if to is None else tuple(to)  # type: ignore[arg-type]
         if envelope:
@@ -414,6 +400,17 @@ class Endpoint:
             payload = bytes(payload)  # a caller's bytearray must not change under us
         # The loop's clock is time.monotonic(), so this is valid from any thread.
         return _Outgoing(payload, targets, time.monotonic() + expiry_s)
+
+    def _refuse(self, payload: bytes, expiry_s: float) -> NoReturn:
+        """Raise the error that makes a send or publish impossible (the checks' slow path)."""
+        if self._state != "running":
+            raise UsageError("the endpoint is not running")
+        if len(payload) > self._max_message_bytes:
+            raise UsageError(
+                f"a message of {len(payload)} bytes exceeds the maximum of "
+                f"{self._max_message_bytes} (GLUE_MAX_MESSAGE_BYTES)"
+            )
+        raise UsageError(f"expiry must be a positive number of seconds, not {expiry_s!r}")
 
     def _offer(self, item: _Outgoing, *, locked: bool = False) -> bool:
         """Append ``item`` to the hand-off queue if it has room; wake the loop if it was empty."""
