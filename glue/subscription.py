@@ -72,14 +72,22 @@ class CallbackPool:
         self._name = name
         self._ready: queue.SimpleQueue[Subscription | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._idle = 0
+        self._idle = 0  # threads waiting for work
+        self._queued = 0  # subscriptions put in ``_ready`` and not yet taken
         self._lock = threading.Lock()
         self._idents: set[int] = set()
 
     def schedule(self, subscription: Subscription) -> None:
         """Run ``subscription``'s waiting callbacks on a pool thread (starting one if needed)."""
+        self._enqueue(subscription)
+
+    def _enqueue(self, subscription: Subscription) -> None:
         with self._lock:
-            if self._idle == 0 and len(self._threads) < self._max:
+            self._queued += 1
+            # A thread for each queued subscription, as far as the limit allows: counting idle
+            # threads alone would let two subscriptions queued before an idle thread wakes share
+            # it, and the second would wait behind whatever the first's callback blocks on.
+            if self._idle < self._queued and len(self._threads) < self._max:
                 thread = threading.Thread(
                     target=self._work,
                     name=f"glue-callbacks-{self._name}-{len(self._threads)}",
@@ -112,10 +120,12 @@ class CallbackPool:
             subscription = self._ready.get()
             with self._lock:
                 self._idle -= 1
+                if subscription is not None:
+                    self._queued -= 1
             if subscription is None:
                 return
             if subscription._run_batch():
-                self._ready.put(subscription)  # more waiting: go round, others get a turn
+                self._enqueue(subscription)  # more waiting: go round, others get a turn
 
 
 class Subscription:

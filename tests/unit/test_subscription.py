@@ -1,0 +1,100 @@
+"""Subscriptions and the callback pool, without an endpoint (threads, no sockets)."""
+
+from __future__ import annotations
+
+import threading
+
+from glue.events import Message
+from glue.subscription import CallbackPool, Subscription
+
+
+def _message(n: int) -> Message:
+    return Message("t", "k", b"%d" % n, 1, "p", n, 0.0, 0.0)
+
+
+def _subscription(pool: CallbackPool, callback, queue_size: int = 100) -> Subscription:  # type: ignore[no-untyped-def]
+    return Subscription(
+        "t", "k", callback, queue_size=queue_size, pool=pool, unsubscribe=lambda _: None
+    )
+
+
+def test_a_blocked_callback_does_not_hold_up_a_subscription_queued_right_after_it() -> None:
+    pool = CallbackPool(4, "test")
+    try:
+        warm = threading.Event()
+        _subscription(pool, lambda m: warm.set())._put_many([_message(1)])
+        assert warm.wait(5)  # one pool thread now exists and goes idle
+        release, other_ran = threading.Event(), threading.Event()
+        blocked = _subscription(pool, lambda m: release.wait(10))
+        other = _subscription(pool, lambda m: other_ran.set())
+        # Both queued before the idle thread can wake: each must get a thread of its own.
+        blocked._put_many([_message(1)])
+        other._put_many([_message(1)])
+        assert other_ran.wait(5)
+        release.set()
+    finally:
+        pool.stop()
+
+
+def test_callbacks_of_one_subscription_run_in_order_one_at_a_time() -> None:
+    pool = CallbackPool(4, "test")
+    seen: list[int] = []
+    running = threading.Lock()
+    done = threading.Event()
+
+    def callback(message: Message) -> None:
+        assert running.acquire(blocking=False), "two callbacks of one subscription at once"
+        seen.append(message.sequence)
+        running.release()
+        if message.sequence == 1000:
+            done.set()
+
+    try:
+        subscription = _subscription(pool, callback, queue_size=10_000)
+        for start in range(1, 1001, 50):
+            subscription._put_many([_message(n) for n in range(start, start + 50)])
+        assert done.wait(10)
+        assert seen == list(range(1, 1001))
+    finally:
+        pool.stop()
+
+
+def test_a_full_queue_drops_the_newest_and_counts_them() -> None:
+    pool = CallbackPool(1, "test")
+    release = threading.Event()
+    try:
+        subscription = _subscription(pool, lambda m: release.wait(10), queue_size=10)
+        lost = subscription._put_many([_message(n) for n in range(1, 31)])
+        assert lost == 20
+        assert subscription.dropped == 20
+        release.set()
+    finally:
+        pool.stop()
+
+
+def test_close_waits_for_a_running_callback_and_no_callback_starts_after() -> None:
+    pool = CallbackPool(2, "test")
+    entered, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def callback(message: Message) -> None:
+        calls.append(message.sequence)
+        entered.set()
+        release.wait(10)
+
+    try:
+        subscription = _subscription(pool, callback)
+        subscription._put_many([_message(n) for n in range(1, 6)])
+        assert entered.wait(5)
+        closer = threading.Thread(target=subscription.close)
+        closer.start()
+        closer.join(0.2)
+        assert closer.is_alive()  # waiting for the running callback
+        release.set()
+        closer.join(5)
+        assert not closer.is_alive()
+        assert calls == [1]
+        assert subscription._put_many([_message(9)]) == 0  # closed: ignored, not queued
+        assert calls == [1]
+    finally:
+        pool.stop()
