@@ -7,6 +7,8 @@ message the publisher sent, exactly once and in order, and no gap.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import subprocess
 import sys
@@ -27,6 +29,10 @@ COUNT = 40
 class Process:
     def __init__(self, env: dict[str, str], *args: str) -> None:
         self.out: IO[str] = tempfile.TemporaryFile(mode="w+")
+        # The child shares this file's offset: reading it (seek 0) would make the child's next
+        # lines overwrite the first ones. In append mode every write goes to the end.
+        flags = fcntl.fcntl(self.out.fileno(), fcntl.F_GETFL)
+        fcntl.fcntl(self.out.fileno(), fcntl.F_SETFL, flags | os.O_APPEND)
         self.process = subprocess.Popen(
             [sys.executable, str(SCRIPT), *args],
             env=env,
