@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -35,6 +36,10 @@ class Node:
         glue.setdefault("discovery_rate_milliseconds", RATE_MS)
         glue.setdefault("discovery_rate_timeout_multiplier", MULTIPLIER)
         self.stderr = tempfile.TemporaryFile(mode="w+")
+        # Append mode: reading it moves the offset the child shares; the child must not then
+        # overwrite earlier lines.
+        flags = fcntl.fcntl(self.stderr.fileno(), fcntl.F_GETFL)
+        fcntl.fcntl(self.stderr.fileno(), fcntl.F_SETFL, flags | os.O_APPEND)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "glue", "--log-level", "DEBUG", "peers", "--watch", "--json"],
             env=base_env(**glue),

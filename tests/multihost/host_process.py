@@ -22,6 +22,7 @@ Lines printed: ``{"event": "started", "id", "name", "t"}``; ``{"event": "peer_ad
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import itertools
 import os
@@ -134,6 +135,10 @@ class HostProcess:
         env["PYTHONUNBUFFERED"] = "1"
         env.update({f"GLUE_{key.upper()}": str(value) for key, value in glue.items()})
         self.stderr = tempfile.TemporaryFile(mode="w+")
+        # Append mode: reading it moves the offset the child shares; the child must not then
+        # overwrite earlier lines.
+        flags = fcntl.fcntl(self.stderr.fileno(), fcntl.F_GETFL)
+        fcntl.fcntl(self.stderr.fileno(), fcntl.F_SETFL, flags | os.O_APPEND)
         self.process = subprocess.Popen(
             [*prefix, sys.executable, "-m", "tests.multihost.host_process"],
             cwd=REPO,
