@@ -382,22 +382,13 @@ class Endpoint:
                     raise self._backpressure(timeout, item.size)
                 self._handoff_lock.wait(remaining)
 
-    def _outgoing(
-        self,
-        payload: bytes,
-        to: Sequence[int] | None,
-        expiry_s: float,
-        *,
-        envelope: bool = True,
-    ) -> _Outgoing:
+    def _outgoing(self, payload: bytes, to: Sequence[int] | None, expiry_s: float) -> _Outgoing:
+        """A direct message (``send``), its envelope prepended."""
         if self._state != "running" or len(payload) > self._max_message_bytes or not expiry_s > 0:
             self._refuse(payload, expiry_s)
         # Ids are plain ints on the wire; the NewType is for the type checker only.
         targets: tuple[EndpointId, ...] | None = None if to is None else tuple(to)  # type: ignore[arg-type]
-        if envelope:
-            payload = DIRECT_ENVELOPE + payload  # a copy: a caller's bytearray may change
-        elif type(payload) is not bytes:
-            payload = bytes(payload)  # a caller's bytearray must not change under us
+        payload = DIRECT_ENVELOPE + payload  # a copy: a caller's bytearray may change
         # The loop's clock is time.monotonic(), so this is valid from any thread.
         return _Outgoing(payload, targets, time.monotonic() + expiry_s)
 
@@ -510,7 +501,7 @@ class Endpoint:
         if item.topic is not None:
             topic, topic_type, depth = item.topic
             item.topic = None
-            item.payload, item.targets = stack.topics.publish(
+            item.payload, item.targets = stack.publish(
                 topic,
                 topic_type,
                 item.payload,
