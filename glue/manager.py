@@ -18,10 +18,18 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Protocol, Self, TypeVar
 
 import orjson
 
@@ -378,17 +386,11 @@ class AsyncEndpointManager:
         message_callbacks = [cb for kind, cb in self._callbacks if kind is MessageReceived]
         message_streams = self._message_streams
         wants_messages = bool(message_callbacks or message_streams)
-        subscriptions = self._subscriptions
         # Each subscription's messages of the burst go to it in one call (one lock, one wake-up).
         per_subscription: dict[int, list[Message]] = {}
         for event in events:
             if isinstance(event, TopicDelivery):
-                for subscription_id in event.subscriptions:
-                    found = per_subscription.get(subscription_id)
-                    if found is None:
-                        per_subscription[subscription_id] = [event.message]
-                    else:
-                        found.append(event.message)
+                _collect(per_subscription, event)
                 continue
             if isinstance(event, InterestChanged):
                 changed = True
@@ -409,12 +411,7 @@ class AsyncEndpointManager:
             for peer_stream in self._peer_streams:
                 _put_bounded(peer_stream, event, self._endpoint)
             batch.extend((cb, peer) for kind, cb in self._callbacks if isinstance(event, kind))
-        for subscription_id, delivered in per_subscription.items():
-            entry = subscriptions.get(subscription_id)
-            if entry is not None:
-                lost = entry._put_many(delivered)
-                if lost:
-                    self._endpoint.counters["subscription_messages_dropped"] += lost
+        _hand_over(per_subscription, self._subscriptions, self._endpoint)
         if batch:
             loop.call_soon(_run_callbacks, batch)  # one hop for the burst, in order
         if changed:
@@ -443,6 +440,34 @@ def _iterate(streams: set[asyncio.Queue[T | None]]) -> AsyncIterator[T]:
             streams.discard(stream)
 
     return items()
+
+
+class _Queued(Protocol):
+    def _put_many(self, messages: list[Message]) -> int: ...
+
+
+def _collect(per_subscription: dict[int, list[Message]], delivery: TopicDelivery) -> None:
+    """Add ``delivery``'s message to the burst of each subscription it is for."""
+    for subscription_id in delivery.subscriptions:
+        found = per_subscription.get(subscription_id)
+        if found is None:
+            per_subscription[subscription_id] = [delivery.message]
+        else:
+            found.append(delivery.message)
+
+
+def _hand_over(
+    per_subscription: dict[int, list[Message]],
+    subscriptions: Mapping[int, _Queued],
+    endpoint: Endpoint,
+) -> None:
+    """Queue each subscription's burst in one call; count what full queues dropped."""
+    for subscription_id, delivered in per_subscription.items():
+        entry = subscriptions.get(subscription_id)
+        if entry is not None:
+            lost = entry._put_many(delivered)
+            if lost:
+                endpoint.counters["subscription_messages_dropped"] += lost
 
 
 _callback_tasks: set[asyncio.Future[Any]] = set()
@@ -853,17 +878,11 @@ class EndpointManager:
         batch: list[tuple[tuple[_Callback, ...], Sequence[object]]] = []
         messages: list[MessageReceived] = []
         dropped = 0
-        subscriptions = self._subscriptions
         # Each subscription's messages of the burst go to it in one call (one lock, one wake-up).
         per_subscription: dict[int, list[Message]] = {}
         for event in events:
             if isinstance(event, TopicDelivery):
-                for subscription_id in event.subscriptions:
-                    found = per_subscription.get(subscription_id)
-                    if found is None:
-                        per_subscription[subscription_id] = [event.message]
-                    else:
-                        found.append(event.message)
+                _collect(per_subscription, event)
                 continue
             if isinstance(event, InterestChanged):
                 continue
@@ -883,12 +902,7 @@ class EndpointManager:
                     dropped += 1
         if messages:
             batch.append((message_callbacks, messages))
-        for subscription_id, delivered in per_subscription.items():
-            entry = subscriptions.get(subscription_id)
-            if entry is not None:
-                lost = entry._put_many(delivered)
-                if lost:
-                    self._endpoint.counters["subscription_messages_dropped"] += lost
+        _hand_over(per_subscription, self._subscriptions, self._endpoint)
         batch = [(cbs, items) for cbs, items in batch if cbs]
         if batch:
             size = sum(len(items) for _, items in batch)
