@@ -47,13 +47,13 @@ def run_scenario(seed: int) -> None:
     publisher = sim.add_node("pub")
     published: dict[str, int] = dict.fromkeys(TOPICS, 0)
 
-    def publish(count: int) -> None:
+    def publish(count: int, *, settle: float = 0.01) -> None:
         for _ in range(count):
             topic = rng.choice(TOPICS)
             published[topic] += 1
             payload = f"{topic}:{published[topic]}".encode()
             publisher.publish(topic, "t", payload, expiry=EXPIRY_S, history_depth=depth)
-        sim.run_for(0.01)
+        sim.run_for(settle)
 
     publish(rng.randint(0, 12))  # before anyone listens: only history can carry these
     before = dict(published)
@@ -64,16 +64,18 @@ def run_scenario(seed: int) -> None:
         node.subscribe(pattern, "t")
         subscribers.append((node, pattern))
     everyone = [publisher, *(node for node, _ in subscribers)]
-    assert sim.run_until(
-        lambda: all(n.knows(*[o for o in everyone if o is not n]) for n in everyone), timeout=30
-    ), f"seed {seed}: nodes did not meet"
-    assert sim.run_until(
-        lambda: all(
+
+    def meshed() -> bool:
+        return all(n.knows(*[o for o in everyone if o is not n]) for n in everyone)
+
+    def interest_known() -> bool:
+        return all(
             publisher.stack.topics.peer_patterns(node.endpoint_id) == [pattern]
             for node, pattern in subscribers
-        ),
-        timeout=30,
-    ), f"seed {seed}: interest not exchanged"
+        )
+
+    assert sim.run_until(meshed, timeout=30), f"seed {seed}: nodes did not meet"
+    assert sim.run_until(interest_known, timeout=30), f"seed {seed}: interest not exchanged"
     publish(rng.randint(1, 15))
 
     def owed(pattern: str) -> dict[str, set[int]]:
@@ -105,26 +107,14 @@ def run_scenario(seed: int) -> None:
         f"seed {seed}: partition not noticed"
     )
     during = rng.randint(1, depth)  # at most depth per topic: all recoverable from history
-    for _ in range(during):
-        topic = rng.choice(TOPICS)
-        published[topic] += 1
-        publisher.publish(
-            topic, "t", f"{topic}:{published[topic]}".encode(), expiry=EXPIRY_S, history_depth=depth
-        )
-    sim.run_for(0.05)
+    publish(during, settle=0.05)
     sim.heal()
-    assert sim.run_until(
-        lambda: all(n.knows(*[o for o in everyone if o is not n]) for n in everyone), timeout=30
-    ), f"seed {seed}: not healed"
+    assert sim.run_until(meshed, timeout=30), f"seed {seed}: not healed"
     # Publishing more before the publisher has learnt the healed subscribers' interest again
     # would push partition-time messages out of the `depth` kept: wait for it (it is owed).
-    assert sim.run_until(
-        lambda: all(
-            publisher.stack.topics.peer_patterns(node.endpoint_id) == [pattern]
-            for node, pattern in subscribers
-        ),
-        timeout=30,
-    ), f"seed {seed}: interest not exchanged again after healing"
+    assert sim.run_until(interest_known, timeout=30), (
+        f"seed {seed}: interest not exchanged again after healing"
+    )
     publish(rng.randint(0, 5))
 
     assert sim.run_until(complete, timeout=60), (
