@@ -32,7 +32,14 @@ from glue.errors import BackpressureError, ConfigError, UsageError
 from glue.events import Peer, PeerRemoved, StackEvent
 from glue.settings import GlueSettings
 from glue.stack import Stack, StackConfig
-from glue.topics import DIRECT_ENVELOPE, TopicsConfig, validate_topic_name, validate_topic_type
+from glue.topics import (
+    Outbound,
+    TopicsConfig,
+    direct_message,
+    outbound_size,
+    validate_topic_name,
+    validate_topic_type,
+)
 from glue.transport import SendSpaceFreed, TransportConfig
 from glue.wire import EndpointId
 
@@ -60,13 +67,13 @@ class _Outgoing:
 
     def __init__(
         self,
-        payload: bytes,
+        payload: Outbound,
         targets: Sequence[EndpointId] | None,
         expires_at: float,
         topic: tuple[str, str, int | None] | None = None,
     ):
         self.payload = payload
-        self.size = len(payload)  # as counted in the hand-off queue's bytes
+        self.size = outbound_size(payload)  # as counted in the hand-off queue's bytes
         self.targets = targets  # None: every peer known when it reaches the stack
         self.remaining: list[EndpointId] | None = None  # the targets a full queue held back
         self.expires_at = expires_at
@@ -105,6 +112,7 @@ class Endpoint:
         # same lock for senders that must wait for room.
         self._handoff_mutex = threading.Lock()
         self._handoff_lock = threading.Condition(self._handoff_mutex)
+        self._sleepers = 0  # threads waiting on _handoff_lock (a notify costs even when none do)
         self._space = asyncio.Event()
         self._drain_scheduled = False
         self._valid_names: set[tuple[str, str]] = set()
@@ -380,17 +388,22 @@ class Endpoint:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self.running:
                     raise self._backpressure(timeout, item.size)
-                self._handoff_lock.wait(remaining)
+                self._sleepers += 1
+                try:
+                    self._handoff_lock.wait(remaining)
+                finally:
+                    self._sleepers -= 1
 
     def _outgoing(self, payload: bytes, to: Sequence[int] | None, expiry_s: float) -> _Outgoing:
-        """A direct message (``send``), its envelope prepended."""
+        """A direct message (``send``), with its envelope."""
         if self._state != "running" or len(payload) > self._max_message_bytes or not expiry_s > 0:
             self._refuse(payload, expiry_s)
         # Ids are plain ints on the wire; the NewType is for the type checker only.
         targets: tuple[EndpointId, ...] | None = None if to is None else tuple(to)  # type: ignore[arg-type]
-        payload = DIRECT_ENVELOPE + payload  # a copy: a caller's bytearray may change
+        if type(payload) is not bytes:
+            payload = bytes(payload)  # a caller's bytearray must not change under us
         # The loop's clock is time.monotonic(), so this is valid from any thread.
-        return _Outgoing(payload, targets, time.monotonic() + expiry_s)
+        return _Outgoing(direct_message(payload), targets, time.monotonic() + expiry_s)
 
     def _refuse(self, payload: bytes, expiry_s: float) -> NoReturn:
         """Raise the error that makes a send or publish impossible (the checks' slow path)."""
@@ -460,7 +473,8 @@ class Endpoint:
                 else:
                     self._staged = staged = self._handoff
                 self._handoff = deque()
-                self._handoff_lock.notify_all()  # senders waiting on the soft limit may go on
+                if self._sleepers:  # senders waiting on the soft limit may go on
+                    self._handoff_lock.notify_all()
         if stack is None or loop is None or self._state != "running" or not staged:
             return  # (nothing staged: a drain scheduled for what an earlier call took)
         now = loop.time()
@@ -481,7 +495,10 @@ class Endpoint:
         with self._handoff_mutex:
             if freed:
                 self._handoff_bytes -= freed
-                self._handoff_lock.notify_all()
+                # Waiting senders are woken once half the queue is free, not per freed message:
+                # each wake-up costs a thread switch, and one that finds no room costs two.
+                if self._sleepers and self._handoff_bytes <= self._send_queue_bytes // 2:
+                    self._handoff_lock.notify_all()
             more = bool(self._handoff) or (bool(staged) and not placed_all and freed > 0)
             if more and not self._drain_scheduled:
                 self._drain_scheduled = True
@@ -504,7 +521,7 @@ class Endpoint:
             item.payload, item.targets = stack.publish(
                 topic,
                 topic_type,
-                item.payload,
+                cast(bytes, item.payload),  # the caller's payload, not yet enveloped
                 expires_at=item.expires_at,
                 now=now,
                 history_depth=depth,
@@ -619,7 +636,7 @@ class Endpoint:
         stack, sock, loop = self._stack, self._data, self._loop
         if stack is None or sock is None or loop is None:
             return
-        datagrams = stack.datagrams_to_send(now=loop.time())
+        datagrams = stack.datagrams_to_send(now=loop.time(), gather=True)
         if not datagrams:  # e.g. a burst that only delivered: its ack is delayed
             return
         sent = 0
@@ -627,12 +644,14 @@ class Endpoint:
         sendto = sock.sendto
         for datagram, destination in datagrams:
             try:
-                sendto(datagram, destination)
+                if isinstance(datagram, bytes):
+                    size += sendto(datagram, destination)
+                else:  # a large payload, in pieces: the kernel gathers them, Python copies none
+                    size += sock.sendmsg(datagram, (), 0, destination)
             except OSError as exc:
                 self._send_failed(destination, exc)
                 continue
             sent += 1
-            size += len(datagram)
         counters = self.counters
         counters["datagrams_sent"] += sent
         counters["bytes_sent"] += size

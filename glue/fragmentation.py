@@ -34,7 +34,7 @@ def split(payload: bytes, fragment_bytes: int) -> list[bytes]:
     return [bytes(view[i : i + fragment_bytes]) for i in range(0, len(payload), fragment_bytes)]
 
 
-def split_views(payload: bytes, fragment_bytes: int) -> list[memoryview]:
+def split_views(payload: bytes | memoryview, fragment_bytes: int) -> list[memoryview]:
     """``split`` without copying: views of ``payload`` (copied once, into each datagram)."""
     view = memoryview(payload)
     if len(payload) <= fragment_bytes:
@@ -46,7 +46,7 @@ class _Partial:
     __slots__ = ("chunks", "expires_at", "next_part", "parts", "size")
 
     def __init__(self, parts: int, expires_at: float) -> None:
-        self.chunks: list[bytes | memoryview] = []  # joined once, when the last one comes
+        self.chunks: list[bytes | memoryview] = []  # joined once, by the layer above
         self.parts = parts
         self.next_part = 0
         self.size = 0
@@ -65,11 +65,25 @@ class Reassembler:
 
     def receive(self, peer: EndpointId, frame: Data, *, now: float) -> bytes | None:
         """Take the next fragment from ``peer``; return the message when it is complete."""
+        pieces = self.receive_pieces(peer, frame, now=now)
+        if pieces is None:
+            return None
+        if len(pieces) == 1 and type(pieces[0]) is bytes:
+            return pieces[0]
+        return b"".join(pieces)
+
+    def receive_pieces(
+        self, peer: EndpointId, frame: Data, *, now: float
+    ) -> list[bytes | memoryview] | None:
+        """:meth:`receive`, but the complete message is returned as its fragments' payloads.
+
+        Decoded fragments are views of their datagrams: the caller joins them once, into what it
+        delivers (the stack strips the envelope in the same copy).
+        """
         if frame.parts == 1:
             if peer in self._partials:
                 self._drop(peer, "incomplete")
-            payload = frame.payload
-            return payload if type(payload) is bytes else bytes(payload)
+            return [frame.payload]
         partial = self._partials.get(peer)
         if frame.part == 0:
             if partial is not None:
@@ -96,7 +110,7 @@ class Reassembler:
         del self._partials[peer]
         self._total -= partial.size
         self.counters["messages_reassembled"] += 1
-        return b"".join(partial.chunks)
+        return partial.chunks
 
     def holds(self, peer: EndpointId) -> bool:
         """Whether a partial message from ``peer`` is being rebuilt."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from glue.discovery import Address, DiscoveryConfig
 from glue.events import Message, MessageReceived, PeerAdded, PeerRemoved, StackEvent, TopicDelivery
 from glue.stack import Stack, StackConfig
-from glue.topics import DIRECT_ENVELOPE
+from glue.topics import direct_message
 from glue.transport import TransportConfig
 from glue.wire import EndpointId
 
@@ -71,7 +71,7 @@ class SimNode:
         """Queue ``payload`` to ``to`` (False if ``to`` is not a known peer)."""
         now = self.sim.now
         sent = self.stack.send(
-            to.endpoint_id, DIRECT_ENVELOPE + payload, expires_at=now + expiry, now=now
+            to.endpoint_id, direct_message(payload), expires_at=now + expiry, now=now
         )
         self.sim._touched[self] = None
         return sent
@@ -236,7 +236,8 @@ class Simulation:
             node = next(iter(self._touched))
             del self._touched[node]
             stack = node.stack
-            for datagram, destination in stack.datagrams_to_send(now=self.now):
+            for pieces, destination in stack.datagrams_to_send(now=self.now):
+                datagram = pieces if isinstance(pieces, bytes) else b"".join(pieces)
                 if destination == GROUP:
                     for member in self.nodes:
                         if member is not node:

@@ -23,7 +23,7 @@ from glue.discovery import Address, Discovery, DiscoveryConfig, Target
 from glue.errors import DecodeError, UsageError
 from glue.events import Peer, PeerAdded, StackEvent
 from glue.fragmentation import Reassembler, split_views
-from glue.topics import MAX_ENVELOPE_BYTES, Topics, TopicsConfig
+from glue.topics import MAX_ENVELOPE_BYTES, Outbound, Topics, TopicsConfig, outbound_size
 from glue.transport import (
     FrameReceived,
     FramesSkipped,
@@ -156,22 +156,29 @@ class Stack:
                 route.counters["bytes_received"] += len(data)
         self._pump_transport(now)
 
-    def send(self, peer: EndpointId, payload: bytes, *, expires_at: float, now: float) -> bool:
-        """Queue ``payload`` to ``peer``, fragmented as its path needs; False if it is unknown.
+    def send(self, peer: EndpointId, message: Outbound, *, expires_at: float, now: float) -> bool:
+        """Queue ``message`` to ``peer``, fragmented as its path needs; False if it is unknown.
 
         Raises:
-            UsageError: the payload is larger than ``max_message_bytes``.
+            UsageError: the message is larger than ``max_message_bytes``.
         """
-        if len(payload) > self.config.max_message_bytes + MAX_ENVELOPE_BYTES:
+        head = b""
+        if isinstance(message, bytes):
+            payload = message
+        else:
+            head, payload = message
+        size = len(head) + len(payload)
+        if size > self.config.max_message_bytes + MAX_ENVELOPE_BYTES:
             raise UsageError(
-                f"a message of {len(payload) - MAX_ENVELOPE_BYTES}+ bytes exceeds the maximum of "
+                f"a message of {size - MAX_ENVELOPE_BYTES}+ bytes exceeds the maximum of "
                 f"{self.config.max_message_bytes} (GLUE_MAX_MESSAGE_BYTES)"
             )
         route = self._routes.get(peer)
         if route is None:
             return False
-        size = len(payload)
         if size <= BUNDLE_MAX_MESSAGE_BYTES:
+            if head:
+                payload = head + payload  # small: one copy is cheaper than a piece more
             # Small messages of one burst share a frame: one sequence number, one ack entry, one
             # frame object for many messages (Python pays per object, not per byte).
             bundle = self._bundles.get(peer)
@@ -183,32 +190,37 @@ class Stack:
                 self._bundle_bytes[peer] += size
             return True
         self._flush_bundle(peer, now)  # what was sent before goes first
-        if size <= route.datagram_bytes - FRAME_OVERHEAD_BYTES:
-            self.transport.send(peer, payload, expires_at=expires_at, now=now)
+        budget = route.datagram_bytes - FRAME_OVERHEAD_BYTES
+        if size <= budget:
+            self.transport.send(peer, payload, expires_at=expires_at, now=now, prefix=head)
             return True
-        # Views, not copies: each fragment's bytes are copied once, into its datagram.
-        fragments = split_views(payload, route.datagram_bytes - FRAME_OVERHEAD_BYTES)
+        # Views, not copies: the kernel gathers each datagram from the envelope and the
+        # fragments' views of the caller's payload (the first fragment is shorter by the envelope).
+        first = budget - len(head)
+        view = memoryview(payload)
+        fragments = [view[:first], *split_views(view[first:], budget)]
         parts = len(fragments)
         send = self.transport.send
-        for part, fragment in enumerate(fragments):
-            send(peer, fragment, expires_at=expires_at, now=now, part=part, parts=parts)
+        send(peer, fragments[0], expires_at=expires_at, now=now, part=0, parts=parts, prefix=head)
+        for part in range(1, parts):
+            send(peer, fragments[part], expires_at=expires_at, now=now, part=part, parts=parts)
         return True
 
     def idle(self) -> bool:
         """Whether no frame is queued or unacknowledged towards any peer."""
         return self.transport.idle()
 
-    def offer(self, peer: EndpointId, payload: bytes, *, expires_at: float, now: float) -> bool:
-        """Queue ``payload`` to ``peer`` if its send queue has room; True if queued or unknown.
+    def offer(self, peer: EndpointId, message: Outbound, *, expires_at: float, now: float) -> bool:
+        """Queue ``message`` to ``peer`` if its send queue has room; True if queued or unknown.
 
         An unknown peer (departed) counts as done: there is nobody to wait for.
 
         Raises:
-            UsageError: the payload is larger than ``max_message_bytes``.
+            UsageError: the message is larger than ``max_message_bytes``.
         """
-        if not self.can_send(peer, len(payload)):
+        if not self.can_send(peer, outbound_size(message)):
             return False
-        self.send(peer, payload, expires_at=expires_at, now=now)
+        self.send(peer, message, expires_at=expires_at, now=now)
         return True
 
     def publish(
@@ -220,7 +232,7 @@ class Stack:
         expires_at: float,
         now: float,
         history_depth: int | None = None,
-    ) -> tuple[bytes, tuple[EndpointId, ...]]:
+    ) -> tuple[Outbound, tuple[EndpointId, ...]]:
         """Number, keep and locally deliver a topic message; returns what to send, and to whom.
 
         The caller offers the envelope to each target (:meth:`offer`), as for any message.
@@ -274,9 +286,15 @@ class Stack:
 
     # --- outputs --------------------------------------------------------------------------------
 
-    def datagrams_to_send(self, *, now: float) -> list[tuple[bytes, Address]]:
-        """Every datagram to send now, packed per destination."""
-        out: list[tuple[bytes, Address]] = []
+    def datagrams_to_send(
+        self, *, now: float, gather: bool = False
+    ) -> list[tuple[wire.OutDatagram, Address]]:
+        """Every datagram to send now, packed per destination.
+
+        With ``gather``, a datagram carrying a large payload comes as its pieces (see
+        :func:`glue.wire.pack`), for ``socket.sendmsg``: its payload is never copied in Python.
+        """
+        out: list[tuple[wire.OutDatagram, Address]] = []
         topics = self.topics
         if topics.has_sends():
             horizon = now + wire.MAX_TTL_MS / 1000.0
@@ -301,10 +319,10 @@ class Stack:
                 if route is None:
                     continue
                 datagrams = wire.pack(
-                    route.header, transport_frames, max_bytes=route.datagram_bytes
+                    route.header, transport_frames, max_bytes=route.datagram_bytes, gather=gather
                 )
                 route.counters["datagrams_sent"] += len(datagrams)
-                route.counters["bytes_sent"] += sum(map(len, datagrams))
+                route.counters["bytes_sent"] += sum(map(_length, datagrams))
                 out.extend((datagram, route.address) for datagram in datagrams)
         return out
 
@@ -453,6 +471,7 @@ class Stack:
         reassembler = self.reassembler
         routes = self._routes
         deliver = self.topics.receive
+        deliver_pieces = self.topics.receive_pieces
         while (event := transport.next_event()) is not None:
             if type(event) is FrameReceived:
                 frame = event.frame
@@ -460,15 +479,20 @@ class Stack:
                     self._unbundle(event, now)
                     continue
                 payload = frame.payload
-                if frame.parts == 1 and not reassembler.holds(event.peer):
-                    # The common case, no fragments; only fragments are views, but be sure.
-                    message: bytes | None = payload if type(payload) is bytes else bytes(payload)
-                else:
-                    message = reassembler.receive(event.peer, frame, now=now)
-                if message is not None:
+                if type(payload) is bytes and frame.parts == 1:
+                    # The common case: a small message, whole, in one frame.
+                    if reassembler.holds(event.peer):
+                        reassembler.discard(event.peer)  # cannot happen with a good sender
                     route = routes.get(event.peer)
                     if route is not None:
-                        deliver(route.peer, message, now)
+                        deliver(route.peer, payload, now)
+                    continue
+                # A large message's pieces (views of the datagrams) are joined once, by topics.
+                pieces = reassembler.receive_pieces(event.peer, frame, now=now)
+                if pieces is not None:
+                    route = routes.get(event.peer)
+                    if route is not None:
+                        deliver_pieces(route.peer, pieces, now)
             elif type(event) is FramesSkipped:
                 self.reassembler.discard(event.peer)
                 self.counters["frames_skipped"] += event.last - event.first + 1
@@ -476,3 +500,7 @@ class Stack:
                 assert isinstance(event, SendSpaceFreed)
                 self._events.append(event)
                 self._control_events = True
+
+
+def _length(datagram: wire.OutDatagram) -> int:
+    return len(datagram) if isinstance(datagram, bytes) else sum(map(len, datagram))

@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -60,13 +60,17 @@ from glue.events import (
 from glue.wire import EndpointId
 
 __all__ = [
+    "APART_BYTES",
     "DIRECT_ENVELOPE",
     "MAX_ENVELOPE_BYTES",
     "MAX_TOPIC_CHARS",
     "MAX_TYPE_CHARS",
+    "Outbound",
     "Topics",
     "TopicsConfig",
+    "direct_message",
     "matches",
+    "outbound_size",
     "validate_pattern",
     "validate_topic_name",
     "validate_topic_type",
@@ -88,7 +92,33 @@ _CACHE_ENTRIES: Final = 65536
 _NO_MISMATCH: Final = ((), 0)
 _MAX_WARNED: Final = 256
 
-Send = tuple[EndpointId, bytes, float]
+#: Payloads larger than this are published as ``(envelope line, payload)``, never concatenated:
+#: the transport sends the two pieces as one (see :data:`Outbound`).
+APART_BYTES: Final = 4096
+
+#: A message to send: its bytes (envelope line, then payload), or for a large payload the two
+#: kept apart, ``(envelope line, payload)``: the same bytes on the wire, the payload not copied.
+Outbound = bytes | tuple[bytes, bytes]
+Send = tuple[EndpointId, Outbound, float]
+
+
+def direct_message(payload: bytes) -> Outbound:
+    """A direct message (``send``, not on a topic): the direct envelope, then ``payload``.
+
+    A large payload is kept apart, not copied (it must be ``bytes``, so it cannot change); a small
+    one is copied once, after the envelope.
+    """
+    if len(payload) > APART_BYTES:
+        return (DIRECT_ENVELOPE, payload)
+    return DIRECT_ENVELOPE + payload
+
+
+def outbound_size(message: Outbound) -> int:
+    """The length on the wire of a message to send."""
+    if isinstance(message, bytes):
+        return len(message)
+    head, body = message
+    return len(head) + len(body)
 
 
 def validate_topic_name(name: str) -> str:
@@ -200,8 +230,8 @@ class _History:
     def __init__(self, depth: int) -> None:
         self.sequence = 0
         self.depth = depth  # the configured default until a publish sets it for the topic
-        # (sequence, envelope, expires_at)
-        self.entries: deque[tuple[int, bytes, float]] = deque()
+        # (sequence, message, expires_at)
+        self.entries: deque[tuple[int, Outbound, float]] = deque()
 
 
 class _Interest:
@@ -320,9 +350,10 @@ class Topics:
         expires_at: float,
         now: float,
         history_depth: int | None = None,
-    ) -> tuple[bytes, tuple[EndpointId, ...]]:
-        """Number, keep and locally deliver one message; returns its envelope and the peers to
-        send it to. Names and types are validated by the caller (the API) before queuing."""
+    ) -> tuple[Outbound, tuple[EndpointId, ...]]:
+        """Number, keep and locally deliver one message; returns it with its envelope (see
+        :data:`Outbound`) and the peers to send it to. Names and types are validated by the
+        caller (the API) before queuing."""
         history = self._history.pop(topic, None)
         if history is None:
             history = _History(self.config.history_depth)
@@ -341,16 +372,20 @@ class Topics:
                 self._prefix_cache.clear()
             head = orjson.dumps({"t": topic, "y": topic_type})
             prefix = self._prefix_cache[key] = head[:-1] + b',"s":'
-        envelope = b"%s%d%s%s" % (prefix, sequence, self._stamp, payload)
+        envelope: Outbound
+        if len(payload) > APART_BYTES:
+            envelope = (b"%s%d%s" % (prefix, sequence, self._stamp), payload)
+        else:
+            envelope = b"%s%d%s%s" % (prefix, sequence, self._stamp, payload)
         if history_depth is not None:
             history.depth = history_depth  # for this topic from now on
         depth = history.depth
         entries = history.entries
         if depth > 0:
             entries.append((sequence, envelope, expires_at))
-            self._history_bytes += len(envelope)
+            self._history_bytes += outbound_size(envelope)
         while len(entries) > depth:
-            self._history_bytes -= len(entries.popleft()[1])
+            self._history_bytes -= outbound_size(entries.popleft()[1])
         if self._history_bytes > self.config.history_max_bytes:
             self._trim_history()
         found = self._local_cache.get(key)
@@ -426,8 +461,31 @@ class Topics:
         """Take one whole message the transport delivered from ``peer``."""
         self.receive_many(peer, (data,), now)
 
+    def receive_pieces(self, peer: Peer, pieces: Sequence[bytes | memoryview], now: float) -> None:
+        """Take one large message from ``peer`` as its pieces (fragments' payloads, in order).
+
+        The envelope is read from the first piece, and the payload is joined from the rest in one
+        copy, so a large message is copied once on its way from the datagrams to the subscriber.
+        """
+        first = pieces[0]
+        line = bytes(first[: MAX_ENVELOPE_BYTES + 1])  # small: at most the envelope and its LF
+        end = line.find(b"\n")
+        if end < 0:  # no envelope in the first piece: let the general path name the problem
+            self.receive_many(peer, (b"".join(pieces),), now)
+            return
+        rest = first[end + 1 :]
+        body = bytes(rest) if len(pieces) == 1 else b"".join((rest, *pieces[1:]))
+        self._receive(peer, (line[: end + 1],), now, body)
+
     def receive_many(self, peer: Peer, messages: Iterable[bytes], now: float) -> None:
-        """Take whole messages the transport delivered from ``peer``, in order (a bundle's).
+        """Take whole messages the transport delivered from ``peer``, in order (a bundle's)."""
+        self._receive(peer, messages, now, None)
+
+    def _receive(
+        self, peer: Peer, messages: Iterable[bytes], now: float, body: bytes | None
+    ) -> None:
+        """The receiving loop; ``body``, when given, is the payload of the only message, whose
+        bytes in ``messages`` are then its envelope line alone.
 
         The loop keeps what repeats from one message to the next (the topic's checks, its local
         subscriptions, the dedup key) in local variables: a bundle usually holds many messages
@@ -445,7 +503,7 @@ class Topics:
         received = 0
         for data in messages:
             if data.startswith(DIRECT_ENVELOPE):
-                emit(MessageReceived(peer, data[3:], now))
+                emit(MessageReceived(peer, data[3:] if body is None else body, now))
                 continue
             end = data.find(b"\n")
             try:
@@ -460,7 +518,7 @@ class Topics:
                 if "i" in head:
                     self._receive_interest(peer, head, now)
                 else:
-                    emit(MessageReceived(peer, data[end + 1 :], now))
+                    emit(MessageReceived(peer, data[end + 1 :] if body is None else body, now))
                 continue
             topic_type = cast(str, head.get("y"))  # checked below, once per (topic, type)
             sequence = head.get("s")
@@ -506,7 +564,7 @@ class Topics:
                     Message(
                         topic,
                         topic_type,
-                        data[end + 1 :],
+                        data[end + 1 :] if body is None else body,
                         peer_id,
                         peer.name,
                         sequence,
@@ -672,7 +730,7 @@ class Topics:
             history = self._history[topic]
             entries = history.entries
             while entries and entries[0][2] <= now:
-                self._history_bytes -= len(entries.popleft()[1])
+                self._history_bytes -= outbound_size(entries.popleft()[1])
                 self.counters["history_expired"] += 1
 
     def _trim_history(self) -> None:
@@ -680,7 +738,7 @@ class Topics:
         for history in self._history.values():  # least recently published first
             entries = history.entries
             while entries and self._history_bytes > limit:
-                self._history_bytes -= len(entries.popleft()[1])
+                self._history_bytes -= outbound_size(entries.popleft()[1])
                 self.counters["history_evicted_for_space"] += 1
             if self._history_bytes <= limit:
                 return

@@ -109,17 +109,27 @@ class _Outgoing:
         "part",
         "parts",
         "payload",
+        "prefix",
         "resends",
         "sacked",
         "sent_at",
         "seq",
+        "size",
     )
 
     def __init__(
-        self, seq: int, payload: bytes | memoryview, part: int, parts: int, expires_at: float
+        self,
+        seq: int,
+        payload: bytes | memoryview,
+        part: int,
+        parts: int,
+        expires_at: float,
+        prefix: bytes = b"",
     ) -> None:
         self.seq = seq
         self.payload = payload
+        self.prefix = prefix  # sent before the payload, in the same frame (an envelope)
+        self.size = len(prefix) + len(payload)
         self.part = part
         self.parts = parts
         self.expires_at = expires_at
@@ -338,23 +348,25 @@ class Transport:
         part: int = 0,
         parts: int = 1,
         bundle: tuple[tuple[int, float], ...] = (),
+        prefix: bytes = b"",
     ) -> bool:
         """Queue one frame to ``peer``; False if the peer is unknown (nothing is queued).
 
         ``bundle`` makes the frame a bundle of small messages: ``(length, expires_at)`` of each,
         their payloads concatenated in ``payload``; ``expires_at`` is then the latest of them.
+        ``prefix`` goes on the wire just before ``payload``, as part of it (see ``Data.prefix``).
         """
         state = self._peers.get(peer)
         if state is None:
             self.counters["frames_to_unknown_peer"] += 1
             return False
         stream = state.send
-        out = _Outgoing(stream.next_seq, payload, part, parts, expires_at)
+        out = _Outgoing(stream.next_seq, payload, part, parts, expires_at, prefix)
         if bundle:
             out.bundle = bundle
         stream.next_seq += 1
         stream.pending.append(out)
-        stream.queued_bytes += len(payload)
+        stream.queued_bytes += out.size
         self._dirty.add(peer)
         return True
 
@@ -473,7 +485,7 @@ class Transport:
                 continue
             out.sent_at = now
             fresh += 1
-            stream.in_flight_bytes += len(out.payload)
+            stream.in_flight_bytes += out.size
             outbox.append(self._data(out, ttl_ms, now, stream.one_way_s))
         if expired:
             self._update_skip(stream)
@@ -485,7 +497,14 @@ class Transport:
     def _data(out: _Outgoing, ttl_ms: int, now: float, one_way_s: float) -> Data:
         """The frame for one (re)transmission of ``out``, times to live counted from ``now``."""
         if not out.bundle:
-            return Data(out.seq, out.payload, min(ttl_ms, MAX_TTL_MS), out.part, out.parts)
+            return Data(
+                out.seq,
+                out.payload,
+                min(ttl_ms, MAX_TTL_MS),
+                out.part,
+                out.parts,
+                prefix=out.prefix,
+            )
         messages = tuple(
             (length, min(MAX_TTL_MS, max(0, int((expires_at - now - one_way_s) * 1000))))
             for length, expires_at in out.bundle
@@ -494,7 +513,7 @@ class Transport:
 
     def _abandon(self, stream: _SendStream, out: _Outgoing) -> None:
         """``out`` (in ``unacked``) expired: never send it again; keep a placeholder for its seq."""
-        size = len(out.payload)
+        size = out.size
         stream.queued_bytes -= size
         if out.sent_at >= 0:
             stream.in_flight_bytes -= size
@@ -503,7 +522,8 @@ class Transport:
             stream.sacked -= 1
         out.abandoned = True
         out.lost = False
-        out.payload = b""
+        out.payload = out.prefix = b""
+        out.size = 0
         stream.abandoned += 1
         stream.counters["frames_expired"] += 1
 
@@ -567,7 +587,7 @@ class Transport:
                 self._update_skip(stream)
                 continue
             self._resend(stream, out, now)
-            budget -= len(out.payload)
+            budget -= out.size
 
     def _resend(self, stream: _SendStream, out: _Outgoing, now: float) -> None:
         ttl_ms = max(1, int((out.expires_at - now - stream.one_way_s) * 1000))
@@ -592,7 +612,7 @@ class Transport:
                 break
             del unacked[out.seq]
             acked += 1
-            freed += len(out.payload)
+            freed += out.size
             out.lost = False
             if out.sacked:
                 stream.sacked -= 1
@@ -622,7 +642,7 @@ class Transport:
                     if not held.sacked and not held.abandoned:
                         held.sacked = True
                         held.lost = False
-                        sacked_bytes += len(held.payload)
+                        sacked_bytes += held.size
                         stream.sacked += 1
                         if held.resends == 0 and (newest is None or seq > newest.seq):
                             newest = held

@@ -15,6 +15,7 @@ whatever bytes it is given.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ __all__ = [
     "Frame",
     "Goodbye",
     "Header",
+    "OutDatagram",
     "Skip",
     "decode",
     "encode",
@@ -55,6 +57,11 @@ MAX_TTL_MS: Final = 86_400_000
 MAX_PARTS: Final = 1 << 20
 MAX_ACK_RANGES: Final = 64
 MAX_BUNDLE: Final = 4096
+#: Decoded payloads larger than this (and every fragment's) are views of the datagram, not copies.
+VIEW_MIN_BYTES: Final = 4096
+#: With ``pack(gather=True)``, a datagram carrying more payload bytes than this is returned as
+#: its pieces (for ``socket.sendmsg``), not joined: the payload is never copied in Python.
+GATHER_MIN_BYTES: Final = 4096
 
 EndpointId = NewType("EndpointId", int)
 
@@ -119,8 +126,9 @@ class Data:
     frame's own ``ttl_ms`` is then the longest of them.
 
     When sending, a fragment's payload (``parts`` > 1) may be a ``memoryview`` of the message it
-    was cut from: its bytes are copied once, into the datagram, not once more per fragment.
-    Decoded payloads are always ``bytes``.
+    was cut from: its bytes are never copied by Python (see :func:`pack`'s ``gather``). Decoded
+    payloads are ``bytes`` when small; a fragment's, or any payload over ``VIEW_MIN_BYTES``, is a
+    read-only ``memoryview`` of the datagram, so a large message is copied once, when whole.
     """
 
     seq: int
@@ -129,6 +137,10 @@ class Data:
     part: int = 0
     parts: int = 1
     messages: tuple[tuple[int, int], ...] = ()
+    #: Sending only: bytes that go on the wire just before ``payload``, as the start of it (a
+    #: message's envelope, kept apart so a large payload is not copied to prepend it). Decoding
+    #: never sets it: the receiver sees one payload, ``prefix + payload``.
+    prefix: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +159,9 @@ class Skip:
 
 
 Frame = Announce | Goodbye | Data | Ack | Skip
+#: A datagram to send: its bytes, or (``pack(gather=True)``) its pieces in order, to be sent as
+#: one datagram by ``socket.sendmsg``; ``b"".join`` of the pieces is the datagram.
+OutDatagram = bytes | tuple[bytes | memoryview, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,49 +182,77 @@ def encode(header: Header, frames: Sequence[Frame]) -> bytes:
     for frame in frames:
         encoded, payload = _encode_frame(frame)
         objects.append(encoded)
+        if type(frame) is Data and frame.prefix:
+            payloads.append(frame.prefix)
         if payload:
             payloads.append(payload)
     return b"".join((_prefix(header), b",".join(objects), b"]}\n", *payloads))
 
 
 def pack(
-    header: Header, frames: Iterable[Frame], *, max_bytes: int = MAX_DATAGRAM_BYTES
-) -> list[bytes]:
+    header: Header,
+    frames: Iterable[Frame],
+    *,
+    max_bytes: int = MAX_DATAGRAM_BYTES,
+    gather: bool = False,
+) -> list[OutDatagram]:
     """Encode ``frames`` into as few datagrams of at most ``max_bytes`` as greedy packing allows.
 
-    Each frame is serialised once; the datagram is assembled around the encoded frames.
+    Each frame is serialised once; the datagram is assembled around the encoded frames. With
+    ``gather``, a datagram with more than ``GATHER_MIN_BYTES`` of payload is left in pieces (the
+    JSON header, then each payload as given) for a scatter-gather send; otherwise every datagram
+    is ``bytes``.
 
     Raises:
         ValueError: a single frame does not fit in ``max_bytes`` (fragment it first).
     """
     prefix = _prefix(header)
     base = len(prefix) + 3  # ']}' and the LF
-    datagrams: list[bytes] = []
+    datagrams: list[OutDatagram] = []
     objects: list[bytes] = []
     payloads: list[bytes | memoryview] = []
     size = base
+    carried = 0  # payload bytes in the datagram being filled
     for frame in frames:
         encoded, payload = _encode_frame(frame)
-        cost = len(encoded) + len(payload)
+        head = frame.prefix if type(frame) is Data else b""
+        cost = len(encoded) + len(head) + len(payload)
         if base + cost > max_bytes:
             raise ValueError(f"a {type(frame).__name__} frame of {cost} bytes exceeds {max_bytes}")
         separator = 1 if objects else 0  # the comma between frame objects
         if size + separator + cost > max_bytes:
-            datagrams.append(b"".join((prefix, b",".join(objects), b"]}\n", *payloads)))
-            objects, payloads, size, separator = [], [], base, 0
+            datagrams.append(_assemble(prefix, objects, payloads, gather, carried))
+            objects, payloads, size, separator, carried = [], [], base, 0, 0
         size += separator + cost
         objects.append(encoded)
+        if head:
+            payloads.append(head)
         if payload:
             payloads.append(payload)
+            carried += len(payload)
     if objects:
-        datagrams.append(b"".join((prefix, b",".join(objects), b"]}\n", *payloads)))
+        datagrams.append(_assemble(prefix, objects, payloads, gather, carried))
     return datagrams
+
+
+def _assemble(
+    prefix: bytes,
+    objects: list[bytes],
+    payloads: list[bytes | memoryview],
+    gather: bool,
+    carried: int,
+) -> OutDatagram:
+    if gather and carried > GATHER_MIN_BYTES:
+        return (b"".join((prefix, b",".join(objects), b"]}\n")), *payloads)
+    return b"".join((prefix, b",".join(objects), b"]}\n", *payloads))
 
 
 _dumps = orjson.dumps
 
 
+@functools.lru_cache(maxsize=4096)
 def _prefix(header: Header) -> bytes:
+    """The JSON of ``header`` up to the frame list, cached (one per peer and incarnation)."""
     head: dict[str, int] = {
         "glue": VERSION,
         "net": header.network_id,
@@ -222,15 +265,17 @@ def _prefix(header: Header) -> bytes:
 
 
 def _encode_frame(frame: Frame) -> tuple[bytes, bytes | memoryview]:
-    """One frame's JSON object and payload; data frames skip the dict (the hot path)."""
+    """One frame's JSON object and payload (without ``Data.prefix``, which goes before it);
+    data frames skip the dict (the hot path)."""
     if type(frame) is Data and not frame.messages:
         payload = frame.payload
+        length = len(frame.prefix) + len(payload)
         if frame.parts == 1:
-            return _DATA_FORMAT % (frame.seq, frame.ttl_ms, len(payload)), payload
+            return _DATA_FORMAT % (frame.seq, frame.ttl_ms, length), payload
         return _FRAGMENT_FORMAT % (
             frame.seq,
             frame.ttl_ms,
-            len(payload),
+            length,
             frame.part,
             frame.parts,
         ), payload
@@ -360,7 +405,10 @@ def _frame_from_wire(raw: object, data: bytes, offset: int, header: Header) -> t
             and "m" not in raw
             and offset + length <= len(data)
         ):
-            return Data(seq, data[offset : offset + length], ttl_ms), offset + length
+            end = offset + length
+            if length > VIEW_MIN_BYTES:
+                return Data(seq, memoryview(data)[offset:end], ttl_ms), end
+            return Data(seq, data[offset:end], ttl_ms), end
         if type(length) is int and length >= 0 and offset + length <= len(data):
             fragment = _fragment_from_wire(raw, data, offset, length)
             if fragment is not None:
@@ -379,7 +427,8 @@ def _frame_from_wire(raw: object, data: bytes, offset: int, header: Header) -> t
         if "ps" not in raw:
             return Data(seq, data[offset:end], ttl_ms), end
         parts = _int(raw, "ps", 1, MAX_PARTS)
-        return Data(seq, data[offset:end], ttl_ms, _int(raw, "p", 0, parts - 1), parts), end
+        part = _int(raw, "p", 0, parts - 1)
+        return Data(seq, memoryview(data)[offset:end], ttl_ms, part, parts), end
     if kind == "a":
         return _ack_from_wire(raw), offset
     if kind == "s":
@@ -409,7 +458,7 @@ def _fragment_from_wire(raw: dict[str, Any], data: bytes, offset: int, length: i
         and 0 <= part < parts
         and "m" not in raw
     ):
-        return Data(seq, data[offset : offset + length], ttl_ms, part, parts)
+        return Data(seq, memoryview(data)[offset : offset + length], ttl_ms, part, parts)
     return None
 
 

@@ -58,13 +58,47 @@ def roundtrip(frames: list[Frame], header: Header = HEADER) -> Datagram:
 # --- round trips ------------------------------------------------------------------------------
 
 
-def test_a_fragment_sent_as_a_view_arrives_as_bytes() -> None:
+def test_a_fragment_sent_as_a_view_arrives_as_a_view_of_the_datagram() -> None:
     message = b"0123456789" * 10
     frame = Data(5, memoryview(message)[40:70], 900, 1, 4)
-    [decoded] = roundtrip([frame]).frames
+    datagram = wire.encode(HEADER, [frame])
+    [decoded] = wire.decode(datagram, network_id=1).frames
     assert decoded == Data(5, message[40:70], 900, 1, 4)
     assert isinstance(decoded, Data)
-    assert type(decoded.payload) is bytes
+    # Not a copy: the reassembler joins the fragments once, into the message.
+    assert type(decoded.payload) is memoryview
+    assert decoded.payload.obj is datagram
+    assert decoded.payload.readonly
+
+
+@pytest.mark.parametrize("size", [wire.VIEW_MIN_BYTES, wire.VIEW_MIN_BYTES + 1])
+def test_only_large_whole_payloads_arrive_as_views(size: int) -> None:
+    [decoded] = roundtrip([Data(1, b"x" * size)]).frames
+    assert isinstance(decoded, Data)
+    assert decoded.payload == b"x" * size
+    assert type(decoded.payload) is (bytes if size <= wire.VIEW_MIN_BYTES else memoryview)
+
+
+def test_a_prefix_is_sent_as_the_start_of_the_payload() -> None:
+    frame = Data(3, memoryview(b"payload"), 500, 0, 2, prefix=b"{}\n")
+    [decoded] = roundtrip([frame]).frames
+    assert decoded == Data(3, b"{}\npayload", 500, 0, 2)
+
+
+@pytest.mark.parametrize("gather", [False, True])
+def test_pack_gathers_only_datagrams_with_large_payloads(gather: bool) -> None:
+    big = b"b" * (wire.GATHER_MIN_BYTES + 1)
+    frames: list[wire.Frame] = [Data(1, b"small"), Data(2, memoryview(big), prefix=b"{}\n")]
+    small = wire.pack(HEADER, frames[:1], gather=True)
+    assert small == [wire.encode(HEADER, frames[:1])]  # little payload: joined even so
+    [datagram] = wire.pack(HEADER, frames, gather=gather)
+    joined = datagram if isinstance(datagram, bytes) else b"".join(datagram)
+    assert joined == wire.encode(HEADER, frames)
+    if gather:
+        assert isinstance(datagram, tuple)
+        assert datagram[-1].obj is big  # type: ignore[union-attr]  # the payload, not a copy
+    else:
+        assert isinstance(datagram, bytes)
 
 
 @pytest.mark.parametrize(
@@ -158,7 +192,8 @@ def test_several_frames_round_trip_in_order_with_payloads_in_frame_order() -> No
     datagram = roundtrip(frames)
     assert datagram.frames == tuple(frames)
     payloads = [f.payload for f in datagram.frames if isinstance(f, Data)]
-    assert all(type(p) is bytes for p in payloads)
+    # Small whole payloads are bytes; a fragment's is a view of the datagram.
+    assert [type(p) for p in payloads] == [bytes, bytes, memoryview, bytes]
 
 
 def test_names_with_line_feeds_stay_in_the_header() -> None:
