@@ -72,7 +72,7 @@ class TransportConfig:
     retired_streams: int = 4096
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen: made per frame (see wire.Data)
 class FrameReceived:
     """A frame from ``peer``, in order, exactly once; it arrived at ``arrived_at``."""
 

@@ -115,7 +115,9 @@ class Goodbye:
     """The sending endpoint (header ``src``/``inc``) is stopping: drop it now."""
 
 
-@dataclass(frozen=True, slots=True)
+#: Frames made once per datagram or more are not frozen: a frozen dataclass's ``__init__`` costs
+#: about four times as much. Treat them as immutable all the same (they stay hashable).
+@dataclass(slots=True, unsafe_hash=True)
 class Data:
     """One transport frame of application bytes: fragment ``part`` of ``parts`` of a message.
 
@@ -143,7 +145,7 @@ class Data:
     prefix: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Ack:
     """ "I have every frame up to ``cumulative`` and those in ``ranges``" (inclusive pairs)."""
 
@@ -164,7 +166,7 @@ Frame = Announce | Goodbye | Data | Ack | Skip
 OutDatagram = bytes | tuple[bytes | memoryview, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Datagram:
     """A decoded datagram: its header and its frames in order."""
 
@@ -356,6 +358,20 @@ def decode(data: bytes, *, network_id: int, max_bytes: int = MAX_DATAGRAM_BYTES)
         if data[:1] == b"{":
             raise DecodeError("no end of header", reason="truncated")
         raise DecodeError("not a glue datagram", reason="foreign")
+    # A peer's datagrams to us all start with the same header fields, up to the frame list: once
+    # those bytes passed the checks below, only the frame list is parsed (a cache hit is exactly
+    # what the full parse would give, or falls through to it).
+    start = data.find(b'"f":[', 0, end)
+    if start > 0:
+        known = _headers.get(data[:start])
+        if known is not None and known.network_id == network_id and data[end - 1] == 125:  # }
+            try:
+                raw_frames = orjson.loads(data[start + 4 : end - 1])
+            except orjson.JSONDecodeError:
+                pass
+            else:
+                if type(raw_frames) is list and raw_frames:
+                    return _frames_from_wire(raw_frames, data, end, known)
     try:
         head = orjson.loads(data[:end])
     except orjson.JSONDecodeError as exc:
@@ -377,6 +393,23 @@ def decode(data: bytes, *, network_id: int, max_bytes: int = MAX_DATAGRAM_BYTES)
     raw_frames = head.get("f")
     if not isinstance(raw_frames, list) or not raw_frames:
         raise DecodeError("'f' must be a non-empty list", reason="malformed")
+    datagram = _frames_from_wire(raw_frames, data, end, header)
+    # Only the exact bytes glue's encoder writes are cached: keys later in the header could
+    # otherwise override the cached fields ({"inc":7,"f":[...],"inc":8} has incarnation 8).
+    if 0 < start <= _HEADER_CACHE_KEY_BYTES and data[: start + 5] == _prefix(header):
+        if len(_headers) >= _HEADER_CACHE_ENTRIES:
+            _headers.clear()
+        _headers[bytes(data[:start])] = header
+    return datagram
+
+
+#: Header bytes up to ``"f":[`` -> the header they decode to (bounded; cleared when full).
+_headers: dict[bytes, Header] = {}
+_HEADER_CACHE_ENTRIES: Final = 4096
+_HEADER_CACHE_KEY_BYTES: Final = 256  # glue's own headers take about 100
+
+
+def _frames_from_wire(raw_frames: list[Any], data: bytes, end: int, header: Header) -> Datagram:
     frames = []
     offset = end + 1
     for raw in raw_frames:

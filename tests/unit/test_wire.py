@@ -1012,3 +1012,33 @@ def test_a_bad_bundle_is_a_decode_error(m: str, n: int) -> None:
     with pytest.raises(DecodeError) as caught:
         wire.decode(data, network_id=1)
     assert caught.value.reason == "malformed"
+
+
+# --- the header cache ------------------------------------------------------------------------------
+
+
+def test_a_cached_header_gives_what_the_full_parse_gives() -> None:
+    header = Header(1, EndpointId(5), 77, destination=3)
+    canonical = wire.encode(header, [Data(1, b"a")])
+    assert wire.decode(canonical, network_id=1).header == header  # cached from here on
+    assert wire.decode(canonical, network_id=1).header == header
+    # The same leading bytes, then keys after the frame list: last key wins, as in JSON.
+    overridden = canonical.replace(b'"n":1}]}', b'"n":1}],"inc":78}')
+    assert wire.decode(overridden, network_id=1).header == Header(1, EndpointId(5), 78, 3)
+    # Nor does a cached header cross networks.
+    with pytest.raises(DecodeError) as caught:
+        wire.decode(canonical, network_id=2)
+    assert caught.value.reason == "network"
+
+
+def test_a_header_with_later_keys_is_not_cached() -> None:
+    tricky = b'{"glue":1,"net":1,"src":6,"inc":1,"f":[{"t":"bye"}],"inc":2}\n'
+    assert wire.decode(tricky, network_id=1).header.incarnation == 2
+    plain = b'{"glue":1,"net":1,"src":6,"inc":1,"f":[{"t":"bye"}]}\n'
+    assert wire.decode(plain, network_id=1).header.incarnation == 1
+
+
+def test_fuzz_with_every_seed_header_cached() -> None:
+    for data in _fuzz_seeds():
+        wire.decode(data, network_id=1)
+    test_fuzz_decode_raises_only_decode_error()
