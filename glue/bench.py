@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--role",
-        choices=["raw-receiver", "glue-receiver", "glue-async-echo"],
+        choices=["raw-receiver", "glue-receiver", "glue-async-receiver", "glue-async-echo"],
         help=argparse.SUPPRESS,
     )
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -57,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _raw_receiver(args.count, args.echo)
     if args.role == "glue-receiver":
         return _glue_receiver(args.port, args.count, args.echo, args.pubsub)
+    if args.role == "glue-async-receiver":
+        return asyncio.run(_glue_async_receiver(args.port, args.count))
     if args.role == "glue-async-echo":
         return asyncio.run(_glue_async_echo(args.port))
     return _run(args.seconds)
@@ -75,20 +78,26 @@ def _run(seconds: float) -> int:
     for label, size, count in cases:
         raw = _raw_throughput(size, count, seconds)
         glue = _glue_throughput(size, count, seconds)
+        async_glue = asyncio.run(_glue_async_throughput(size, count, seconds))
         topics = _glue_throughput(size, count, seconds, pubsub=True)
         rows.append((label, "raw UDP", *raw))
         rows.append((label, "glue", *glue))
+        rows.append((label, "glue asyncio", *async_glue))
         rows.append((label, "glue pub/sub", *topics))
-        ratio = glue[0] / raw[0] if raw[0] else float("nan")
         print(
             f"{label:>7}  raw UDP {raw[0]:>10,.0f} msg/s {raw[1]:>8.1f} MB/s   "
-            f"glue {glue[0]:>10,.0f} msg/s {glue[1]:>8.1f} MB/s   glue/raw {ratio:5.2f}",
+            f"glue {glue[0]:>10,.0f} msg/s {glue[1]:>8.1f} MB/s   "
+            f"glue/raw {_ratio(glue, raw):5.2f}",
             flush=True,
         )
-        ratio = topics[0] / glue[0] if glue[0] else float("nan")
+        print(
+            f"{'':>7}  {'':>32}   asyncio {async_glue[0]:>7,.0f} msg/s {async_glue[1]:>8.1f} MB/s"
+            f"   glue/raw {_ratio(async_glue, raw):5.2f}",
+            flush=True,
+        )
         print(
             f"{'':>7}  {'':>32}   pub/sub {topics[0]:>7,.0f} msg/s {topics[1]:>8.1f} MB/s   "
-            f"pub/sub/direct {ratio:5.2f}",
+            f"pub/sub/direct {_ratio(topics, glue):5.2f}",
             flush=True,
         )
     raw_rtt = _raw_round_trip()
@@ -102,6 +111,10 @@ def _run(seconds: float) -> int:
         f"{topics_rtt * 1e6:.0f} us (EndpointManager, publish/subscribe)"
     )
     return 0
+
+
+def _ratio(a: tuple[float, float], b: tuple[float, float]) -> float:
+    return a[0] / b[0] if b[0] else float("nan")
 
 
 def _spawn(*args: str) -> subprocess.Popen[str]:
@@ -384,6 +397,67 @@ async def _glue_async_round_trip() -> float:
         echo.stdin.flush()
     echo.wait(timeout=30)
     return statistics.median(samples[_RTT_WARMUP:])
+
+
+async def _glue_async_throughput(size: int, count: int, seconds: float) -> tuple[float, float]:
+    """``_glue_throughput`` with ``AsyncEndpointManager`` at both ends (no threads involved)."""
+    from glue.manager import AsyncEndpointManager
+
+    port = _free_port()
+    receiver = _spawn("--role", "glue-async-receiver", "--port", str(port), "--count", str(count))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, _read_json, receiver)  # ready
+    settings = _glue_settings(
+        discovery_target_address=f"127.0.0.1:{port}", discovery_listen_address="0"
+    )
+    payload = os.urandom(size)
+    async with AsyncEndpointManager(settings) as sender:
+        [peer] = await sender.wait_for_peers(1, timeout=10)
+        to = [peer.endpoint_id]
+        deadline = time.perf_counter() + seconds
+        sent = 0
+        while sent < count and time.perf_counter() < deadline:
+            await sender.send(payload, to=to, expiry=60.0, timeout=30.0)
+            sent += 1
+        assert receiver.stdin is not None
+        receiver.stdin.write(f"{sent}\n")
+        receiver.stdin.flush()
+        result = await loop.run_in_executor(None, _finish, receiver)
+    return _rates(result, size)
+
+
+async def _glue_async_receiver(port: int, count: int) -> int:
+    from glue.events import MessageReceived
+    from glue.manager import AsyncEndpointManager
+
+    settings = _glue_settings(
+        discovery_target_address="0", discovery_listen_address=f"127.0.0.1:{port}"
+    )
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    state = {"got": 0, "first": 0.0, "last": 0.0, "expected": count}
+
+    def on_message(message: MessageReceived) -> None:
+        now = time.perf_counter()
+        if state["got"] == 0:
+            state["first"] = now
+        state["got"] += 1
+        state["last"] = now
+        if state["got"] >= state["expected"]:
+            done.set()
+
+    async with AsyncEndpointManager(settings) as endpoint:
+        endpoint.on_message(on_message)
+        print(orjson.dumps({"ready": True}).decode(), flush=True)
+        # The sender says how many it sent, then waits for the result.
+        state["expected"] = int(await loop.run_in_executor(None, sys.stdin.readline) or 0)
+        if state["got"] < state["expected"]:
+            done.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 120)
+    elapsed = state["last"] - state["first"]
+    print(orjson.dumps({"count": int(state["got"]), "elapsed": elapsed}).decode(), flush=True)
+    return 0
 
 
 async def _glue_async_echo(port: int) -> int:
