@@ -531,13 +531,17 @@ class Endpoint:
         else:
             targets = everyone if item.targets is None else item.targets
         offer = stack.offer
-        held = [
-            peer
-            for peer in targets
-            if not offer(peer, item.payload, expires_at=item.expires_at, now=now)
-        ]
+        payload, expires_at = item.payload, item.expires_at
+        held: list[EndpointId] | None = None
+        for peer in targets:
+            if not offer(peer, payload, expires_at=expires_at, now=now):
+                if held is None:
+                    held = []
+                held.append(peer)
+        if held is None:
+            return True
         item.remaining = held
-        return not held
+        return False
 
     # --- queries and listeners --------------------------------------------------------------------
 

@@ -85,6 +85,17 @@ class _Route:
         self.datagram_bytes = datagram_bytes
 
 
+class _Bundle:
+    """Small messages waiting for one peer, in order: bundled at the next flush."""
+
+    __slots__ = ("expiries", "payloads", "size")
+
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+        self.expiries: list[float] = []
+        self.size = 0
+
+
 class Stack:
     """Discovery, transport and fragmentation of one endpoint."""
 
@@ -112,8 +123,7 @@ class Stack:
             emit=self._events.append,
         )
         # Small messages waiting to be bundled, per peer, until the next datagrams_to_send.
-        self._bundles: dict[EndpointId, list[tuple[bytes, float]]] = {}
-        self._bundle_bytes: dict[EndpointId, int] = {}
+        self._bundles: dict[EndpointId, _Bundle] = {}
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -183,11 +193,10 @@ class Stack:
             # frame object for many messages (Python pays per object, not per byte).
             bundle = self._bundles.get(peer)
             if bundle is None:
-                self._bundles[peer] = [(payload, expires_at)]
-                self._bundle_bytes[peer] = size
-            else:
-                bundle.append((payload, expires_at))
-                self._bundle_bytes[peer] += size
+                bundle = self._bundles[peer] = _Bundle()
+            bundle.payloads.append(payload)
+            bundle.expiries.append(expires_at)
+            bundle.size += size
             return True
         self._flush_bundle(peer, now)  # what was sent before goes first
         budget = route.datagram_bytes - FRAME_OVERHEAD_BYTES
@@ -260,7 +269,8 @@ class Stack:
 
     def can_send(self, peer: EndpointId, size: int) -> bool:
         """Whether ``size`` bytes fit in the send queue to ``peer`` now."""
-        return self.transport.can_send(peer, size + self._bundle_bytes.get(peer, 0))
+        bundle = self._bundles.get(peer)
+        return self.transport.can_send(peer, size if bundle is None else size + bundle.size)
 
     def set_targets(self, targets: Sequence[Target]) -> None:
         """Replace the discovery targets (resolved addresses)."""
@@ -279,7 +289,6 @@ class Stack:
         """Say goodbye; every peer's state is dropped."""
         self.discovery.leave()
         self._bundles.clear()
-        self._bundle_bytes.clear()
         for peer in list(self._routes):
             self.transport.remove_peer(peer)
         self._routes.clear()
@@ -381,32 +390,37 @@ class Stack:
 
     def _flush_bundle(self, peer: EndpointId, now: float) -> None:
         """Hand ``peer``'s waiting small messages to the transport, as few frames as fit."""
-        items = self._bundles.pop(peer, None)
-        self._bundle_bytes.pop(peer, None)
+        bundle = self._bundles.pop(peer, None)
         route = self._routes.get(peer)
-        if not items or route is None:
+        if bundle is None or route is None:
             return
+        payloads, expiries = bundle.payloads, bundle.expiries
         budget = route.datagram_bytes - FRAME_OVERHEAD_BYTES
+        count = len(payloads)
+        if bundle.size + count * _BUNDLE_ENTRY_BYTES <= budget and count <= wire.MAX_BUNDLE:
+            self._send_bundle(peer, payloads, expiries, now)  # the usual case: one frame
+            return
         start, used = 0, 0
-        for index, (payload, _) in enumerate(items):
+        for index, payload in enumerate(payloads):
             cost = len(payload) + _BUNDLE_ENTRY_BYTES
             if index > start and (used + cost > budget or index - start >= wire.MAX_BUNDLE):
-                self._send_bundle(peer, items[start:index], now)
+                self._send_bundle(peer, payloads[start:index], expiries[start:index], now)
                 start, used = index, 0
             used += cost
-        self._send_bundle(peer, items[start:], now)
+        self._send_bundle(peer, payloads[start:], expiries[start:], now)
 
-    def _send_bundle(self, peer: EndpointId, items: list[tuple[bytes, float]], now: float) -> None:
-        if len(items) == 1:
-            payload, expires_at = items[0]
-            self.transport.send(peer, payload, expires_at=expires_at, now=now)
+    def _send_bundle(
+        self, peer: EndpointId, payloads: list[bytes], expiries: list[float], now: float
+    ) -> None:
+        if len(payloads) == 1:
+            self.transport.send(peer, payloads[0], expires_at=expiries[0], now=now)
             return
         self.transport.send(
             peer,
-            b"".join([payload for payload, _ in items]),
-            expires_at=max(expires_at for _, expires_at in items),
+            b"".join(payloads),
+            expires_at=max(expiries),
             now=now,
-            bundle=tuple((len(payload), expires_at) for payload, expires_at in items),
+            bundle=(list(map(len, payloads)), expiries),
         )
 
     def _pump_discovery(self) -> None:
@@ -421,7 +435,6 @@ class Stack:
                 self.reassembler.discard(peer.endpoint_id)
                 self._routes.pop(peer.endpoint_id, None)
                 self._bundles.pop(peer.endpoint_id, None)
-                self._bundle_bytes.pop(peer.endpoint_id, None)
                 self.topics.peer_removed(peer)
             self._events.append(event)
             self._control_events = True

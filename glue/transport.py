@@ -138,7 +138,8 @@ class _Outgoing:
         self.sacked = False  # selectively acked: not resent, but kept until cumulatively acked
         self.abandoned = False  # expired: a placeholder until the receiver skips past it
         self.lost = False  # timed out, waiting in the stream's ``lost`` queue to be resent
-        self.bundle: tuple[tuple[int, float], ...] = ()  # (length, expires_at) per message
+        # A bundle's messages: their lengths and their expiry times, in order (None: not one).
+        self.bundle: tuple[list[int], list[float]] | None = None
 
 
 class _SendStream:
@@ -347,13 +348,14 @@ class Transport:
         now: float,
         part: int = 0,
         parts: int = 1,
-        bundle: tuple[tuple[int, float], ...] = (),
+        bundle: tuple[list[int], list[float]] | None = None,
         prefix: bytes = b"",
     ) -> bool:
         """Queue one frame to ``peer``; False if the peer is unknown (nothing is queued).
 
-        ``bundle`` makes the frame a bundle of small messages: ``(length, expires_at)`` of each,
-        their payloads concatenated in ``payload``; ``expires_at`` is then the latest of them.
+        ``bundle`` makes the frame a bundle of small messages: ``(lengths, expiry times)``, one
+        of each per message, their payloads concatenated in ``payload``; ``expires_at`` is then
+        the latest of them.
         ``prefix`` goes on the wire just before ``payload``, as part of it (see ``Data.prefix``).
         """
         state = self._peers.get(peer)
@@ -362,7 +364,7 @@ class Transport:
             return False
         stream = state.send
         out = _Outgoing(stream.next_seq, payload, part, parts, expires_at, prefix)
-        if bundle:
+        if bundle is not None:
             out.bundle = bundle
         stream.next_seq += 1
         stream.pending.append(out)
@@ -496,7 +498,7 @@ class Transport:
     @staticmethod
     def _data(out: _Outgoing, ttl_ms: int, now: float, one_way_s: float) -> Data:
         """The frame for one (re)transmission of ``out``, times to live counted from ``now``."""
-        if not out.bundle:
+        if out.bundle is None:
             return Data(
                 out.seq,
                 out.payload,
@@ -505,10 +507,13 @@ class Transport:
                 out.parts,
                 prefix=out.prefix,
             )
-        messages = tuple(
-            (length, min(MAX_TTL_MS, max(0, int((expires_at - now - one_way_s) * 1000))))
-            for length, expires_at in out.bundle
-        )
+        lengths, expiries = out.bundle
+        base = now + one_way_s
+        # Per message, so in list comprehensions and C builtins (thousands per bundle).
+        ttls = [int((expires_at - base) * 1000) for expires_at in expiries]
+        if min(ttls) < 0 or max(ttls) > MAX_TTL_MS:  # rare: expired or very long-lived ones
+            ttls = [min(MAX_TTL_MS, max(0, ttl)) for ttl in ttls]
+        messages = tuple(zip(lengths, ttls, strict=True))
         return Data(out.seq, out.payload, min(ttl_ms, MAX_TTL_MS), messages=messages)
 
     def _abandon(self, stream: _SendStream, out: _Outgoing) -> None:
