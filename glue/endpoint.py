@@ -354,9 +354,15 @@ class Endpoint:
         idle = not self._handoff and not self._staged and stack is not None and stack.idle()
         # Nothing in flight: send at once (one loop turn less on the round trip). While frames
         # are in flight, messages gather in the queue and go out packed.
-        if idle and self._offer(item):
-            self._drain_handoff()
-            return
+        if idle:
+            with self._handoff_mutex:
+                # Drained right here: the offer must not schedule a drain for the next loop turn.
+                scheduled, self._drain_scheduled = self._drain_scheduled, True
+                offered = self._offer(item, locked=True)
+                self._drain_scheduled = scheduled
+            if offered:
+                self._drain_handoff()
+                return
         deadline = loop.time() + timeout
         while not self._offer(item):
             remaining = deadline - loop.time()

@@ -133,6 +133,7 @@ def test_bench_runs_and_prints_every_figure() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for label in ("64 B", "64 KiB", "1 MiB", "round trip"):
         assert label in result.stdout
-    assert result.stdout.count("glue/raw") == 3
+    assert result.stdout.count("glue/raw") == 6  # the blocking and the asyncio API
+    assert result.stdout.count("asyncio") == 3
     assert result.stdout.count("pub/sub/direct") == 3
     assert "publish/subscribe" in result.stdout
