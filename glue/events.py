@@ -104,9 +104,13 @@ class Message:
 
 @dataclass(slots=True)
 class TopicDelivery:
-    """A topic message for the local subscriptions ``subscriptions`` (ids), in order."""
+    """Topic messages, in order, for the local subscriptions ``subscriptions`` (ids).
 
-    message: Message
+    One event carries a run of consecutive messages for the same subscriptions (a bundle's,
+    usually), so the hot path builds one object per run, not one per message.
+    """
+
+    messages: list[Message]
     subscriptions: tuple[int, ...]
 
 

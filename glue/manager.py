@@ -447,13 +447,13 @@ class _Queued(Protocol):
 
 
 def _collect(per_subscription: dict[int, list[Message]], delivery: TopicDelivery) -> None:
-    """Add ``delivery``'s message to the burst of each subscription it is for."""
+    """Add ``delivery``'s messages to the burst of each subscription it is for."""
     for subscription_id in delivery.subscriptions:
         found = per_subscription.get(subscription_id)
         if found is None:
-            per_subscription[subscription_id] = [delivery.message]
+            per_subscription[subscription_id] = list(delivery.messages)
         else:
-            found.append(delivery.message)
+            found.extend(delivery.messages)
 
 
 def _hand_over(

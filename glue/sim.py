@@ -252,7 +252,7 @@ class Simulation:
                 if isinstance(event, MessageReceived):
                     node.received.append(event)
                 elif isinstance(event, TopicDelivery):
-                    node.topic_messages.append(event.message)
+                    node.topic_messages.extend(event.messages)
 
     def _transmit(self, sender: SimNode, to: SimNode, datagram: bytes, *, multicast: bool) -> None:
         if frozenset((sender.name, to.name)) in self._cut:

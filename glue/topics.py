@@ -230,8 +230,8 @@ class _History:
     def __init__(self, depth: int) -> None:
         self.sequence = 0
         self.depth = depth  # the configured default until a publish sets it for the topic
-        # (sequence, message, expires_at)
-        self.entries: deque[tuple[int, Outbound, float]] = deque()
+        # (sequence, message, expires_at, its size)
+        self.entries: deque[tuple[int, Outbound, float, int]] = deque()
 
 
 class _Interest:
@@ -374,18 +374,21 @@ class Topics:
             prefix = self._prefix_cache[key] = head[:-1] + b',"s":'
         envelope: Outbound
         if len(payload) > APART_BYTES:
-            envelope = (b"%s%d%s" % (prefix, sequence, self._stamp), payload)
+            line = b"%s%d%s" % (prefix, sequence, self._stamp)
+            envelope = (line, payload)
+            size = len(line) + len(payload)
         else:
             envelope = b"%s%d%s%s" % (prefix, sequence, self._stamp, payload)
+            size = len(envelope)
         if history_depth is not None:
             history.depth = history_depth  # for this topic from now on
         depth = history.depth
         entries = history.entries
         if depth > 0:
-            entries.append((sequence, envelope, expires_at))
-            self._history_bytes += outbound_size(envelope)
+            entries.append((sequence, envelope, expires_at, size))
+            self._history_bytes += size
         while len(entries) > depth:
-            self._history_bytes -= outbound_size(entries.popleft()[1])
+            self._history_bytes -= entries.popleft()[3]
         if self._history_bytes > self.config.history_max_bytes:
             self._trim_history()
         found = self._local_cache.get(key)
@@ -396,7 +399,7 @@ class Topics:
             message = Message(
                 topic, topic_type, payload, self.endpoint_id, self.name, sequence, wall, wall
             )
-            self._emit(TopicDelivery(message, local))
+            self._emit(TopicDelivery([message], local))
             self.counters["delivered_locally"] += 1
         targets = self._target_cache.get(topic)
         if targets is None:
@@ -501,9 +504,14 @@ class Topics:
         key: tuple[int, int, str] = (0, 0, "")
         local: tuple[int, ...] = ()
         received = 0
+        # Consecutive messages for the same subscriptions share one TopicDelivery (one object
+        # per run, not per message); anything else emitted in between starts a new run.
+        run: list[Message] | None = None
+        run_local: tuple[int, ...] = ()
         for data in messages:
             if data.startswith(DIRECT_ENVELOPE):
                 emit(MessageReceived(peer, data[3:] if body is None else body, now))
+                run = None
                 continue
             end = data.find(b"\n")
             try:
@@ -519,6 +527,7 @@ class Topics:
                     self._receive_interest(peer, head, now)
                 else:
                     emit(MessageReceived(peer, data[end + 1 :] if body is None else body, now))
+                run = None
                 continue
             topic_type = cast(str, head.get("y"))  # checked below, once per (topic, type)
             sequence = head.get("s")
@@ -559,21 +568,21 @@ class Topics:
                 del seen[next(iter(seen))]
                 self.counters["streams_forgotten"] += 1
             seen[key] = sequence
-            emit(
-                TopicDelivery(
-                    Message(
-                        topic,
-                        topic_type,
-                        data[end + 1 :] if body is None else body,
-                        peer_id,
-                        peer.name,
-                        sequence,
-                        sent_at,
-                        received_at,
-                    ),
-                    local,
-                )
+            message = Message(
+                topic,
+                topic_type,
+                data[end + 1 :] if body is None else body,
+                peer_id,
+                peer.name,
+                sequence,
+                sent_at,
+                received_at,
             )
+            if run is not None and local is run_local:
+                run.append(message)
+            else:
+                run, run_local = [message], local
+                emit(TopicDelivery(run, local))
             received += 1
         self._received += received
 
@@ -719,7 +728,7 @@ class Topics:
                 continue
             if _any_matches(old, topic):
                 continue  # it has been getting this topic all along
-            for _, envelope, expires_at in history.entries:
+            for _, envelope, expires_at, _ in history.entries:
                 if expires_at > now:  # expired history is never sent
                     self._outbox.append((peer, envelope, expires_at))
                     self.counters["history_sent"] += 1
@@ -730,7 +739,7 @@ class Topics:
             history = self._history[topic]
             entries = history.entries
             while entries and entries[0][2] <= now:
-                self._history_bytes -= outbound_size(entries.popleft()[1])
+                self._history_bytes -= entries.popleft()[3]
                 self.counters["history_expired"] += 1
 
     def _trim_history(self) -> None:
@@ -738,7 +747,7 @@ class Topics:
         for history in self._history.values():  # least recently published first
             entries = history.entries
             while entries and self._history_bytes > limit:
-                self._history_bytes -= outbound_size(entries.popleft()[1])
+                self._history_bytes -= entries.popleft()[3]
                 self.counters["history_evicted_for_space"] += 1
             if self._history_bytes <= limit:
                 return

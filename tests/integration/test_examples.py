@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from glue import wire
-from glue.events import Message, MessageReceived, Peer, StackEvent, TopicDelivery
+from glue.events import MessageReceived, Peer, StackEvent, TopicDelivery
 from glue.topics import Topics, TopicsConfig
 from glue.wire import Data, EndpointId
 from tests.helpers import free_udp_port
@@ -176,7 +176,7 @@ def test_the_topic_message_example_is_delivered_as_described() -> None:
     topics.receive(peer, message, now=0.0)
     topics.receive(peer, message, now=0.0)  # the same again: a duplicate
     [delivery] = [e for e in events if isinstance(e, TopicDelivery)]
-    got: Message = delivery.message
+    [got] = delivery.messages
     assert (got.topic_name, got.topic_type, got.sequence, got.sent_at) == (
         "sensors/a/temperature",
         "reading",
@@ -220,7 +220,7 @@ def test_the_history_bundle_and_the_direct_message_examples() -> None:
     topics.peer_added(peer)
     for message in bundle:
         topics.receive(peer, message, now=0.0)
-    deliveries = [e.message for e in events if isinstance(e, TopicDelivery)]
+    deliveries = [m for e in events if isinstance(e, TopicDelivery) for m in e.messages]
     assert [(m.sequence, m.payload) for m in deliveries] == [
         (4, b"1004"),
         (5, b"1005"),

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 from glue.errors import UsageError
 from glue.events import Message, MessageReceived, Peer, StackEvent, TopicDelivery
 from glue.topics import (
+    APART_BYTES,
     DIRECT_ENVELOPE,
+    Outbound,
     Topics,
     TopicsConfig,
     matches,
@@ -41,7 +43,7 @@ class Node:
         )
 
     def delivered(self) -> list[Message]:
-        out = [e.message for e in self.events if isinstance(e, TopicDelivery)]
+        out = [m for e in self.events if isinstance(e, TopicDelivery) for m in e.messages]
         self.events.clear()
         return out
 
@@ -56,8 +58,12 @@ def _exchange(*nodes: Node, now: float = 0.0) -> int:
             return moved
         for sender, (to, envelope, expires_at) in sends:
             if expires_at > now:
-                by_id[to].topics.receive(sender.peer, envelope, now)
+                by_id[to].topics.receive(sender.peer, _joined(envelope), now)
                 moved += 1
+
+
+def _joined(message: Outbound) -> bytes:
+    return message if isinstance(message, bytes) else b"".join(message)
 
 
 def _meet(*nodes: Node) -> None:
@@ -79,7 +85,7 @@ def _publish(node: Node, *targets: Node, topic: str = "a/b", now: float = 0.0, *
     )
     for target in targets:
         if target.peer.endpoint_id in to:
-            target.topics.receive(node.peer, envelope, now)
+            target.topics.receive(node.peer, _joined(envelope), now)
     return envelope, to
 
 
@@ -254,8 +260,9 @@ def test_local_subscriptions_get_own_publications_without_the_network() -> None:
     [event] = node.events
     assert isinstance(event, TopicDelivery)
     assert event.subscriptions == (sid,)
-    assert event.message.source_id == 1
-    assert event.message.payload == b"hi"
+    [message] = event.messages
+    assert message.source_id == 1
+    assert message.payload == b"hi"
     assert node.topics.counters["delivered_locally"] == 1
 
 
@@ -418,5 +425,49 @@ def test_timestamps_are_wall_clock() -> None:
     sub.topics.subscribe("#", "t")
     _meet(pub, sub)
     _publish(pub, sub, now=5.0)
-    [message] = [e.message for e in sub.events if isinstance(e, TopicDelivery)]
+    [message] = [m for e in sub.events if isinstance(e, TopicDelivery) for m in e.messages]
     assert message.sent_at == message.received_at == 1005.0
+
+
+# --- the hot path's shape ------------------------------------------------------------------------
+
+
+def test_consecutive_messages_for_the_same_subscriptions_share_one_delivery() -> None:
+    pub, sub = Node(1), Node(2)
+    sid = sub.topics.subscribe("a/#", "t")
+    _meet(pub, sub)
+    bundle = [_joined(_publish(pub, topic="a/b", payload=b"%d" % i)[0]) for i in range(5)]
+    bundle.insert(3, DIRECT_ENVELOPE + b"direct")  # splits the run, keeping the order
+    sub.events.clear()
+    sub.topics.receive_many(pub.peer, bundle, 0.0)
+    kinds = [type(e).__name__ for e in sub.events]
+    assert kinds == ["TopicDelivery", "MessageReceived", "TopicDelivery"]
+    first, direct, second = sub.events
+    assert isinstance(first, TopicDelivery)
+    assert isinstance(second, TopicDelivery)
+    assert isinstance(direct, MessageReceived)
+    assert [m.payload for m in first.messages] == [b"0", b"1", b"2"]
+    assert direct.payload == b"direct"
+    assert [m.payload for m in second.messages] == [b"3", b"4"]
+    assert first.subscriptions == second.subscriptions == (sid,)
+
+
+def test_a_large_payload_is_kept_apart_from_its_envelope_and_joined_once() -> None:
+    pub, sub = Node(1), Node(2)
+    sub.topics.subscribe("a/b", "t")
+    _meet(pub, sub)
+    payload = bytes(range(256)) * (APART_BYTES // 256 + 1)
+    message, _ = _publish(pub, payload=payload)
+    assert isinstance(message, tuple)
+    line, body = message
+    assert body is payload  # not copied
+    assert line.endswith(b"\n")
+    assert line.count(b"\n") == 1
+    # As fragments arrive: the envelope line and views of the payload.
+    view = memoryview(body)
+    sub.topics.receive_pieces(pub.peer, [line + view[:100].tobytes(), view[100:]], 0.0)
+    sub.topics.receive_pieces(pub.peer, [view[:0], line, view[:]], 0.0)  # (a duplicate)
+    [got] = sub.delivered()
+    assert got.payload == payload
+    assert type(got.payload) is bytes
+    assert sub.topics.counters["duplicates_suppressed"] == 1

@@ -1014,7 +1014,7 @@ def test_a_bad_bundle_is_a_decode_error(m: str, n: int) -> None:
     assert caught.value.reason == "malformed"
 
 
-# --- the header cache ------------------------------------------------------------------------------
+# --- the header cache ----------------------------------------------------------------------------
 
 
 def test_a_cached_header_gives_what_the_full_parse_gives() -> None:
