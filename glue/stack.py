@@ -52,6 +52,11 @@ FRAME_OVERHEAD_BYTES: Final = 256
 BUNDLE_MAX_MESSAGE_BYTES: Final = 1024
 #: JSON of one message's entry in a bundle's "m" list, at most ("[65507,86400000],").
 _BUNDLE_ENTRY_BYTES: Final = 18
+#: Room for one more fragment frame's JSON in a datagram (its longest form, the comma included,
+#: is 85 bytes), on top of FRAME_OVERHEAD_BYTES.
+_FRAGMENT_JSON_BYTES: Final = 96
+#: A first fragment smaller than this starts a datagram of its own instead of filling a tail's.
+_MIN_CHAINED_FRAGMENT: Final = 1024
 
 StackOutput = StackEvent | SendSpaceFreed
 
@@ -124,6 +129,9 @@ class Stack:
         )
         # Small messages waiting to be bundled, per peer, until the next datagrams_to_send.
         self._bundles: dict[EndpointId, _Bundle] = {}
+        # Per peer, the size of the last fragment queued in this burst when a fragmented
+        # message was the last thing queued (the next one's first fragment can share its datagram).
+        self._tails: dict[EndpointId, int] = {}
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -200,12 +208,19 @@ class Stack:
             return True
         self._flush_bundle(peer, now)  # what was sent before goes first
         budget = route.datagram_bytes - FRAME_OVERHEAD_BYTES
+        tail = self._tails.pop(peer, 0)
         if size <= budget:
             self.transport.send(peer, payload, expires_at=expires_at, now=now, prefix=head)
             return True
+        # The first fragment fills what the previous large message's last fragment left of its
+        # datagram (they are packed together), so a stream of messages just over one datagram
+        # (64 KiB on loopback) takes about one datagram each, not two.
+        room = budget - tail - _FRAGMENT_JSON_BYTES if tail else budget
+        if room < _MIN_CHAINED_FRAGMENT:
+            room = budget
         # Views, not copies: the kernel gathers each datagram from the envelope and the
         # fragments' views of the caller's payload (the first fragment is shorter by the envelope).
-        first = budget - len(head)
+        first = room - len(head)
         view = memoryview(payload)
         fragments = [view[:first], *split_views(view[first:], budget)]
         parts = len(fragments)
@@ -213,6 +228,7 @@ class Stack:
         send(peer, fragments[0], expires_at=expires_at, now=now, part=0, parts=parts, prefix=head)
         for part in range(1, parts):
             send(peer, fragments[part], expires_at=expires_at, now=now, part=part, parts=parts)
+        self._tails[peer] = len(fragments[-1])
         return True
 
     def idle(self) -> bool:
@@ -289,6 +305,7 @@ class Stack:
         """Say goodbye; every peer's state is dropped."""
         self.discovery.leave()
         self._bundles.clear()
+        self._tails.clear()
         for peer in list(self._routes):
             self.transport.remove_peer(peer)
         self._routes.clear()
@@ -322,6 +339,8 @@ class Stack:
         if self._bundles:
             for peer in list(self._bundles):
                 self._flush_bundle(peer, now)
+        if self._tails:
+            self._tails.clear()  # the next burst's frames start new datagrams
         if self.transport.has_output():
             for peer, transport_frames in self.transport.frames_to_send(now=now):
                 route = self._routes.get(peer)
@@ -394,6 +413,7 @@ class Stack:
         route = self._routes.get(peer)
         if bundle is None or route is None:
             return
+        self._tails.pop(peer, None)  # a bundle frame now follows the last fragment
         payloads, expiries = bundle.payloads, bundle.expiries
         budget = route.datagram_bytes - FRAME_OVERHEAD_BYTES
         count = len(payloads)
@@ -435,6 +455,7 @@ class Stack:
                 self.reassembler.discard(peer.endpoint_id)
                 self._routes.pop(peer.endpoint_id, None)
                 self._bundles.pop(peer.endpoint_id, None)
+                self._tails.pop(peer.endpoint_id, None)
                 self.topics.peer_removed(peer)
             self._events.append(event)
             self._control_events = True
