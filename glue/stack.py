@@ -55,7 +55,8 @@ _BUNDLE_ENTRY_BYTES: Final = 18
 #: Room for one more fragment frame's JSON in a datagram (its longest form, the comma included,
 #: is 85 bytes), on top of FRAME_OVERHEAD_BYTES.
 _FRAGMENT_JSON_BYTES: Final = 96
-#: A first fragment smaller than this starts a datagram of its own instead of filling a tail's.
+#: A first fragment smaller than this (or than a quarter of a datagram) starts a datagram of its
+#: own instead of filling a tail's: a frame more is not worth a few bytes.
 _MIN_CHAINED_FRAGMENT: Final = 1024
 
 StackOutput = StackEvent | SendSpaceFreed
@@ -216,7 +217,7 @@ class Stack:
         # datagram (they are packed together), so a stream of messages just over one datagram
         # (64 KiB on loopback) takes about one datagram each, not two.
         room = budget - tail - _FRAGMENT_JSON_BYTES if tail else budget
-        if room < _MIN_CHAINED_FRAGMENT:
+        if room < min(_MIN_CHAINED_FRAGMENT, budget // 4):
             room = budget
         # Views, not copies: the kernel gathers each datagram from the envelope and the
         # fragments' views of the caller's payload (the first fragment is shorter by the envelope).

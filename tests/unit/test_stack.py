@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from glue import wire
 from glue.discovery import DiscoveryConfig
 from glue.events import MessageReceived
-from glue.stack import Stack, StackConfig
+from glue.stack import FRAME_OVERHEAD_BYTES, Stack, StackConfig
 from glue.topics import DIRECT_ENVELOPE as E
 from glue.transport import TransportConfig
 from glue.wire import Data, EndpointId
@@ -15,7 +17,7 @@ from glue.wire import Data, EndpointId
 A, B = EndpointId(1), EndpointId(2)
 
 
-def _stack(endpoint_id: EndpointId, **transport: float) -> Stack:
+def _stack(endpoint_id: EndpointId, datagram_bytes: int = 1472, **transport: float) -> Stack:
     identity = DiscoveryConfig(
         endpoint_id=endpoint_id,
         incarnation=int(endpoint_id),
@@ -27,7 +29,7 @@ def _stack(endpoint_id: EndpointId, **transport: float) -> Stack:
         network_id=1,
         discovery=identity,
         transport=TransportConfig(**transport),  # type: ignore[arg-type]
-        datagram_bytes=1472,
+        datagram_bytes=datagram_bytes,
     )
     return Stack(config, rng=random.Random(1), now=0.0)
 
@@ -37,8 +39,8 @@ def _address(stack: Stack) -> tuple[str, int]:
     return (config.host, config.port)
 
 
-def _pair(**transport: float) -> tuple[Stack, Stack]:
-    a, b = _stack(A, **transport), _stack(B, **transport)
+def _pair(datagram_bytes: int = 1472, **transport: float) -> tuple[Stack, Stack]:
+    a, b = _stack(A, datagram_bytes, **transport), _stack(B, datagram_bytes, **transport)
     for sender, receiver in ((a, b), (b, a)):
         config = sender.config.discovery
         announce = wire.Announce(
@@ -89,6 +91,26 @@ def test_a_large_message_keeps_its_place_between_small_ones() -> None:
         a.send(B, E + payload, expires_at=10.0, now=0.0)
     datagrams = a.datagrams_to_send(now=0.0)
     assert _deliver(datagrams, a, b, now=0.001) == [b"before", large, b"after"]
+
+
+@pytest.mark.parametrize(("datagram_bytes", "size"), [(65507, 65536), (1472, 1300), (1472, 5000)])
+def test_large_messages_of_one_burst_share_datagrams_at_their_edges(
+    datagram_bytes: int, size: int
+) -> None:
+    a, b = _pair(datagram_bytes)
+    messages = [bytes([n]) * size for n in range(12)]  # within the first congestion window
+    for message in messages:
+        a.send(B, (E, message), expires_at=10.0, now=0.0)  # (envelope, payload): not copied
+    datagrams = a.datagrams_to_send(now=0.0)
+    assert all(len(d) <= datagram_bytes for d, _ in datagrams)
+    alone = -(-(size + len(E)) // (datagram_bytes - FRAME_OVERHEAD_BYTES))  # each on its own
+    assert len(datagrams) < 12 * alone
+    if datagram_bytes == 65507:
+        assert len(datagrams) == 13  # one each, and one more, where two each were needed
+    assert _deliver(datagrams, a, b, now=0.001) == messages
+    # A burst starts afresh: no tail is carried into the next one.
+    a.send(B, (E, messages[0]), expires_at=10.0, now=0.0)
+    assert _deliver(a.datagrams_to_send(now=0.0), a, b, now=0.002) == messages[:1]
 
 
 def test_a_bundled_message_that_expired_before_a_resend_is_dropped_alone() -> None:
