@@ -57,7 +57,11 @@ class TransportConfig:
     """Limits and timings of the transport (defaults suit a LAN and loopback)."""
 
     window_frames: int = 2048
-    window_bytes: int = 8 * 1024 * 1024
+    #: At most the payload a receiver's socket buffer holds (glue asks for 4 MiB, which the
+    #: kernel doubles to cover its accounting): then a stalled receiver cannot be overrun. With
+    #: 8 MiB, a 64 KiB stream on loopback lost and resent 80-460 frames per 100,000 messages;
+    #: with 4 MiB, none.
+    window_bytes: int = 4 * 1024 * 1024
     #: Congestion window (bytes in flight) at the start and its floor after losses; it grows
     #: as acks arrive (doubling per round trip up to the threshold, then by one datagram per
     #: round trip) and halves on a loss, so a slower receiver is not flooded into dropping.

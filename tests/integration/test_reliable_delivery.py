@@ -222,7 +222,7 @@ def test_a_flood_of_fragments_that_never_complete_keeps_memory_bounded(group: st
             peak = max(peak, _rss_bytes())
         counters = target.counters()
     growth = peak - baseline
-    print(f"\nflood: RSS grew {growth / 1e6:.1f} MB (limit 1 MiB/message, 8 MiB reorder window)")
+    print(f"\nflood: RSS grew {growth / 1e6:.1f} MB (limit 1 MiB/message, 4 MiB reorder window)")
     assert counters.get("fragmentation_partial_dropped_oversized", 0) > 0
     assert counters.get("transport_frames_beyond_window", 0) > 0
     assert growth < 64 * 1024 * 1024
