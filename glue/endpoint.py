@@ -54,6 +54,8 @@ _MAX_READS_PER_WAKEUP: Final = 4096
 #: of milliseconds without sending acks or announcements, and the sender would take this endpoint
 #: for dead. The socket stays readable, so the loop comes back at once for the rest.
 _MAX_BYTES_PER_WAKEUP: Final = 256 * 1024
+#: Wake-ups that stopped at that bound may keep their events for the next ones, at most this many.
+_MAX_DEFERRED_WAKEUPS: Final = 8
 _UDP_IP_OVERHEAD: Final = 28
 _MAX_DRAIN_PER_CALL: Final = 4096
 _HANDOFF_SOFT_ITEMS: Final = 8192
@@ -115,6 +117,7 @@ class Endpoint:
         self._sleepers = 0  # threads waiting on _handoff_lock (a notify costs even when none do)
         self._space = asyncio.Event()
         self._drain_scheduled = False
+        self._deferred = 0  # wake-ups whose events wait in the stack (see _on_readable)
         self._valid_names: set[tuple[str, str]] = set()
         self._idle_waiters: list[asyncio.Future[None]] = []
         # Read on every send (plain attributes are cheaper than the settings model's).
@@ -589,10 +592,12 @@ class Endpoint:
         recvfrom = sock.recvfrom
         count = 0
         size = 0
+        drained = False
         for _ in range(_MAX_READS_PER_WAKEUP):
             try:
                 data, source = recvfrom(_RECV_BYTES)
             except BlockingIOError:
+                drained = True
                 break
             except OSError as exc:  # e.g. an ICMP error reported on the socket
                 self.counters["receive_errors"] += 1
@@ -605,14 +610,27 @@ class Endpoint:
                 break
         self.counters["datagrams_received"] += count
         self.counters["bytes_received"] += size
-        self._service(now)
+        # More is waiting on the socket: the loop comes straight back, so events may wait for
+        # the next wake-ups (a bounded few) and reach the listeners together. With the blocking
+        # API each hand-off wakes the delivery thread, and every wake-up costs thread switches.
+        if drained or self._deferred >= _MAX_DEFERRED_WAKEUPS:
+            self._service(now)
+        else:
+            self._deferred += 1
+            self.counters["event_dispatches_deferred"] += 1
+            self._service(now, dispatch=False)
 
     # --- outputs, timers ------------------------------------------------------------------------
 
-    def _service(self, now: float) -> None:
-        """Pull the stack's outputs after a burst of inputs, then re-arm the timer."""
+    def _service(self, now: float, *, dispatch: bool = True) -> None:
+        """Pull the stack's outputs after a burst of inputs, then re-arm the timer.
+
+        Events wait in the stack when ``dispatch`` is false (datagrams and timers never do).
+        """
         self._flush()
-        self._dispatch_events()
+        if dispatch:
+            self._deferred = 0
+            self._dispatch_events()
         self._rearm()
         if self._idle_waiters and self._all_sent():
             for waiter in self._idle_waiters:

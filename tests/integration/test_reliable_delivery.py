@@ -273,3 +273,25 @@ def test_a_message_over_the_maximum_is_refused_at_send(group: str) -> None:
         with pytest.raises(UsageError, match="GLUE_MAX_MESSAGE_BYTES"):
             tx.send(b"x" * 4097)
         tx.send(b"x" * 4096)  # the maximum itself is fine
+
+
+def test_a_backlog_is_read_in_bounded_bites_and_delivered_in_order(group: str) -> None:
+    """A receiver that falls behind finds more than one wake-up's bytes waiting: it reads them
+    in bites of 256 KiB, sending acks in between, and may hold the events of a few bites to hand
+    them over together; every message still arrives once and in order."""
+    with (
+        EndpointManager.from_env(**_settings(group)) as rx,
+        EndpointManager.from_env(**_settings(group)) as tx,
+    ):
+        got, changed = _collect(rx)
+        [peer] = tx.wait_for_peers(1, timeout=5)
+        payloads = [b"%04d" % n + os.urandom(65536) for n in range(40)]  # 2.6 MB
+        loop = rx._loop  # the receiver's network loop: stall it while the backlog builds
+        assert loop is not None
+        loop.call_soon_threadsafe(time.sleep, 0.3)
+        for payload in payloads:
+            tx.send(payload, to=[peer.endpoint_id])
+        with changed:
+            assert changed.wait_for(lambda: len(got) == len(payloads), timeout=20)
+        assert got == payloads
+        assert rx.counters().get("event_dispatches_deferred", 0) > 0
