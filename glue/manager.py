@@ -504,6 +504,9 @@ class EndpointManager:
         self._async = AsyncEndpointManager(settings)
         self.settings = self._async.settings
         self._endpoint = self._async._endpoint
+        # Each hand-over to the delivery thread costs thread switches: under load, fewer and
+        # larger ones (see Endpoint.coalesce_events).
+        self._endpoint.coalesce_events = True
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         # Batches of (callbacks, items) for the delivery thread; ``_pending`` bounds the items.
