@@ -282,7 +282,34 @@ class Endpoint:
             BackpressureError: the hand-off queue stayed full for ``timeout`` seconds.
             UsageError: the endpoint is not running, or the payload is too large.
         """
-        await self._hand_off(self._outgoing(payload, to, expiry_s), timeout)
+        item = self.try_send(payload, to=to, expiry_s=expiry_s)
+        if item is not None:
+            await self.wait_to_queue(item, timeout)
+
+    def try_send(
+        self, payload: bytes, *, to: Sequence[int] | None, expiry_s: float
+    ) -> _Outgoing | None:
+        """:meth:`send` without waiting: ``None`` once queued, else the message, for
+        :meth:`wait_to_queue` (the hand-off queue is full). No coroutine on the usual path.
+
+        Raises:
+            UsageError: the endpoint is not running, or the payload is too large.
+        """
+        item = self._outgoing(payload, to, expiry_s)
+        return None if self._queue_now(item) else item
+
+    def try_publish(
+        self,
+        topic: str,
+        topic_type: str,
+        payload: bytes,
+        *,
+        expiry_s: float,
+        history_depth: int | None,
+    ) -> _Outgoing | None:
+        """:meth:`publish` without waiting (see :meth:`try_send`)."""
+        item = self._publication(topic, topic_type, payload, expiry_s, history_depth)
+        return None if self._queue_now(item) else item
 
     async def publish(
         self,
@@ -295,8 +322,11 @@ class Endpoint:
         timeout: float,  # noqa: ASYNC109 - the same signature as the blocking twin
     ) -> None:
         """Queue a publication on ``topic``, from the loop thread (see :meth:`send`)."""
-        item = self._publication(topic, topic_type, payload, expiry_s, history_depth)
-        await self._hand_off(item, timeout)
+        item = self.try_publish(
+            topic, topic_type, payload, expiry_s=expiry_s, history_depth=history_depth
+        )
+        if item is not None:
+            await self.wait_to_queue(item, timeout)
 
     def publish_threadsafe(
         self,
@@ -356,21 +386,30 @@ class Endpoint:
             payload, (), time.monotonic() + expiry_s, (topic, topic_type, history_depth)
         )
 
-    async def _hand_off(self, item: _Outgoing, timeout: float) -> None:  # noqa: ASYNC109
+    def _queue_now(self, item: _Outgoing) -> bool:
+        """On the loop thread: queue ``item`` if the hand-off queue has room (False if not)."""
+        if not self._handoff and not self._staged:
+            stack = self._stack
+            if stack is not None and stack.idle():
+                # Nothing in flight: send at once (one loop turn less on the round trip). While
+                # frames are in flight, messages gather in the queue and go out packed.
+                with self._handoff_mutex:
+                    # Drained right here: the offer must not schedule a drain for the next turn.
+                    scheduled, self._drain_scheduled = self._drain_scheduled, True
+                    offered = self._offer(item, locked=True)
+                    self._drain_scheduled = scheduled
+                if offered:
+                    self._drain_handoff()
+                return offered
+        return self._offer(item)
+
+    async def wait_to_queue(self, item: _Outgoing, timeout: float) -> None:  # noqa: ASYNC109
+        """On the loop thread: wait up to ``timeout`` s for room for ``item``, then queue it.
+
+        Raises:
+            BackpressureError: the hand-off queue stayed full for ``timeout`` seconds.
+        """
         loop = asyncio.get_running_loop()
-        stack = self._stack
-        idle = not self._handoff and not self._staged and stack is not None and stack.idle()
-        # Nothing in flight: send at once (one loop turn less on the round trip). While frames
-        # are in flight, messages gather in the queue and go out packed.
-        if idle:
-            with self._handoff_mutex:
-                # Drained right here: the offer must not schedule a drain for the next loop turn.
-                scheduled, self._drain_scheduled = self._drain_scheduled, True
-                offered = self._offer(item, locked=True)
-                self._drain_scheduled = scheduled
-            if offered:
-                self._drain_handoff()
-                return
         deadline = loop.time() + timeout
         while not self._offer(item):
             remaining = deadline - loop.time()

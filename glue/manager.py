@@ -250,14 +250,11 @@ class AsyncEndpointManager:
         timeout: float = DEFAULT_SEND_TIMEOUT_S,  # noqa: ASYNC109 - same as the blocking twin
     ) -> None:
         """Publish ``payload`` on ``topic_name``: see :meth:`EndpointManager.publish`."""
-        await self._endpoint.publish(
-            topic_name,
-            topic_type,
-            payload,
-            expiry_s=expiry,
-            history_depth=history_depth,
-            timeout=timeout,
+        waiting = self._endpoint.try_publish(
+            topic_name, topic_type, payload, expiry_s=expiry, history_depth=history_depth
         )
+        if waiting is not None:
+            await self._endpoint.wait_to_queue(waiting, timeout)
 
     async def publish_json(
         self,
@@ -349,7 +346,10 @@ class AsyncEndpointManager:
             BackpressureError: peers acknowledge too slowly and the queue stayed full ``timeout`` s.
             UsageError: the payload exceeds ``GLUE_MAX_MESSAGE_BYTES`` or the endpoint is stopped.
         """
-        await self._endpoint.send(payload, to=to, expiry_s=expiry, timeout=timeout)
+        # The usual path queues at once, without a coroutine more per message.
+        waiting = self._endpoint.try_send(payload, to=to, expiry_s=expiry)
+        if waiting is not None:
+            await self._endpoint.wait_to_queue(waiting, timeout)
 
     def on_message(self, callback: Callable[[MessageReceived], object]) -> Callable[[], None]:
         """Call ``callback(message)`` (plain or ``async``) for each message; returns a remover."""
