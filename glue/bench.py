@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -275,14 +275,13 @@ def _glue_throughput(
 
 
 def _glue_receiver(port: int, count: int, echo: bool, pubsub: bool = False) -> int:
-    from glue.events import Message, MessageReceived
     from glue.manager import EndpointManager
 
     settings = _glue_settings(
         discovery_target_address="0", discovery_listen_address=f"127.0.0.1:{port}"
     )
     done = threading.Event()
-    state = {"got": 0, "first": 0.0, "last": 0.0, "expected": count, "in_order": True}
+    tally = _Tally(count, done.set)
     with EndpointManager(settings) as endpoint:
         if echo and pubsub:
             endpoint.subscribe(
@@ -295,46 +294,49 @@ def _glue_receiver(port: int, count: int, echo: bool, pubsub: bool = False) -> i
                 lambda m: endpoint.send(m.payload, to=[m.source.endpoint_id], expiry=10)
             )
         elif pubsub:
-
-            def on_topic(message: Message) -> None:
-                now = time.perf_counter()
-                if state["got"] == 0:
-                    state["first"] = now
-                state["got"] += 1
-                state["last"] = now
-                if message.sequence != state["got"]:  # every one, once, in order
-                    state["in_order"] = False
-                if state["got"] >= state["expected"]:
-                    done.set()
-
-            endpoint.subscribe("bench/data", "bench", on_topic)
+            # Every one, once, in order: the n-th message is the publisher's n-th on the topic.
+            endpoint.subscribe("bench/data", "bench", lambda m: tally.arrived(m.sequence))
         else:
-
-            def on_message(message: MessageReceived) -> None:
-                now = time.perf_counter()
-                if state["got"] == 0:
-                    state["first"] = now
-                state["got"] += 1
-                state["last"] = now
-                if state["got"] >= state["expected"]:
-                    done.set()
-
-            endpoint.on_message(on_message)
+            endpoint.on_message(lambda m: tally.arrived())
         print(orjson.dumps({"ready": True}).decode(), flush=True)
         sent = int(sys.stdin.readline() or 0)  # the sender says how many it sent, then waits
         if echo:
             return 0
-        state["expected"] = sent
-        if state["got"] < sent:
+        if not tally.expect(sent):
             done.wait(timeout=120)
-    got = int(state["got"])
-    print(
-        orjson.dumps(
-            {"count": got, "elapsed": state["last"] - state["first"], "in_order": state["in_order"]}
-        ).decode(),
-        flush=True,
-    )
+    print(orjson.dumps(tally.result()).decode(), flush=True)
     return 0
+
+
+class _Tally:
+    """What a receiving role counts: messages, first and last arrival, order; ``done()`` is
+    called when the expected count has arrived."""
+
+    def __init__(self, expected: int, done: Callable[[], object]) -> None:
+        self.expected = expected
+        self.got = 0
+        self.first = self.last = 0.0
+        self.in_order = True
+        self._done = done
+
+    def arrived(self, sequence: int | None = None) -> None:
+        now = time.perf_counter()
+        if self.got == 0:
+            self.first = now
+        self.got += 1
+        self.last = now
+        if sequence is not None and sequence != self.got:
+            self.in_order = False
+        if self.got >= self.expected:
+            self._done()
+
+    def expect(self, count: int) -> bool:
+        """The sender's final count; whether all of it has arrived already."""
+        self.expected = count
+        return self.got >= count
+
+    def result(self) -> dict[str, Any]:
+        return {"count": self.got, "elapsed": self.last - self.first, "in_order": self.in_order}
 
 
 def _glue_round_trip(*, pubsub: bool = False) -> float:
@@ -429,7 +431,6 @@ async def _glue_async_throughput(size: int, count: int, seconds: float) -> tuple
 
 
 async def _glue_async_receiver(port: int, count: int) -> int:
-    from glue.events import MessageReceived
     from glue.manager import AsyncEndpointManager
 
     settings = _glue_settings(
@@ -437,28 +438,17 @@ async def _glue_async_receiver(port: int, count: int) -> int:
     )
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
-    state = {"got": 0, "first": 0.0, "last": 0.0, "expected": count}
-
-    def on_message(message: MessageReceived) -> None:
-        now = time.perf_counter()
-        if state["got"] == 0:
-            state["first"] = now
-        state["got"] += 1
-        state["last"] = now
-        if state["got"] >= state["expected"]:
-            done.set()
-
+    tally = _Tally(count, done.set)
     async with AsyncEndpointManager(settings) as endpoint:
-        endpoint.on_message(on_message)
+        endpoint.on_message(lambda m: tally.arrived())
         print(orjson.dumps({"ready": True}).decode(), flush=True)
         # The sender says how many it sent, then waits for the result.
-        state["expected"] = int(await loop.run_in_executor(None, sys.stdin.readline) or 0)
-        if state["got"] < state["expected"]:
+        sent = int(await loop.run_in_executor(None, sys.stdin.readline) or 0)
+        if not tally.expect(sent):
             done.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), 120)
-    elapsed = state["last"] - state["first"]
-    print(orjson.dumps({"count": int(state["got"]), "elapsed": elapsed}).decode(), flush=True)
+    print(orjson.dumps(tally.result()).decode(), flush=True)
     return 0
 
 

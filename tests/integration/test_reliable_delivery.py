@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -14,7 +15,14 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from glue import BackpressureError, EndpointManager, MessageReceived, UsageError, wire
+from glue import (
+    AsyncEndpointManager,
+    BackpressureError,
+    EndpointManager,
+    MessageReceived,
+    UsageError,
+    wire,
+)
 from tests.helpers import free_udp_port, multicast_settings, wait_until
 from tests.integration.nodes import base_env
 
@@ -259,6 +267,52 @@ def test_a_peer_that_stops_acknowledging_gives_backpressure_then_recovers(group:
                 sent += 1
                 tx.send(b"%d:" % sent + b"x" * 1000, timeout=10)
             assert wait_until(lambda: bool(lines) and lines[-1].get("count", 0) >= sent, timeout=20)
+    finally:
+        if receiver.poll() is None:
+            receiver.send_signal(signal.SIGCONT)
+        _stop(receiver)
+    assert lines[-1]["event"] == "stopped"
+    assert lines[-1]["count"] == sent
+    assert lines[-1]["ok"]  # exactly once, in order, the refused message never sent
+
+
+def test_the_asyncio_api_waits_for_room_then_raises_backpressure_then_recovers(
+    group: str,
+) -> None:
+    glue = {
+        "discovery_target_address": group,
+        "discovery_listen_address": group,
+        "discovery_rate_milliseconds": 200,
+        "discovery_rate_timeout_multiplier": 100.0,  # stopped, not gone
+    }
+    receiver, receiver_id, lines = _receiver(**glue)
+
+    async def main() -> int:
+        async with AsyncEndpointManager.from_env(**glue, send_queue_bytes=65536) as tx:
+            await tx.wait_for_peers(1, timeout=5)
+            receiver.send_signal(signal.SIGSTOP)
+            sent = 0
+            refused: BackpressureError | None = None
+            while refused is None and sent < 10_000:
+                try:
+                    await tx.send(b"%d:" % (sent + 1) + b"x" * 1000, timeout=0.5)
+                except BackpressureError as exc:
+                    refused = exc
+                else:
+                    sent += 1
+            assert refused is not None, "send never reported back-pressure"
+            assert refused.peers == (receiver_id,)
+            assert sent * 1000 <= 2 * 65536 + 2000  # bounded, as with the blocking API
+            receiver.send_signal(signal.SIGCONT)
+            for _ in range(200):  # sending works again once acks flow
+                sent += 1
+                await tx.send(b"%d:" % sent + b"x" * 1000, timeout=10)
+            await tx.flush(timeout=20)
+            return sent
+
+    try:
+        sent = asyncio.run(main())
+        assert wait_until(lambda: bool(lines) and lines[-1].get("count", 0) >= sent, timeout=20)
     finally:
         if receiver.poll() is None:
             receiver.send_signal(signal.SIGCONT)
