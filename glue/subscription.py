@@ -155,6 +155,10 @@ class Subscription:
         self._pool = pool
         self._unsubscribe = unsubscribe
         self._items: deque[Message] = deque()
+        # Messages a pool thread took for its batch and has not yet started to call back for:
+        # still waiting, so they count against queue_size (a stuck callback holds at most
+        # queue_size + the one it is in).
+        self._taken = 0
         # A plain lock for the hot path (its ``with`` is a C call) and a Condition on it for
         # iterators that wait.
         self._mutex = threading.Lock()
@@ -249,7 +253,7 @@ class Subscription:
             if self._closed:
                 return 0
             items = self._items
-            room = self.queue_size - len(items)
+            room = self.queue_size - len(items) - self._taken
             if room < len(messages):
                 lost = len(messages) - max(room, 0)
                 messages = messages[: max(room, 0)]
@@ -276,14 +280,17 @@ class Subscription:
                     items.clear()
                 else:
                     batch = [items.popleft() for _ in range(_BATCH)]
+                self._taken = len(batch)
             for message in batch:
                 if self._closed:
                     break
+                self._taken -= 1  # (one writer, this thread; a reader may see it one late)
                 try:
                     callback(message)
                 except Exception:
                     logger.exception("callback of subscription %r failed", self.topic_name)
             with self._mutex:
+                self._taken = 0
                 if self._items and not self._closed:
                     return True
                 self._scheduled = False

@@ -6,6 +6,7 @@ import threading
 
 from glue.events import Message
 from glue.subscription import CallbackPool, Subscription
+from tests.helpers import wait_until
 
 
 def _message(n: int) -> Message:
@@ -97,4 +98,30 @@ def test_close_waits_for_a_running_callback_and_no_callback_starts_after() -> No
         assert subscription._put_many([_message(9)]) == 0  # closed: ignored, not queued
         assert calls == [1]
     finally:
+        pool.stop()
+
+
+def test_a_stuck_callback_holds_at_most_the_queue_and_the_message_it_is_in() -> None:
+    pool = CallbackPool(2, "test")
+    started, release = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def stuck(message: Message) -> None:
+        seen.append(message.sequence)
+        started.set()
+        release.wait(10)
+
+    try:
+        subscription = _subscription(pool, stuck, queue_size=10)
+        # The pool thread takes these 5 as one batch and gets stuck in the first one's callback:
+        # the other 4 still wait (taken for the batch, not yet called back), so only 6 more fit.
+        assert subscription._put_many([_message(n) for n in range(1, 6)]) == 0
+        assert started.wait(5)
+        assert subscription._put_many([_message(n) for n in range(6, 26)]) == 14
+        assert subscription.dropped == 14
+        release.set()
+        assert wait_until(lambda: len(seen) == 11, timeout=5)
+        assert seen == list(range(1, 12))  # the first 11, in order; the newest were dropped
+    finally:
+        release.set()
         pool.stop()
