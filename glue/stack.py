@@ -58,6 +58,8 @@ _FRAGMENT_JSON_BYTES: Final = 96
 #: A first fragment smaller than this (or than a quarter of a datagram) starts a datagram of its
 #: own instead of filling a tail's: a frame more is not worth a few bytes.
 _MIN_CHAINED_FRAGMENT: Final = 1024
+#: The least payload a first fragment carries beside the message's envelope.
+_MIN_FIRST_FRAGMENT: Final = 64
 
 StackOutput = StackEvent | SendSpaceFreed
 
@@ -217,8 +219,12 @@ class Stack:
         # datagram (they are packed together), so a stream of messages just over one datagram
         # (64 KiB on loopback) takes about one datagram each, not two.
         room = budget - tail - _FRAGMENT_JSON_BYTES if tail else budget
-        if room < min(_MIN_CHAINED_FRAGMENT, budget // 4):
+        if room - len(head) < min(_MIN_CHAINED_FRAGMENT, budget // 4):
             room = budget
+        if room - len(head) < _MIN_FIRST_FRAGMENT:
+            # An envelope that nearly fills a small datagram (a long topic name, a datagram size
+            # near its 576-byte minimum) is joined to the payload instead: one copy.
+            payload, head = head + payload, b""
         # Views, not copies: the kernel gathers each datagram from the envelope and the
         # fragments' views of the caller's payload (the first fragment is shorter by the envelope).
         first = room - len(head)

@@ -113,6 +113,19 @@ def test_large_messages_of_one_burst_share_datagrams_at_their_edges(
     assert _deliver(a.datagrams_to_send(now=0.0), a, b, now=0.002) == messages[:1]
 
 
+@pytest.mark.parametrize("envelope_bytes", [9, 200, 256, 257, 258, 300, 600])
+def test_an_envelope_as_long_as_a_small_datagram_still_fragments_right(envelope_bytes: int) -> None:
+    a, b = _pair(576)  # the smallest datagram size: 320 bytes of room per fragment
+    envelope = b'{"x":"' + b"e" * (envelope_bytes - 9) + b'"}\n'  # a direct message's, padded
+    assert len(envelope) == envelope_bytes
+    payload = bytes(range(256)) * 20
+    a.send(B, (envelope, payload), expires_at=10.0, now=0.0)
+    a.send(B, (envelope, payload[::-1]), expires_at=10.0, now=0.0)
+    datagrams = a.datagrams_to_send(now=0.0)
+    assert all(len(d) <= 576 for d, _ in datagrams)
+    assert _deliver(datagrams, a, b, now=0.001) == [payload, payload[::-1]]
+
+
 def test_a_bundled_message_that_expired_before_a_resend_is_dropped_alone() -> None:
     a, b = _pair(initial_rto_s=0.05)
     a.send(B, E + b"short", expires_at=0.03, now=0.0)
