@@ -130,7 +130,8 @@ class Data:
     When sending, a fragment's payload (``parts`` > 1) may be a ``memoryview`` of the message it
     was cut from: its bytes are never copied by Python (see :func:`pack`'s ``gather``). Decoded
     payloads are ``bytes`` when small; a fragment's, or any payload over ``VIEW_MIN_BYTES``, is a
-    read-only ``memoryview`` of the datagram, so a large message is copied once, when whole.
+    read-only ``memoryview`` of the datagram when it is at least half of it, so a large message is
+    copied once, when whole, and a small one never keeps a large datagram alive.
     """
 
     seq: int
@@ -439,9 +440,7 @@ def _frame_from_wire(raw: object, data: bytes, offset: int, header: Header) -> t
             and offset + length <= len(data)
         ):
             end = offset + length
-            if length > VIEW_MIN_BYTES:
-                return Data(seq, memoryview(data)[offset:end], ttl_ms), end
-            return Data(seq, data[offset:end], ttl_ms), end
+            return Data(seq, _payload(data, offset, end), ttl_ms), end
         if type(length) is int and length >= 0 and offset + length <= len(data):
             fragment = _fragment_from_wire(raw, data, offset, length)
             if fragment is not None:
@@ -461,7 +460,7 @@ def _frame_from_wire(raw: object, data: bytes, offset: int, header: Header) -> t
             return Data(seq, data[offset:end], ttl_ms), end
         parts = _int(raw, "ps", 1, MAX_PARTS)
         part = _int(raw, "p", 0, parts - 1)
-        return Data(seq, memoryview(data)[offset:end], ttl_ms, part, parts), end
+        return Data(seq, _payload(data, offset, end, fragment=True), ttl_ms, part, parts), end
     if kind == "a":
         return _ack_from_wire(raw), offset
     if kind == "s":
@@ -471,6 +470,16 @@ def _frame_from_wire(raw: object, data: bytes, offset: int, header: Header) -> t
     if kind == "bye":
         return Goodbye(), offset
     raise DecodeError(f"unknown frame kind {kind!r}", reason="malformed")
+
+
+def _payload(data: bytes, start: int, end: int, *, fragment: bool = False) -> bytes | memoryview:
+    """``data[start:end]``: a view when it is large (or a fragment) and most of the datagram, so
+    a large message is copied once, when whole; else a copy, so a small payload kept (buffered
+    out of order, or a partial message) never holds a large datagram alive."""
+    length = end - start
+    if (fragment or length > VIEW_MIN_BYTES) and 2 * length >= len(data):
+        return memoryview(data)[start:end]
+    return data[start:end]
 
 
 def _fragment_from_wire(raw: dict[str, Any], data: bytes, offset: int, length: int) -> Data | None:
@@ -491,7 +500,8 @@ def _fragment_from_wire(raw: dict[str, Any], data: bytes, offset: int, length: i
         and 0 <= part < parts
         and "m" not in raw
     ):
-        return Data(seq, memoryview(data)[offset : offset + length], ttl_ms, part, parts)
+        payload = _payload(data, offset, offset + length, fragment=True)
+        return Data(seq, payload, ttl_ms, part, parts)
     return None
 
 

@@ -59,16 +59,26 @@ def roundtrip(frames: list[Frame], header: Header = HEADER) -> Datagram:
 
 
 def test_a_fragment_sent_as_a_view_arrives_as_a_view_of_the_datagram() -> None:
-    message = b"0123456789" * 10
-    frame = Data(5, memoryview(message)[40:70], 900, 1, 4)
+    message = b"0123456789" * 100
+    frame = Data(5, memoryview(message)[400:700], 900, 1, 4)
     datagram = wire.encode(HEADER, [frame])
     [decoded] = wire.decode(datagram, network_id=1).frames
-    assert decoded == Data(5, message[40:70], 900, 1, 4)
+    assert decoded == Data(5, message[400:700], 900, 1, 4)
     assert isinstance(decoded, Data)
     # Not a copy: the reassembler joins the fragments once, into the message.
     assert type(decoded.payload) is memoryview
     assert decoded.payload.obj is datagram
     assert decoded.payload.readonly
+
+
+def test_a_payload_that_is_a_small_part_of_its_datagram_is_copied() -> None:
+    # Kept as a view, it would hold the whole datagram alive while it waits (out of order, or
+    # in a partial message), and the memory bounds count payload bytes.
+    small, large = Data(1, b"s" * 10, 900, 0, 2), Data(2, b"L" * 50_000)
+    datagram = wire.encode(HEADER, [small, large])
+    decoded = wire.decode(datagram, network_id=1).frames
+    assert decoded == (small, large)
+    assert [type(f.payload) for f in decoded if isinstance(f, Data)] == [bytes, memoryview]
 
 
 @pytest.mark.parametrize("size", [wire.VIEW_MIN_BYTES, wire.VIEW_MIN_BYTES + 1])
@@ -192,8 +202,8 @@ def test_several_frames_round_trip_in_order_with_payloads_in_frame_order() -> No
     datagram = roundtrip(frames)
     assert datagram.frames == tuple(frames)
     payloads = [f.payload for f in datagram.frames if isinstance(f, Data)]
-    # Small whole payloads are bytes; a fragment's is a view of the datagram.
-    assert [type(p) for p in payloads] == [bytes, bytes, memoryview, bytes]
+    # Small payloads are bytes (a fragment too, when it is a small part of its datagram).
+    assert [type(p) for p in payloads] == [bytes, bytes, bytes, bytes]
 
 
 def test_names_with_line_feeds_stay_in_the_header() -> None:
