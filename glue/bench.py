@@ -128,6 +128,13 @@ def _spawn(*args: str) -> subprocess.Popen[str]:
     )
 
 
+def _tell(process: subprocess.Popen[str], line: str) -> None:
+    """Write ``line`` to a role's standard input (how the driver talks to it)."""
+    assert process.stdin is not None
+    process.stdin.write(line)
+    process.stdin.flush()
+
+
 def _read_json(process: subprocess.Popen[str]) -> dict[str, Any]:
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -265,9 +272,7 @@ def _glue_throughput(
             else:
                 sender.send(payload, to=[peer.endpoint_id], expiry=60.0, timeout=30.0)
             sent += 1
-        assert receiver.stdin is not None
-        receiver.stdin.write(f"{sent}\n")
-        receiver.stdin.flush()
+        _tell(receiver, f"{sent}\n")
         result = _finish(receiver)
     if not result["in_order"]:
         raise RuntimeError("glue delivered messages out of order")
@@ -368,9 +373,7 @@ def _glue_round_trip(*, pubsub: bool = False) -> float:
                 pinger.send(payload, to=[peer.endpoint_id], expiry=5)
                 next(replies)
                 samples.append(time.perf_counter() - started)
-        assert echo.stdin is not None
-        echo.stdin.write("0\n")
-        echo.stdin.flush()
+        _tell(echo, "0\n")
     echo.wait(timeout=30)
     return statistics.median(samples[_RTT_WARMUP:])
 
@@ -396,9 +399,7 @@ async def _glue_async_round_trip() -> float:
             async with asyncio.timeout(5):  # (wait_for would start a task per reply)
                 await anext(replies)
             samples.append(time.perf_counter() - started)
-        assert echo.stdin is not None
-        echo.stdin.write("0\n")
-        echo.stdin.flush()
+        _tell(echo, "0\n")
     echo.wait(timeout=30)
     return statistics.median(samples[_RTT_WARMUP:])
 
@@ -423,9 +424,7 @@ async def _glue_async_throughput(size: int, count: int, seconds: float) -> tuple
         while sent < count and time.perf_counter() < deadline:
             await sender.send(payload, to=to, expiry=60.0, timeout=30.0)
             sent += 1
-        assert receiver.stdin is not None
-        receiver.stdin.write(f"{sent}\n")
-        receiver.stdin.flush()
+        _tell(receiver, f"{sent}\n")
         result = await loop.run_in_executor(None, _finish, receiver)
     return _rates(result, size)
 

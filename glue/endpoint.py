@@ -443,9 +443,8 @@ class Endpoint:
         self._hand_off_threadsafe(item, timeout)
 
     def _hand_off_threadsafe(self, item: _Outgoing, timeout: float) -> None:
+        """The waiting path of a send from another thread (its caller tried once already)."""
         with self._handoff_mutex:
-            if self._offer(item, locked=True):
-                return
             deadline = time.monotonic() + timeout
             while not self._offer(item, locked=True):
                 remaining = deadline - time.monotonic()

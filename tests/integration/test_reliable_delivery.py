@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -236,58 +237,67 @@ def test_a_flood_of_fragments_that_never_complete_keeps_memory_bounded(group: st
     assert growth < 64 * 1024 * 1024
 
 
-def test_a_peer_that_stops_acknowledging_gives_backpressure_then_recovers(group: str) -> None:
-    glue = {
+@contextlib.contextmanager
+def _stoppable_receiver(
+    group: str,
+) -> Iterator[tuple[dict[str, object], subprocess.Popen[str], int, list[dict]]]:
+    """A receiver process the test may SIGSTOP (it stays a peer); resumed and stopped after."""
+    glue: dict[str, object] = {
         "discovery_target_address": group,
         "discovery_listen_address": group,
         "discovery_rate_milliseconds": 200,
         "discovery_rate_timeout_multiplier": 100.0,  # stopped, not gone
     }
-    receiver, receiver_id, lines = _receiver(**glue)
+    receiver, receiver_id, lines = _receiver(**glue)  # type: ignore[arg-type]
     try:
-        with EndpointManager.from_env(**glue, send_queue_bytes=65536) as tx:
-            tx.wait_for_peers(1, timeout=5)
-            receiver.send_signal(signal.SIGSTOP)
-            sent = 0
-            started = time.monotonic()
-            refused: BackpressureError | None = None
-            while refused is None and time.monotonic() - started < 30:
-                try:
-                    tx.send(b"%d:" % (sent + 1) + b"x" * 1000, timeout=0.5)
-                except BackpressureError as exc:
-                    refused = exc
-                else:
-                    sent += 1
-            assert refused is not None, "send never reported back-pressure"
-            assert refused.peers == (receiver_id,)
-            # Bounded: the hand-off queue and the peer's queue, 64 KiB each, and no more.
-            assert sent * 1000 <= 2 * 65536 + 2000
-            receiver.send_signal(signal.SIGCONT)
-            for _ in range(200):  # sending works again once acks flow
-                sent += 1
-                tx.send(b"%d:" % sent + b"x" * 1000, timeout=10)
-            assert wait_until(lambda: bool(lines) and lines[-1].get("count", 0) >= sent, timeout=20)
+        yield glue, receiver, receiver_id, lines
     finally:
         if receiver.poll() is None:
             receiver.send_signal(signal.SIGCONT)
         _stop(receiver)
+
+
+def _assert_received_all(lines: list[dict], sent: int) -> None:
     assert lines[-1]["event"] == "stopped"
     assert lines[-1]["count"] == sent
     assert lines[-1]["ok"]  # exactly once, in order, the refused message never sent
 
 
+def test_a_peer_that_stops_acknowledging_gives_backpressure_then_recovers(group: str) -> None:
+    with (
+        _stoppable_receiver(group) as (glue, receiver, receiver_id, lines),
+        EndpointManager.from_env(**glue, send_queue_bytes=65536) as tx,
+    ):
+        tx.wait_for_peers(1, timeout=5)
+        receiver.send_signal(signal.SIGSTOP)
+        sent = 0
+        started = time.monotonic()
+        refused: BackpressureError | None = None
+        while refused is None and time.monotonic() - started < 30:
+            try:
+                tx.send(b"%d:" % (sent + 1) + b"x" * 1000, timeout=0.5)
+            except BackpressureError as exc:
+                refused = exc
+            else:
+                sent += 1
+        assert refused is not None, "send never reported back-pressure"
+        assert refused.peers == (receiver_id,)
+        # Bounded: the hand-off queue and the peer's queue, 64 KiB each, and no more.
+        assert sent * 1000 <= 2 * 65536 + 2000
+        receiver.send_signal(signal.SIGCONT)
+        for _ in range(200):  # sending works again once acks flow
+            sent += 1
+            tx.send(b"%d:" % sent + b"x" * 1000, timeout=10)
+        assert wait_until(lambda: bool(lines) and lines[-1].get("count", 0) >= sent, timeout=20)
+    _assert_received_all(lines, sent)
+
+
 def test_the_asyncio_api_waits_for_room_then_raises_backpressure_then_recovers(
     group: str,
 ) -> None:
-    glue = {
-        "discovery_target_address": group,
-        "discovery_listen_address": group,
-        "discovery_rate_milliseconds": 200,
-        "discovery_rate_timeout_multiplier": 100.0,  # stopped, not gone
-    }
-    receiver, receiver_id, lines = _receiver(**glue)
-
-    async def main() -> int:
+    async def main(
+        glue: dict[str, object], receiver: subprocess.Popen[str], receiver_id: int
+    ) -> int:
         async with AsyncEndpointManager.from_env(**glue, send_queue_bytes=65536) as tx:
             await tx.wait_for_peers(1, timeout=5)
             receiver.send_signal(signal.SIGSTOP)
@@ -310,16 +320,10 @@ def test_the_asyncio_api_waits_for_room_then_raises_backpressure_then_recovers(
             await tx.flush(timeout=20)
             return sent
 
-    try:
-        sent = asyncio.run(main())
+    with _stoppable_receiver(group) as (glue, receiver, receiver_id, lines):
+        sent = asyncio.run(main(glue, receiver, receiver_id))
         assert wait_until(lambda: bool(lines) and lines[-1].get("count", 0) >= sent, timeout=20)
-    finally:
-        if receiver.poll() is None:
-            receiver.send_signal(signal.SIGCONT)
-        _stop(receiver)
-    assert lines[-1]["event"] == "stopped"
-    assert lines[-1]["count"] == sent
-    assert lines[-1]["ok"]  # exactly once, in order, the refused message never sent
+    _assert_received_all(lines, sent)
 
 
 def test_a_message_over_the_maximum_is_refused_at_send(group: str) -> None:
