@@ -8,6 +8,8 @@ downloads the wheels (``tools/compose-wheels``); ``BASE_IMAGE`` names the base i
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
 
 import docker
@@ -24,17 +26,36 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.compose)
 
 
+def _unreachable_engine() -> str | None:
+    """Why the local engine's socket cannot be reached, or None (also when DOCKER_HOST is TCP).
+
+    Checked with a plain socket first: when no engine answers, docker-py raises from its
+    constructor or ``ping`` with its socket left open, and pytest then fails the run over it.
+    """
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if not host.startswith("unix://"):
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(5)
+        try:
+            probe.connect(host.removeprefix("unix://"))
+        except OSError as exc:
+            return f"{host}: {exc.strerror or exc}"
+    return None
+
+
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[docker.DockerClient]:
     """A client of a reachable Docker engine; the tests are skipped when there is none."""
+    advice = "start one with tools/docker-engine (.ci/run installs docker.io and does)"
+    reason = _unreachable_engine()
+    if reason is not None:
+        pytest.skip(f"no Docker engine can be reached ({reason}); {advice}")
     try:
         client = docker.from_env(timeout=120)
         client.ping()
     except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
-        pytest.skip(
-            f"no Docker engine can be reached ({exc}); start one with tools/docker-engine "
-            "(.ci/run installs docker.io and does)"
-        )
+        pytest.skip(f"no Docker engine can be reached ({exc}); {advice}")
     try:
         yield client
     finally:
