@@ -42,7 +42,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or one of its receiver roles, when started by itself)."""
     parser = argparse.ArgumentParser(prog="python -m glue.bench", description=__doc__)
     parser.add_argument(
-        "--seconds", type=float, default=3.0, help="time budget per throughput case"
+        "--seconds", type=float, default=2.0, help="time budget of each throughput measurement"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds; each measures every case once, raw UDP next to glue (medians are printed)",
+    )
+    parser.add_argument(
+        "--sizes",
+        default="64,65536,1048576",
+        help="message sizes in bytes, comma-separated (default: 64 B, 64 KiB and 1 MiB)",
     )
     parser.add_argument(
         "--role",
@@ -62,60 +73,119 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_glue_async_receiver(args.port, args.count))
     if args.role == "glue-async-echo":
         return asyncio.run(_glue_async_echo(args.port))
-    return _run(args.seconds)
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--sizes must be comma-separated byte counts, not {args.sizes!r}")
+    if not sizes or min(sizes) < 1 or args.repeat < 1 or not args.seconds > 0:
+        parser.error("--sizes must be positive byte counts, --repeat >= 1 and --seconds > 0")
+    return _run(args.seconds, args.repeat, sizes)
 
 
 # --- the driver ----------------------------------------------------------------------------------
 
+#: One measurement: messages/s, MB/s, and CPU seconds per message of the sending and the
+#: receiving process (``nan`` where not measured).
+_Figures = tuple[float, float, float, float]
+_VARIANTS = ("raw UDP", "glue", "glue asyncio", "glue pub/sub")
 
-def _run(seconds: float) -> int:
+
+def _label(size: int) -> str:
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} B"
+
+
+def _run(seconds: float, repeat: int, sizes: Sequence[int]) -> int:
     print(
         f"glue benchmark: two processes on 127.0.0.1, Python {sys.version.split()[0]}, "
-        f"{os.cpu_count()} CPUs"
+        f"{os.cpu_count()} CPUs; {repeat} round(s), each measuring every case once with raw "
+        f"UDP next to glue, {seconds:g} s per measurement",
+        flush=True,
     )
-    rows: list[tuple[str, str, float, float]] = []
-    # Enough messages that every case runs for its whole time budget (warm-up is a small part).
-    cases = [("64 B", 64, 1_000_000), ("64 KiB", 64 * 1024, 100_000), ("1 MiB", 1024 * 1024, 6_000)]
-    for label, size, count in cases:
-        raw = _raw_throughput(size, count, seconds)
-        glue = _glue_throughput(size, count, seconds)
-        async_glue = asyncio.run(_glue_async_throughput(size, count, seconds))
-        topics = _glue_throughput(size, count, seconds, pubsub=True)
-        rows.append((label, "raw UDP", *raw))
-        rows.append((label, "glue", *glue))
-        rows.append((label, "glue asyncio", *async_glue))
-        rows.append((label, "glue pub/sub", *topics))
+    figures: dict[tuple[int, str], list[_Figures]] = {}
+    round_trips: dict[str, list[float]] = {}
+    for round_number in range(1, repeat + 1):
+        for size in sizes:
+            # Enough messages that every measurement runs for its whole time budget.
+            count = max(100, int(min(600_000 * seconds, 6e9 * seconds / size)))
+            measured = {
+                "raw UDP": _raw_throughput(size, count, seconds),
+                "glue": _glue_throughput(size, count, seconds),
+                "glue asyncio": asyncio.run(_glue_async_throughput(size, count, seconds)),
+                "glue pub/sub": _glue_throughput(size, count, seconds, pubsub=True),
+            }
+            for variant, result in measured.items():
+                figures.setdefault((size, variant), []).append(result)
+            print(
+                f"round {round_number}/{repeat} {_label(size):>7}: "
+                + ", ".join(f"{v} {r[0]:,.0f} msg/s" for v, r in measured.items()),
+                flush=True,
+            )
+        trips = {
+            "raw UDP": _raw_round_trip(),
+            "glue": _glue_round_trip(),
+            "glue asyncio": asyncio.run(_glue_async_round_trip()),
+            "glue pub/sub": _glue_round_trip(pubsub=True),
+        }
+        for variant, seconds_taken in trips.items():
+            round_trips.setdefault(variant, []).append(seconds_taken)
         print(
-            f"{label:>7}  raw UDP {raw[0]:>10,.0f} msg/s {raw[1]:>8.1f} MB/s   "
-            f"glue {glue[0]:>10,.0f} msg/s {glue[1]:>8.1f} MB/s   "
-            f"glue/raw {_ratio(glue, raw):5.2f}",
+            f"round {round_number}/{repeat} round trip: "
+            + ", ".join(f"{v} {s * 1e6:.0f} us" for v, s in trips.items()),
             flush=True,
         )
-        print(
-            f"{'':>7}  {'':>32}   asyncio {async_glue[0]:>7,.0f} msg/s {async_glue[1]:>8.1f} MB/s"
-            f"   glue/raw {_ratio(async_glue, raw):5.2f}",
-            flush=True,
-        )
-        print(
-            f"{'':>7}  {'':>32}   pub/sub {topics[0]:>7,.0f} msg/s {topics[1]:>8.1f} MB/s   "
-            f"pub/sub/direct {_ratio(topics, glue):5.2f}",
-            flush=True,
-        )
-    raw_rtt = _raw_round_trip()
-    glue_rtt = _glue_round_trip()
-    async_rtt = asyncio.run(_glue_async_round_trip())
-    topics_rtt = _glue_round_trip(pubsub=True)
-    print(
-        f"round trip (64 B, median of {_RTT_SAMPLES}): raw UDP {raw_rtt * 1e6:.0f} us, "
-        f"glue {glue_rtt * 1e6:.0f} us (EndpointManager), "
-        f"{async_rtt * 1e6:.0f} us (AsyncEndpointManager), "
-        f"{topics_rtt * 1e6:.0f} us (EndpointManager, publish/subscribe)"
-    )
+    print()
+    print(_table(figures, round_trips, sizes, repeat))
     return 0
 
 
-def _ratio(a: tuple[float, float], b: tuple[float, float]) -> float:
-    return a[0] / b[0] if b[0] else float("nan")
+def _table(
+    figures: dict[tuple[int, str], list[_Figures]],
+    round_trips: dict[str, list[float]],
+    sizes: Sequence[int],
+    repeat: int,
+) -> str:
+    """Medians over the rounds; ratios are taken within each round, then their median (and
+    range) is shown, so the machine's drift between rounds does not enter a ratio."""
+    spread = " (range)" if repeat > 1 else ""
+    lines = [
+        f"{'size':>7}  {'variant':<13} {'msg/s':>11} {'MB/s':>9}  {'ratio' + spread:<28}"
+        f" CPU us/msg sender / receiver",
+    ]
+    for size in sizes:
+        raw = figures[(size, "raw UDP")]
+        direct = figures[(size, "glue")]
+        for variant in _VARIANTS:
+            runs = figures[(size, variant)]
+            rate = statistics.median(r[0] for r in runs)
+            mb = statistics.median(r[1] for r in runs)
+            if variant == "raw UDP":
+                ratio = ""
+            else:
+                base, name = (direct, "glue") if variant == "glue pub/sub" else (raw, "raw")
+                ratios = [
+                    r[0] / b[0] if b[0] else float("nan") for r, b in zip(runs, base, strict=True)
+                ]
+                ratio = f"{statistics.median(ratios):.2f} x {name}"
+                if repeat > 1:
+                    ratio += f" ({min(ratios):.2f}-{max(ratios):.2f})"
+            cpu = ""
+            if variant != "raw UDP":
+                send = statistics.median(r[2] for r in runs) * 1e6
+                receive = statistics.median(r[3] for r in runs) * 1e6
+                cpu = f"{send:8.1f} / {receive:.1f}"
+            lines.append(
+                f"{_label(size):>7}  {variant:<13} {rate:>11,.0f} {mb:>9.1f}  {ratio:<28} {cpu}"
+            )
+    trips = ", ".join(
+        f"{variant} {statistics.median(samples) * 1e6:.0f} us"
+        + (f" ({min(samples) * 1e6:.0f}-{max(samples) * 1e6:.0f})" if repeat > 1 else "")
+        for variant, samples in round_trips.items()
+    )
+    lines.append(f"round trip (64 B, median of {_RTT_SAMPLES} per round): {trips}")
+    return "\n".join(lines)
 
 
 def _spawn(*args: str) -> subprocess.Popen[str]:
@@ -150,17 +220,24 @@ def _finish(process: subprocess.Popen[str]) -> dict[str, Any]:
     return result
 
 
-def _rates(result: dict[str, Any], size: int) -> tuple[float, float]:
+def _rates(result: dict[str, Any], size: int, sender_cpu: float = float("nan")) -> _Figures:
+    """Figures from a receiver's result and the sender's CPU seconds (over the whole send)."""
     count, elapsed = result["count"], result["elapsed"]
     if not count or elapsed <= 0:
-        return 0.0, 0.0
-    return count / elapsed, count * size / elapsed / _MB
+        return 0.0, 0.0, float("nan"), float("nan")
+    receiver_cpu = result.get("cpu_per_message")
+    return (
+        count / elapsed,
+        count * size / elapsed / _MB,
+        sender_cpu / count,
+        float("nan") if receiver_cpu is None else receiver_cpu,
+    )
 
 
 # --- raw UDP -------------------------------------------------------------------------------------
 
 
-def _raw_throughput(size: int, count: int, seconds: float) -> tuple[float, float]:
+def _raw_throughput(size: int, count: int, seconds: float) -> _Figures:
     """Datagrams of at most 65507 bytes: a larger message is cut into full datagrams and the
     rest (64 KiB is one of 65507 bytes and one of 29), sent from views, so no copy in Python."""
     message = memoryview(os.urandom(size))
@@ -247,9 +324,7 @@ def _glue_settings(**extra: Any) -> Any:
     )
 
 
-def _glue_throughput(
-    size: int, count: int, seconds: float, *, pubsub: bool = False
-) -> tuple[float, float]:
+def _glue_throughput(size: int, count: int, seconds: float, *, pubsub: bool = False) -> _Figures:
     from glue.manager import EndpointManager
 
     port = _free_port()
@@ -264,6 +339,7 @@ def _glue_throughput(
         [peer] = sender.wait_for_peers(1, timeout=10)
         if pubsub:
             sender.wait_for_subscribers("bench/data", timeout=10)
+        cpu = time.process_time()  # every thread of this process
         deadline = time.perf_counter() + seconds
         sent = 0
         while sent < count and time.perf_counter() < deadline:
@@ -274,9 +350,10 @@ def _glue_throughput(
             sent += 1
         _tell(receiver, f"{sent}\n")
         result = _finish(receiver)
+        cpu = time.process_time() - cpu
     if not result["in_order"]:
         raise RuntimeError("glue delivered messages out of order")
-    return _rates(result, size)
+    return _rates(result, size, cpu)
 
 
 def _glue_receiver(port: int, count: int, echo: bool, pubsub: bool = False) -> int:
@@ -321,6 +398,10 @@ class _Tally:
         self.expected = expected
         self.got = 0
         self.first = self.last = 0.0
+        # Process CPU time (every thread) at the first arrival and at a later one (sampled: the
+        # clock is a system call).
+        self.cpu_first = self.cpu_last = 0.0
+        self.cpu_count = 0
         self.in_order = True
         self._done = done
 
@@ -328,11 +409,15 @@ class _Tally:
         now = time.perf_counter()
         if self.got == 0:
             self.first = now
+            self.cpu_first = time.process_time()
         self.got += 1
         self.last = now
+        if not self.got & 255:
+            self.cpu_last, self.cpu_count = time.process_time(), self.got
         if sequence is not None and sequence != self.got:
             self.in_order = False
         if self.got >= self.expected:
+            self.cpu_last, self.cpu_count = time.process_time(), self.got
             self._done()
 
     def expect(self, count: int) -> bool:
@@ -341,7 +426,16 @@ class _Tally:
         return self.got >= count
 
     def result(self) -> dict[str, Any]:
-        return {"count": self.got, "elapsed": self.last - self.first, "in_order": self.in_order}
+        return {
+            "count": self.got,
+            "elapsed": self.last - self.first,
+            "in_order": self.in_order,
+            "cpu_per_message": (
+                (self.cpu_last - self.cpu_first) / (self.cpu_count - 1)
+                if self.cpu_count > 1
+                else None
+            ),
+        }
 
 
 def _glue_round_trip(*, pubsub: bool = False) -> float:
@@ -404,7 +498,7 @@ async def _glue_async_round_trip() -> float:
     return statistics.median(samples[_RTT_WARMUP:])
 
 
-async def _glue_async_throughput(size: int, count: int, seconds: float) -> tuple[float, float]:
+async def _glue_async_throughput(size: int, count: int, seconds: float) -> _Figures:
     """``_glue_throughput`` with ``AsyncEndpointManager`` at both ends (no threads involved)."""
     from glue.manager import AsyncEndpointManager
 
@@ -419,6 +513,7 @@ async def _glue_async_throughput(size: int, count: int, seconds: float) -> tuple
     async with AsyncEndpointManager(settings) as sender:
         [peer] = await sender.wait_for_peers(1, timeout=10)
         to = [peer.endpoint_id]
+        cpu = time.process_time()
         deadline = time.perf_counter() + seconds
         sent = 0
         while sent < count and time.perf_counter() < deadline:
@@ -426,7 +521,8 @@ async def _glue_async_throughput(size: int, count: int, seconds: float) -> tuple
             sent += 1
         _tell(receiver, f"{sent}\n")
         result = await loop.run_in_executor(None, _finish, receiver)
-    return _rates(result, size)
+        cpu = time.process_time() - cpu
+    return _rates(result, size, cpu)
 
 
 async def _glue_async_receiver(port: int, count: int) -> int:

@@ -136,7 +136,15 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="glue against raw UDP between two processes (run it in tools/isolated-net)"
     )
-    bench.add_argument("--seconds", type=float, default=3.0, help="time budget per case")
+    bench.add_argument(
+        "--seconds", type=float, default=2.0, help="time budget of each throughput measurement"
+    )
+    bench.add_argument(
+        "--repeat", type=int, default=3, help="rounds, each measuring every case (medians shown)"
+    )
+    bench.add_argument(
+        "--sizes", default="64,65536,1048576", help="message sizes in bytes, comma-separated"
+    )
     bench.set_defaults(run=_run_bench)
     return parser
 
@@ -144,7 +152,11 @@ def _parser() -> argparse.ArgumentParser:
 def _run_bench(args: argparse.Namespace) -> int:
     from glue import bench  # only when asked: it is not needed to run an endpoint
 
-    return bench.main(["--seconds", str(args.seconds)])
+    if args.log_level is None:  # the benchmark's endpoints starting and stopping is noise here
+        logging.getLogger("glue").setLevel(logging.WARNING)
+    return bench.main(
+        ["--seconds", str(args.seconds), "--repeat", str(args.repeat), "--sizes", args.sizes]
+    )
 
 
 # --- glue peers ----------------------------------------------------------------------------------

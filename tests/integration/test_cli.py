@@ -129,11 +129,15 @@ def test_glue_pub_without_subscribers_times_out_clearly() -> None:
 
 
 def test_bench_runs_and_prints_every_figure() -> None:
-    result = _glue("bench", "--seconds", "0.3", timeout=120)
+    result = _glue("bench", "--seconds", "0.3", "--repeat", "2", timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
-    for label in ("64 B", "64 KiB", "1 MiB", "round trip"):
-        assert label in result.stdout
-    assert result.stdout.count("glue/raw") == 6  # the blocking and the asyncio API
-    assert result.stdout.count("asyncio") == 3
-    assert result.stdout.count("pub/sub/direct") == 3
-    assert "publish/subscribe" in result.stdout
+    table = result.stdout[result.stdout.index("variant") :]
+    for label in ("64 B", "64 KiB", "1 MiB"):
+        rows = [line.split() for line in table.splitlines() if line.lstrip().startswith(label)]
+        assert len(rows) == 4, table  # raw UDP, glue, glue asyncio, glue pub/sub
+    assert table.count("x raw (") == 6  # the blocking and the asyncio API, with their range
+    assert table.count("x glue (") == 3  # publish/subscribe against direct sends
+    assert "nan" not in table  # CPU per message measured on both sides of every glue case
+    assert "round trip (64 B" in table
+    assert result.stdout.count("round 2/2") == 4  # three sizes and the round trip, twice
+    assert "INFO" not in result.stderr  # the endpoints' start and stop are not logged
