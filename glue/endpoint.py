@@ -47,6 +47,10 @@ __all__ = ["Endpoint", "EventListener"]
 logger = logging.getLogger(__name__)
 
 _RECV_BYTES: Final = 65536
+#: Receive buffers kept for reuse, at most (64 KiB each; a large message's datagrams hold theirs
+#: until it is whole: 17 for 1 MiB).
+_MAX_RECEIVE_BUFFERS: Final = 32
+_PAD: Final = memoryview(bytes(_RECV_BYTES))
 _MAX_READS_PER_WAKEUP: Final = 4096
 #: Bytes read per wake-up before the stack's outputs are flushed. A wake-up that drained a deep
 #: socket buffer of bundles (hundreds of messages per datagram) would otherwise go for hundreds
@@ -127,6 +131,9 @@ class Endpoint:
         self.coalesce_events = False
         self._deferred = 0  # wake-ups whose events wait in the stack (see _on_readable)
         self._valid_names: set[tuple[str, str]] = set()
+        # Datagrams are read into reused buffers (see _receive_buffer), not a new bytes each.
+        self._buffers: list[bytearray] = [bytearray(_RECV_BYTES)]  # (not counted)
+        self._buffer_index = 0
         self._idle_waiters: list[asyncio.Future[None]] = []
         # Read on every send (plain attributes are cheaper than the settings model's).
         self._max_message_bytes = settings.max_message_bytes
@@ -144,6 +151,7 @@ class Endpoint:
         if self._state != "new":
             raise UsageError(f"endpoint {self.name} was already started")
         self._state = "starting"
+        _prime_allocator()
         loop = self._loop = asyncio.get_running_loop()
         self._space = asyncio.Event()
         settings = self.settings
@@ -642,13 +650,17 @@ class Endpoint:
             return
         now = loop.time()
         receive = stack.receive_datagram
-        recvfrom = sock.recvfrom
+        recvfrom_into = sock.recvfrom_into
         count = 0
         size = 0
         drained = False
+        data: bytes | bytearray
+        buffer = self._buffers[self._buffer_index]
         for _ in range(_MAX_READS_PER_WAKEUP):
+            if len(buffer) != _RECV_BYTES:
+                buffer = self._receive_buffer()
             try:
-                data, source = recvfrom(_RECV_BYTES)
+                n, source = recvfrom_into(buffer)
             except BlockingIOError:
                 drained = True
                 break
@@ -657,7 +669,14 @@ class Endpoint:
                 logger.debug("receive error on %s: %s", sock.getsockname(), exc)
                 continue
             count += 1
-            size += len(data)
+            size += n
+            if 2 * n >= _RECV_BYTES:
+                # A large datagram is decoded in the buffer: its large payloads are views of it
+                # (joined once when whole), and it is not read into again while they live.
+                del buffer[n:]  # (less than half: the memory is kept, nothing is copied)
+                data = buffer
+            else:  # a small one is copied out, so that no view of it can hold 64 KiB
+                data = bytes(buffer[:n])
             receive(data, source, multicast=multicast, now=now)
             if size >= _MAX_BYTES_PER_WAKEUP:
                 break
@@ -672,6 +691,37 @@ class Endpoint:
             self._deferred += 1
             self.counters["event_dispatches_deferred"] += 1
             self._service(now, dispatch=False)
+
+    def _receive_buffer(self) -> bytearray:
+        """A receive buffer no decoded payload still views (the current one if it is free).
+
+        Why reuse: a fresh 64 KiB ``bytes`` per datagram, freed soon after, is just the pattern
+        that makes glibc's malloc give memory back to the kernel and fault it in again, over and
+        over (seen here: 16-18 page faults and +30-45 us of system time per 64 KiB message, in
+        some runs). A buffer that a large datagram was decoded in has been shrunk to it; growing
+        it back raises ``BufferError`` while a view of it is alive (a partial message, a frame out
+        of order), and then the next one in the ring is tried, or a new one is made.
+        """
+        buffers = self._buffers
+        for _ in range(len(buffers)):
+            index = self._buffer_index = (self._buffer_index + 1) % len(buffers)
+            buffer = buffers[index]
+            missing = _RECV_BYTES - len(buffer)
+            if not missing:
+                return buffer
+            try:
+                buffer += _PAD[:missing]
+            except BufferError:
+                continue
+            return buffer
+        buffer = bytearray(_RECV_BYTES)
+        self.counters["receive_buffers_allocated"] += 1
+        if len(buffers) < _MAX_RECEIVE_BUFFERS:
+            buffers.append(buffer)
+            self._buffer_index = len(buffers) - 1
+        else:  # the one replaced lives on until its views are released
+            buffers[self._buffer_index] = buffer
+        return buffer
 
     # --- outputs, timers ------------------------------------------------------------------------
 
@@ -858,6 +908,33 @@ class Endpoint:
                     loop.remove_reader(sock.fileno())
             self._discovery_sockets.close()
             self._discovery_sockets = None
+
+
+_primed = False
+
+
+def _prime_allocator() -> None:
+    """Free one 4 MiB block, once per process, so glibc's malloc expects large blocks.
+
+    A large message's bytes are allocated by the network thread and freed once its subscribers
+    are done with them, often many at a time. With glibc's initial thresholds, freeing more than
+    128 KiB at the top of a heap gives the memory back to the kernel, and the next messages fault
+    it in again (zeroed): measured here, +5-15 us of system time per 64 KiB message and 16 page
+    faults each, in bursts. glibc raises those thresholds by itself the first time a block it
+    mapped (128 KiB or more) is freed, to that block's size (documented in mallopt(3), "dynamic
+    mmap threshold"); this does it at start instead of after the first large message. Its only
+    cost: up to 8 MiB freed at the top of a heap stay with the process. Values set by the user
+    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) turn glibc's adjustment off, and
+    then this changes nothing; with another allocator it is one allocation.
+    """
+    global _primed
+    if not _primed:
+        _primed = True
+        block = bytes(_PRIME_BYTES)  # calloc: fresh mapped pages, none touched
+        del block
+
+
+_PRIME_BYTES: Final = 4 * 1024 * 1024
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:

@@ -139,9 +139,12 @@ class Stack:
     # --- inputs ---------------------------------------------------------------------------------
 
     def receive_datagram(
-        self, data: bytes, source: Address, *, multicast: bool, now: float
+        self, data: bytes | bytearray, source: Address, *, multicast: bool, now: float
     ) -> None:
-        """Decode one datagram and feed its frames to the layers; bad ones are counted, dropped."""
+        """Decode one datagram and feed its frames to the layers; bad ones are counted, dropped.
+
+        ``data`` may be a reused receive buffer (see :func:`glue.wire.decode`).
+        """
         try:
             datagram = wire.decode(data, network_id=self.config.network_id)
         except DecodeError as exc:

@@ -130,8 +130,9 @@ class Data:
     When sending, a fragment's payload (``parts`` > 1) may be a ``memoryview`` of the message it
     was cut from: its bytes are never copied by Python (see :func:`pack`'s ``gather``). Decoded
     payloads are ``bytes`` when small; a fragment's, or any payload over ``VIEW_MIN_BYTES``, is a
-    read-only ``memoryview`` of the datagram when it is at least half of it, so a large message is
-    copied once, when whole, and a small one never keeps a large datagram alive.
+    ``memoryview`` of the datagram (read-only, or of the receiver's reused buffer) when it is at
+    least half of it, so a large message is copied once, when whole, and a small one never keeps
+    a large datagram alive.
     """
 
     seq: int
@@ -345,8 +346,14 @@ def _frame_to_wire(frame: Frame) -> tuple[dict[str, Any], bytes | memoryview]:
 # --- decoding -----------------------------------------------------------------------------------
 
 
-def decode(data: bytes, *, network_id: int, max_bytes: int = MAX_DATAGRAM_BYTES) -> Datagram:
+def decode(
+    data: bytes | bytearray, *, network_id: int, max_bytes: int = MAX_DATAGRAM_BYTES
+) -> Datagram:
     """Decode one datagram addressed to network ``network_id``.
+
+    ``data`` may be a ``bytearray`` (a reused receive buffer): decoded payloads are then still
+    ``bytes``, but large ones and fragments are views of the buffer (see :class:`Data`), so its
+    owner must not write to it while a view is alive (resizing it raises ``BufferError`` then).
 
     Raises:
         DecodeError: for anything that is not a well-formed glue datagram of this version and
@@ -364,7 +371,7 @@ def decode(data: bytes, *, network_id: int, max_bytes: int = MAX_DATAGRAM_BYTES)
     # what the full parse would give, or falls through to it).
     start = data.find(b'"f":[', 0, end)
     if start > 0:
-        known = _headers.get(data[:start])
+        known = _headers.get(bytes(data[:start]))  # (no copy when data is bytes)
         if known is not None and known.network_id == network_id and data[end - 1] == 125:  # }
             try:
                 raw_frames = orjson.loads(data[start + 4 : end - 1])
@@ -410,7 +417,9 @@ _HEADER_CACHE_ENTRIES: Final = 4096
 _HEADER_CACHE_KEY_BYTES: Final = 256  # glue's own headers take about 100
 
 
-def _frames_from_wire(raw_frames: list[Any], data: bytes, end: int, header: Header) -> Datagram:
+def _frames_from_wire(
+    raw_frames: list[Any], data: bytes | bytearray, end: int, header: Header
+) -> Datagram:
     frames = []
     offset = end + 1
     for raw in raw_frames:
@@ -421,7 +430,9 @@ def _frames_from_wire(raw_frames: list[Any], data: bytes, end: int, header: Head
     return Datagram(header, tuple(frames))
 
 
-def _frame_from_wire(raw: object, data: bytes, offset: int, header: Header) -> tuple[Frame, int]:
+def _frame_from_wire(
+    raw: object, data: bytes | bytearray, offset: int, header: Header
+) -> tuple[Frame, int]:
     if not isinstance(raw, dict):
         raise DecodeError("a frame must be an object", reason="malformed")
     kind = raw.get("t")
@@ -455,9 +466,9 @@ def _frame_from_wire(raw: object, data: bytes, offset: int, header: Header) -> t
             if "ps" in raw:
                 raise DecodeError("a bundle cannot be a fragment", reason="malformed")
             messages = _bundle_from_wire(raw["m"], length)
-            return Data(seq, data[offset:end], ttl_ms, messages=messages), end
+            return Data(seq, bytes(data[offset:end]), ttl_ms, messages=messages), end
         if "ps" not in raw:
-            return Data(seq, data[offset:end], ttl_ms), end
+            return Data(seq, bytes(data[offset:end]), ttl_ms), end
         parts = _int(raw, "ps", 1, MAX_PARTS)
         part = _int(raw, "p", 0, parts - 1)
         return Data(seq, _payload(data, offset, end, fragment=True), ttl_ms, part, parts), end
@@ -472,17 +483,21 @@ def _frame_from_wire(raw: object, data: bytes, offset: int, header: Header) -> t
     raise DecodeError(f"unknown frame kind {kind!r}", reason="malformed")
 
 
-def _payload(data: bytes, start: int, end: int, *, fragment: bool = False) -> bytes | memoryview:
+def _payload(
+    data: bytes | bytearray, start: int, end: int, *, fragment: bool = False
+) -> bytes | memoryview:
     """``data[start:end]``: a view when it is large (or a fragment) and most of the datagram, so
-    a large message is copied once, when whole; else a copy, so a small payload kept (buffered
-    out of order, or a partial message) never holds a large datagram alive."""
+    a large message is copied once, when whole; else a copy (``bytes``), so a small payload kept
+    (buffered out of order, or a partial message) never holds a large datagram alive."""
     length = end - start
     if (fragment or length > VIEW_MIN_BYTES) and 2 * length >= len(data):
         return memoryview(data)[start:end]
-    return data[start:end]
+    return bytes(data[start:end])  # (no second copy when data is bytes)
 
 
-def _fragment_from_wire(raw: dict[str, Any], data: bytes, offset: int, length: int) -> Data | None:
+def _fragment_from_wire(
+    raw: dict[str, Any], data: bytes | bytearray, offset: int, length: int
+) -> Data | None:
     """A fragment with every field a plain int in range (the common case, cheaply), else None.
 
     ``None`` sends the frame through the general path, which names what is wrong.

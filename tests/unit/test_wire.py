@@ -89,6 +89,38 @@ def test_only_large_whole_payloads_arrive_as_views(size: int) -> None:
     assert type(decoded.payload) is (bytes if size <= wire.VIEW_MIN_BYTES else memoryview)
 
 
+def test_a_reused_receive_buffer_decodes_like_bytes_with_views_of_it() -> None:
+    # The endpoint reads datagrams into a bytearray it reuses: what decodes from it must equal
+    # what decodes from bytes, small payloads must be bytes of their own, and large ones views of
+    # the buffer (which then refuses to be resized, so it is not read into while they live).
+    frames: list[Frame] = [
+        Data(1, b"s" * 10, 900),
+        Data(2, b"L" * 50_000, 900, 0, 3),
+        Ack(4, ((6, 9),)),
+        Skip(3),
+    ]
+    datagram = wire.encode(TO_99, frames)
+    buffer = bytearray(datagram)
+    decoded = wire.decode(buffer, network_id=1)
+    assert decoded == wire.decode(datagram, network_id=1) == Datagram(TO_99, tuple(frames))
+    small, large = (f for f in decoded.frames if isinstance(f, Data))
+    assert type(small.payload) is bytes
+    assert type(large.payload) is memoryview
+    assert large.payload.obj is buffer
+    with pytest.raises(BufferError):
+        buffer.append(0)
+    del decoded, large
+    buffer.append(0)  # the views are gone: the buffer may be reused
+
+
+def test_a_bundle_decoded_from_a_buffer_is_bytes() -> None:
+    bundle = Data(7, b"abcdef", 900, messages=((2, 900), (4, 800)))
+    [decoded] = wire.decode(bytearray(wire.encode(TO_99, [bundle])), network_id=1).frames
+    assert decoded == bundle
+    assert isinstance(decoded, Data)
+    assert type(decoded.payload) is bytes
+
+
 def test_a_prefix_is_sent_as_the_start_of_the_payload() -> None:
     frame = Data(3, memoryview(b"payload"), 500, 0, 2, prefix=b"{}\n")
     [decoded] = roundtrip([frame]).frames
@@ -1046,6 +1078,21 @@ def test_a_header_with_later_keys_is_not_cached() -> None:
     assert wire.decode(tricky, network_id=1).header.incarnation == 2
     plain = b'{"glue":1,"net":1,"src":6,"inc":1,"f":[{"t":"bye"}]}\n'
     assert wire.decode(plain, network_id=1).header.incarnation == 1
+
+
+def test_fuzz_a_buffer_decodes_exactly_as_bytes() -> None:
+    # The endpoint decodes large datagrams in place, from a bytearray: same result, same errors.
+    rng = random.Random(FUZZ_SEED + 1)
+    seeds = _fuzz_seeds()
+    for case in range(FUZZ_CASES // 10):
+        data = _mutate(rng, seeds)
+        outcomes = []
+        for form in (data, bytearray(data)):
+            try:
+                outcomes.append(wire.decode(form, network_id=1))
+            except DecodeError as exc:
+                outcomes.append(exc.reason)
+        assert outcomes[0] == outcomes[1], f"case {case}: {data!r}"
 
 
 def test_fuzz_with_every_seed_header_cached() -> None:
