@@ -52,13 +52,17 @@ _RECV_BYTES: Final = 65536
 _MAX_RECEIVE_BUFFERS: Final = 32
 _PAD: Final = memoryview(bytes(_RECV_BYTES))
 _MAX_READS_PER_WAKEUP: Final = 4096
-#: Bytes read per wake-up before the stack's outputs are flushed. A wake-up that drained a deep
-#: socket buffer of bundles (hundreds of messages per datagram) would otherwise go for hundreds
-#: of milliseconds without sending acks or announcements, and the sender would take this endpoint
-#: for dead. The socket stays readable, so the loop comes back at once for the rest.
-_MAX_BYTES_PER_WAKEUP: Final = 256 * 1024
-#: Wake-ups that stopped at that bound may keep their events for the next ones, at most this many.
-_MAX_DEFERRED_WAKEUPS: Final = 8
+#: Bytes and seconds of reading per wake-up before the stack's outputs are flushed. A wake-up that
+#: drained a deep socket buffer of bundles (hundreds of messages per datagram) would otherwise go
+#: for hundreds of milliseconds without sending acks or announcements, and the sender would take
+#: this endpoint for dead. The socket stays readable, so the loop comes back at once for the rest.
+#: Large messages cost little per byte (1 MiB of 64 KiB messages takes ~0.5 ms) and each wake-up
+#: costs ~10 us, so the byte bound is large; small ones cost ~50 times more per byte, and the time
+#: bound stops them first.
+_MAX_BYTES_PER_WAKEUP: Final = 1024 * 1024
+_MAX_SECONDS_PER_WAKEUP: Final = 0.005
+#: Wake-ups that stopped at a bound may keep their events for the next ones, at most this many.
+_MAX_DEFERRED_WAKEUPS: Final = 2
 _UDP_IP_OVERHEAD: Final = 28
 _MAX_DRAIN_PER_CALL: Final = 4096
 _HANDOFF_SOFT_ITEMS: Final = 8192
@@ -656,6 +660,8 @@ class Endpoint:
         drained = False
         data: bytes | bytearray
         buffer = self._buffers[self._buffer_index]
+        clock = time.monotonic  # the loop's clock
+        deadline = now + _MAX_SECONDS_PER_WAKEUP
         for _ in range(_MAX_READS_PER_WAKEUP):
             if len(buffer) != _RECV_BYTES:
                 buffer = self._receive_buffer()
@@ -678,7 +684,7 @@ class Endpoint:
             else:  # a small one is copied out, so that no view of it can hold 64 KiB
                 data = bytes(buffer[:n])
             receive(data, source, multicast=multicast, now=now)
-            if size >= _MAX_BYTES_PER_WAKEUP:
+            if size >= _MAX_BYTES_PER_WAKEUP or clock() >= deadline:
                 break
         self.counters["datagrams_received"] += count
         self.counters["bytes_received"] += size

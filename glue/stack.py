@@ -253,6 +253,21 @@ class Stack:
         Raises:
             UsageError: the message is larger than ``max_message_bytes``.
         """
+        if type(message) is bytes and len(message) <= BUNDLE_MAX_MESSAGE_BYTES:
+            # The hot path of small messages, inline (what can_send and send do for them):
+            # Python pays per call, and a 64-byte message costs only a few.
+            size = len(message)
+            bundle = self._bundles.get(peer)
+            if not self.transport.can_send(peer, size if bundle is None else size + bundle.size):
+                return False
+            if peer not in self._routes:
+                return True
+            if bundle is None:
+                bundle = self._bundles[peer] = _Bundle()
+            bundle.payloads.append(message)
+            bundle.expiries.append(expires_at)
+            bundle.size += size
+            return True
         if not self.can_send(peer, outbound_size(message)):
             return False
         self.send(peer, message, expires_at=expires_at, now=now)
@@ -516,7 +531,7 @@ class Stack:
         routes = self._routes
         deliver = self.topics.receive
         deliver_pieces = self.topics.receive_pieces
-        while (event := transport.next_event()) is not None:
+        for event in transport.take_events():
             if type(event) is FrameReceived:
                 frame = event.frame
                 if frame.messages:

@@ -21,7 +21,7 @@ State: for every peer, a send stream and a receive stream, both tied to the peer
   otherwise after ``ack_delay_s`` (or ``ack_every`` frames), so one ack covers many frames.
 
 Inputs: ``add_peer``/``remove_peer`` (from discovery), ``send``, ``receive``, ``handle_timer``.
-Outputs: ``frames_to_send`` (frames per peer id), ``next_event`` (``FrameReceived``,
+Outputs: ``frames_to_send`` (frames per peer id), ``next_event``/``take_events`` (``FrameReceived``,
 ``FramesSkipped``, ``SendSpaceFreed``), ``next_deadline``.
 
 A peer removed from discovery loses both streams at once: nothing keeps resending to the dead.
@@ -448,6 +448,14 @@ class Transport:
     def next_event(self) -> TransportEvent | None:
         """The oldest event not yet pulled, or ``None``."""
         return self._events.popleft() if self._events else None
+
+    def take_events(self) -> list[TransportEvent]:
+        """Every event not yet pulled, oldest first (one call, not one per event)."""
+        if not self._events:
+            return []
+        events = list(self._events)
+        self._events.clear()
+        return events
 
     def next_deadline(self) -> float | None:
         """The earliest resend, skip or delayed-ack time over all peers."""

@@ -437,7 +437,8 @@ def _frame_from_wire(
         raise DecodeError("a frame must be an object", reason="malformed")
     kind = raw.get("t")
     if kind == "d":
-        # Fast path for the hot frame: all three fields plain ints in range, no fragments.
+        # Fast paths for the hot frames: every field a plain int in range, not a bundle; a whole
+        # message, or a fragment. Anything else takes the general path, which names the problem.
         length, seq, ttl_ms = raw.get("n"), raw.get("seq"), raw.get("ttl")
         if (
             type(length) is int
@@ -446,16 +447,22 @@ def _frame_from_wire(
             and 0 <= length <= MAX_DATAGRAM_BYTES
             and 1 <= seq <= MAX_ID
             and 1 <= ttl_ms <= MAX_TTL_MS
-            and "ps" not in raw
             and "m" not in raw
             and offset + length <= len(data)
         ):
             end = offset + length
-            return Data(seq, _payload(data, offset, end), ttl_ms), end
-        if type(length) is int and length >= 0 and offset + length <= len(data):
-            fragment = _fragment_from_wire(raw, data, offset, length)
-            if fragment is not None:
-                return fragment, offset + length
+            if "ps" not in raw:
+                return Data(seq, _payload(data, offset, end), ttl_ms), end
+            parts, part = raw["ps"], raw.get("p")
+            if (
+                type(parts) is int
+                and type(part) is int
+                and 1 < parts <= MAX_PARTS
+                and 0 <= part < parts
+            ):
+                return Data(
+                    seq, _payload(data, offset, end, fragment=True), ttl_ms, part, parts
+                ), end
         length = _int(raw, "n", 0, MAX_DATAGRAM_BYTES)
         end = offset + length
         if end > len(data):
@@ -493,31 +500,6 @@ def _payload(
     if (fragment or length > VIEW_MIN_BYTES) and 2 * length >= len(data):
         return memoryview(data)[start:end]
     return bytes(data[start:end])  # (no second copy when data is bytes)
-
-
-def _fragment_from_wire(
-    raw: dict[str, Any], data: bytes | bytearray, offset: int, length: int
-) -> Data | None:
-    """A fragment with every field a plain int in range (the common case, cheaply), else None.
-
-    ``None`` sends the frame through the general path, which names what is wrong.
-    """
-    seq, ttl_ms, part, parts = raw.get("seq"), raw.get("ttl"), raw.get("p"), raw.get("ps")
-    if (
-        type(seq) is int
-        and type(ttl_ms) is int
-        and type(part) is int
-        and type(parts) is int
-        and length <= MAX_DATAGRAM_BYTES
-        and 1 <= seq <= MAX_ID
-        and 1 <= ttl_ms <= MAX_TTL_MS
-        and 1 < parts <= MAX_PARTS
-        and 0 <= part < parts
-        and "m" not in raw
-    ):
-        payload = _payload(data, offset, offset + length, fragment=True)
-        return Data(seq, payload, ttl_ms, part, parts)
-    return None
 
 
 def _announce_from_wire(raw: dict[str, Any], header: Header) -> Announce:

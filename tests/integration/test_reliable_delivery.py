@@ -357,8 +357,8 @@ def test_a_message_over_the_maximum_is_refused_at_send(group: str) -> None:
 
 def test_a_backlog_is_read_in_bounded_bites_and_delivered_in_order(group: str) -> None:
     """A receiver that falls behind finds more than one wake-up's bytes waiting: it reads them
-    in bites of 256 KiB, sending acks in between, and may hold the events of a few bites to hand
-    them over together; every message still arrives once and in order."""
+    in bites of 1 MiB (or 5 ms), sending acks in between, and may hold the events of a few bites
+    to hand them over together; every message still arrives once and in order."""
     with (
         EndpointManager.from_env(**_settings(group)) as rx,
         EndpointManager.from_env(**_settings(group)) as tx,
