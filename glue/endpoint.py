@@ -33,9 +33,10 @@ from glue.events import Peer, PeerRemoved, StackEvent
 from glue.settings import GlueSettings
 from glue.stack import Stack, StackConfig
 from glue.topics import (
+    APART_BYTES,
+    DIRECT_ENVELOPE,
     Outbound,
     TopicsConfig,
-    direct_message,
     validate_topic_name,
     validate_topic_type,
 )
@@ -476,8 +477,12 @@ class Endpoint:
         targets: tuple[EndpointId, ...] | None = None if to is None else tuple(to)  # type: ignore[arg-type]
         if type(payload) is not bytes:
             payload = bytes(payload)  # a caller's bytearray must not change under us
-        # The loop's clock is time.monotonic(), so this is valid from any thread.
-        return _Outgoing(direct_message(payload), targets, time.monotonic() + expiry_s)
+        # direct_message(payload), inline (once per message); the loop's clock is
+        # time.monotonic(), so the expiry time is valid from any thread.
+        message: Outbound = (
+            DIRECT_ENVELOPE + payload if len(payload) <= APART_BYTES else (DIRECT_ENVELOPE, payload)
+        )
+        return _Outgoing(message, targets, time.monotonic() + expiry_s)
 
     def _refuse(self, payload: bytes, expiry_s: float) -> NoReturn:
         """Raise the error that makes a send or publish impossible (the checks' slow path)."""
@@ -555,12 +560,25 @@ class Endpoint:
         freed = 0
         placed_all = False
         everyone = stack.peer_ids()
+        offer = stack.offer
         for _ in range(_MAX_DRAIN_PER_CALL):
             if not staged:
                 placed_all = True
                 break
             item = staged[0]
-            if not self._place(stack, item, now, everyone):
+            targets = item.targets
+            if (
+                targets is not None
+                and len(targets) == 1
+                and item.topic is None
+                and item.remaining is None
+                and item.expires_at > now
+            ):
+                # The usual direct message to one peer: _place, inline (Python pays per call).
+                if not offer(targets[0], item.payload, item.expires_at, now):
+                    item.remaining = [targets[0]]
+                    break  # its queue is full: SendSpaceFreed or its removal retries
+            elif not self._place(stack, item, now, everyone):
                 break  # a peer's queue is full: SendSpaceFreed or its removal retries
             staged.popleft()
             freed += item.size
@@ -608,7 +626,7 @@ class Endpoint:
         payload, expires_at = item.payload, item.expires_at
         held: list[EndpointId] | None = None
         for peer in targets:
-            if not offer(peer, payload, expires_at=expires_at, now=now):
+            if not offer(peer, payload, expires_at, now):
                 if held is None:
                     held = []
                 held.append(peer)

@@ -245,7 +245,7 @@ class Stack:
         """Whether no frame is queued or unacknowledged towards any peer."""
         return self.transport.idle()
 
-    def offer(self, peer: EndpointId, message: Outbound, *, expires_at: float, now: float) -> bool:
+    def offer(self, peer: EndpointId, message: Outbound, expires_at: float, now: float) -> bool:
         """Queue ``message`` to ``peer`` if its send queue has room; True if queued or unknown.
 
         An unknown peer (departed) counts as done: there is nobody to wait for.
