@@ -389,18 +389,18 @@ class AsyncEndpointManager:
         # Each subscription's messages of the burst go to it in one call (one lock, one wake-up).
         per_subscription: dict[int, list[Message]] = {}
         for event in events:
-            if isinstance(event, TopicDelivery):
-                _collect(per_subscription, event)
-                continue
-            if isinstance(event, InterestChanged):
-                changed = True
-                continue
-            if isinstance(event, MessageReceived):
+            if isinstance(event, MessageReceived):  # the most common first (Python pays per check)
                 if not wants_messages:
                     continue
                 for stream in message_streams:
                     _put_bounded(stream, event, self._endpoint)
                 batch.extend((callback, event) for callback in message_callbacks)
+                continue
+            if isinstance(event, TopicDelivery):
+                _collect(per_subscription, event)
+                continue
+            if isinstance(event, InterestChanged):
+                changed = True
                 continue
             changed = True
             peer = event.peer

@@ -212,7 +212,8 @@ class Stack:
             bundle.expiries.append(expires_at)
             bundle.size += size
             return True
-        self._flush_bundle(peer, now)  # what was sent before goes first
+        if peer in self._bundles:
+            self._flush_bundle(peer, now)  # what was sent before goes first
         budget = route.datagram_bytes - FRAME_OVERHEAD_BYTES
         tail = self._tails.pop(peer, 0)
         if size <= budget:
