@@ -5,6 +5,8 @@ from __future__ import annotations
 import netifaces
 import pytest
 
+from tests.helpers import free_udp_port, multicast_settings
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
@@ -22,3 +24,14 @@ def _private_network_namespace() -> None:
             "`tools/isolated-net .venv/bin/python -m pytest` (see README)",
             pytrace=False,
         )
+
+
+@pytest.fixture
+def settings() -> dict[str, object]:
+    """``GLUE_*`` settings for endpoints that find each other fast on a group of their own
+    (announcements every 100 ms, a peer dropped after 1 s of silence)."""
+    return multicast_settings(
+        f"239.192.137.10:{free_udp_port()}",
+        discovery_rate_milliseconds=100,
+        discovery_rate_timeout_multiplier=10.0,
+    )

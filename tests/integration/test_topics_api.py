@@ -9,18 +9,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from glue import EndpointManager, UsageError
-from tests.helpers import Inbox, free_udp_port, multicast_settings, wait_until
+from tests.helpers import Inbox, wait_until
 
 KIND = "test.kind"
-
-
-@pytest.fixture
-def settings() -> dict[str, object]:
-    return multicast_settings(
-        f"239.192.137.10:{free_udp_port()}",
-        discovery_rate_milliseconds=100,
-        discovery_rate_timeout_multiplier=10.0,
-    )
 
 
 @pytest.fixture

@@ -9,18 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from glue import AsyncEndpointManager, Message, UsageError
-from tests.helpers import async_wait_until, free_udp_port, multicast_settings
+from tests.helpers import async_wait_until
 
 KIND = "test.async"
-
-
-@pytest.fixture
-def settings() -> dict[str, object]:
-    return multicast_settings(
-        f"239.192.137.11:{free_udp_port()}",
-        discovery_rate_milliseconds=100,
-        discovery_rate_timeout_multiplier=10.0,
-    )
 
 
 @pytest.fixture

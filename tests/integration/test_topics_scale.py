@@ -16,18 +16,9 @@ import threading
 import pytest
 
 from glue import EndpointManager, Message
-from tests.helpers import Inbox, free_udp_port, multicast_settings, wait_until
+from tests.helpers import Inbox, wait_until
 
 KIND = "scale"
-
-
-@pytest.fixture
-def settings() -> dict[str, object]:
-    return multicast_settings(
-        f"239.192.137.11:{free_udp_port()}",
-        discovery_rate_milliseconds=100,
-        discovery_rate_timeout_multiplier=10.0,
-    )
 
 
 def test_a_thousand_subscriptions_route_exactly(settings: dict[str, object]) -> None:
