@@ -186,6 +186,11 @@ class Discovery:
 
     # --- queries --------------------------------------------------------------------------------
 
+    def expiry_due(self, now: float) -> bool:
+        """Whether ``handle_timer(now=now)`` may expire a peer (cheap: a lower bound)."""
+        hint = self._expiry_hint
+        return hint is not None and now >= hint and bool(self._peers)
+
     def peers(self) -> list[Peer]:
         """The peers known now, ordered by name."""
         return sorted((s.peer for s in self._peers.values()), key=lambda p: p.name)

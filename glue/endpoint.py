@@ -28,7 +28,7 @@ from typing import Final, NoReturn, cast
 
 from glue import network, wire
 from glue.discovery import Address, DiscoveryConfig, Target
-from glue.errors import BackpressureError, ConfigError, UsageError
+from glue.errors import BackpressureError, ConfigError, DeliveryError, UsageError
 from glue.events import Peer, PeerRemoved, StackEvent
 from glue.settings import GlueSettings
 from glue.stack import Stack, StackConfig
@@ -140,6 +140,7 @@ class Endpoint:
         self._buffers: list[bytearray] = [bytearray(_RECV_BYTES)]  # (not counted)
         self._buffer_index = 0
         self._idle_waiters: list[asyncio.Future[None]] = []
+        self._silence_check: asyncio.TimerHandle | None = None
         # Read on every send (plain attributes are cheaper than the settings model's).
         self._max_message_bytes = settings.max_message_bytes
         self._send_queue_bytes = settings.send_queue_bytes
@@ -264,6 +265,9 @@ class Endpoint:
             await asyncio.gather(self._resolver, return_exceptions=True)
         if self._timer is not None:
             self._timer.cancel()
+        if self._silence_check is not None:
+            self._silence_check.cancel()
+            self._silence_check = None
         self._close_sockets()
         with self._handoff_mutex:
             dropped = len(self._handoff) + len(self._staged)
@@ -759,23 +763,84 @@ class Endpoint:
             self._deferred = 0
             self._dispatch_events()
         self._rearm()
-        if self._idle_waiters and self._all_sent():
-            for waiter in self._idle_waiters:
-                if not waiter.done():
+        if self._idle_waiters:
+            self._settle_flushes(now)
+
+    def _settle_flushes(self, now: float) -> None:
+        """Answer waiting ``flush`` calls that can be answered now."""
+        failure = self._delivery_failure(now)
+        if failure is None and not self._all_sent():
+            self._arm_silence_check(now)
+            return
+        for waiter in self._idle_waiters:
+            if not waiter.done():
+                if failure is None:
                     waiter.set_result(None)
-            self._idle_waiters.clear()
+                else:
+                    waiter.set_exception(failure)
+        self._idle_waiters.clear()
+
+    def _delivery_failure(self, now: float) -> DeliveryError | None:
+        """The error a flush raises now, if messages were lost with their peer (taken once)."""
+        stack = self._stack
+        if stack is None:
+            return None
+        gone = [(peer, count, "gone") for peer, count in stack.take_delivery_failures()]
+        silent = [
+            (peer, count, f"silent for {seconds:.1f} s; held until they expire, in case it returns")
+            for peer, count, seconds in stack.silent_peers(now)
+        ]
+        if not gone and not silent:
+            return None
+        unacknowledged: dict[int, int] = {p.endpoint_id: n for p, n, _ in gone + silent}
+        described = "; ".join(
+            f"{count} to {peer.name} ({peer.endpoint_id}, {state})"
+            for peer, count, state in gone + silent
+        )
+        return DeliveryError(
+            f"messages not acknowledged: {described}",
+            peers=tuple(unacknowledged),
+            unacknowledged=unacknowledged,
+        )
+
+    def _arm_silence_check(self, now: float) -> None:
+        """Wake a waiting flush when a peer taken for gone has been silent long enough."""
+        stack, loop = self._stack, self._loop
+        assert stack is not None
+        assert loop is not None
+        at = stack.next_silent_at(now)
+        if at is not None and (self._silence_check is None or self._silence_check.when() > at):
+            if self._silence_check is not None:
+                self._silence_check.cancel()
+            self._silence_check = loop.call_at(at, self._on_silence_check)
+
+    def _on_silence_check(self) -> None:
+        self._silence_check = None
+        if self._idle_waiters and self._loop is not None:
+            self._settle_flushes(self._loop.time())
 
     def _all_sent(self) -> bool:
         stack = self._stack
         return not self._handoff and not self._staged and (stack is None or stack.idle())
 
     async def flush(self, timeout: float) -> None:  # noqa: ASYNC109 - as its blocking twin
-        """Wait until everything sent so far is acknowledged (or its peer left, or it expired).
+        """Wait until everything sent so far is acknowledged (or expired, unacknowledged, while
+        its peer was present).
 
         Raises:
+            DeliveryError: messages to a peer were not acknowledged and it is gone: it left,
+                restarted, or went silent for a discovery timeout (its messages are still held
+                until they expire, in case it returns). A peer that left or restarted is
+                reported once; a silent one while its messages are held.
             TimeoutError: still unacknowledged after ``timeout`` seconds.
         """
-        if self._all_sent() or not self.running:
+        if not self.running:
+            return
+        assert self._loop is not None
+        failure = self._delivery_failure(self._loop.time())
+        if failure is not None:
+            raise failure
+        if self._all_sent():
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._idle_waiters.append(waiter)
@@ -874,10 +939,25 @@ class Endpoint:
         if self._state != "running":
             return
         now = max(deadline, loop.time())
+        if stack.expiry_due(now):
+            # A peer is about to be taken for gone: first read what waits in the sockets (a
+            # busy loop may be late to them), since any datagram from it there proves it alive.
+            self._read_waiting()
+            now = max(now, loop.time())
         # Follow wall-clock steps (NTP) for the timestamps of messages; cheap, once per timer.
         stack.topics.wall_offset = time.time() - now
         stack.handle_timer(now=now)
         self._service(now)
+
+    def _read_waiting(self) -> None:
+        """Take every datagram already waiting in the data and discovery sockets."""
+        sockets: list[tuple[socket.socket, bool]] = []
+        if self._data is not None:
+            sockets.append((self._data, False))
+        if self._discovery_sockets is not None:
+            sockets.extend(self._discovery_sockets.sockets)
+        for sock, multicast in sockets:
+            self._on_readable(sock, multicast)
 
     # --- discovery targets ----------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ boundary with ``raise ... from exc``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 __all__ = [
     "BackpressureError",
     "ConfigError",
@@ -45,7 +47,22 @@ class UsageError(GlueError):
 
 
 class DeliveryError(GlueError):
-    """A delivery that was asked to be confirmed was not."""
+    """A delivery that was asked to be confirmed was not.
+
+    ``peers`` names the peers concerned (ids); ``unacknowledged`` maps each to the number of
+    messages it did not acknowledge, where that is known (``flush``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        peers: tuple[int, ...] = (),
+        unacknowledged: Mapping[int, int] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.peers = peers
+        self.unacknowledged: dict[int, int] = dict(unacknowledged or {})
 
 
 class BackpressureError(DeliveryError):
@@ -53,10 +70,6 @@ class BackpressureError(DeliveryError):
 
     Nothing was queued for the peers named in ``peers`` (ids); earlier messages are unaffected.
     """
-
-    def __init__(self, message: str, *, peers: tuple[int, ...] = ()) -> None:
-        super().__init__(message)
-        self.peers = peers
 
 
 class ProtocolError(GlueError):

@@ -230,9 +230,13 @@ class AsyncEndpointManager:
 
     async def flush(self, *, timeout: float) -> None:  # noqa: ASYNC109 - as its blocking twin
         """Wait until everything published or sent so far is acknowledged by the peers it went
-        to (or they left, or it expired): call before exiting a short-lived publisher.
+        to (or expired first): call before exiting a short-lived publisher.
 
         Raises:
+            DeliveryError: a peer that messages went to is gone with some unacknowledged: it
+                left, restarted, or has been silent for a discovery timeout (``peers`` and
+                ``unacknowledged`` name them and count the messages). A peer that left or
+                restarted is reported once; a silent one while its messages are held.
             TimeoutError: still unacknowledged after ``timeout`` seconds.
         """
         await self._endpoint.flush(timeout)
@@ -661,9 +665,13 @@ class EndpointManager:
 
     def flush(self, *, timeout: float) -> None:
         """Block until everything published or sent so far is acknowledged by the peers it went
-        to (or they left, or it expired): call before exiting a short-lived publisher.
+        to (or expired first): call before exiting a short-lived publisher.
 
         Raises:
+            DeliveryError: a peer that messages went to is gone with some unacknowledged: it
+                left, restarted, or has been silent for a discovery timeout (``peers`` and
+                ``unacknowledged`` name them and count the messages). A peer that left or
+                restarted is reported once; a silent one while its messages are held.
             TimeoutError: still unacknowledged after ``timeout`` seconds.
         """
         self._call(self._async.flush(timeout=timeout))

@@ -15,19 +15,20 @@ import logging
 import random
 from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from glue import wire
 from glue.discovery import Address, Discovery, DiscoveryConfig, Target
 from glue.errors import DecodeError, UsageError
-from glue.events import Peer, PeerAdded, StackEvent
+from glue.events import Peer, PeerAdded, PeerRemoved, StackEvent
 from glue.fragmentation import Reassembler, split_views
 from glue.topics import MAX_ENVELOPE_BYTES, Outbound, Topics, TopicsConfig, outbound_size
 from glue.transport import (
     FrameReceived,
     FramesSkipped,
     SendSpaceFreed,
+    StreamsDropped,
     Transport,
     TransportConfig,
 )
@@ -36,6 +37,7 @@ from glue.wire import Ack, Data, EndpointId, Skip
 __all__ = [
     "DISCOVERY_DATAGRAM_BYTES",
     "FRAME_OVERHEAD_BYTES",
+    "LIVENESS_SIGNALS",
     "Stack",
     "StackConfig",
     "StackOutput",
@@ -60,6 +62,14 @@ _FRAGMENT_JSON_BYTES: Final = 96
 _MIN_CHAINED_FRAGMENT: Final = 1024
 #: The least payload a first fragment carries beside the message's envelope.
 _MIN_FIRST_FRAGMENT: Final = 64
+
+#: While frames are unacknowledged, the retransmission timeout never exceeds a peer's discovery
+#: timeout (rate x multiplier) divided by this: a sender waiting for acks under heavy loss still
+#: sends (and so hears acks) several times per timeout, so neither side takes the other for gone
+#: on the strength of a few lost announcements.
+LIVENESS_SIGNALS: Final = 4
+#: At most this many peers' undelivered messages are remembered for ``take_delivery_failures``.
+_MAX_FAILURES: Final = 1024
 
 StackOutput = StackEvent | SendSpaceFreed
 
@@ -114,7 +124,16 @@ class Stack:
         self.endpoint_id = identity.endpoint_id
         self.incarnation = identity.incarnation
         self.discovery = Discovery(identity, rng=rng, now=now)
-        self.transport = Transport(config.transport)
+        liveness_rto_s = identity.rate_s * identity.multiplier / LIVENESS_SIGNALS
+        transport_config = config.transport
+        if transport_config.max_rto_s > liveness_rto_s:
+            transport_config = replace(
+                transport_config,
+                max_rto_s=liveness_rto_s,
+                initial_rto_s=min(transport_config.initial_rto_s, liveness_rto_s),
+                min_rto_s=min(transport_config.min_rto_s, liveness_rto_s),
+            )
+        self.transport = Transport(transport_config)
         self.reassembler = Reassembler(
             max_message_bytes=config.max_message_bytes + MAX_ENVELOPE_BYTES,
             max_total_bytes=config.max_reassembly_bytes,
@@ -135,6 +154,13 @@ class Stack:
         # Per peer, the size of the last fragment queued in this burst when a fragmented
         # message was the last thing queued (the next one's first fragment can share its datagram).
         self._tails: dict[EndpointId, int] = {}
+        # Peers taken for gone while messages to them were unacknowledged (their streams are
+        # parked in the transport), with the time they were removed.
+        self._parked: dict[EndpointId, tuple[Peer, float]] = {}
+        # Acks sent on leaving, before the goodbyes.
+        self._farewell: list[tuple[wire.OutDatagram, Address]] = []
+        # Peers gone for good with messages not acknowledged: (peer, messages), per peer id.
+        self._failures: dict[EndpointId, tuple[Peer, int]] = {}
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -169,7 +195,7 @@ class Stack:
                 touched = True
             else:
                 self.discovery.receive(frame, header, source, multicast=multicast, now=now)  # type: ignore[arg-type]
-                self._pump_discovery()
+                self._pump_discovery(now)
                 if kind is wire.Announce and frame.interest and not frame.forwarded:  # type: ignore[union-attr]
                     self.topics.announced(frame.endpoint_id, frame.interest)  # type: ignore[union-attr]
         if touched:
@@ -243,8 +269,38 @@ class Stack:
         return True
 
     def idle(self) -> bool:
-        """Whether no frame is queued or unacknowledged towards any peer."""
+        """Whether no frame is queued or unacknowledged towards any peer (parked ones too)."""
         return self.transport.idle()
+
+    def expiry_due(self, now: float) -> bool:
+        """Whether discovery may take a peer for gone at ``now`` (cheap; a lower bound).
+
+        The runtime reads what waits in its sockets first: a peer's datagram queued there is proof
+        of life that must count before a silent-peer decision.
+        """
+        return self.discovery.expiry_due(now)
+
+    def take_delivery_failures(self) -> list[tuple[Peer, int]]:
+        """Peers gone for good with messages not acknowledged, and how many; forgotten once taken.
+
+        Gone for good: it left (goodbye), came back as a new incarnation, or went silent and did
+        not come back before the messages expired (or parked memory ran out).
+        """
+        failures = list(self._failures.values())
+        self._failures.clear()
+        return failures
+
+    def silent_peers(self, now: float) -> list[tuple[Peer, int, float]]:
+        """Peers taken for gone at least one discovery timeout ago whose messages are still held
+        for their return: (peer, messages not acknowledged, seconds since removed)."""
+        if not self._parked:
+            return []
+        held = self.transport.parked()
+        silent = []
+        for peer_id, (peer, removed_at) in self._parked.items():
+            if now >= removed_at + self._timeout_s(peer) and held.get(peer_id):
+                silent.append((peer, held[peer_id], now - removed_at))
+        return silent
 
     def offer(self, peer: EndpointId, message: Outbound, expires_at: float, now: float) -> bool:
         """Queue ``message`` to ``peer`` if its send queue has room; True if queued or unknown.
@@ -321,20 +377,26 @@ class Stack:
     def handle_timer(self, *, now: float) -> None:
         """Run every layer's timers."""
         self.discovery.handle_timer(now=now)
-        self._pump_discovery()
+        self._pump_discovery(now)
         self.transport.handle_timer(now=now)
         self.reassembler.handle_timer(now=now)
         self.topics.prune_history(now)
         self._pump_transport(now)
 
     def leave(self) -> None:
-        """Say goodbye; every peer's state is dropped."""
+        """Acknowledge what arrived, then say goodbye; every peer's state is dropped."""
+        for peer, ack in self.transport.final_acks():
+            route = self._routes.get(peer)
+            if route is not None:
+                for datagram in wire.pack(route.header, [ack], max_bytes=route.datagram_bytes):
+                    self._farewell.append((datagram, route.address))
         self.discovery.leave()
         self._bundles.clear()
         self._tails.clear()
         for peer in list(self._routes):
             self.transport.remove_peer(peer)
         self._routes.clear()
+        self._parked.clear()
 
     # --- outputs --------------------------------------------------------------------------------
 
@@ -347,6 +409,9 @@ class Stack:
         :func:`glue.wire.pack`), for ``socket.sendmsg``: its payload is never copied in Python.
         """
         out: list[tuple[wire.OutDatagram, Address]] = []
+        if self._farewell:  # the last acks go before the goodbyes
+            out.extend(self._farewell)
+            self._farewell.clear()
         topics = self.topics
         if topics.has_sends():
             horizon = now + wire.MAX_TTL_MS / 1000.0
@@ -403,6 +468,15 @@ class Stack:
             if d is not None
         ]
         return min(deadlines, default=None)
+
+    def next_silent_at(self, now: float) -> float | None:
+        """When the next parked peer will count as silent (see ``silent_peers``), if one will."""
+        upcoming = [
+            at
+            for peer, removed_at in self._parked.values()
+            if (at := removed_at + self._timeout_s(peer)) > now
+        ]
+        return min(upcoming, default=None)
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -469,22 +543,51 @@ class Stack:
             bundle=(list(map(len, payloads)), expiries),
         )
 
-    def _pump_discovery(self) -> None:
+    def _pump_discovery(self, now: float) -> None:
         while (event := self.discovery.next_event()) is not None:
             peer = event.peer
+            peer_id = peer.endpoint_id
             if isinstance(event, PeerAdded):
-                self.transport.add_peer(peer.endpoint_id, peer.incarnation)
-                self._routes[peer.endpoint_id] = self._route(peer)
+                parked = self._parked.get(peer_id)
+                if parked is not None and parked[0].incarnation == peer.incarnation:
+                    del self._parked[peer_id]  # back: the transport resumes its streams
+                self.transport.add_peer(peer_id, peer.incarnation)
+                self._routes[peer_id] = self._route(peer)
                 self.topics.peer_added(peer)
             else:
-                self.transport.remove_peer(peer.endpoint_id)
-                self.reassembler.discard(peer.endpoint_id)
-                self._routes.pop(peer.endpoint_id, None)
-                self._bundles.pop(peer.endpoint_id, None)
-                self._tails.pop(peer.endpoint_id, None)
-                self.topics.peer_removed(peer)
+                self._remove(event, now)
             self._events.append(event)
             self._control_events = True
+
+    def _remove(self, event: PeerRemoved, now: float) -> None:
+        peer = event.peer
+        peer_id = peer.endpoint_id
+        self._flush_bundle(peer_id, now)  # its small messages are held (or counted) with the rest
+        silent = event.reason == "expired"
+        lost = self.transport.remove_peer(peer_id, park=silent)
+        if silent and peer_id in self.transport.parked():
+            self._parked[peer_id] = (peer, now)
+        elif lost:
+            self._failed(peer, lost)
+        if not silent:
+            # A silent peer may come back in the same incarnation, its frames continuing where
+            # they stopped: a partial message from it stays (bounded by the reassembler's limits).
+            self.reassembler.discard(peer_id)
+        self._routes.pop(peer_id, None)
+        self._tails.pop(peer_id, None)
+        self.topics.peer_removed(peer)
+
+    def _failed(self, peer: Peer, messages: int) -> None:
+        known = self._failures.pop(peer.endpoint_id, None)
+        if known is None and len(self._failures) >= _MAX_FAILURES:
+            del self._failures[next(iter(self._failures))]
+        self._failures[peer.endpoint_id] = (peer, messages + (known[1] if known else 0))
+        logger.info(
+            "%d messages to %s (%d) were not acknowledged", messages, peer.name, peer.endpoint_id
+        )
+
+    def _timeout_s(self, peer: Peer) -> float:
+        return peer.rate_s * self.config.discovery.multiplier
 
     def _unbundle(self, event: FrameReceived, now: float) -> None:
         """Deliver each message of a bundle whose own time to live has not run out."""
@@ -556,6 +659,10 @@ class Stack:
             elif type(event) is FramesSkipped:
                 self.reassembler.discard(event.peer)
                 self.counters["frames_skipped"] += event.last - event.first + 1
+            elif type(event) is StreamsDropped:
+                parked = self._parked.pop(event.peer, None)
+                if parked is not None:  # dropped (expired, memory) while it was away
+                    self._failed(parked[0], event.messages)
             else:
                 assert isinstance(event, SendSpaceFreed)
                 self._events.append(event)

@@ -22,9 +22,15 @@ State: for every peer, a send stream and a receive stream, both tied to the peer
 
 Inputs: ``add_peer``/``remove_peer`` (from discovery), ``send``, ``receive``, ``handle_timer``.
 Outputs: ``frames_to_send`` (frames per peer id), ``next_event``/``take_events`` (``FrameReceived``,
-``FramesSkipped``, ``SendSpaceFreed``), ``next_deadline``.
+``FramesSkipped``, ``SendSpaceFreed``, ``StreamsDropped``), ``next_deadline``.
 
-A peer removed from discovery loses both streams at once: nothing keeps resending to the dead.
+A peer removed from discovery is never sent to again. A peer that *left* (goodbye, restart) loses
+both streams at once; one that only went *silent* (``remove_peer(park=True)``) has them *parked*:
+its queued and unacknowledged frames and its receive buffer are kept, untouched, until the last
+of them expires (bounded by ``parked_bytes`` over all parked peers, oldest evicted first), so that
+if it was only taken for gone (heavy loss, a stalled process) and comes back in the same
+incarnation, it gets every unexpired frame, in order, with no ``Skip``. Frames a parked stream
+drops unacknowledged are reported (``StreamsDropped``), as are those of a peer that left.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ __all__ = [
     "FrameReceived",
     "FramesSkipped",
     "SendSpaceFreed",
+    "StreamsDropped",
     "Transport",
     "TransportConfig",
     "TransportEvent",
@@ -74,6 +81,8 @@ class TransportConfig:
     ack_delay_s: float = 0.002
     ack_every: int = 32
     retired_streams: int = 4096
+    #: Bytes kept in all in the streams of peers taken for gone (see ``remove_peer``).
+    parked_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(slots=True, unsafe_hash=True)  # not frozen: made per frame (see wire.Data)
@@ -101,7 +110,16 @@ class SendSpaceFreed:
     peer: EndpointId
 
 
-TransportEvent = FrameReceived | FramesSkipped | SendSpaceFreed
+@dataclass(frozen=True, slots=True)
+class StreamsDropped:
+    """The streams of departed ``peer`` were dropped with ``messages`` not acknowledged."""
+
+    peer: EndpointId
+    incarnation: int
+    messages: int
+
+
+TransportEvent = FrameReceived | FramesSkipped | SendSpaceFreed | StreamsDropped
 
 
 class _Outgoing:
@@ -144,6 +162,19 @@ class _Outgoing:
         self.lost = False  # timed out, waiting in the stream's ``lost`` queue to be resent
         # A bundle's messages: their lengths and their expiry times, in order (None: not one).
         self.bundle: tuple[list[int], list[float]] | None = None
+
+
+def _messages(frames: list[_Outgoing]) -> int:
+    """How many messages end in ``frames`` (a bundle holds many; a fragment ends one if last)."""
+    count = 0
+    for out in frames:
+        if out.abandoned:
+            continue
+        if out.bundle is not None:
+            count += len(out.bundle[0])
+        elif out.part == out.parts - 1:
+            count += 1
+    return count
 
 
 class _SendStream:
@@ -222,13 +253,22 @@ class _RecvStream:
 
 
 class _Peer:
-    __slots__ = ("counters", "incarnation", "recv", "send")
+    __slots__ = ("counters", "incarnation", "parked_until", "recv", "send")
 
     def __init__(self, incarnation: int, initial_rto: float, cwnd: int) -> None:
         self.incarnation = incarnation
         self.counters: Counter[str] = Counter()  # this peer's; folded into the totals on removal
         self.send = _SendStream(initial_rto, self.counters, cwnd)
         self.recv = _RecvStream(self.counters)
+        self.parked_until = 0.0  # when parked: the time its last frame expires
+
+    def frames(self) -> list[_Outgoing]:
+        """Queued and unacknowledged frames, in sequence order."""
+        return [*self.send.unacked.values(), *self.send.pending]
+
+    def held_bytes(self) -> int:
+        """Payload bytes held for this peer, both ways."""
+        return self.send.queued_bytes + self.recv.buffered_bytes
 
 
 class Transport:
@@ -243,22 +283,33 @@ class Transport:
         # (peer, incarnation) -> (next seq to send, last seq delivered) of departed peers.
         self._retired: dict[tuple[EndpointId, int], tuple[int, int]] = {}
         self._blocked: set[EndpointId] = set()  # peers a sender found full
+        # Streams of peers that went silent, oldest first (see remove_peer), and their bytes.
+        self._parked: dict[EndpointId, _Peer] = {}
+        self._parked_bytes = 0
 
     # --- peers ----------------------------------------------------------------------------------
 
     def add_peer(self, peer: EndpointId, incarnation: int) -> None:
         """Start streams to and from ``peer`` (a new incarnation replaces the old streams).
 
-        A peer that comes back in the *same* incarnation (a healed partition) resumes where the
-        streams stopped: sending continues after the last sequence number used, with a ``Skip``
-        over what was dropped, and receiving continues after the last frame delivered. The other
-        side may never have noticed the gap, so restarting from 1 would lose or stall frames.
+        A peer that comes back in the *same* incarnation resumes where the streams stopped. If
+        they were parked (it went silent), everything is as it was: unacknowledged frames are
+        resent at once, in order, and the receive buffer is kept. Otherwise (they were dropped)
+        sending continues after the last sequence number used, with a ``Skip`` over what was
+        dropped, and receiving continues after the last frame delivered. The other side may
+        never have noticed the gap, so restarting from 1 would lose or stall frames.
         """
         known = self._peers.get(peer)
         if known is not None and known.incarnation == incarnation:
             return
         if known is not None:
             self.remove_peer(peer)
+        parked = self._parked.pop(peer, None)
+        if parked is not None:
+            if parked.incarnation == incarnation:
+                self._unpark(peer, parked)
+                return
+            self._drop_parked(peer, parked, "replaced")
         state = _Peer(incarnation, self.config.initial_rto_s, self.config.initial_congestion_bytes)
         resumed = self._retired.pop((peer, incarnation), None)
         if resumed is not None:
@@ -270,11 +321,82 @@ class Transport:
             self._dirty.add(peer)
         self._peers[peer] = state
 
-    def remove_peer(self, peer: EndpointId) -> None:
-        """Forget ``peer`` at once: its queued and in-flight frames are dropped and counted."""
+    def remove_peer(self, peer: EndpointId, *, park: bool = False) -> int:
+        """Stop sending to ``peer``; returns how many messages to it were dropped unacknowledged.
+
+        With ``park`` (the peer went silent, it did not say goodbye), frames still to deliver
+        either way are kept until they expire, for a return in the same incarnation, and 0 is
+        returned: they are not dropped (yet). Otherwise they are dropped at once and counted.
+        """
         state = self._peers.pop(peer, None)
         if state is None:
-            return
+            return 0
+        self._dirty.discard(peer)
+        if peer in self._blocked:
+            self._blocked.discard(peer)
+            self._events.append(SendSpaceFreed(peer))
+        if park and (state.send.pending or state.send.unacked or state.recv.buffer):
+            self._park(peer, state)
+            return 0
+        return self._retire(peer, state)
+
+    def final_acks(self) -> list[tuple[EndpointId, Ack]]:
+        """An ack for every peer whose latest frames are not yet acknowledged (before leaving:
+        the sender must not take what we received for lost when our goodbye reaches it)."""
+        acks = []
+        for peer, state in self._peers.items():
+            recv = state.recv
+            if recv.ack_at is not None or recv.buffer:
+                acks.append((peer, self._make_ack(recv)))
+        return acks
+
+    def parked(self) -> dict[EndpointId, int]:
+        """Peers whose streams are parked, with the messages to them not yet acknowledged."""
+        return {peer: _messages(state.frames()) for peer, state in self._parked.items()}
+
+    def _park(self, peer: EndpointId, state: _Peer) -> None:
+        frames = state.frames()
+        until = max((out.expires_at for out in frames), default=0.0)
+        until = max([until, *(expires_at for _, expires_at, _ in state.recv.buffer.values())])
+        state.parked_until = until
+        self._parked[peer] = state
+        self._parked_bytes += state.held_bytes()
+        self.counters["streams_parked"] += 1
+        logger.debug("parked %d frames for silent peer %d", len(frames), peer)
+        while self._parked_bytes > self.config.parked_bytes and self._parked:
+            oldest = next(iter(self._parked))
+            self._drop_parked(oldest, self._parked.pop(oldest), "memory")
+
+    def _unpark(self, peer: EndpointId, state: _Peer) -> None:
+        self._parked_bytes -= state.held_bytes()
+        stream = state.send
+        # Back from a silence: probe again from the initial window and timeout (RFC 5681 4.1,
+        # after an idle period), and resend everything unacknowledged at the next timer.
+        stream.cwnd = self.config.initial_congestion_bytes
+        stream.rto = self.config.initial_rto_s
+        for out in stream.unacked.values():
+            if out.sacked:
+                out.sacked = False  # its receiver may have forgotten it meanwhile
+                stream.sacked -= 1
+        stream.sack_top = 0
+        if len(stream.unacked) > stream.abandoned:
+            stream.resend_at = float("-inf")
+        if stream.skip_to > stream.acked_to + 1:
+            stream.skip_sent_at = float("-inf")
+        recv = state.recv
+        if recv.buffer or recv.unacked:
+            recv.ack_at = float("-inf")  # tell it at once what we hold
+        self._peers[peer] = state
+        self._dirty.add(peer)
+        self.counters["streams_unparked"] += 1
+
+    def _drop_parked(self, peer: EndpointId, state: _Peer, reason: str) -> None:
+        self._parked_bytes -= state.held_bytes()
+        self.counters[f"parked_streams_dropped_{reason}"] += 1
+        self._retire(peer, state)
+
+    def _retire(self, peer: EndpointId, state: _Peer) -> int:
+        """Drop ``state``'s frames, keep where its streams stopped; returns the messages lost."""
         retired = self._retired
         retired[(peer, state.incarnation)] = (state.send.next_seq, state.recv.delivered_to)
         if len(retired) > self.config.retired_streams:
@@ -282,19 +404,25 @@ class Transport:
             self.counters["retired_streams_evicted"] += 1
         self._fold(state)
         self.counters.update(state.counters)
-        dropped = len(state.send.pending) + len(state.send.unacked)
+        frames = state.frames()
+        dropped = sum(not out.abandoned for out in frames)
+        messages = _messages(frames)
         if dropped:
             self.counters["frames_dropped_peer_gone"] += dropped
             logger.debug("dropped %d frames queued for departed peer %d", dropped, peer)
-        self._dirty.discard(peer)
-        if peer in self._blocked:
-            self._blocked.discard(peer)
-            self._events.append(SendSpaceFreed(peer))
+        if messages:
+            self._events.append(StreamsDropped(peer, state.incarnation, messages))
+        return messages
+
+    def _purge_parked(self, now: float) -> None:
+        """Drop parked streams whose every frame has expired."""
+        for peer in [p for p, state in self._parked.items() if state.parked_until <= now]:
+            self._drop_parked(peer, self._parked.pop(peer), "expired")
 
     def total_counters(self) -> Counter[str]:
         """Counters over every peer, present and departed."""
         total = Counter(self.counters)
-        for state in self._peers.values():
+        for state in (*self._peers.values(), *self._parked.values()):
             self._fold(state)
             total.update(state.counters)
         return total
@@ -323,8 +451,13 @@ class Transport:
         return list(self._peers)
 
     def idle(self) -> bool:
-        """Whether nothing is queued or unacknowledged towards any peer."""
-        return not any(s.send.pending or s.send.unacked for s in self._peers.values())
+        """Whether nothing is queued or unacknowledged towards any peer, parked ones included."""
+        return not self._parked_sends() and not any(
+            s.send.pending or s.send.unacked for s in self._peers.values()
+        )
+
+    def _parked_sends(self) -> bool:
+        return any(s.send.pending or s.send.unacked for s in self._parked.values())
 
     def in_flight(self, peer: EndpointId) -> int:
         """Frames queued or unacknowledged towards ``peer``."""
@@ -407,6 +540,8 @@ class Transport:
 
     def handle_timer(self, *, now: float) -> None:
         """Resend what timed out, expire what is too old, send due acks."""
+        if self._parked:
+            self._purge_parked(now)
         for peer, state in self._peers.items():
             stream = state.send
             if stream.resend_at is not None and stream.resend_at <= now:
@@ -472,6 +607,10 @@ class Transport:
                     deadline = candidate
             candidate = state.recv.ack_at
             if candidate is not None and (deadline is None or candidate < deadline):
+                deadline = candidate
+        if self._parked:
+            candidate = min(state.parked_until for state in self._parked.values())
+            if deadline is None or candidate < deadline:
                 deadline = candidate
         return deadline
 

@@ -8,6 +8,15 @@ import pytest
 from tests.helpers import free_udp_port, multicast_settings
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--loss-runs",
+        type=int,
+        default=3,
+        help="runs of the 20 %% loss stream test in test_heavy_loss.py (CI: 3)",
+    )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration/" in str(item.path).replace("\\", "/"):

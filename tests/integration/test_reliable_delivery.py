@@ -195,7 +195,8 @@ def test_a_peer_killed_mid_stream_is_dropped_and_the_others_continue(group: str)
                 lambda: bool(survivor_lines) and survivor_lines[-1].get("count", 0) >= total,
                 timeout=20,
             )
-        assert counters["transport_frames_dropped_peer_gone"] >= 0
+        # What was in flight to it is held until it expires, in case it returns; never resent.
+        assert counters["transport_streams_parked"] == 1
         print(f"\nkilled peer's state dropped {gone_after:.2f} s after kill -9; {total} sent")
     finally:
         stop.set()

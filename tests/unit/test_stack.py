@@ -8,8 +8,8 @@ import pytest
 
 from glue import wire
 from glue.discovery import DiscoveryConfig
-from glue.events import MessageReceived
-from glue.stack import FRAME_OVERHEAD_BYTES, Stack, StackConfig
+from glue.events import MessageReceived, PeerRemoved
+from glue.stack import FRAME_OVERHEAD_BYTES, LIVENESS_SIGNALS, Stack, StackConfig
 from glue.topics import DIRECT_ENVELOPE as E
 from glue.transport import TransportConfig
 from glue.wire import Data, EndpointId
@@ -149,3 +149,115 @@ def test_bundled_bytes_count_against_the_send_queue() -> None:
     assert a.can_send(B, 1000)
     a.send(B, b"y" * 1000, expires_at=10.0, now=0.0)
     assert not a.can_send(B, 1)  # still waiting in the bundle, not yet in the transport
+
+
+# --- peers taken for gone -------------------------------------------------------------------------
+
+
+def _announce(sender: Stack, receiver: Stack, now: float) -> list[object]:
+    """``sender``'s announcement reaches ``receiver``; returns the events it caused."""
+    config = sender.config.discovery
+    announce = wire.Announce(
+        config.endpoint_id, config.incarnation, config.name, config.host, config.port, 1000
+    )
+    header = wire.Header(1, config.endpoint_id, config.incarnation)
+    receiver.receive_datagram(
+        wire.encode(header, [announce]), _address(sender), multicast=True, now=now
+    )
+    return _events(receiver)
+
+
+def _events(stack: Stack) -> list[object]:
+    events = []
+    while (event := stack.next_event()) is not None:
+        events.append(event)
+    return events
+
+
+def _removals(events: list[object]) -> list[tuple[str, str]]:
+    return [(e.peer.name, e.reason) for e in events if isinstance(e, PeerRemoved)]
+
+
+def test_the_resend_timeout_stays_under_a_quarter_of_the_discovery_timeout() -> None:
+    # Announcements every 1 s, a peer dropped after 2 s: a sender waiting for acks resends at
+    # least every 0.5 s, so the peer hears it (and it hears the acks) between announcements.
+    a = _stack(A)
+    assert a.transport.config.max_rto_s == pytest.approx(2.0 / LIVENESS_SIGNALS)
+    assert _stack(A, max_rto_s=0.1).transport.config.max_rto_s == 0.1  # already lower: kept
+
+
+def test_a_message_half_received_when_its_sender_was_taken_for_gone_is_still_delivered() -> None:
+    a, b = _pair()
+    large = bytes(range(256)) * 20  # 5120 bytes: four fragments at 1472
+    a.send(B, E + large, expires_at=60.0, now=0.0)
+    datagrams = a.datagrams_to_send(now=0.0)
+    assert len(datagrams) >= 3
+    assert _deliver(datagrams[:1], a, b, now=0.1) == []
+    b.handle_timer(now=2.1)  # nothing heard from A for its timeout (1 s x 2)
+    assert _removals(_events(b)) == [("n1", "expired")]
+    _announce(a, b, now=2.2)  # A was only silent: same incarnation
+    assert _deliver(datagrams[1:], a, b, now=2.3) == [large]
+    assert b.reassembler.counters == {"messages_reassembled": 1}
+
+
+def test_a_receiver_taken_for_gone_gets_its_messages_when_it_returns() -> None:
+    a, b = _pair()
+    a.send(B, E + b"held", expires_at=60.0, now=0.0)
+    a.datagrams_to_send(now=0.0)  # lost
+    a.handle_timer(now=2.0)  # B silent for its timeout
+    assert _removals(_events(a)) == [("n2", "expired")]
+    assert not a.idle()  # the message is held for B's return, not dropped
+    assert a.take_delivery_failures() == []
+    assert a.silent_peers(3.9) == []
+    assert a.next_silent_at(2.0) == 4.0  # counted as silent one more timeout later
+    assert [(peer.name, count) for peer, count, _ in a.silent_peers(4.0)] == [("n2", 1)]
+    _announce(b, a, now=4.5)  # it comes back, same incarnation
+    assert a.silent_peers(4.5) == []
+    a.handle_timer(now=4.5)
+    assert _deliver(a.datagrams_to_send(now=4.5), a, b, now=4.5) == [b"held"]
+    b.handle_timer(now=4.6)
+    _deliver(b.datagrams_to_send(now=4.6), b, a, now=4.6)
+    assert a.idle()
+    assert a.take_delivery_failures() == []
+
+
+def test_a_peer_that_leaves_with_messages_unacknowledged_is_reported_once() -> None:
+    a, b = _pair()
+    a.send(B, E + b"one", expires_at=60.0, now=0.0)
+    a.send(B, E + b"two", expires_at=60.0, now=0.0)
+    a.datagrams_to_send(now=0.0)  # lost
+    goodbye = wire.encode(wire.Header(1, B, int(B)), [wire.Goodbye()])
+    a.receive_datagram(goodbye, _address(b), multicast=False, now=0.5)
+    assert _removals(_events(a)) == [("n2", "left")]
+    assert a.idle()  # nothing is held for a peer that said goodbye
+    assert [(peer.name, count) for peer, count in a.take_delivery_failures()] == [("n2", 2)]
+    assert a.take_delivery_failures() == []
+
+
+def test_messages_held_for_a_silent_peer_are_reported_when_they_expire() -> None:
+    a, _b = _pair()
+    a.send(B, E + b"short-lived", expires_at=5.0, now=0.0)
+    a.datagrams_to_send(now=0.0)  # lost
+    a.handle_timer(now=2.0)
+    _events(a)
+    a.handle_timer(now=5.0)
+    assert a.idle()
+    assert [(peer.name, count) for peer, count in a.take_delivery_failures()] == [("n2", 1)]
+    assert a.silent_peers(5.0) == []
+
+
+def test_leaving_acknowledges_what_arrived_before_saying_goodbye() -> None:
+    # A subscriber that stops right after a message must not leave its publisher believing the
+    # message was lost: its ack (otherwise delayed) goes first, then the goodbye.
+    a, b = _pair()
+    a.send(B, E + b"last", expires_at=60.0, now=0.0)
+    assert _deliver(a.datagrams_to_send(now=0.0), a, b, now=0.001) == [b"last"]
+    b.leave()
+    datagrams = b.datagrams_to_send(now=0.001)
+    kinds = [type(frame).__name__ for frame in _frames(datagrams)]
+    assert kinds[0] == "Ack"
+    assert "Goodbye" in kinds[1:]
+    for data, _ in datagrams:
+        a.receive_datagram(data, _address(b), multicast=False, now=0.002)
+    assert _removals(_events(a)) == [("n2", "left")]
+    assert a.take_delivery_failures() == []

@@ -28,6 +28,7 @@ from glue.transport import (
     FrameReceived,
     FramesSkipped,
     SendSpaceFreed,
+    StreamsDropped,
     Transport,
     TransportConfig,
     TransportEvent,
@@ -756,7 +757,8 @@ def test_remove_peer_drops_everything_at_once() -> None:
     assert not pair.a.can_send(B, 2)
     pair.a.remove_peer(B)
     assert counters(pair.a, "frames_dropped_peer_gone") == {"frames_dropped_peer_gone": 3}
-    assert pair.events(pair.a) == [SendSpaceFreed(B)]  # whoever waited is told at once
+    # Whoever waited is told at once, and the loss is reported.
+    assert pair.events(pair.a) == [SendSpaceFreed(B), StreamsDropped(B, INC_B, 3)]
     assert pair.a.peers() == []
     assert pair.a.in_flight(B) == 0
     assert pair.a.incarnation(B) is None
@@ -820,6 +822,112 @@ def test_a_peer_removed_and_back_in_the_same_incarnation_resumes_its_streams() -
     pair.at(1.0).send(b"4")
     assert pair.transfer(pair.a) == [Skip(4), Data(4, b"4", 64_000)]
     assert pair.events(pair.b) == [FramesSkipped(A, 3, 3), FrameReceived(A, Data(4, b"4", 64_000))]
+
+
+def test_a_silent_peer_back_in_the_same_incarnation_gets_every_parked_frame_in_order() -> None:
+    pair = Pair()
+    pair.send(b"1", b"2", b"3")
+    one, _two, _three = pair.pull_data(pair.a)
+    pair.push(pair.b, [one])  # two and three are lost, and so is B's ack of one
+    pair.events(pair.b)
+    pair.send(b"4")  # queued while the first three are in flight
+    # A's discovery takes B for gone (it went silent): its streams are parked, not dropped.
+    assert pair.a.remove_peer(B, park=True) == 0
+    assert pair.a.parked() == {B: 4}
+    assert not pair.a.idle()  # what is parked is still owed
+    assert pair.events(pair.a) == []
+    assert pair.a.frames_to_send(now=pair.now) == []  # nothing goes to a peer taken for gone
+    pair.at(1.0).push(pair.a, [Ack(1)])  # what it says while away is ignored
+    assert counters(pair.a, "frames_from_unknown_peer") == {"frames_from_unknown_peer": 1}
+    # It was only silent: the same incarnation comes back. Everything unacknowledged is resent
+    # at once, then what was queued, with no Skip; B delivers each frame once, in order.
+    pair.a.add_peer(B, INC_B)
+    assert pair.a.parked() == {}
+    pair.timer(pair.a)
+    assert pair.now == 1.0
+    frames = pair.transfer(pair.a)
+    assert seqs(frames) == [1, 2, 3, 4]
+    assert [e.frame.seq for e in pair.events(pair.b)] == [2, 3, 4]  # 1 once, before
+    assert counters(pair.b, "duplicates_dropped") == {"duplicates_dropped": 1}
+    pair.timer(pair.b)
+    pair.transfer(pair.b)
+    assert pair.a.idle()
+    assert counters(pair.a, "streams_parked", "streams_unparked", "frames_dropped_peer_gone") == {
+        "streams_parked": 1,
+        "streams_unparked": 1,
+        "frames_dropped_peer_gone": 0,
+    }
+
+
+def test_a_parked_receive_buffer_is_kept_and_acknowledged_on_return() -> None:
+    pair = Pair()
+    pair.send(b"1", b"2", b"3")
+    _one, two, three = pair.pull_data(pair.a)
+    pair.push(pair.b, [two, three])  # one is lost: B buffers two and three
+    pair.pull(pair.b)  # its selective ack is lost too
+    pair.b.remove_peer(A, park=True)  # B takes A for gone
+    pair.b.add_peer(A, INC_A)  # and hears it again
+    assert pair.b.next_deadline() == float("-inf")  # it tells A at once what it holds
+    pair.b.handle_timer(now=pair.now)
+    assert pair.pull(pair.b) == [Ack(0, ((2, 3),))]
+    pair.push(pair.b, [_one])
+    assert [e.frame.seq for e in pair.events(pair.b)] == [1, 2, 3]
+
+
+def test_parked_frames_are_dropped_and_reported_once_they_expire() -> None:
+    pair = Pair()
+    pair.send(b"1", b"2", life=2.0)
+    pair.send(b"3", life=5.0)
+    pair.pull(pair.a)
+    pair.a.remove_peer(B, park=True)
+    assert pair.a.next_deadline() == 5.0  # when the last parked frame expires
+    pair.a.handle_timer(now=4.9)  # nothing yet
+    assert pair.a.parked() == {B: 3}
+    assert pair.timer(pair.a) == 5.0
+    assert pair.a.parked() == {}
+    assert pair.a.idle()
+    assert pair.events(pair.a) == [StreamsDropped(B, INC_B, 3)]
+    assert counters(pair.a, "parked_streams_dropped_expired") == {
+        "parked_streams_dropped_expired": 1
+    }
+    # A later return in the same incarnation resumes after a Skip, as for a dropped stream.
+    pair.a.add_peer(B, INC_B)
+    pair.at(6.0).send(b"4")
+    assert pair.transfer(pair.a) == [Skip(4), Data(4, b"4", 64_000)]
+
+
+def test_parked_streams_are_bounded_in_bytes_oldest_dropped_first() -> None:
+    config = TransportConfig(parked_bytes=10)
+    t = Transport(config)
+    for peer in (EndpointId(5), EndpointId(6), EndpointId(7)):
+        t.add_peer(peer, 1)
+        assert t.send(peer, b"12345", expires_at=LONG, now=0.0)
+        t.remove_peer(peer, park=True)
+    assert t.parked() == {EndpointId(6): 1, EndpointId(7): 1}
+    assert list(t.take_events()) == [StreamsDropped(EndpointId(5), 1, 1)]
+    assert t.total_counters()["parked_streams_dropped_memory"] == 1
+
+
+def test_a_parked_peer_back_as_a_new_incarnation_loses_the_old_frames() -> None:
+    pair = Pair()
+    pair.send(b"1", b"2")
+    pair.pull(pair.a)
+    pair.a.remove_peer(B, park=True)
+    pair.a.add_peer(B, INC_B + 1)
+    assert pair.events(pair.a) == [StreamsDropped(B, INC_B, 2)]
+    assert pair.a.idle()
+    assert pair.a.incarnation(B) == INC_B + 1
+
+
+def test_messages_are_counted_not_frames_when_streams_are_dropped() -> None:
+    t = Transport(CONFIG)
+    t.add_peer(B, INC_B)
+    for part in range(3):  # one message in three fragments
+        t.send(B, b"f", expires_at=LONG, now=0.0, part=part, parts=3)
+    t.send(B, b"abc", expires_at=LONG, now=0.0, bundle=([1, 1, 1], [LONG, LONG, LONG]))
+    t.send(B, b"z", expires_at=LONG, now=0.0)
+    assert t.remove_peer(B) == 1 + 3 + 1
+    assert t.total_counters()["frames_dropped_peer_gone"] == 5
 
 
 def test_frames_from_an_unknown_peer_or_incarnation_are_counted_and_ignored() -> None:
