@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import json
 import re
 import shutil
 import socket
@@ -35,7 +36,6 @@ DOC = ROOT / "docs" / "kubernetes.md"
 #: Entry points a user applies with ``kubectl apply -k``.
 MODES = {"headless": K8S, "rendezvous": K8S / "rendezvous"}
 #: The image's working directory holds the repository's files (compose/Dockerfile).
-APP_DIR = "/app"
 KNOWN_KINDS = {
     ("v1", "Namespace"),
     ("v1", "Service"),
@@ -422,21 +422,68 @@ def _simple_endpoint_parser() -> Any:
     return module._parser()
 
 
-def test_commands_refer_to_files_of_the_repository_and_parse(built: Build) -> None:
+@dataclass(frozen=True)
+class Image:
+    """What compose/Dockerfile puts in the image: files (image path -> repository path), the
+    entrypoint, the working directory, and the directories of PATH that hold commands."""
+
+    files: dict[str, str]
+    entrypoint: list[str]
+    workdir: str
+    commands: dict[str, list[str]]
+
+
+def _image() -> Image:
+    files: dict[str, str] = {}
+    entrypoint: list[str] = []
+    workdir = "/"
+    for line in (ROOT / "compose" / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "COPY" and len(words) == 3:
+            files[words[2]] = words[1]
+        elif words[0] == "ENTRYPOINT":
+            entrypoint = json.loads(line.split(None, 1)[1])
+        elif words[0] == "WORKDIR":
+            workdir = words[1]
+    # glue's console scripts, installed in the venv on PATH (pyproject.toml [project.scripts]).
+    commands = {"glue": ["python", "-m", "glue"], "python": ["python"]}
+    return Image(files, entrypoint, workdir, commands)
+
+
+def _check_runs_in_image(name: str, spec: dict[str, Any], image: Image) -> None:
+    """What the container runs is the manifest's command (or the image's entrypoint) plus its
+    args, in the image's working directory unless the manifest sets one: every file it names
+    must be one the Dockerfile copies into the image, and its arguments must parse."""
+    workdir = spec.get("workingDir", image.workdir)
+    argv = [*spec.get("command", image.entrypoint), *spec.get("args", [])]
+    assert argv[0] in image.commands, f"{name}: {argv[0]} is not in the image"
+    argv = [*image.commands[argv[0]], *argv[1:]]
+    if argv[1] == "-m":
+        assert argv[2] == "glue", name
+        cli._parser().parse_args(argv[3:])
+        return
+    script = argv[1] if argv[1].startswith("/") else f"{workdir.rstrip('/')}/{argv[1]}"
+    assert script in image.files, f"{name}: no {script} in the image"
+    assert image.files[script] == "cmd/simple_endpoint.py", name
+    _simple_endpoint_parser().parse_args(argv[2:])
+
+
+def test_commands_run_in_the_image_as_built(built: Build) -> None:
+    image = _image()
+    assert image.entrypoint[:1] == ["python"]
     for container in containers(built):
-        spec = container.spec
-        assert spec["workingDir"] == APP_DIR, container.name
-        command = container.command
-        assert command[0] == "python", container.name
-        if command[1] == "-m":
-            module = command[2]
-            assert (ROOT / module / "__main__.py").is_file(), container.name
-            assert module == "glue"
-            cli._parser().parse_args(command[3:])
-        else:
-            assert (ROOT / command[1]).is_file(), f"{container.name}: no {command[1]} in the repo"
-            assert command[1] == "cmd/simple_endpoint.py"
-            _simple_endpoint_parser().parse_args(command[2:])
+        _check_runs_in_image(container.name, container.spec, image)
+
+
+def test_the_command_that_crash_looped_is_refused() -> None:
+    # The manifests once ran `python cmd/simple_endpoint.py` in /app, where the image has
+    # /app/simple_endpoint.py only: the pods crash-looped while a check against the repository
+    # passed. The check against the image refuses it.
+    old = {"workingDir": "/app", "command": ["python", "cmd/simple_endpoint.py"]}
+    with pytest.raises(AssertionError, match=r"no /app/cmd/simple_endpoint.py in the image"):
+        _check_runs_in_image("old", old, _image())
 
 
 def test_one_image_changed_in_one_place(built: Build) -> None:
