@@ -28,7 +28,7 @@ from typing import Final, NoReturn, cast
 
 from glue import network, wire
 from glue.discovery import Address, DiscoveryConfig, Target
-from glue.errors import BackpressureError, ConfigError, DeliveryError, UsageError
+from glue.errors import BackpressureError, DeliveryError, UsageError
 from glue.events import Peer, PeerRemoved, StackEvent
 from glue.settings import GlueSettings
 from glue.stack import Stack, StackConfig
@@ -161,7 +161,7 @@ class Endpoint:
         loop = self._loop = asyncio.get_running_loop()
         self._space = asyncio.Event()
         settings = self.settings
-        interface, interface_ip = self._choose_interface()
+        interface, interface_ip = await self._choose_interface()
         self._interface = interface
         listen = settings.listen_address
         announces = bool(settings.discovery_target_address)
@@ -235,21 +235,35 @@ class Endpoint:
             ),
             datagram_bytes=datagram_bytes,
             loopback_datagram_bytes=settings.max_datagram_bytes or wire.MAX_DATAGRAM_BYTES,
+            path_datagram_bytes=None if settings.max_datagram_bytes else _path_datagram_bytes,
             max_message_bytes=settings.max_message_bytes,
             max_reassembly_bytes=4 * settings.max_message_bytes,
         )
 
-    def _choose_interface(self) -> tuple[str, str]:
-        """``GLUE_LISTEN_INTERFACE``, else the default route's interface, else ``lo``."""
-        if self.settings.listen_interface:
-            name = self.settings.listen_interface
+    async def _choose_interface(self) -> tuple[str, str]:
+        """``GLUE_LISTEN_INTERFACE``, else what :func:`glue.network.choose_interface` finds
+        toward the discovery targets (resolved) and group."""
+        settings = self.settings
+        if settings.listen_interface:
+            name = settings.listen_interface
             return name, network.interface_address(name, variable="GLUE_LISTEN_INTERFACE")
-        name = network.default_interface()
-        try:
-            return name, network.interface_address(name, variable="GLUE_LISTEN_INTERFACE")
-        except ConfigError:
-            logger.warning("default-route interface %s has no IPv4 address; using lo", name)
-            return "lo", "127.0.0.1"
+        hints: list[str] = []
+        for target in settings.discovery_target_address:
+            hints += await self._resolve(target.host)
+        if settings.discovery_listen_address is not None:
+            hints.append(settings.discovery_listen_address.host)
+        choice = network.choose_interface([h for h in hints if not h.startswith("0.")])
+        if choice.warning:
+            logger.warning("%s", choice.warning)
+        log = logger.info if len(choice.candidates) > 1 else logger.debug
+        log(
+            "interface %s (%s) chosen: %s%s",
+            choice.name,
+            choice.address,
+            choice.reason,
+            f"; candidates {', '.join(choice.candidates)}" if choice.candidates else "",
+        )
+        return choice.name, choice.address
 
     async def stop(self) -> None:
         """Say goodbye to peers, close the sockets, fail waiting senders. Idempotent."""
@@ -1015,6 +1029,11 @@ class Endpoint:
 
 
 _primed = False
+
+
+def _path_datagram_bytes(host: str) -> int | None:
+    """The datagram size toward ``host``, from the MTU of the interface that reaches it."""
+    return network.path_datagram_bytes(host, limit=wire.MAX_DATAGRAM_BYTES)
 
 
 def _prime_allocator() -> None:

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -23,12 +24,14 @@ __all__ = [
     "SOCKET_BUFFER_BYTES",
     "AddressKind",
     "DiscoverySockets",
+    "InterfaceChoice",
     "address_kind",
-    "default_interface",
+    "choose_interface",
     "interface_address",
     "interface_mtu",
     "open_data_socket",
     "open_discovery_sockets",
+    "path_datagram_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,14 +54,181 @@ def address_kind(host: str, interface: str | None = None) -> AddressKind:
     return "unicast"
 
 
-def default_interface() -> str:
-    """The interface of the IPv4 default route, or ``lo`` when there is none."""
+_UDP_IP_OVERHEAD: Final = 28
+_IFF_UP: Final = 0x1
+_IFF_LOOPBACK: Final = 0x8
+_IFF_MULTICAST: Final = 0x1000
+
+
+@dataclass(frozen=True, slots=True)
+class InterfaceChoice:
+    """The interface glue uses, its IPv4 address, why it was chosen, and what else could be."""
+
+    name: str
+    address: str
+    reason: str
+    candidates: tuple[str, ...] = ()
+    #: Set when the choice is a guess the operator should confirm (``GLUE_LISTEN_INTERFACE``).
+    warning: str | None = None
+
+
+def choose_interface(route_hints: Sequence[str] = ()) -> InterfaceChoice:
+    """The interface to use when ``GLUE_LISTEN_INTERFACE`` is not set, and why.
+
+    In order: the interface the kernel would send to the first of ``route_hints`` (IPv4
+    literals: the discovery targets and group) through; else that of any IPv4 default route,
+    one without a gateway (``default dev eth0``) included; else the only non-loopback interface
+    that is up with an IPv4 address and multicast; else, with several such interfaces, the first
+    by name, with a warning; else ``lo``, with a warning that multicast will not leave the host.
+    Nothing is sent: routes are asked with a connected UDP socket, or read from ``/proc``.
+    """
+    candidates = _multicast_candidates()
+    for host in route_hints:
+        name = _route_interface(host)
+        if name is not None:
+            return _choice(name, f"the kernel routes to {host} through it", candidates)
+    name = _default_route_interface()
+    if name is not None:
+        return _choice(name, "it carries the default route", candidates)
+    if len(candidates) == 1:
+        return _choice(
+            candidates[0], "the only interface up with IPv4 and multicast (no route)", candidates
+        )
+    if candidates:
+        first = candidates[0]
+        return _choice(
+            first,
+            "the first by name of several (no route says which)",
+            candidates,
+            warning=(
+                f"several interfaces could carry glue ({', '.join(candidates)}) and no route "
+                f"says which; using {first}. Set GLUE_LISTEN_INTERFACE to the one your peers "
+                "are on"
+            ),
+        )
+    return InterfaceChoice(
+        "lo",
+        "127.0.0.1",
+        "no other interface is up with IPv4 and multicast",
+        warning=(
+            "no network interface but lo is up with IPv4 and multicast: multicast discovery "
+            "will not leave this host. Set GLUE_LISTEN_INTERFACE to the interface your peers "
+            "are on, or GLUE_DISCOVERY_TARGET_ADDRESS to a unicast rendezvous"
+        ),
+    )
+
+
+def path_datagram_bytes(host: str, *, limit: int) -> int | None:
+    """The largest UDP payload toward ``host`` in one IP packet: the MTU of the interface the
+    kernel routes to it through, less 28 bytes of IPv4 and UDP headers, at most ``limit``
+    (None when no route is known)."""
+    name = _route_interface(host)
+    if name is None:
+        return None
+    return min(limit, interface_mtu(name) - _UDP_IP_OVERHEAD)
+
+
+def _choice(
+    name: str, reason: str, candidates: Sequence[str], *, warning: str | None = None
+) -> InterfaceChoice:
+    address = _ipv4(name)
+    if address is None:  # e.g. a route through an interface that has no IPv4 address of its own
+        return InterfaceChoice(
+            "lo",
+            "127.0.0.1",
+            f"{name} was chosen ({reason}) but has no IPv4 address",
+            tuple(candidates),
+            warning=f"interface {name} has no IPv4 address; using lo (set GLUE_LISTEN_INTERFACE)",
+        )
+    return InterfaceChoice(name, address, reason, tuple(candidates), warning)
+
+
+def _route_interface(host: str) -> str | None:
+    """The interface the kernel would send a datagram to ``host`` through (None: no route)."""
     try:
-        defaults = netifaces.gateways().get("default", {})
-    except (OSError, ValueError):  # pragma: no cover - netifaces reads /proc; be defensive
-        return "lo"
-    gateway = defaults.get(netifaces.AF_INET) if isinstance(defaults, dict) else None
-    return str(gateway[1]) if gateway else "lo"
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((host, 9))  # a route lookup only: a UDP connect sends nothing
+            source = str(probe.getsockname()[0])
+        except OSError:
+            return None
+    for name in netifaces.interfaces():
+        if source != "0.0.0.0" and any(a.get("addr") == source for a in _addresses(name)):
+            return str(name)
+    # No source address (e.g. a link-scope route through lo, whose address is host-scope): the
+    # most specific route of the main table says which interface.
+    return _table_route_interface(host)
+
+
+def _routes(table: str = "/proc/net/route") -> list[tuple[str, int, int]]:
+    """The main table's IPv4 routes that are up: (interface, destination, mask), as integers in
+    the table's byte order (``/proc/net/route`` writes them little-endian)."""
+    try:
+        with open(table, encoding="ascii") as file:
+            rows = [line.split() for line in file.readlines()[1:]]
+    except OSError:
+        return []
+    # Iface Destination Gateway Flags RefCnt Use Metric Mask ...; RTF_UP is flag 0x1.
+    return [
+        (row[0], int(row[1], 16), int(row[7], 16))
+        for row in rows
+        if len(row) >= 8 and int(row[3], 16) & 0x1
+    ]
+
+
+def _table_route_interface(host: str, table: str = "/proc/net/route") -> str | None:
+    """The interface of the most specific route to ``host`` in the main table, if any."""
+    (address,) = struct.unpack("<I", socket.inet_aton(host))
+    best: tuple[int, str] | None = None
+    for name, destination, mask in _routes(table):
+        if address & mask == destination:
+            length = bin(mask).count("1")
+            if best is None or length > best[0]:
+                best = (length, name)
+    return best[1] if best else None
+
+
+def _default_route_interface(table: str = "/proc/net/route") -> str | None:
+    """The interface of the first IPv4 default route, with or without a gateway."""
+    for name, destination, mask in _routes(table):
+        if destination == 0 and mask == 0:
+            return name
+    return None
+
+
+def _multicast_candidates() -> list[str]:
+    """Non-loopback interfaces that are up, have an IPv4 address and can multicast, by name."""
+    found = []
+    for name in sorted(map(str, netifaces.interfaces())):
+        flags = _flags(name)
+        if flags is None or flags & _IFF_LOOPBACK or not flags & _IFF_UP:
+            continue
+        if flags & _IFF_MULTICAST and _ipv4(name) is not None:
+            found.append(name)
+    return found
+
+
+def _flags(name: str) -> int | None:
+    try:
+        with open(f"/sys/class/net/{name}/flags", encoding="ascii") as file:
+            return int(file.read().strip(), 16)
+    except (OSError, ValueError):
+        return None
+
+
+def _addresses(name: str) -> list[dict[str, str]]:
+    try:
+        return list(netifaces.ifaddresses(name).get(netifaces.AF_INET, []))
+    except ValueError:
+        return []
+
+
+def _ipv4(name: str) -> str | None:
+    addresses = _addresses(name)
+    return str(addresses[0]["addr"]) if addresses else None
 
 
 def interface_mtu(interface: str) -> int:

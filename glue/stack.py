@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final
 
@@ -86,6 +86,9 @@ class StackConfig:
     datagram_bytes: int = 1472
     #: Largest datagram to peers on 127.0.0.0/8.
     loopback_datagram_bytes: int = wire.MAX_DATAGRAM_BYTES
+    #: The largest datagram toward a peer's host, from the MTU of the interface that reaches it
+    #: (the runtime asks the kernel's routes); None, or a None answer: ``datagram_bytes``.
+    path_datagram_bytes: Callable[[str], int | None] | None = None
     max_message_bytes: int = 16 * 1024 * 1024
     max_reassembly_bytes: int = 64 * 1024 * 1024
 
@@ -623,8 +626,14 @@ class Stack:
             self.incarnation,
             destination=peer.incarnation,
         )
-        loopback = peer.host.startswith("127.")
-        size = self.config.loopback_datagram_bytes if loopback else self.config.datagram_bytes
+        config = self.config
+        size: int | None = None
+        if peer.host.startswith("127."):
+            size = config.loopback_datagram_bytes
+        elif config.path_datagram_bytes is not None:
+            size = config.path_datagram_bytes(peer.host)
+        if size is None:
+            size = config.datagram_bytes
         counters = self.transport.peer_counters(peer.endpoint_id)
         assert counters is not None  # added to the transport just before
         return _Route(peer, header, size, counters)

@@ -18,6 +18,7 @@ from glue import (
     PeerAdded,
     PeerRemoved,
     UsageError,
+    network,
     wire,
 )
 from tests.helpers import async_wait_until, free_udp_port, multicast_settings, wait_until
@@ -229,3 +230,15 @@ async def test_async_wait_for_peers_times_out_clearly(group: str) -> None:
     async with AsyncEndpointManager.from_env(**_settings(group)) as alone:
         with pytest.raises(TimeoutError, match="0 of 1 peers"):
             await alone.wait_for_peers(1, timeout=0.3)
+
+
+def test_the_interface_is_chosen_by_the_route_to_the_group_and_lo_alone_is_a_warning() -> None:
+    # In the private namespace only lo exists, with the multicast route on it.
+    routed = network.choose_interface(["239.192.137.1"])
+    assert (routed.name, routed.address, routed.warning) == ("lo", "127.0.0.1", None)
+    assert routed.reason == "the kernel routes to 239.192.137.1 through it"
+    fallback = network.choose_interface([])  # no route hint, no default route, no candidate
+    assert fallback.name == "lo"
+    assert fallback.warning is not None
+    assert "multicast discovery will not leave this host" in fallback.warning
+    assert "GLUE_LISTEN_INTERFACE" in fallback.warning

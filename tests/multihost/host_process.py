@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import hashlib
 import itertools
+import logging
 import os
 import subprocess
 import sys
@@ -49,6 +50,12 @@ def digest(payload: bytes) -> str:
 
 def main() -> None:
     from glue import EndpointManager, Message, Peer
+
+    # glue's warnings and (with GLUE_LOG_LEVEL=INFO) its choices, on stderr for the test to read.
+    logging.basicConfig(
+        level=os.environ.get("GLUE_LOG_LEVEL", "WARNING"),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
 
     lock = threading.Lock()
 

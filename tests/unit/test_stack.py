@@ -261,3 +261,25 @@ def test_leaving_acknowledges_what_arrived_before_saying_goodbye() -> None:
         a.receive_datagram(data, _address(b), multicast=False, now=0.002)
     assert _removals(_events(a)) == [("n2", "left")]
     assert a.take_delivery_failures() == []
+
+
+def test_the_datagram_size_follows_the_path_to_each_peer() -> None:
+    sizes = {"10.0.0.2": 8972}  # B is reached through a jumbo-frame interface
+    identity = DiscoveryConfig(endpoint_id=A, incarnation=1, name="n1", port=40001)
+    config = StackConfig(
+        network_id=1, discovery=identity, datagram_bytes=1472, path_datagram_bytes=sizes.get
+    )
+    a = Stack(config, rng=random.Random(1), now=0.0)
+    for peer_id, host in (
+        (B, "10.0.0.2"),
+        (EndpointId(3), "10.0.0.3"),
+        (EndpointId(4), "127.0.0.9"),
+    ):
+        announce = wire.Announce(peer_id, 7, f"p{peer_id}", host, 40000, 1000)
+        header = wire.Header(1, peer_id, 7)
+        a.receive_datagram(wire.encode(header, [announce]), (host, 40000), multicast=True, now=0.0)
+    assert {peer: route.datagram_bytes for peer, route in a._routes.items()} == {
+        B: 8972,  # the path says so
+        EndpointId(3): 1472,  # no route known: the chosen interface's
+        EndpointId(4): wire.MAX_DATAGRAM_BYTES,  # loopback
+    }
