@@ -103,7 +103,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true", help="one JSON object per line")
     sub.set_defaults(run=_run_sub)
 
-    pub = commands.add_parser("pub", help="publish a message on a topic")
+    pub = commands.add_parser(
+        "pub",
+        help="publish a message on a topic",
+        description="Publish one message on a topic. By default: wait up to one discovery "
+        "timeout for a subscriber of the topic, publish, wait until every subscriber "
+        "acknowledged it, exit 0. Exit 3 when no subscriber appeared (nothing is published), 1 "
+        "when a subscriber did not acknowledge it.",
+    )
     pub.add_argument("topic", help="topic name")
     pub.add_argument("payload", help="message text (UTF-8), or - to read stdin")
     pub.add_argument("--type", default="text", help="topic type (default: text)")
@@ -112,11 +119,22 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument(
         "--wait-for-subscribers",
         type=int,
-        default=0,
+        default=1,
         metavar="N",
-        help="first wait (up to --timeout) until N peers subscribe to the topic",
+        help="wait (up to --timeout) until N peers subscribe to the topic (default 1)",
     )
-    pub.add_argument("--timeout", type=float, default=10.0, help="for --wait-for-subscribers")
+    pub.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds to wait for subscribers (default: one discovery timeout, "
+        "GLUE_DISCOVERY_RATE_MILLISECONDS x GLUE_DISCOVERY_RATE_TIMEOUT_MULTIPLIER)",
+    )
+    pub.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="do not wait for subscribers: publish to those already known (none, just after "
+        "start), wait for their acknowledgements, exit 0",
+    )
     pub.add_argument(
         "--linger",
         type=float,
@@ -287,13 +305,29 @@ def _run_pub(args: argparse.Namespace) -> int:
     return asyncio.run(_pub(args))
 
 
+#: Exit status of ``glue pub`` when no subscriber appeared (nothing was published).
+EXIT_NO_SUBSCRIBER = 3
+
+
 async def _pub(args: argparse.Namespace) -> int:
     payload = sys.stdin.buffer.read() if args.payload == "-" else args.payload.encode()
     async with AsyncEndpointManager.from_env() as endpoint:
-        if args.wait_for_subscribers:
-            await endpoint.wait_for_subscribers(
-                args.topic, args.wait_for_subscribers, timeout=args.timeout
-            )
+        settings = endpoint.settings
+        if not args.no_wait and args.wait_for_subscribers > 0:
+            timeout = args.timeout
+            if timeout is None:
+                timeout = settings.discovery_rate_s * settings.discovery_rate_timeout_multiplier
+            try:
+                await endpoint.wait_for_subscribers(
+                    args.topic, args.wait_for_subscribers, timeout=timeout
+                )
+            except TimeoutError:
+                print(
+                    f"glue pub: no subscriber to {args.topic!r} within {timeout:g} s: nothing "
+                    "published (--timeout to wait longer, --no-wait to publish anyway)",
+                    file=sys.stderr,
+                )
+                return EXIT_NO_SUBSCRIBER
         await endpoint.publish(
             args.topic,
             args.type,
@@ -301,8 +335,12 @@ async def _pub(args: argparse.Namespace) -> int:
             expiry=args.expiry,
             history_depth=args.history_depth,
         )
-        with contextlib.suppress(TimeoutError):
+        try:
             await endpoint.flush(timeout=args.expiry)
+        except TimeoutError:
+            raise TimeoutError(
+                f"not acknowledged by every subscriber within its expiry ({args.expiry:g} s)"
+            ) from None
         if args.linger:
             await asyncio.sleep(args.linger)  # serving late joiners from history meanwhile
     return 0

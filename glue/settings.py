@@ -8,9 +8,13 @@ readable line instead of a traceback.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import logging
 import math
+import os
 import secrets
+from pathlib import Path
 from typing import Annotated, Any, Final, NamedTuple
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -25,6 +29,8 @@ __all__ = [
     "HostPort",
     "load_settings",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DISCOVERY_PORT: Final = 27320
 DEFAULT_DISCOVERY_ADDRESS: Final = f"239.192.137.1:{DEFAULT_DISCOVERY_PORT}"
@@ -70,6 +76,7 @@ EXPECTED: Final[dict[str, str]] = {
     "history_max_bytes": "an integer from 0 to 1099511627776 (bytes of history in total)",
     "callback_threads": "an integer from 1 to 256 (threads running subscription callbacks)",
     "log_level": "one of " + ", ".join(_LOG_LEVELS),
+    "strict_settings": "1 or true (an unknown GLUE_* variable is an error), 0 or false",
 }
 
 
@@ -111,6 +118,7 @@ class GlueSettings(BaseSettings):
     history_max_bytes: int = Field(64 * 1024 * 1024, ge=0, le=1024**4)
     callback_threads: int = Field(4, ge=1, le=256)
     log_level: str = "INFO"
+    strict_settings: bool = False
 
     @field_validator("listen_address", mode="before")
     @classmethod
@@ -215,9 +223,57 @@ def load_settings(**overrides: Any) -> GlueSettings:
         ConfigError: one line per bad variable, naming it, its value and the form expected.
     """
     try:
-        return GlueSettings(**overrides)
+        settings = GlueSettings(**overrides)
     except ValidationError as exc:
         raise config_error_from(exc) from None
+    _check_unknown(settings)
+    return settings
+
+
+#: Unknown variables already warned about, so that each is reported once per process.
+_warned_unknown: set[tuple[str, str]] = set()
+
+
+def unknown_variables() -> list[tuple[str, str, str | None]]:
+    """``GLUE_*`` names in the environment or ``.env`` that are no setting: (name, where, the
+    closest setting's name or None)."""
+    known = [f"GLUE_{field.upper()}" for field in GlueSettings.model_fields]
+    sources: list[tuple[str, list[str]]] = [("the environment", list(os.environ))]
+    env_file = Path(str(GlueSettings.model_config.get("env_file") or ".env"))
+    if env_file.is_file():
+        from dotenv import dotenv_values  # pydantic-settings' own reader of .env files
+
+        sources.append((str(env_file), list(dotenv_values(env_file))))
+    found = []
+    for where, names in sources:
+        for name in names:
+            upper = name.upper()
+            if upper.startswith("GLUE_") and upper not in known:
+                close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+                found.append((name, where, close[0] if close else None))
+    return found
+
+
+def _check_unknown(settings: GlueSettings) -> None:
+    unknown = unknown_variables()
+    if not unknown:
+        return
+    lines = [
+        f"{name} (in {where}) is not a glue setting"
+        + (f"; did you mean {close}?" if close else "")
+        for name, where, close in unknown
+    ]
+    if settings.strict_settings:
+        raise ConfigError(
+            "\n".join(lines) + "\n(GLUE_STRICT_SETTINGS is on: unknown GLUE_* names are errors)",
+            variable=unknown[0][0],
+        )
+    for (name, where, _), line in zip(unknown, lines, strict=True):
+        if (name, where) in _warned_unknown:
+            continue
+        if len(_warned_unknown) < 256:
+            _warned_unknown.add((name, where))
+        logger.warning("%s; it is ignored (see .env.example for every setting)", line)
 
 
 def config_error_from(exc: ValidationError) -> ConfigError:

@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import orjson
+import pytest
 
+from glue import EndpointManager
 from tests.helpers import free_udp_port
 from tests.integration.nodes import Node, base_env
 
@@ -77,10 +79,12 @@ def test_glue_sub_prints_what_glue_pub_publishes_and_late_joiners_get_history() 
         text=True,
     )
     try:
+        # Once `glue sub` is up (seen from here), `glue pub` with no flags delivers: it waits for
+        # the subscriber (one discovery timeout at most), publishes, flushes, exits 0.
+        with EndpointManager.from_env(**settings) as watcher:
+            watcher.wait_for_subscribers("sensors/kitchen", timeout=20)
         for topic, text in (("sensors/kitchen", "21.5 C"), ("sensors/hall", "19 C")):
-            published = _glue(
-                "pub", topic, text, "--wait-for-subscribers", "1", "--timeout", "20", **settings
-            )
+            published = _glue("pub", topic, text, **settings)
             assert published.returncode == 0, published.stderr
         out, err = subscriber.communicate(timeout=30)
     finally:
@@ -95,7 +99,10 @@ def test_glue_sub_prints_what_glue_pub_publishes_and_late_joiners_get_history() 
     assert lines[1].endswith("#1] 19 C")
     # A retained value: published with nobody listening, kept while the publisher lingers.
     publisher = subprocess.Popen(
-        [sys.executable, "-m", "glue", "pub", "door", "open", "--expiry", "60", "--linger", "20"],
+        [
+            *[sys.executable, "-m", "glue", "pub", "door", "open", "--no-wait"],
+            *["--expiry", "60", "--linger", "20"],
+        ],
         env=base_env(**settings),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -111,21 +118,29 @@ def test_glue_sub_prints_what_glue_pub_publishes_and_late_joiners_get_history() 
     assert (record["topic"], record["payload"], record["seq"]) == ("door", "open", 1)
 
 
-def test_glue_pub_without_subscribers_times_out_clearly() -> None:
+@pytest.mark.parametrize("flags", [(), ("--wait-for-subscribers", "1", "--timeout", "0.5")])
+def test_glue_pub_without_subscribers_exits_3_and_says_so(flags: tuple[str, ...]) -> None:
     result = _glue(
         "pub",
         "nobody/here",
         "x",
-        "--wait-for-subscribers",
-        "1",
-        "--timeout",
-        "0.5",
+        *flags,
+        discovery_rate_milliseconds=100,
         discovery_target_address="0",
         discovery_listen_address="0",
     )
-    assert result.returncode != 0
-    assert "subscribers to 'nobody/here'" in result.stderr
+    assert result.returncode == 3, result.stderr
+    assert "no subscriber to 'nobody/here'" in result.stderr
+    assert "nothing published" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_glue_pub_no_wait_publishes_to_nobody_and_exits_0() -> None:
+    result = _glue(
+        "pub", "nobody/here", "x", "--no-wait",
+        discovery_target_address="0", discovery_listen_address="0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
 
 
 def test_bench_runs_and_prints_every_figure() -> None:

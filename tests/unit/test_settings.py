@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
+from glue import settings as settings_module
 from glue.errors import ConfigError
 from glue.settings import (
     DEFAULT_DISCOVERY_PORT,
@@ -251,6 +253,7 @@ BAD_VALUES = {
     "GLUE_HISTORY_MAX_BYTES": ["-1", "1.5"],
     "GLUE_CALLBACK_THREADS": ["0", "257", "many"],
     "GLUE_LOG_LEVEL": ["verbose", "5", "WARN"],
+    "GLUE_STRICT_SETTINGS": ["maybe", "2"],
 }
 
 
@@ -290,3 +293,65 @@ def test_every_bad_variable_gets_its_own_line(monkeypatch: pytest.MonkeyPatch) -
     assert lines[0].startswith("GLUE_NETWORK_ID='-1' is invalid")
     assert lines[1].startswith("GLUE_LOG_LEVEL='loud' is invalid")
     assert caught.value.variable == "GLUE_NETWORK_ID"
+
+
+# --- misspelt names -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings_module, "_warned_unknown", set())
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+def test_a_misspelt_variable_in_the_environment_is_named_with_the_closest_setting(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("GLUE_DISCOVERY_RATE_MILISECONDS", "5")
+    with caplog.at_level(logging.WARNING, logger="glue.settings"):
+        settings = load_settings()
+        load_settings()  # once per process, not per endpoint
+    assert settings.discovery_rate_milliseconds == 1000  # ignored, as the warning says
+    [record] = caplog.records
+    assert record.getMessage() == (
+        "GLUE_DISCOVERY_RATE_MILISECONDS (in the environment) is not a glue setting; did you "
+        "mean GLUE_DISCOVERY_RATE_MILLISECONDS?; it is ignored (see .env.example for every "
+        "setting)"
+    )
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+def test_a_misspelt_variable_in_dotenv_is_named_too(
+    workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (workdir / ".env").write_text("GLUE_NETWORK_ID=3\nGLUE_NETWROK_ID=4\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="glue.settings"):
+        assert load_settings().network_id == 3
+    [record] = caplog.records
+    assert "GLUE_NETWROK_ID (in .env) is not a glue setting" in record.getMessage()
+    assert "did you mean GLUE_NETWORK_ID?" in record.getMessage()
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+def test_an_unknown_name_with_nothing_close_gets_no_suggestion(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("GLUE_COLOUR", "blue")
+    with caplog.at_level(logging.WARNING, logger="glue.settings"):
+        load_settings()
+    [record] = caplog.records
+    assert record.getMessage().startswith("GLUE_COLOUR (in the environment) is not a glue setting;")
+    assert "did you mean" not in record.getMessage()
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+def test_strict_settings_make_an_unknown_name_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GLUE_STRICT_SETTINGS", "1")
+    monkeypatch.setenv("GLUE_MAX_PEER", "10")
+    with pytest.raises(ConfigError, match="did you mean GLUE_MAX_PEERS") as caught:
+        load_settings()
+    assert caught.value.variable == "GLUE_MAX_PEER"
+    monkeypatch.delenv("GLUE_MAX_PEER")
+    assert load_settings().strict_settings
