@@ -47,8 +47,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
+        # The command prints what happens itself: glue's INFO lines would repeat it, so they
+        # show only when asked for (-v, --log-level, or GLUE_LOG_LEVEL set explicitly).
+        level = args.log_level or ("INFO" if args.verbose else None)
+        if level is None:
+            level = settings.log_level if "log_level" in settings.model_fields_set else "WARNING"
         logging.basicConfig(
-            level=args.log_level or settings.log_level,
+            level=level,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
@@ -72,11 +77,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging level on stderr (default: GLUE_LOG_LEVEL, else INFO)",
+        help="logging level on stderr (default: GLUE_LOG_LEVEL if set, else WARNING)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log glue's INFO lines too (--log-level INFO)"
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    peers = commands.add_parser("peers", help="join the network and list the endpoints seen")
+    peers = commands.add_parser(
+        "peers",
+        help="join the network and list the endpoints seen",
+        description="Join the network described by the GLUE_* settings and list the endpoints "
+        "seen within one discovery timeout (--wait to listen longer), or follow them as they "
+        "come and go (--watch).",
+    )
     peers.add_argument(
         "--wait",
         type=float,
@@ -95,7 +109,13 @@ def _parser() -> argparse.ArgumentParser:
     peers.add_argument("--type", default="demo", help="topic type for --subscribe/--publish")
     peers.set_defaults(run=_run_peers)
 
-    sub = commands.add_parser("sub", help="print the messages published on a topic pattern")
+    sub = commands.add_parser(
+        "sub",
+        help="print the messages published on a topic pattern",
+        description="Subscribe to a topic pattern and print each message as it arrives: "
+        "'TOPIC [SOURCE #SEQUENCE] PAYLOAD', or one JSON object per line with --json. Exit 0 "
+        "after --count messages, 1 when --timeout passes first.",
+    )
     sub.add_argument("pattern", help="topic name or pattern: #, a/b/#, a/+/c")
     sub.add_argument("--type", default="text", help="topic type (default: text)")
     sub.add_argument("--count", type=int, default=0, help="exit after this many (0: never)")
@@ -144,7 +164,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     pub.set_defaults(run=_run_pub)
 
-    demo = commands.add_parser("demo", help="several endpoints discovering each other on 127.0.0.1")
+    demo = commands.add_parser(
+        "demo",
+        help="several endpoints discovering each other on 127.0.0.1",
+        description="Start a rendezvous and several endpoint processes on 127.0.0.1 only (no "
+        "multicast, nothing leaves this host) and narrate discovery, publish/subscribe, the "
+        "removal of a killed endpoint, a late joiner served from history, and the mesh "
+        "surviving the loss of its rendezvous.",
+    )
     demo.add_argument(
         "--nodes", type=int, default=3, help="endpoints besides the rendezvous (the last publishes)"
     )
@@ -152,7 +179,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_run_demo)
 
     bench = commands.add_parser(
-        "bench", help="glue against raw UDP between two processes (run it in tools/isolated-net)"
+        "bench",
+        help="glue against raw UDP between two processes (run it in tools/isolated-net)",
+        description="Measure glue's throughput (64 B, 64 KiB, 1 MiB messages) and round trip "
+        "between two processes on 127.0.0.1, next to raw UDP in the same rounds, and print the "
+        "ratios with their range and the CPU time per message on each side.",
     )
     bench.add_argument(
         "--seconds", type=float, default=2.0, help="time budget of each throughput measurement"
@@ -188,9 +219,9 @@ async def _peers(args: argparse.Namespace) -> int:
     async with AsyncEndpointManager.from_env() as endpoint:
         settings = endpoint.settings
         emit = _json_line if args.json else _text_line
+        host, port = endpoint.data_address
         emit(
-            "started",
-            {"id": endpoint.endpoint_id, "name": endpoint.name, "data": endpoint.data_address},
+            "started", {"id": endpoint.endpoint_id, "name": endpoint.name, "data": f"{host}:{port}"}
         )
         if not args.watch:
             timeout = settings.discovery_rate_s * settings.discovery_rate_timeout_multiplier
@@ -534,11 +565,16 @@ def _run_demo(args: argparse.Namespace) -> int:
         if not board.wait(lambda: all(board.count(n.label) >= 5 for n in nodes), timeout=10):
             print("\nglue demo: FAILED, the subscribers did not receive the counter")
             return 1
-        print("\n==> every subscriber receives the counter, in order and once each\n")
+        print(
+            "\n==> every subscriber receives the counter from when it subscribed, in order and "
+            "once each (earlier numbers were published before anyone listened)\n"
+        )
 
         victim, survivors = nodes[0], nodes[1:]
         print(
-            f"==> kill -9 {victim.label}: the others drop it after {timeout_s:.1f} s of silence\n"
+            f"==> kill -9 {victim.label}: the others drop it once it has been silent for "
+            f"{timeout_s:.1f} s, counted from its last announcement (so at most {timeout_s:.1f} s "
+            "after the kill)\n"
         )
         victim.stop(signal.SIGKILL)
         t0 = time.monotonic()

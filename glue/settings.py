@@ -259,8 +259,7 @@ def _check_unknown(settings: GlueSettings) -> None:
     if not unknown:
         return
     lines = [
-        f"{name} (in {where}) is not a glue setting"
-        + (f"; did you mean {close}?" if close else "")
+        f"{name} (in {where}) is not a glue setting" + (f"; did you mean {close}?" if close else "")
         for name, where, close in unknown
     ]
     if settings.strict_settings:

@@ -41,6 +41,10 @@ def test_glue_peers_lists_the_endpoints_it_sees() -> None:
         assert lines.returncode == 0, lines.stderr
         records = [orjson.loads(line) for line in lines.stdout.splitlines()]
         assert {r["name"] for r in records if r["event"] == "peer"} == {"sensor-0", "sensor-1"}
+        [started] = [r for r in records if r["event"] == "started"]
+        host, _, port = started["data"].rpartition(":")  # host:port, not a Python tuple
+        assert host == "0.0.0.0"
+        assert port.isdigit()
     finally:
         for node in others:
             node.close()
@@ -86,6 +90,7 @@ def test_glue_sub_prints_what_glue_pub_publishes_and_late_joiners_get_history() 
         for topic, text in (("sensors/kitchen", "21.5 C"), ("sensors/hall", "19 C")):
             published = _glue("pub", topic, text, **settings)
             assert published.returncode == 0, published.stderr
+            assert published.stderr == ""  # glue's INFO lines only with -v
         out, err = subscriber.communicate(timeout=30)
     finally:
         if subscriber.poll() is None:
@@ -141,6 +146,17 @@ def test_glue_pub_no_wait_publishes_to_nobody_and_exits_0() -> None:
         discovery_target_address="0", discovery_listen_address="0",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("command", ["peers", "sub", "pub", "demo", "bench"])
+def test_every_command_has_a_description_in_its_help(command: str) -> None:
+    result = _glue(command, "--help")
+    assert result.returncode == 0, result.stderr
+    usage, _, rest = result.stdout.partition("\n\n")
+    assert usage.startswith(f"usage: glue {command}")
+    description = rest.split("\n\n", 1)[0]
+    assert not description.startswith(("positional", "options")), result.stdout
+    assert len(description) > 40, result.stdout
 
 
 def test_bench_runs_and_prints_every_figure() -> None:
