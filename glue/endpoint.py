@@ -16,6 +16,7 @@ queue itself is full, senders wait, then raise :class:`~glue.errors.Backpressure
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import random
 import secrets
@@ -30,6 +31,7 @@ from glue import network, wire
 from glue.discovery import Address, DiscoveryConfig, Target
 from glue.errors import BackpressureError, DeliveryError, UsageError
 from glue.events import Peer, PeerRemoved, StackEvent
+from glue.metrics import MetricsServer, MetricsSnapshot, PeerMetrics
 from glue.settings import GlueSettings
 from glue.stack import Stack, StackConfig
 from glue.topics import (
@@ -51,6 +53,8 @@ _RECV_BYTES: Final = 65536
 #: Receive buffers kept for reuse, at most (64 KiB each; a large message's datagrams hold theirs
 #: until it is whole: 17 for 1 MiB).
 _MAX_RECEIVE_BUFFERS: Final = 32
+#: How long a metrics scrape waits for the loop to take a snapshot.
+_SNAPSHOT_TIMEOUT_S: Final = 2.0
 _PAD: Final = memoryview(bytes(_RECV_BYTES))
 _MAX_READS_PER_WAKEUP: Final = 4096
 #: Bytes and seconds of reading per wake-up before the stack's outputs are flushed. A wake-up that
@@ -141,6 +145,8 @@ class Endpoint:
         self._buffer_index = 0
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._silence_check: asyncio.TimerHandle | None = None
+        #: The Prometheus endpoint, when GLUE_METRICS_ADDRESS is set (see glue.metrics).
+        self.metrics: MetricsServer | None = None
         # Read on every send (plain attributes are cheaper than the settings model's).
         self._max_message_bytes = settings.max_message_bytes
         self._send_queue_bytes = settings.send_queue_bytes
@@ -197,6 +203,15 @@ class Endpoint:
         if settings.discovery_target_address:
             self._stack.set_targets(await self._resolve_targets())
             self._resolver = loop.create_task(self._resolve_forever(), name=f"glue-dns-{self.name}")
+        if settings.metrics_address is not None:
+            metrics = MetricsServer(self._threadsafe_snapshot)
+            try:
+                metrics.start(*settings.metrics_address)
+            except BaseException:
+                self._state = "running"  # so that stop() releases what start() opened
+                await self.stop()
+                raise
+            self.metrics = metrics
         self._state = "running"
         logger.info(
             "endpoint %s (%d) started: data on %s:%d, interface %s, discovery %s -> %s",
@@ -282,6 +297,9 @@ class Endpoint:
         if self._silence_check is not None:
             self._silence_check.cancel()
             self._silence_check = None
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         self._close_sockets()
         with self._handoff_mutex:
             dropped = len(self._handoff) + len(self._staged)
@@ -673,6 +691,45 @@ class Endpoint:
         if stack is None:
             return {}
         return {p.endpoint_id: stack.peer_counters(p.endpoint_id) for p in stack.peers()}
+
+    def _threadsafe_snapshot(self) -> MetricsSnapshot:
+        """``metrics_snapshot`` taken on the loop thread, for the metrics server's thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._state != "running":
+            return MetricsSnapshot(self.name, {}, {}, [])
+        done: concurrent.futures.Future[MetricsSnapshot] = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                done.set_result(self.metrics_snapshot())
+            except BaseException as exc:  # reported to the scrape, never to the loop
+                done.set_exception(exc)
+
+        loop.call_soon_threadsafe(take)
+        return done.result(timeout=_SNAPSHOT_TIMEOUT_S)
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """Every counter and gauge, in total and per peer, for a scrape (call on the loop
+        thread)."""
+        stack = self._stack
+        peers: list[PeerMetrics] = []
+        parked = 0
+        if stack is not None:
+            for peer in stack.peers():
+                peer_id = peer.endpoint_id
+                peers.append(
+                    PeerMetrics(
+                        peer.name,
+                        peer_id,
+                        stack.peer_counters(peer_id),
+                        stack.transport.peer_gauges(peer_id),
+                    )
+                )
+            parked = len(stack.transport.parked())
+        with self._handoff_mutex:
+            queued = self._handoff_bytes
+        gauges = {"peers": float(len(peers)), "peers_parked": float(parked), "queued_bytes": queued}
+        return MetricsSnapshot(self.name, self.all_counters(), gauges, peers)
 
     def all_counters(self) -> dict[str, int]:
         """Runtime and layer counters, merged (call on the loop thread)."""

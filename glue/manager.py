@@ -152,6 +152,12 @@ class AsyncEndpointManager:
         """The ``host:port`` the data socket is bound to (after start)."""
         return self._endpoint.data_address
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where Prometheus metrics are served (``GLUE_METRICS_ADDRESS``, port resolved), if."""
+        metrics = self._endpoint.metrics
+        return metrics.address if metrics is not None else None
+
     async def peers(self) -> list[Peer]:
         """The peers known now, ordered by name."""
         return sorted(self._peers.values(), key=lambda p: p.name)
@@ -623,6 +629,11 @@ class EndpointManager:
     def data_address(self) -> tuple[str, int]:
         """The ``host:port`` the data socket is bound to (after start)."""
         return self._async.data_address
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where Prometheus metrics are served (``GLUE_METRICS_ADDRESS``, port resolved), if."""
+        return self._async.metrics_address
 
     def peers(self) -> list[Peer]:
         """The peers known now, ordered by name."""

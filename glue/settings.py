@@ -77,6 +77,9 @@ EXPECTED: Final[dict[str, str]] = {
     "callback_threads": "an integer from 1 to 256 (threads running subscription callbacks)",
     "log_level": "one of " + ", ".join(_LOG_LEVELS),
     "strict_settings": "1 or true (an unknown GLUE_* variable is an error), 0 or false",
+    "metrics_address": (
+        "0 or unset (no metrics), or IPV4:PORT to serve Prometheus metrics on, e.g. 0.0.0.0:9464"
+    ),
 }
 
 
@@ -119,10 +122,18 @@ class GlueSettings(BaseSettings):
     callback_threads: int = Field(4, ge=1, le=256)
     log_level: str = "INFO"
     strict_settings: bool = False
+    metrics_address: Annotated[HostPort | None, NoDecode] = None
 
     @field_validator("listen_address", mode="before")
     @classmethod
     def _parse_listen(cls, value: Any) -> HostPort:
+        return _host_port(value, allow_names=False, default_port=None)
+
+    @field_validator("metrics_address", mode="before")
+    @classmethod
+    def _parse_metrics(cls, value: Any) -> HostPort | None:
+        if value is None or str(value).strip() in ("", "0"):
+            return None
         return _host_port(value, allow_names=False, default_port=None)
 
     @field_validator("discovery_listen_address", mode="before")

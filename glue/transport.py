@@ -441,6 +441,24 @@ class Transport:
         self._fold(state)
         return state.counters
 
+    def peer_gauges(self, peer: EndpointId) -> dict[str, float]:
+        """The state of the streams with ``peer`` now: smoothed round trip (s, 0 before the first
+        sample), retransmission timeout (s), congestion window, queued and in-flight bytes, frames
+        queued or unacknowledged, frames buffered out of order (empty if unknown)."""
+        state = self._peers.get(peer)
+        if state is None:
+            return {}
+        send, recv = state.send, state.recv
+        return {
+            "rtt_seconds": send.srtt or 0.0,
+            "rto_seconds": send.rto,
+            "congestion_window_bytes": send.cwnd,
+            "queued_bytes": send.queued_bytes,
+            "in_flight_bytes": send.in_flight_bytes,
+            "unacknowledged_frames": len(send.pending) + len(send.unacked),
+            "receive_buffered_frames": len(recv.buffer),
+        }
+
     def incarnation(self, peer: EndpointId) -> int | None:
         """The incarnation of ``peer`` the streams belong to, if known."""
         state = self._peers.get(peer)

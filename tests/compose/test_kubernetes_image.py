@@ -169,6 +169,13 @@ def test_the_manifests_pods_start_discover_each_other_and_exchange_messages(pods
         assert host["ReadonlyRootfs"]
         assert host["CapDrop"] == ["ALL"]
     assert ok, f"the pods did not all meet and exchange {MIN_MESSAGES} messages\n{pods.report()}"
+    # Each pod serves Prometheus metrics where its annotations say (scraped from inside it).
+    scrape = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9464/metrics').read().decode())"
+    for name, created in pods.containers.items():
+        code, output = created.exec_run(["python", "-c", scrape], user="65532:65532")
+        text = output.decode()
+        assert code == 0, f"{name}: {text[-2000:]}"
+        assert "glue_peers{" in text, f"{name}: {text[-2000:]}"
     drops = stack.isolation_drops(pods.bridge)
     assert drops == 0, f"{drops} packets tried to leave the pods' network"
     print(f"\n{sorted(names)}: met and exchanged messages; fence dropped {drops} packets")

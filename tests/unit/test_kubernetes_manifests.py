@@ -45,6 +45,7 @@ KNOWN_KINDS = {
 }
 KUSTOMIZATION_API = "kustomize.config.k8s.io/v1beta1"
 COMPONENT_API = "kustomize.config.k8s.io/v1alpha1"
+METRICS_PORT = 9464
 GLUE_LABEL = {"app.kubernetes.io/name": "glue"}
 
 
@@ -511,14 +512,35 @@ def test_the_network_policy_allows_udp_between_glue_pods_and_dns(built: Build) -
     spec = policy["spec"]
     for container in containers(built):
         assert matches(spec["podSelector"]["matchLabels"], container.labels), container.name
-    (ingress,) = spec["ingress"]
+    ingress, scrape = spec["ingress"]
     assert [peer["podSelector"]["matchLabels"] for peer in ingress["from"]] == [GLUE_LABEL]
     assert ingress["ports"] == [{"protocol": "UDP"}]  # data ports are ephemeral: any UDP port
+    assert "from" not in scrape  # Prometheus, wherever it runs
+    assert scrape["ports"] == [{"protocol": "TCP", "port": METRICS_PORT}]
     to_glue, dns = spec["egress"]
     assert [peer["podSelector"]["matchLabels"] for peer in to_glue["to"]] == [GLUE_LABEL]
     assert to_glue["ports"] == [{"protocol": "UDP"}]
     assert "to" not in dns
     assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
+
+
+def test_every_pod_serves_metrics_where_its_annotations_say(
+    built: Build, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for container in containers(built):
+        template = container.deployment["spec"]["template"]
+        annotations = template["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+        assert annotations["prometheus.io/path"] == "/metrics"
+        ports = {p["name"]: p for p in container.spec["ports"]}
+        assert ports["metrics"] == {
+            "name": "metrics",
+            "containerPort": METRICS_PORT,
+            "protocol": "TCP",
+        }
+        settings = settings_of(container, monkeypatch)
+        assert settings.metrics_address == HostPort("0.0.0.0", METRICS_PORT), container.name
 
 
 # --- the documentation --------------------------------------------------------------------------

@@ -254,6 +254,7 @@ BAD_VALUES = {
     "GLUE_CALLBACK_THREADS": ["0", "257", "many"],
     "GLUE_LOG_LEVEL": ["verbose", "5", "WARN"],
     "GLUE_STRICT_SETTINGS": ["maybe", "2"],
+    "GLUE_METRICS_ADDRESS": ["9464", "localhost:9464", "0.0.0.0:99999"],
 }
 
 
