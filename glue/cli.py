@@ -1,4 +1,4 @@
-"""The ``glue`` command: ``glue peers``, ``glue sub``, ``glue pub``, ``glue demo``, ``glue bench``.
+"""The ``glue`` command: ``glue peers``, ``sub``, ``pub``, ``doctor``, ``demo``, ``bench``.
 
 The only module of the package that prints.
 
@@ -163,6 +163,20 @@ def _parser() -> argparse.ArgumentParser:
         "get it from history (default 0)",
     )
     pub.set_defaults(run=_run_pub)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check why nothing is discovered: settings, interface, multicast, rendezvous, peers",
+        description="Run the checks a user needs when nothing is discovered, one line each: the "
+        "settings in effect and where each came from, the interface chosen and why (MTU, "
+        "datagram size), a multicast self-test on it (this process and a second one), each "
+        "rendezvous target resolved and asked for an answer, the network key, and the peers "
+        "seen within two discovery periods. Exit 0 when every check passes, 1 otherwise.",
+    )
+    doctor.add_argument(
+        "--wait", type=float, help="seconds to listen for peers (default: two discovery periods)"
+    )
+    doctor.set_defaults(run=_run_doctor)
 
     demo = commands.add_parser(
         "demo",
@@ -411,6 +425,28 @@ def _print_table(peers: list[Peer]) -> None:
     for peer in peers:
         address = f"{peer.host}:{peer.port}"
         print(f"{peer.name:40} {peer.endpoint_id:>17} {address:21} {peer.rate_s * 1000:.0f} ms")
+
+
+# --- glue doctor ---------------------------------------------------------------------------------
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    return asyncio.run(_doctor(args))
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    from glue import doctor  # only when asked
+
+    checks = []
+    async for check in doctor.run_checks(wait_s=args.wait):
+        checks.append(check)
+        print(doctor.format_check(check), flush=True)
+    failed, warned = doctor.verdicts(checks)
+    if failed or warned:
+        print(f"\nglue doctor: {failed} failed, {warned} warnings (-> what to do)")
+        return 1
+    print("\nglue doctor: every check passed")
+    return 0
 
 
 # --- glue demo -----------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def test_glue_pub_no_wait_publishes_to_nobody_and_exits_0() -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("command", ["peers", "sub", "pub", "demo", "bench"])
+@pytest.mark.parametrize("command", ["peers", "sub", "pub", "doctor", "demo", "bench"])
 def test_every_command_has_a_description_in_its_help(command: str) -> None:
     result = _glue(command, "--help")
     assert result.returncode == 0, result.stderr
