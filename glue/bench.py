@@ -64,11 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pubsub", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--key", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "raw-receiver":
         return _raw_receiver(args.count, args.echo)
     if args.role == "glue-receiver":
-        return _glue_receiver(args.port, args.count, args.echo, args.pubsub)
+        return _glue_receiver(args.port, args.count, args.echo, args.pubsub, args.key)
     if args.role == "glue-async-receiver":
         return asyncio.run(_glue_async_receiver(args.port, args.count))
     if args.role == "glue-async-echo":
@@ -87,7 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 #: One measurement: messages/s, MB/s, and CPU seconds per message of the sending and the
 #: receiving process (``nan`` where not measured).
 _Figures = tuple[float, float, float, float]
-_VARIANTS = ("raw UDP", "glue", "glue asyncio", "glue pub/sub")
+_VARIANTS = ("raw UDP", "glue", "glue asyncio", "glue pub/sub", "glue sealed")
+#: A network key for the "glue sealed" variant (both ends), made once per run.
+_KEY = ""
 
 
 def _label(size: int) -> str:
@@ -104,6 +107,10 @@ def _run(seconds: float, repeat: int, sizes: Sequence[int]) -> int:
         f"UDP next to glue, {seconds:g} s per measurement",
         flush=True,
     )
+    global _KEY
+    from glue.security import generate_key
+
+    _KEY = generate_key()
     figures: dict[tuple[int, str], list[_Figures]] = {}
     round_trips: dict[str, list[float]] = {}
     for round_number in range(1, repeat + 1):
@@ -115,6 +122,7 @@ def _run(seconds: float, repeat: int, sizes: Sequence[int]) -> int:
                 "glue": _glue_throughput(size, count, seconds),
                 "glue asyncio": asyncio.run(_glue_async_throughput(size, count, seconds)),
                 "glue pub/sub": _glue_throughput(size, count, seconds, pubsub=True),
+                "glue sealed": _glue_throughput(size, count, seconds, key=_KEY),
             }
             for variant, result in measured.items():
                 figures.setdefault((size, variant), []).append(result)
@@ -128,6 +136,7 @@ def _run(seconds: float, repeat: int, sizes: Sequence[int]) -> int:
             "glue": _glue_round_trip(),
             "glue asyncio": asyncio.run(_glue_async_round_trip()),
             "glue pub/sub": _glue_round_trip(pubsub=True),
+            "glue sealed": _glue_round_trip(key=_KEY),
         }
         for variant, seconds_taken in trips.items():
             round_trips.setdefault(variant, []).append(seconds_taken)
@@ -164,7 +173,8 @@ def _table(
             if variant == "raw UDP":
                 ratio = ""
             else:
-                base, name = (direct, "glue") if variant == "glue pub/sub" else (raw, "raw")
+                compared = variant in ("glue pub/sub", "glue sealed")  # with glue unsealed
+                base, name = (direct, "glue") if compared else (raw, "raw")
                 ratios = [
                     r[0] / b[0] if b[0] else float("nan") for r, b in zip(runs, base, strict=True)
                 ]
@@ -324,15 +334,19 @@ def _glue_settings(**extra: Any) -> Any:
     )
 
 
-def _glue_throughput(size: int, count: int, seconds: float, *, pubsub: bool = False) -> _Figures:
+def _glue_throughput(
+    size: int, count: int, seconds: float, *, pubsub: bool = False, key: str | None = None
+) -> _Figures:
     from glue.manager import EndpointManager
 
     port = _free_port()
-    mode = ("--pubsub",) if pubsub else ()
+    mode = (*(("--pubsub",) if pubsub else ()), *(("--key", key) if key else ()))
     receiver = _spawn("--role", "glue-receiver", "--port", str(port), "--count", str(count), *mode)
     _read_json(receiver)  # ready
     settings = _glue_settings(
-        discovery_target_address=f"127.0.0.1:{port}", discovery_listen_address="0"
+        discovery_target_address=f"127.0.0.1:{port}",
+        discovery_listen_address="0",
+        **({"network_key": key} if key else {}),
     )
     payload = os.urandom(size)
     with EndpointManager(settings) as sender:
@@ -356,11 +370,15 @@ def _glue_throughput(size: int, count: int, seconds: float, *, pubsub: bool = Fa
     return _rates(result, size, cpu)
 
 
-def _glue_receiver(port: int, count: int, echo: bool, pubsub: bool = False) -> int:
+def _glue_receiver(
+    port: int, count: int, echo: bool, pubsub: bool = False, key: str | None = None
+) -> int:
     from glue.manager import EndpointManager
 
     settings = _glue_settings(
-        discovery_target_address="0", discovery_listen_address=f"127.0.0.1:{port}"
+        discovery_target_address="0",
+        discovery_listen_address=f"127.0.0.1:{port}",
+        **({"network_key": key} if key else {}),
     )
     done = threading.Event()
     tally = _Tally(count, done.set)
@@ -438,15 +456,17 @@ class _Tally:
         }
 
 
-def _glue_round_trip(*, pubsub: bool = False) -> float:
+def _glue_round_trip(*, pubsub: bool = False, key: str | None = None) -> float:
     from glue.manager import EndpointManager
 
     port = _free_port()
-    mode = ("--pubsub",) if pubsub else ()
+    mode = (*(("--pubsub",) if pubsub else ()), *(("--key", key) if key else ()))
     echo = _spawn("--role", "glue-receiver", "--port", str(port), "--echo", *mode)
     _read_json(echo)
     settings = _glue_settings(
-        discovery_target_address=f"127.0.0.1:{port}", discovery_listen_address="0"
+        discovery_target_address=f"127.0.0.1:{port}",
+        discovery_listen_address="0",
+        **({"network_key": key} if key else {}),
     )
     samples = []
     with EndpointManager(settings) as pinger:

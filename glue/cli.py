@@ -1,4 +1,4 @@
-"""The ``glue`` command: ``glue peers``, ``sub``, ``pub``, ``doctor``, ``demo``, ``bench``.
+"""The ``glue`` command: ``peers``, ``sub``, ``pub``, ``keygen``, ``doctor``, ``demo``, ``bench``.
 
 The only module of the package that prints.
 
@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``glue`` console script."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if not getattr(args, "needs_settings", True):  # keygen works without any GLUE_* set
+        result: int = args.run(args)
+        return result
     try:
         settings = load_settings()
         # The command prints what happens itself: glue's INFO lines would repeat it, so they
@@ -57,8 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
-        result: int = args.run(args)
-        return result
+        outcome: int = args.run(args)
+        return outcome
     except ConfigError as exc:
         print(f"glue: configuration error:\n{exc}", file=sys.stderr)
         return 2
@@ -163,6 +166,16 @@ def _parser() -> argparse.ArgumentParser:
         "get it from history (default 0)",
     )
     pub.set_defaults(run=_run_pub)
+
+    keygen = commands.add_parser(
+        "keygen",
+        help="print a new network key (for GLUE_NETWORK_KEY)",
+        description="Print a new random network key on one line, in the form GLUE_NETWORK_KEY "
+        "takes (32 bytes, base64url). Give the same key to every endpoint of the network, e.g. "
+        "GLUE_NETWORK_KEY=$(glue keygen), or keep it in a file for GLUE_NETWORK_KEY_FILE "
+        "(docs/security.md).",
+    )
+    keygen.set_defaults(run=_run_keygen, needs_settings=False)
 
     doctor = commands.add_parser(
         "doctor",
@@ -425,6 +438,16 @@ def _print_table(peers: list[Peer]) -> None:
     for peer in peers:
         address = f"{peer.host}:{peer.port}"
         print(f"{peer.name:40} {peer.endpoint_id:>17} {address:21} {peer.rate_s * 1000:.0f} ms")
+
+
+# --- glue keygen ---------------------------------------------------------------------------------
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    from glue.security import generate_key
+
+    print(generate_key())
+    return 0
 
 
 # --- glue doctor ---------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ for a problem, what to do), as soon as it is done, so the command shows progress
    The probe is not a glue datagram: endpoints listening there drop it (``dropped_malformed``).
 4. **rendezvous** (each unicast discovery target): resolved, then asked, as an endpoint asks, for
    an answer; a glue announcement must come back. A goodbye follows, so it forgets the doctor.
-5. **network key**: whether one is set.
-6. **peers**: a real endpoint joins for two discovery periods and lists who it met.
+5. **network key**: whether one is set, and the id of the key it seals with (compare ids).
+6. **peers**: a real endpoint joins for two discovery periods and lists who it met, and what it
+   refused: datagrams sealed with another key, unsealed ones, stale ones (a key mismatch).
 
 Only the CLI prints; this module returns the checks. It opens sockets like the runtime does, so
 run it where the endpoint would run (the same host, container or pod, with the same ``GLUE_*``).
@@ -73,7 +74,7 @@ async def run_checks(*, wait_s: float | None = None) -> AsyncIterator[Check]:
     for target in settings.discovery_target_address:
         if network.address_kind(target.host, interface) == "unicast":
             yield await _rendezvous_check(settings, target.host, target.port)
-    yield _key_check()
+    yield _key_check(settings)
     yield await _peers_check(settings, wait_s)
 
 
@@ -301,15 +302,24 @@ def _ask(settings: GlueSettings, address: str, port: int, wait_s: float) -> str 
 # --- key and peers ------------------------------------------------------------------------------
 
 
-def _key_check() -> Check:
-    if os.environ.get("GLUE_NETWORK_KEY"):
+def _key_check(settings: GlueSettings) -> Check:
+    keys = settings.network_keys()
+    if not keys:
         return Check(
-            "warn",
+            "ok",
             "network key",
-            "GLUE_NETWORK_KEY is set, but this version of glue does not seal datagrams yet",
-            "it is ignored: anyone on the segment can read and send glue traffic",
+            "none: datagrams are not sealed (anyone on the segment can read and send them)",
         )
-    return Check("ok", "network key", "none set (datagrams are not sealed)")
+    from glue.security import NetworkKeys
+
+    ids = NetworkKeys(keys, settings.network_id).key_ids
+    source = "GLUE_NETWORK_KEY" if settings.network_key is not None else "GLUE_NETWORK_KEY_FILE"
+    rotation = f"; {len(ids) - 1} more opening only" if len(ids) > 1 else ""
+    return Check(
+        "ok",
+        "network key",
+        f"from {source}: seals with key id {ids[0]}{rotation} (compare ids across endpoints)",
+    )
 
 
 async def _peers_check(settings: GlueSettings, wait_s: float | None) -> Check:
@@ -318,8 +328,29 @@ async def _peers_check(settings: GlueSettings, wait_s: float | None) -> Check:
         async with AsyncEndpointManager(settings) as endpoint:
             await asyncio.sleep(seconds)  # every live peer announces within the window
             peers = await endpoint.peers()
+            counters = endpoint.counters()
     except ConfigError as exc:
         return Check("fail", "peers", f"cannot start an endpoint: {exc}", "fix the variable named")
+    refused = {
+        reason: counters.get(f"dropped_{reason}", 0)
+        for reason in ("key", "auth", "unsealed", "sealed", "stale")
+        if counters.get(f"dropped_{reason}", 0)
+    }
+    if refused:
+        hint = {
+            "key": "other endpoints seal with a key this one does not have (compare key ids)",
+            "auth": "datagrams fail authentication: another key, or forged",
+            "unsealed": "other endpoints send unsealed datagrams: they have no network key",
+            "sealed": "other endpoints seal their datagrams: set the network's key here",
+            "stale": "datagrams are over 60 s old or ahead: synchronise the clocks (NTP)",
+        }
+        return Check(
+            "fail",
+            "peers",
+            f"{len(peers)} seen; datagrams refused: "
+            + ", ".join(f"{n} {reason}" for reason, n in refused.items()),
+            "; ".join(hint[reason] for reason in refused),
+        )
     if not peers:
         return Check(
             "fail",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import random
 import secrets
@@ -32,6 +33,7 @@ from glue.discovery import Address, DiscoveryConfig, Target
 from glue.errors import BackpressureError, DeliveryError, UsageError
 from glue.events import Peer, PeerRemoved, StackEvent
 from glue.metrics import MetricsServer, MetricsSnapshot, PeerMetrics
+from glue.security import SEAL_OVERHEAD, NetworkKeys, Opener, Rejected, Sealer
 from glue.settings import GlueSettings
 from glue.stack import Stack, StackConfig
 from glue.topics import (
@@ -53,6 +55,18 @@ _RECV_BYTES: Final = 65536
 #: Receive buffers kept for reuse, at most (64 KiB each; a large message's datagrams hold theirs
 #: until it is whole: 17 for 1 MiB).
 _MAX_RECEIVE_BUFFERS: Final = 32
+#: The first byte of a sealed datagram (glue.security.SEAL_MAGIC); a plain one starts with "{".
+_SEALED_FIRST_BYTE: Final = 0xC7
+#: What the log says, once per source, of datagrams refused for each reason.
+_REFUSALS: Final = {
+    "key": "are sealed with a key this endpoint does not have: another network key?",
+    "auth": "fail authentication: another network key, or forged",
+    "unsealed": "are not sealed: that endpoint has no GLUE_NETWORK_KEY, this one requires it",
+    "sealed": "are sealed, but this endpoint has no GLUE_NETWORK_KEY: set the network's key",
+    "replay": "repeat datagrams already received: replayed, dropped",
+    "stale": "were sent more than 60 s ago or ahead of this clock: are the clocks synchronised?",
+    "truncated": "are too short to be sealed datagrams",
+}
 #: How long a metrics scrape waits for the loop to take a snapshot.
 _SNAPSHOT_TIMEOUT_S: Final = 2.0
 _PAD: Final = memoryview(bytes(_RECV_BYTES))
@@ -147,6 +161,18 @@ class Endpoint:
         self._silence_check: asyncio.TimerHandle | None = None
         #: The Prometheus endpoint, when GLUE_METRICS_ADDRESS is set (see glue.metrics).
         self.metrics: MetricsServer | None = None
+        # The network key: every datagram sealed on its way out and opened on its way in.
+        self._sealer: Sealer | None = None
+        self._opener: Opener | None = None
+        self._scratch = bytearray()  # sealed datagrams are read here, opened into _buffers
+        self.key_ids: list[str] = []
+        keys = settings.network_keys()
+        if keys:
+            network_keys = NetworkKeys(keys, settings.network_id)
+            self._sealer = Sealer(network_keys)
+            self._opener = Opener(network_keys, max_senders=4 * settings.max_peers)
+            self._scratch = bytearray(_RECV_BYTES)
+            self.key_ids = network_keys.key_ids  # logged at start; they reveal nothing
         # Read on every send (plain attributes are cheaper than the settings model's).
         self._max_message_bytes = settings.max_message_bytes
         self._send_queue_bytes = settings.send_queue_bytes
@@ -214,7 +240,7 @@ class Endpoint:
             self.metrics = metrics
         self._state = "running"
         logger.info(
-            "endpoint %s (%d) started: data on %s:%d, interface %s, discovery %s -> %s",
+            "endpoint %s (%d) started: data on %s:%d, interface %s, discovery %s -> %s, %s",
             self.name,
             self.endpoint_id,
             host,
@@ -222,11 +248,13 @@ class Endpoint:
             interface,
             settings.discovery_listen_address or "off",
             ",".join(map(str, settings.discovery_target_address)) or "off",
+            f"sealed (key id {', '.join(self.key_ids)})" if self.key_ids else "no network key",
         )
         self._service(loop.time())
 
     def _stack_config(self, host: str, port: int, announces: bool) -> StackConfig:
         settings = self.settings
+        overhead = SEAL_OVERHEAD if self._sealer is not None else 0  # a sealed datagram's extra
         datagram_bytes = settings.max_datagram_bytes or min(
             wire.MAX_DATAGRAM_BYTES, network.interface_mtu(self._interface) - _UDP_IP_OVERHEAD
         )
@@ -248,9 +276,12 @@ class Endpoint:
                 history_depth=settings.history_depth,
                 history_max_bytes=settings.history_max_bytes,
             ),
-            datagram_bytes=datagram_bytes,
-            loopback_datagram_bytes=settings.max_datagram_bytes or wire.MAX_DATAGRAM_BYTES,
-            path_datagram_bytes=None if settings.max_datagram_bytes else _path_datagram_bytes,
+            datagram_bytes=datagram_bytes - overhead,
+            loopback_datagram_bytes=(settings.max_datagram_bytes or wire.MAX_DATAGRAM_BYTES)
+            - overhead,
+            path_datagram_bytes=None
+            if settings.max_datagram_bytes
+            else functools.partial(_path_datagram_bytes, overhead=overhead),
             max_message_bytes=settings.max_message_bytes,
             max_reassembly_bytes=4 * settings.max_message_bytes,
         )
@@ -755,11 +786,13 @@ class Endpoint:
         buffer = self._buffers[self._buffer_index]
         clock = time.monotonic  # the loop's clock
         deadline = now + _MAX_SECONDS_PER_WAKEUP
+        opener = self._opener
         for _ in range(_MAX_READS_PER_WAKEUP):
             if len(buffer) != _RECV_BYTES:
                 buffer = self._receive_buffer()
             try:
-                n, source = recvfrom_into(buffer)
+                # Sealed: read into the scratch buffer, open into the receive buffer.
+                n, source = recvfrom_into(buffer if opener is None else self._scratch)
             except BlockingIOError:
                 drained = True
                 break
@@ -769,6 +802,13 @@ class Endpoint:
                 continue
             count += 1
             size += n
+            if opener is not None:
+                n = self._open(n, source, buffer)
+                if n < 0:
+                    continue
+            elif n and buffer[0] == _SEALED_FIRST_BYTE:
+                self._refused("sealed", source)
+                continue
             if 2 * n >= _RECV_BYTES:
                 # A large datagram is decoded in the buffer: its large payloads are views of it
                 # (joined once when whole), and it is not read into again while they live.
@@ -790,6 +830,28 @@ class Endpoint:
             self._deferred += 1
             self.counters["event_dispatches_deferred"] += 1
             self._service(now, dispatch=False)
+
+    def _open(self, n: int, source: Address, buffer: bytearray) -> int:
+        """Open the sealed datagram of ``n`` bytes in the scratch buffer into ``buffer``; its
+        length, or -1 when it was refused (counted, logged once per source and reason)."""
+        assert self._opener is not None
+        try:
+            with memoryview(self._scratch) as view, view[:n] as sealed:
+                return self._opener.open_into(sealed, int(time.time() * 1000), buffer)
+        except Rejected as exc:
+            self._refused(exc.reason, source)
+            return -1
+
+    def _refused(self, reason: str, source: Address) -> None:
+        """A datagram that did not pass the network key: count it, say why once per source."""
+        self.counters[f"dropped_{reason}"] += 1
+        key = ("refused", source[0], reason)
+        if key in self._warned:
+            logger.debug("dropped a datagram from %s:%d: %s", *source, reason)
+            return
+        if len(self._warned) < 256:
+            self._warned.add(key)
+        logger.warning("datagrams from %s:%d %s", *source, _REFUSALS.get(reason, reason))
 
     def _receive_buffer(self) -> bytearray:
         """A receive buffer no decoded payload still views (the current one if it is free).
@@ -930,6 +992,9 @@ class Endpoint:
         datagrams = stack.datagrams_to_send(now=loop.time(), gather=True)
         if not datagrams:  # e.g. a burst that only delivered: its ack is delayed
             return
+        if self._sealer is not None:
+            self._send_sealed(sock, datagrams)
+            return
         sent = 0
         size = 0
         sendto = sock.sendto
@@ -939,6 +1004,30 @@ class Endpoint:
                     size += sendto(datagram, destination)
                 else:  # a large payload, in pieces: the kernel gathers them, Python copies none
                     size += sock.sendmsg(datagram, (), 0, destination)
+            except OSError as exc:
+                self._send_failed(destination, exc)
+                continue
+            sent += 1
+        counters = self.counters
+        counters["datagrams_sent"] += sent
+        counters["bytes_sent"] += size
+
+    def _send_sealed(
+        self, sock: socket.socket, datagrams: list[tuple[wire.OutDatagram, Address]]
+    ) -> None:
+        sealer = self._sealer
+        assert sealer is not None
+        now_ms = int(time.time() * 1000)
+        seal, seal_pieces, sendto = sealer.seal, sealer.seal_pieces, sock.sendto
+        sent = size = 0
+        for datagram, destination in datagrams:
+            # Small ones whole; large ones (gathered pieces) into a reused buffer, sent at once.
+            if isinstance(datagram, bytes):
+                sealed: bytes | memoryview = seal(datagram, now_ms)
+            else:
+                sealed = seal_pieces(datagram, now_ms)
+            try:
+                size += sendto(sealed, destination)
             except OSError as exc:
                 self._send_failed(destination, exc)
                 continue
@@ -1088,9 +1177,11 @@ class Endpoint:
 _primed = False
 
 
-def _path_datagram_bytes(host: str) -> int | None:
-    """The datagram size toward ``host``, from the MTU of the interface that reaches it."""
-    return network.path_datagram_bytes(host, limit=wire.MAX_DATAGRAM_BYTES)
+def _path_datagram_bytes(host: str, *, overhead: int) -> int | None:
+    """The datagram size toward ``host``, from the MTU of the interface that reaches it, less
+    what sealing adds (``overhead``)."""
+    size = network.path_datagram_bytes(host, limit=wire.MAX_DATAGRAM_BYTES)
+    return None if size is None else size - overhead
 
 
 def _prime_allocator() -> None:

@@ -17,7 +17,7 @@ import secrets
 from pathlib import Path
 from typing import Annotated, Any, Final, NamedTuple
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from glue.errors import ConfigError
@@ -77,6 +77,11 @@ EXPECTED: Final[dict[str, str]] = {
     "callback_threads": "an integer from 1 to 256 (threads running subscription callbacks)",
     "log_level": "one of " + ", ".join(_LOG_LEVELS),
     "strict_settings": "1 or true (an unknown GLUE_* variable is an error), 0 or false",
+    "network_key": (
+        "a comma-separated list of keys from `glue keygen` (32 bytes in base64url each); the "
+        "first seals, every one opens"
+    ),
+    "network_key_file": "the path of a readable file holding what GLUE_NETWORK_KEY would",
     "metrics_address": (
         "0 or unset (no metrics), or IPV4:PORT to serve Prometheus metrics on, e.g. 0.0.0.0:9464"
     ),
@@ -123,11 +128,36 @@ class GlueSettings(BaseSettings):
     log_level: str = "INFO"
     strict_settings: bool = False
     metrics_address: Annotated[HostPort | None, NoDecode] = None
+    #: The network key(s): comma-separated, the first seals, every one opens (docs/security.md).
+    network_key: SecretStr | None = None
+    network_key_file: Path | None = None
 
     @field_validator("listen_address", mode="before")
     @classmethod
     def _parse_listen(cls, value: Any) -> HostPort:
         return _host_port(value, allow_names=False, default_port=None)
+
+    @field_validator("network_key", mode="after")
+    @classmethod
+    def _check_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from glue.security import parse_keys  # cryptography: only when a key is set
+
+            parse_keys(value.get_secret_value())
+        return value
+
+    @field_validator("network_key_file", mode="after")
+    @classmethod
+    def _check_key_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            from glue.security import parse_keys
+
+            try:
+                text = value.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"cannot read it: {exc.strerror}") from None
+            parse_keys(text)
+        return value
 
     @field_validator("metrics_address", mode="before")
     @classmethod
@@ -196,6 +226,24 @@ class GlueSettings(BaseSettings):
         if not name or len(name) > 15 or any(c in name for c in " /\0"):
             raise ValueError("not an interface name")
         return name
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> GlueSettings:
+        if self.network_key is not None and self.network_key_file is not None:
+            raise ValueError(
+                "GLUE_NETWORK_KEY and GLUE_NETWORK_KEY_FILE are both set: set one of them"
+            )
+        return self
+
+    def network_keys(self) -> list[bytes] | None:
+        """The network keys (the first seals), from the variable or the file; None: no key."""
+        from glue.security import parse_keys
+
+        if self.network_key is not None:
+            return parse_keys(self.network_key.get_secret_value())
+        if self.network_key_file is not None:
+            return parse_keys(self.network_key_file.read_text(encoding="utf-8"))
+        return None
 
     @model_validator(mode="after")
     def _fill_identity(self) -> GlueSettings:
@@ -291,13 +339,18 @@ def config_error_from(exc: ValidationError) -> ConfigError:
     lines = []
     first: str | None = None
     for error in exc.errors():
-        field = str(error["loc"][0]) if error["loc"] else "?"
+        reason = str(error["msg"]).removeprefix("Value error, ")
+        if not error["loc"]:  # a check across variables: its message names them
+            first = first or "GLUE_NETWORK_KEY"
+            lines.append(reason)
+            continue
+        field = str(error["loc"][0])
         variable = f"GLUE_{field.upper()}"
         first = first or variable
-        reason = str(error["msg"]).removeprefix("Value error, ")
         expected = EXPECTED.get(field, "a valid value")
         value = error.get("input")
-        lines.append(f"{variable}={value!r} is invalid ({reason}); expected {expected}")
+        shown = "(hidden)" if field == "network_key" else repr(value)  # never log a secret
+        lines.append(f"{variable}={shown} is invalid ({reason}); expected {expected}")
     return ConfigError("\n".join(lines), variable=first)
 
 

@@ -148,7 +148,7 @@ def test_glue_pub_no_wait_publishes_to_nobody_and_exits_0() -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("command", ["peers", "sub", "pub", "doctor", "demo", "bench"])
+@pytest.mark.parametrize("command", ["peers", "sub", "pub", "keygen", "doctor", "demo", "bench"])
 def test_every_command_has_a_description_in_its_help(command: str) -> None:
     result = _glue(command, "--help")
     assert result.returncode == 0, result.stderr
@@ -165,9 +165,10 @@ def test_bench_runs_and_prints_every_figure() -> None:
     table = result.stdout[result.stdout.index("variant") :]
     for label in ("64 B", "64 KiB", "1 MiB"):
         rows = [line.split() for line in table.splitlines() if line.lstrip().startswith(label)]
-        assert len(rows) == 4, table  # raw UDP, glue, glue asyncio, glue pub/sub
+        assert len(rows) == 5, table  # raw UDP, glue, glue asyncio, glue pub/sub, glue sealed
     assert table.count("x raw (") == 6  # the blocking and the asyncio API, with their range
-    assert table.count("x glue (") == 3  # publish/subscribe against direct sends
+    assert table.count("x glue (") == 6  # publish/subscribe and sealed against direct sends
+    assert "glue sealed" in table
     assert "nan" not in table  # CPU per message measured on both sides of every glue case
     assert "round trip (64 B" in table
     assert result.stdout.count("round 2/2") == 4  # three sizes and the round trip, twice

@@ -113,3 +113,22 @@ def test_a_rendezvous_that_answers_and_one_that_does_not(group: str) -> None:
     [misspelt] = [line for line in lines["settings"] if line.startswith("WARN")]
     assert "GLUE_DISCOVERY_RATE_MILISECOND (in the environment)" in misspelt
     assert "did you mean GLUE_DISCOVERY_RATE_MILLISECONDS?" in result.stdout
+
+
+def test_a_key_mismatch_is_named_with_the_key_ids(group: str) -> None:
+    from glue.security import generate_key
+
+    peer = Node(**_settings(group), network_key=generate_key(), endpoint_name="other-key")
+    try:
+        result = _glue("doctor", "--wait", "1", **_settings(group), network_key=generate_key())
+    finally:
+        peer.close()
+    assert result.returncode == 1, result.stdout
+    lines = _lines(result.stdout)
+    assert "seals with key id" in lines["network"][0]
+    [peers] = lines["peers"]
+    assert peers.startswith("FAIL")
+    assert "0 seen; datagrams refused:" in peers
+    assert "key" in peers
+    assert "compare key ids" in result.stdout
+    assert "**********" in lines["settings"][0]  # the key itself is never shown

@@ -255,12 +255,42 @@ BAD_VALUES = {
     "GLUE_LOG_LEVEL": ["verbose", "5", "WARN"],
     "GLUE_STRICT_SETTINGS": ["maybe", "2"],
     "GLUE_METRICS_ADDRESS": ["9464", "localhost:9464", "0.0.0.0:99999"],
+    "GLUE_NETWORK_KEY_FILE": ["/nonexistent/glue.key"],
 }
 
 
 def test_every_variable_has_bad_values_and_an_expected_form() -> None:
-    assert set(BAD_VALUES) == set(ALL_VARIABLES)
+    # GLUE_NETWORK_KEY is a secret: its bad values are tested apart (never echoed).
+    assert set(BAD_VALUES) | {"GLUE_NETWORK_KEY"} == set(ALL_VARIABLES)
     assert {f"GLUE_{name.upper()}" for name in EXPECTED} == set(ALL_VARIABLES)
+
+
+@pytest.mark.parametrize("value", ["short", "not base64 !!", "", "a,b"])
+def test_a_bad_network_key_is_named_but_never_echoed(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    secret = value + "SECRETPART"
+    monkeypatch.setenv("GLUE_NETWORK_KEY", secret)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.variable == "GLUE_NETWORK_KEY"
+    assert "GLUE_NETWORK_KEY=(hidden) is invalid" in str(caught.value)
+    assert "SECRETPART" not in str(caught.value)
+
+
+def test_a_key_and_a_key_file_at_once_is_refused(
+    monkeypatch: pytest.MonkeyPatch, workdir: Path
+) -> None:
+    from glue.security import generate_key
+
+    key = generate_key()
+    (workdir / "k").write_text(key, encoding="utf-8")
+    monkeypatch.setenv("GLUE_NETWORK_KEY", key)
+    monkeypatch.setenv("GLUE_NETWORK_KEY_FILE", str(workdir / "k"))
+    with pytest.raises(ConfigError, match="both set: set one of them"):
+        load_settings()
+    monkeypatch.delenv("GLUE_NETWORK_KEY")
+    assert load_settings().network_keys() is not None
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,254 @@
+"""Sealed datagrams: a network key authenticates and encrypts every datagram (``docs/security.md``).
+
+How it works (``docs/PROTOCOL.md``, "Sealed datagrams", is the normative description)
+--------------------------------------------------------------------------------------
+A network key is 32 random bytes, written as unpadded base64url (``glue keygen``). From each key
+and ``GLUE_NETWORK_ID``, HKDF-SHA256 derives a *network key* and a 4-byte *key id*, so one secret
+can serve several networks without their traffic being interchangeable.
+
+Each endpoint process picks a random 16-byte *salt* at start and derives its own *sender key*
+from the network key and the salt (HKDF again). It seals datagram *n* (counting from 1) with
+AES-256-GCM under its sender key, with nonce = *n* as 12 big-endian bytes. A (sender key, nonce)
+pair therefore never repeats: the counter never repeats within a process, and another process,
+or a restart, has another salt, hence another key (two processes would need the same 128-bit
+random salt). The sealed datagram is::
+
+    magic (2: C7 01) | key id (4) | salt (16) | counter (8) | sent at, ms since the epoch (8)
+    | AES-256-GCM ciphertext of the glue datagram | tag (16)
+
+the 38-byte header being the associated data. The receiver looks the key id up among its keys
+(the first key seals, every key opens: rotation), derives the sender key of the salt (cached for
+the senders it has authenticated, a bounded number of them), opens the datagram, then rejects a
+replay (a counter already seen, or older than the sender's sliding window of 4096) and a stale
+datagram (sent more than ``freshness_s`` before or after its own clock: a datagram captured before
+the sender restarted is refused, whatever the receiver remembers). Only then does any parser see
+the bytes. Nothing about a sender is stored before it authenticated, so forged datagrams cost CPU
+(one key derivation and one failed open each), never memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+__all__ = [
+    "KEY_BYTES",
+    "SEAL_MAGIC",
+    "SEAL_OVERHEAD",
+    "NetworkKeys",
+    "Opener",
+    "Rejected",
+    "Sealer",
+    "generate_key",
+    "parse_keys",
+]
+
+KEY_BYTES: Final = 32
+SEAL_MAGIC: Final = b"\xc7\x01"  # a plain glue datagram starts with "{": the two never mix
+_HEADER: Final = struct.Struct(">2s4s16sQQ")  # magic, key id, salt, counter, sent at (ms)
+_TAG_BYTES: Final = 16
+#: Bytes a sealed datagram has beyond the glue datagram it carries.
+SEAL_OVERHEAD: Final = _HEADER.size + _TAG_BYTES
+_WINDOW: Final = 4096  # counters remembered per sender, below the highest seen
+_HKDF_SALT: Final = b"glue sealed datagrams v1"
+_REUSED_BYTES: Final = 65_536  # the largest datagram, and then some
+
+
+class Rejected(Exception):
+    """A datagram that did not open; ``reason`` is the counter key (``dropped_<reason>``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def generate_key() -> str:
+    """A new random network key, in the form ``GLUE_NETWORK_KEY`` takes."""
+    return base64.urlsafe_b64encode(os.urandom(KEY_BYTES)).rstrip(b"=").decode()
+
+
+def parse_keys(text: str) -> list[bytes]:
+    """The keys of a comma-separated list (``GLUE_NETWORK_KEY``; spaces and newlines allowed).
+
+    Raises:
+        ValueError: a key is not 32 bytes in base64url (or base64); the message says which.
+    """
+    keys = []
+    for index, item in enumerate(text.replace("\n", ",").split(","), start=1):
+        word = item.strip()
+        if not word:
+            continue
+        padded = word + "=" * (-len(word) % 4)
+        try:
+            key = base64.b64decode(padded.replace("+", "-").replace("/", "_"), b"-_", validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"key {index} is not base64url") from None
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"key {index} is {len(key)} bytes, not {KEY_BYTES}")
+        keys.append(key)
+    if not keys:
+        raise ValueError("no key in it")
+    return keys
+
+
+def _derive(key: bytes, info: bytes, length: int = 32) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=_HKDF_SALT, info=info).derive(key)
+
+
+class NetworkKeys:
+    """The keys of one network: the first seals, every one opens (by its key id)."""
+
+    def __init__(self, keys: Sequence[bytes], network_id: int) -> None:
+        if not keys:
+            raise ValueError("at least one key")
+        self.network_keys: dict[bytes, bytes] = {}
+        ids = []
+        for key in keys:
+            network_key = _derive(key, b"glue network key %d" % network_id)
+            key_id = _derive(key, b"glue key id %d" % network_id, 4)
+            self.network_keys.setdefault(key_id, network_key)
+            ids.append(key_id)
+        self.sealing_id = ids[0]
+
+    @property
+    def key_ids(self) -> list[str]:
+        """The key ids, hex, the sealing one first (safe to log: they reveal nothing)."""
+        sealing = self.sealing_id
+        return [sealing.hex(), *(k.hex() for k in self.network_keys if k != sealing)]
+
+
+def _sender_key(network_key: bytes, salt: bytes) -> AESGCM:
+    return AESGCM(_derive(network_key, b"glue sender " + salt))
+
+
+class Sealer:
+    """Seals the datagrams of one endpoint process (a fresh salt per instance)."""
+
+    def __init__(self, keys: NetworkKeys, *, salt: bytes | None = None) -> None:
+        self.key_id = keys.sealing_id
+        self.salt = salt if salt is not None else os.urandom(16)
+        self._aead = _sender_key(keys.network_keys[self.key_id], self.salt)
+        self._counter = 0
+        # Reused for large datagrams: the plaintext gathered from its pieces, and the sealed
+        # datagram, so that sealing allocates nothing per datagram (see seal_into).
+        self._plain = bytearray(_REUSED_BYTES)
+        self._sealed = bytearray(_REUSED_BYTES + SEAL_OVERHEAD)
+
+    def seal(self, datagram: bytes | bytearray | memoryview, sent_at_ms: int) -> bytes:
+        """``datagram`` sealed under the next counter value."""
+        self._counter = counter = self._counter + 1
+        header = _HEADER.pack(SEAL_MAGIC, self.key_id, self.salt, counter, sent_at_ms)
+        return header + self._aead.encrypt(counter.to_bytes(12, "big"), datagram, header)
+
+    def seal_pieces(self, pieces: Sequence[bytes | memoryview], sent_at_ms: int) -> memoryview:
+        """The datagram made of ``pieces``, sealed into a reused buffer: valid until the next
+        call (send it at once). Large datagrams take this path: no allocation per datagram."""
+        size = sum(map(len, pieces))
+        if size > _REUSED_BYTES:
+            return memoryview(self.seal(b"".join(pieces), sent_at_ms))
+        plain, sealed = self._plain, self._sealed
+        offset = 0
+        for piece in pieces:
+            end = offset + len(piece)
+            plain[offset:end] = piece
+            offset = end
+        self._counter = counter = self._counter + 1
+        header = _HEADER.pack(SEAL_MAGIC, self.key_id, self.salt, counter, sent_at_ms)
+        sealed[: _HEADER.size] = header
+        with memoryview(plain) as whole, whole[:size] as body:
+            out = memoryview(sealed)
+            self._aead.encrypt_into(
+                counter.to_bytes(12, "big"),
+                body,
+                header,
+                out[_HEADER.size : _HEADER.size + size + _TAG_BYTES],
+            )
+        return out[: size + SEAL_OVERHEAD]
+
+
+class _Sender:
+    __slots__ = ("aead", "highest", "seen")
+
+    def __init__(self, aead: AESGCM) -> None:
+        self.aead = aead
+        self.highest = 0
+        self.seen = 0  # bit i: counter highest - i was accepted
+
+
+class Opener:
+    """Opens sealed datagrams, refusing forged, replayed and stale ones (see the module doc)."""
+
+    def __init__(
+        self, keys: NetworkKeys, *, max_senders: int = 4096, freshness_s: float = 60.0
+    ) -> None:
+        self._keys = keys.network_keys
+        self._senders: OrderedDict[bytes, _Sender] = OrderedDict()
+        self._max_senders = max_senders
+        self._freshness_ms = int(freshness_s * 1000)
+
+    def open_into(self, sealed: bytes | bytearray | memoryview, now_ms: int, out: bytearray) -> int:
+        """Open ``sealed`` into the start of ``out`` (at least as long); the plaintext length.
+
+        Raises:
+            Rejected: ``unsealed``, ``truncated``, ``key`` (no such key id: another network key),
+                ``auth`` (forged or corrupted), ``replay`` or ``stale``.
+        """
+        size = len(sealed) - SEAL_OVERHEAD
+        if size < 0 or bytes(sealed[:2]) != SEAL_MAGIC:
+            raise Rejected("unsealed" if size < 0 or sealed[:1] == b"{" else "truncated")
+        header = bytes(sealed[: _HEADER.size])
+        _, key_id, salt, counter, sent_at = _HEADER.unpack(header)
+        sender_id = key_id + salt
+        sender = self._senders.get(sender_id)
+        if sender is None:
+            network_key = self._keys.get(key_id)
+            if network_key is None:
+                raise Rejected("key")
+            sender = _Sender(_sender_key(network_key, salt))
+        elif counter <= sender.highest - _WINDOW or (
+            counter <= sender.highest and sender.seen >> (sender.highest - counter) & 1
+        ):
+            raise Rejected("replay")  # checked again below, after it is known to be authentic
+        # Views, each released before return: ``out`` may be a buffer the caller resizes.
+        with (
+            memoryview(sealed) as whole,
+            whole[_HEADER.size :] as body,
+            memoryview(out) as target,
+            target[:size] as plain,
+        ):
+            try:
+                sender.aead.decrypt_into(counter.to_bytes(12, "big"), body, header, plain)
+            except InvalidTag:
+                raise Rejected("auth") from None
+        if abs(now_ms - sent_at) > self._freshness_ms:
+            raise Rejected("stale")
+        self._accept(sender_id, sender, counter)
+        return size
+
+    def _accept(self, sender_id: bytes, sender: _Sender, counter: int) -> None:
+        if counter > sender.highest:
+            shift = counter - sender.highest
+            sender.seen = ((sender.seen << shift) | 1) & ((1 << _WINDOW) - 1)
+            sender.highest = counter
+        else:
+            bit = 1 << (sender.highest - counter)
+            if counter <= sender.highest - _WINDOW or sender.seen & bit:
+                raise Rejected("replay")
+            sender.seen |= bit
+        senders = self._senders
+        if sender_id in senders:
+            senders.move_to_end(sender_id)
+        else:
+            senders[sender_id] = sender
+            if len(senders) > self._max_senders:
+                senders.popitem(last=False)  # the least recently heard
