@@ -239,3 +239,34 @@ def test_with_a_key_captured_datagrams_sent_again_are_refused(
         tx.flush(timeout=10)
         assert wait_until(lambda: len(got) == 201, timeout=10)
     assert [m.payload for m in got] == [b"m%d" % n for n in range(200)] + [b"after"]
+
+
+def test_rotation_endpoints_at_either_step_understand_each_other(group: str) -> None:
+    old, new = KEY, generate_key()
+    steps = [f"{old}", f"{old},{new}", f"{new},{old}"]  # before, step 1, step 2
+    with (
+        EndpointManager.from_env(**_settings(group, network_key=steps[0])) as before,
+        EndpointManager.from_env(**_settings(group, network_key=steps[1])) as first,
+        EndpointManager.from_env(**_settings(group, network_key=steps[2])) as second,
+    ):
+        inboxes = {name: Collector() for name in ("before", "first", "second")}
+        for name, endpoint in (("before", before), ("first", first), ("second", second)):
+            endpoint.subscribe("rot/#", "t", inboxes[name])
+        # Step 2 seals with the new key: the step-1 endpoint opens it; the one not yet rotated
+        # must not (it never got the new key), which is why step 2 waits for step 1 everywhere.
+        second.wait_for_subscribers("rot/x", 1, timeout=5)
+        first.wait_for_subscribers("rot/x", 2, timeout=5)
+        for n in range(50):
+            first.publish("rot/x", "t", b"%d" % n, expiry=30)
+            second.publish("rot/x", "t", b"%d" % (100 + n), expiry=30)
+        first.flush(timeout=10)
+        second.flush(timeout=10)
+        # Each gets its own messages locally, and the other's over the network.
+        assert inboxes["second"].wait_for(100, 5)
+        assert inboxes["first"].wait_for(100, 5)
+        assert inboxes["before"].wait_for(50, 5)
+    from_first = [b"%d" % n for n in range(50)]
+    from_second = [b"%d" % (100 + n) for n in range(50)]
+    assert [p for p in inboxes["second"].payloads if p in from_first] == from_first
+    assert [p for p in inboxes["first"].payloads if p in from_second] == from_second
+    assert inboxes["before"].payloads == from_first  # from step 1 only, none from step 2
