@@ -19,8 +19,9 @@ Rules:
   through a rendezvous keep each other alive when the rendezvous goes away (peer-set sharing).
 - A peer expires after its announced rate x our multiplier of silence (``touch`` says a transport
   datagram from it arrived, which counts as hearing it); a ``Goodbye`` removes it at
-  once; a higher incarnation of a known id replaces the old entry at once ("restarted"); a lower
-  one is stale and ignored.
+  once; a higher incarnation of a known id from the same host replaces the old entry at once
+  ("restarted"), from another host only once the old one is gone; a lower one is stale and
+  ignored.
 - A newcomer gets our announcement at once, by unicast, so two endpoints meet in one round trip.
 - An announcement with ``ask`` (sent to us as a unicast target) is answered with our own
   announcement (advertising the slower of our rate and the asker's, since the asker hears it at its
@@ -28,8 +29,9 @@ Rules:
   frame is never answered and never relayed as such; what it taught us may appear in our own later
   answers, still with its true age, so knowledge cannot outlive the peer. Answers to one asker are
   rate-limited to one per half period.
-- A different endpoint using our name or a known peer's name is ignored with a warning (as in the
-  Go reference), and so is another endpoint claiming our own id.
+- A different endpoint using our name or a known peer's name is added all the same, with one
+  warning (the Go reference ignores it: then a squatter could lock the rightful owner out);
+  another endpoint claiming our own id is ignored with a warning.
 
 Bounds: at most ``max_peers`` peers (newcomers beyond are counted and dropped); the sets used to
 log warnings once are bounded too. The layer never reads the clock: ``now`` comes from the runtime.
@@ -241,6 +243,21 @@ class Discovery:
                 self.counters["stale_ignored"] += 1
                 return None
             if announce.incarnation > state.peer.incarnation:
+                if address[0] != state.peer.host:
+                    # A restart on another host while the live one still speaks is not taken on
+                    # trust (a forged announcement would evict the peer): the new incarnation is
+                    # added once the old one expires or says goodbye.
+                    self.counters["restart_elsewhere_deferred"] += 1
+                    self._warn_once(
+                        ("moved", announce.endpoint_id),
+                        "endpoint %d (%s at %s) announces a new incarnation from %s: deferred "
+                        "until the current one goes silent",
+                        announce.endpoint_id,
+                        state.peer.name,
+                        state.peer.host,
+                        address[0],
+                    )
+                    return None
                 self._remove(state, "restarted")
                 state = None
         if state is None:
@@ -261,15 +278,18 @@ class Discovery:
     ) -> _PeerState | None:
         name = announce.name
         if name == self.config.name or name in self._names:
+            # Names are labels, ids are identity: a clash is reported, never a reason to refuse
+            # the newcomer (otherwise whoever announces a name first, a squatter included, would
+            # lock its rightful owner out for as long as it keeps announcing).
             self.counters["name_clash"] += 1
             self._warn_once(
                 ("name", announce.endpoint_id),
-                "endpoint %d at %s:%d announces the name %r already in use; ignoring it",
+                "endpoint %d at %s:%d announces the name %r already in use; both are kept, "
+                "told apart by id",
                 announce.endpoint_id,
                 *address,
                 name,
             )
-            return None
         if len(self._peers) >= self.config.max_peers:
             self.counters["peers_full"] += 1
             self._warn_once(
@@ -284,7 +304,7 @@ class Discovery:
         state = _PeerState(peer, heard_at)
         self._lower_hint(self._expires_at(state))
         self._peers[peer.endpoint_id] = state
-        self._names[name] = peer.endpoint_id
+        self._names.setdefault(name, peer.endpoint_id)
         self._events.append(PeerAdded(peer))
         self.counters["peers_added"] += 1
         logger.info("peer added: %s (%d) at %s:%d", name, peer.endpoint_id, *address)
@@ -297,7 +317,8 @@ class Discovery:
     def _remove(self, state: _PeerState, reason: RemovalReason, *, rescan: bool = True) -> None:
         peer = state.peer
         del self._peers[peer.endpoint_id]
-        self._names.pop(peer.name, None)
+        if self._names.get(peer.name) == peer.endpoint_id:
+            del self._names[peer.name]
         if rescan:  # removals are rare: the deadline follows the peers that are left
             self._expiry_hint = min(map(self._expires_at, self._peers.values()), default=None)
         self._events.append(PeerRemoved(peer, reason))

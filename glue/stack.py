@@ -162,6 +162,8 @@ class Stack:
         self._parked: dict[EndpointId, tuple[Peer, float]] = {}
         # Acks sent on leaving, before the goodbyes.
         self._farewell: list[tuple[wire.OutDatagram, Address]] = []
+        # Sources already warned about sending transport frames in another peer's name.
+        self._warned_addresses: set[Address] = set()
         # Peers gone for good with messages not acknowledged: (peer, messages), per peer id.
         self._failures: dict[EndpointId, tuple[Peer, int]] = {}
 
@@ -188,11 +190,17 @@ class Stack:
             return
         transport = self.transport
         touched = False
+        route = self._routes.get(header.source_id)
         for frame in datagram.frames:
             kind = type(frame)
             if kind is Data or kind is Ack or kind is Skip:
                 if header.destination != incarnation:
                     self.counters["dropped_other_incarnation"] += 1
+                    continue
+                if route is not None and route.address != source:
+                    # Transport frames only from the address the peer is known at: a datagram
+                    # from elsewhere in its name (forged, without a key) cannot move its streams.
+                    self._wrong_address(header.source_id, route, source)
                     continue
                 transport.receive(frame, header.source_id, header.incarnation, now=now)  # type: ignore[arg-type]
                 touched = True
@@ -203,7 +211,6 @@ class Stack:
                     self.topics.announced(frame.endpoint_id, frame.interest)  # type: ignore[union-attr]
         if touched:
             self.discovery.touch(header.source_id, header.incarnation, now=now)
-            route = self._routes.get(header.source_id)
             if route is not None:
                 route.counters["datagrams_received"] += 1
                 route.counters["bytes_received"] += len(data)
@@ -579,6 +586,21 @@ class Stack:
         self._routes.pop(peer_id, None)
         self._tails.pop(peer_id, None)
         self.topics.peer_removed(peer)
+
+    def _wrong_address(self, peer_id: EndpointId, route: _Route, source: Address) -> None:
+        self.counters["dropped_wrong_address"] += 1
+        if source in self._warned_addresses or len(self._warned_addresses) >= _MAX_FAILURES:
+            logger.debug("transport frames in the name of %d from %s:%d dropped", peer_id, *source)
+            return
+        self._warned_addresses.add(source)
+        logger.warning(
+            "transport frames in the name of %s (%d) came from %s:%d, not from its address "
+            "%s:%d: dropped (forged, or the peer is behind NAT; a network key authenticates)",
+            route.peer.name,
+            peer_id,
+            *source,
+            *route.address,
+        )
 
     def _failed(self, peer: Peer, messages: int) -> None:
         known = self._failures.pop(peer.endpoint_id, None)
