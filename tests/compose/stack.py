@@ -258,11 +258,14 @@ class Stack:
     file: Path
     project: str
     bridge: str | None = None
+    #: GLUE_* variables for the compose command line (the files interpolate GLUE_NETWORK_KEY).
+    glue_env: dict[str, str] = field(default_factory=dict)
     _up: bool = field(default=False, repr=False)
 
     def compose(self, *args: str, timeout: float = 120) -> str:
         command = [*self.cli.command, "-p", self.project, "-f", str(self.file), *args]
         env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GLUE_")}
+        env.update(self.glue_env)
         result = subprocess.run(
             command,
             cwd=ROOT,
@@ -345,10 +348,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
 
 @contextlib.contextmanager
 def running(
-    client: docker.DockerClient, cli: ComposeCli, file: Path, project: str
+    client: docker.DockerClient,
+    cli: ComposeCli,
+    file: Path,
+    project: str,
+    glue_env: dict[str, str] | None = None,
 ) -> Iterator[Stack]:
     """A stack that is up inside the block and torn down after it, whatever happened."""
-    stack = Stack(client, cli, file, project)
+    stack = Stack(client, cli, file, project, glue_env=dict(glue_env or {}))
     try:
         stack.up()
         yield stack

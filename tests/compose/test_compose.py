@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import docker
 import pytest
 
+from glue.security import generate_key
 from tests.compose import stack
 from tests.compose.stack import ComposeCli, Event, counts, running, summarize, wait_for
 
@@ -47,7 +48,15 @@ def _received(events: Sequence[Event]) -> list[Event]:
     return [e for e in events if e.kind == "received" and e.fields.get("source") == PUBLISHER]
 
 
-def _run(client: docker.DockerClient, cli: ComposeCli | None, file: str, nodes: set[str]) -> None:
+def _run(
+    client: docker.DockerClient,
+    cli: ComposeCli | None,
+    file: str,
+    nodes: set[str],
+    glue_env: dict[str, str] | None = None,
+) -> str:
+    """Run the stack until every node met every other and subscribers got enough; check it;
+    return every line the containers logged."""
     if cli is None:
         pytest.fail(
             "a Docker engine answers but no compose CLI is installed: install docker-compose "
@@ -56,7 +65,7 @@ def _run(client: docker.DockerClient, cli: ComposeCli | None, file: str, nodes: 
         )
     project = f"{stack.PROJECT_PREFIX}{os.getpid()}x{next(_projects)}"
     path = stack.COMPOSE / file
-    with running(client, cli, path, project) as up:
+    with running(client, cli, path, project, glue_env) as up:
         bridge = up.bridge
         assert bridge is not None
         started = time.monotonic()
@@ -76,6 +85,7 @@ def _run(client: docker.DockerClient, cli: ComposeCli | None, file: str, nodes: 
         exited = {s: c.status for s, c in containers.items() if c.status != "running"}
         drops = stack.isolation_drops(bridge)
         logs = up.log_tails()
+        everything = "\n".join(c.logs().decode("utf-8", "replace") for c in containers.values())
 
     print(f"\n{file} with {' '.join(cli.command)} {cli.version} ({cli.label}), bridge {bridge}:")
     print(f"  waited {waited:.1f}s for every peer and {MIN_MESSAGES} messages per subscriber")
@@ -121,6 +131,7 @@ def _run(client: docker.DockerClient, cli: ComposeCli | None, file: str, nodes: 
         assert sequences == sorted(set(sequences)), f"{name}: out of order or duplicated"
         assert {e.fields["bytes"] for e in got} == {PAYLOAD}, f"{name}: wrong sizes"
     assert drops == 0, f"{drops} packets tried to leave the compose network"
+    return everything
 
 
 @pytest.mark.parametrize("cli", CLIS or [None], ids=lambda c: c.label if c else "no-cli")
@@ -140,3 +151,18 @@ def test_rendezvous_stack(
     _run(
         docker_client, cli, "docker-compose.rendezvous.yml", {*SUBSCRIBERS, PUBLISHER, "rendezvous"}
     )
+
+
+@pytest.mark.parametrize("file", ["docker-compose.yml", "docker-compose.rendezvous.yml"])
+def test_the_stacks_sealed_with_a_network_key_from_the_environment(
+    docker_client: docker.DockerClient, glue_image: str, file: str
+) -> None:
+    """The same stacks with GLUE_NETWORK_KEY given to compose (as from compose/.env): every
+    endpoint seals, and they meet and deliver as without a key."""
+    from glue.security import NetworkKeys, parse_keys
+
+    key = generate_key()
+    nodes = {*SUBSCRIBERS, PUBLISHER} | ({"rendezvous"} if "rendezvous" in file else set())
+    logs = _run(docker_client, CLIS[0] if CLIS else None, file, nodes, {"GLUE_NETWORK_KEY": key})
+    key_id = NetworkKeys(parse_keys(key), 1).key_ids[0]
+    assert logs.count(f"sealed (key id {key_id})") == len(nodes)
