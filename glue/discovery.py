@@ -123,7 +123,7 @@ class Discovery:
         if self._left:
             return
         if isinstance(frame, Goodbye):
-            self._receive_goodbye(header, now=now)
+            self._receive_goodbye(header, source, now=now)
         else:
             self._receive_announce(frame, source, multicast=multicast, now=now)
 
@@ -262,14 +262,27 @@ class Discovery:
                 state = None
         if state is None:
             return self._add(announce, address, heard_at, now=now)
+        if not announce.forwarded and address != state.peer.address:
+            # The same incarnation at another address: not taken on trust (a forged one would
+            # divert the peer's traffic), nor counted as hearing it. A peer that really moved
+            # expires at the old address and is added at the new one.
+            self.counters["move_deferred"] += 1
+            self._warn_once(
+                ("move", announce.endpoint_id),
+                "endpoint %d (%s at %s:%d) announced from %s:%d: ignored while it lives there",
+                announce.endpoint_id,
+                state.peer.name,
+                *state.peer.address,
+                *address,
+            )
+            return None
         if heard_at > state.heard_at:
             state.heard_at = heard_at
         if not announce.forwarded:
             peer = state.peer
             rate_s = announce.rate_ms / 1000.0
-            if (peer.host, peer.port, peer.rate_s) != (*address, rate_s):
-                state.peer = replace(peer, host=address[0], port=address[1], rate_s=rate_s)
-                logger.debug("peer %s moved to %s:%d", peer.name, *address)
+            if peer.rate_s != rate_s:
+                state.peer = replace(peer, rate_s=rate_s)
                 self._lower_hint(self._expires_at(state))  # a faster rate expires it sooner
         return state
 
@@ -283,7 +296,7 @@ class Discovery:
             # lock its rightful owner out for as long as it keeps announcing).
             self.counters["name_clash"] += 1
             self._warn_once(
-                ("name", announce.endpoint_id),
+                ("name", name),
                 "endpoint %d at %s:%d announces the name %r already in use; both are kept, "
                 "told apart by id",
                 announce.endpoint_id,
@@ -325,11 +338,15 @@ class Discovery:
         self.counters["peers_removed"] += 1
         logger.info("peer removed (%s): %s (%d)", reason, peer.name, peer.endpoint_id)
 
-    def _receive_goodbye(self, header: Header, *, now: float) -> None:
+    def _receive_goodbye(self, header: Header, source: Address, *, now: float) -> None:
         self.counters["goodbyes_received"] += 1
         state = self._peers.get(header.source_id)
-        if state is not None and state.peer.incarnation == header.incarnation:
-            self._remove(state, "left")
+        if state is None or state.peer.incarnation != header.incarnation:
+            return
+        if source != state.peer.address:  # a goodbye in its name from elsewhere: forged
+            self.counters["goodbye_from_elsewhere_ignored"] += 1
+            return
+        self._remove(state, "left")
 
     def _digest(self, *, exclude: int = 0) -> int:
         """XOR of the ids of the peers known, and ours, but ``exclude``'s (see ``_answer``)."""

@@ -259,13 +259,30 @@ def test_host_in_the_announcement_wins_over_the_source_address() -> None:
     assert events(d) == [PeerAdded(peer(2, host="10.9.9.9", port=7500))]
 
 
-def test_a_peer_that_moves_is_updated_without_events() -> None:
+def test_a_peer_heard_from_another_address_is_not_moved_until_it_expires_there() -> None:
+    # Without a key anyone can announce a live peer's id from elsewhere: taking the new address
+    # at once would divert its traffic (and count the forger as hearing the peer).
     d = make(announce=False)
     hear(d, ann(2), now=0.0)
     events(d)
     hear(d, ann(2, port=7600), now=0.5, source=("10.0.0.22", 7600))
+    hear(d, ann(2, port=7600), now=1.5, source=("10.0.0.22", 7600))
     assert events(d) == []
-    assert d.peers() == [peer(2, host="10.0.0.22", port=7600)]
+    assert d.peers() == [peer(2)]
+    assert d.counters["move_deferred"] == 2
+    d.handle_timer(now=2.0)  # silent at its old address for its timeout: gone
+    assert events(d) == [PeerRemoved(peer(2), "expired")]
+    hear(d, ann(2, port=7600), now=2.1, source=("10.0.0.22", 7600))  # a real move
+    assert events(d) == [PeerAdded(peer(2, host="10.0.0.22", port=7600))]
+
+
+def test_a_goodbye_from_another_address_is_ignored() -> None:
+    d = make(announce=False)
+    hear(d, ann(2), now=0.0)
+    events(d)
+    d.receive(Goodbye(), Header(1, EndpointId(2), 1), ("10.0.0.66", 7400), multicast=False, now=0.5)
+    assert events(d) == []
+    assert d.counters["goodbye_from_elsewhere_ignored"] == 1
 
 
 def test_peers_are_listed_by_name() -> None:
