@@ -10,8 +10,10 @@ completes it. Anything else (a skipped frame, a part out of place, a new part 0)
 partial message, counted.
 
 Bounds: a partial message is dropped when it grows past ``max_message_bytes``, when all partial
-messages together would pass ``max_total_bytes``, and when its first fragment's time to live runs
-out (``handle_timer``); a departed peer's partial message is dropped at once.
+messages together would pass ``max_total_bytes`` (first the partials of the peers that hold more
+than the one growing are dropped to make room, so one peer, or many fake ones, cannot starve
+another), and when its first fragment's time to live runs out (``handle_timer``); a departed
+peer's partial message is dropped at once.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class Reassembler:
         if partial.size + size > self.max_message_bytes:
             self._drop(peer, "oversized")
             return None
-        if self._total + size > self.max_total_bytes:
+        if self._total + size > self.max_total_bytes and not self._make_room(peer, size):
             self._drop(peer, "memory_full")
             return None
         partial.chunks.append(frame.payload)
@@ -111,6 +113,22 @@ class Reassembler:
         self._total -= partial.size
         self.counters["messages_reassembled"] += 1
         return partial.chunks
+
+    def _make_room(self, peer: EndpointId, size: int) -> bool:
+        """Free ``size`` bytes by dropping the partial messages of the peers that hold the most,
+        as long as each holds more than ``peer`` would: one peer (or many fake ones) filling the
+        budget cannot starve another. Whether there is room now."""
+        mine = self._partials[peer].size + size
+        while self._total + size > self.max_total_bytes:
+            other, largest = max(
+                ((p, partial) for p, partial in self._partials.items() if p != peer),
+                key=lambda item: item[1].size,
+                default=(None, None),
+            )
+            if other is None or largest is None or largest.size <= mine:
+                return False
+            self._drop(other, "evicted")
+        return True
 
     def holds(self, peer: EndpointId) -> bool:
         """Whether a partial message from ``peer`` is being rebuilt."""

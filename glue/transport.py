@@ -83,6 +83,10 @@ class TransportConfig:
     retired_streams: int = 4096
     #: Bytes kept in all in the streams of peers taken for gone (see ``remove_peer``).
     parked_bytes: int = 64 * 1024 * 1024
+    #: Out-of-order frames held for all peers together (each also within ``window_bytes``): a
+    #: frame that would pass it is not buffered nor acknowledged (its sender resends it), so
+    #: many peers, fake ones included, cannot make the receive buffers grow without bound.
+    receive_buffer_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(slots=True, unsafe_hash=True)  # not frozen: made per frame (see wire.Data)
@@ -286,6 +290,7 @@ class Transport:
         # Streams of peers that went silent, oldest first (see remove_peer), and their bytes.
         self._parked: dict[EndpointId, _Peer] = {}
         self._parked_bytes = 0
+        self._receive_buffered = 0  # out-of-order bytes held for the live peers together
 
     # --- peers ----------------------------------------------------------------------------------
 
@@ -338,6 +343,7 @@ class Transport:
         if park and (state.send.pending or state.send.unacked or state.recv.buffer):
             self._park(peer, state)
             return 0
+        self._receive_buffered -= state.recv.buffered_bytes
         return self._retire(peer, state)
 
     def final_acks(self) -> list[tuple[EndpointId, Ack]]:
@@ -361,6 +367,7 @@ class Transport:
         state.parked_until = until
         self._parked[peer] = state
         self._parked_bytes += state.held_bytes()
+        self._receive_buffered -= state.recv.buffered_bytes  # now counted as parked
         self.counters["streams_parked"] += 1
         logger.debug("parked %d frames for silent peer %d", len(frames), peer)
         while self._parked_bytes > self.config.parked_bytes and self._parked:
@@ -369,6 +376,7 @@ class Transport:
 
     def _unpark(self, peer: EndpointId, state: _Peer) -> None:
         self._parked_bytes -= state.held_bytes()
+        self._receive_buffered += state.recv.buffered_bytes
         stream = state.send
         # Back from a silence: probe again from the initial window and timeout (RFC 5681 4.1,
         # after an idle period), and resend everything unacknowledged at the next timer.
@@ -923,8 +931,13 @@ class Transport:
         ):
             recv.counters["frames_beyond_window"] += 1
             return
+        size = len(frame.payload)
+        if self._receive_buffered + size > config.receive_buffer_bytes:
+            recv.counters["frames_beyond_receive_buffer"] += 1  # not acked: resent later
+            return
         recv.buffer[seq] = (frame, now + frame.ttl_ms / 1000.0, now)
-        recv.buffered_bytes += len(frame.payload)
+        recv.buffered_bytes += size
+        self._receive_buffered += size
         self._ack_soon(peer, recv, now, immediately=True)  # a gap: tell the sender now
 
     def _drain(self, peer: EndpointId, recv: _RecvStream, now: float) -> None:
@@ -933,6 +946,7 @@ class Transport:
             frame, expires_at, arrived_at = entry
             recv.delivered_to += 1
             recv.buffered_bytes -= len(frame.payload)
+            self._receive_buffered -= len(frame.payload)
             if expires_at <= now:
                 recv.counters["frames_expired_in_buffer"] += 1
                 self._skipped(peer, recv, frame.seq, frame.seq)
@@ -953,6 +967,7 @@ class Transport:
         for held in [s for s in buffer if s < seq]:
             frame, _, _ = buffer.pop(held)
             recv.buffered_bytes -= len(frame.payload)
+            self._receive_buffered -= len(frame.payload)
             recv.counters["frames_discarded_by_skip"] += 1
         self._skipped(peer, recv, recv.delivered_to + 1, seq - 1)
         recv.delivered_to = seq - 1

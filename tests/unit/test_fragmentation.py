@@ -220,25 +220,44 @@ def test_a_first_part_larger_than_max_message_bytes_is_dropped() -> None:
     assert r.counters == Counter(partial_dropped_oversized=1)
 
 
-def test_the_partial_message_that_would_pass_max_total_bytes_is_dropped() -> None:
+def test_room_is_made_by_dropping_the_largest_holder_not_the_one_growing() -> None:
+    # One peer (or many fake ones) filling the budget must not starve another: when the budget
+    # would be passed, the partial messages of peers holding more go first.
     r = make(max_total_bytes=10)
     r.receive(P, frag(1, b"123456", 0, 2), now=0.0)
     assert r.receive(Q, frag(1, b"abc", 0, 2), now=0.0) is None
     assert r.buffered_bytes == 9
-    assert r.receive(Q, frag(2, b"de", 1, 2), now=0.0) is None  # 11 > 10
-    assert r.buffered_bytes == 6  # P's partial message is kept
-    assert r.counters == Counter(partial_dropped_memory_full=1)
-    assert r.receive(P, frag(2, b"7890", 1, 2), now=0.0) == b"1234567890"  # exactly 10
+    assert r.receive(Q, frag(2, b"de", 1, 2), now=0.0) == b"abcde"  # P (6 > 5) made room
+    assert r.counters == Counter(partial_dropped_evicted=1, messages_reassembled=1)
     assert r.buffered_bytes == 0
 
 
-def test_a_first_part_that_does_not_fit_in_max_total_bytes_is_dropped() -> None:
+def test_the_largest_holder_is_the_one_dropped_when_it_grows() -> None:
     r = make(max_total_bytes=10)
-    r.receive(P, frag(1, b"12345678", 0, 2), now=0.0)
-    assert r.receive(Q, frag(1, b"abc", 0, 2), now=0.0) is None
-    assert r.buffered_bytes == 8
+    r.receive(P, frag(1, b"12345678", 0, 3), now=0.0)
+    r.receive(Q, frag(1, b"a", 0, 2), now=0.0)
+    assert r.receive(P, frag(2, b"90", 1, 3), now=0.0) is None  # P would hold 10 > Q's 1
     assert r.counters == Counter(partial_dropped_memory_full=1)
-    assert r.next_deadline() == 1.0
+    assert r.buffered_bytes == 1
+    assert r.receive(Q, frag(2, b"b", 1, 2), now=0.0) == b"ab"
+
+
+def test_fake_peers_never_completing_huge_messages_do_not_starve_a_real_one() -> None:
+    # Issue 13's attack: a few fake peers open huge messages and never finish them, filling the
+    # budget; real messages, smaller, kept being dropped after the transport acknowledged them.
+    r = make(max_message_bytes=4000, max_total_bytes=6000)
+    fakes = [EndpointId(100 + n) for n in range(5)]
+    for seq in range(1, 4):
+        for fake in fakes:
+            r.receive(fake, frag(seq, b"f" * 400, seq - 1, 1000), now=0.0)
+    assert r.buffered_bytes == 6000  # full (the fifth fake's later parts did not fit)
+    for number in range(20):  # real 1 KB messages keep completing
+        message = bytes([number]) * 1024
+        results = [r.receive(P, frame, now=0.0) for frame in frames_of(message, 300)]
+        assert results[-1] == message
+        assert r.buffered_bytes <= 6000
+    assert r.counters["partial_dropped_evicted"] >= 1
+    assert r.counters["messages_reassembled"] == 20
 
 
 def test_partial_messages_expire_with_the_ttl_of_their_first_part() -> None:

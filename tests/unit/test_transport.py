@@ -1237,3 +1237,23 @@ def test_frames_waiting_after_a_timeout_go_when_the_timer_fires_again_if_no_ack_
     pair.at(pair.now + 0.01).push(pair.a, [Ack(4)])  # the peer had them after all
     assert pair.a.in_flight(B) == 0
     assert pair.a.next_deadline() is None
+
+
+def test_out_of_order_frames_of_all_peers_together_are_bounded() -> None:
+    # Many peers (fake ones included) each within its own window cannot make the receive
+    # buffers grow without bound: past receive_buffer_bytes a frame is neither buffered nor
+    # acknowledged, so its sender resends it; in-order frames need no buffer and still flow.
+    t = Transport(TransportConfig(window_bytes=1000, receive_buffer_bytes=2500))
+    peers = [EndpointId(10 + n) for n in range(5)]
+    for peer in peers:
+        t.add_peer(peer, 1)
+        for seq in range(2, 12):  # seq 1 never comes: all out of order
+            t.receive(Data(seq, b"x" * 100, 60_000), peer, 1, now=0.0)
+    total = t.total_counters()
+    assert total["frames_beyond_receive_buffer"] == 25  # 2500 bytes held, the rest refused
+    assert total["frames_beyond_window"] == 0
+    t.receive(Data(1, b"in order", 60_000), peers[-1], 1, now=0.0)  # still delivered
+    assert [e.frame.seq for e in t.take_events() if isinstance(e, FrameReceived)] == [1]
+    t.remove_peer(peers[0])  # its buffer is released: room again
+    t.receive(Data(5, b"y" * 100, 60_000), peers[-1], 1, now=0.0)
+    assert t.total_counters()["frames_beyond_receive_buffer"] == 25
