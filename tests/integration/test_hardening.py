@@ -9,9 +9,10 @@ once, in order.
 from __future__ import annotations
 
 import socket
+import time
 
-from glue import EndpointManager
-from tests.helpers import free_udp_port, multicast_settings
+from glue import EndpointManager, wire
+from tests.helpers import free_udp_port, multicast_settings, wait_until
 from tests.integration.test_network_key import Collector, _forged_datagrams, _stream
 
 
@@ -34,3 +35,69 @@ def test_transport_frames_from_another_address_than_the_peers_are_refused() -> N
         counters = rx.counters()
     assert inbox.payloads == sent  # nothing forged delivered, nothing skipped
     assert counters["dropped_wrong_address"] >= 10
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_fake_peers_flooding_fragments_and_gaps_do_not_stop_real_large_messages() -> None:
+    # Issue 13: 4 fake peers (announced from the attacker's own socket, so their frames come
+    # from their address) open huge messages and never finish them, filling the reassembly
+    # budget, and fill out-of-order buffers; real 400 KB messages must keep arriving, once and
+    # in order, with memory bounded.
+    group = f"239.192.137.1:{free_udp_port()}"
+    settings = multicast_settings(
+        group, discovery_rate_milliseconds=100, max_message_bytes=4 * 1024 * 1024
+    )
+    with EndpointManager.from_env(**settings) as tx, EndpointManager.from_env(**settings) as rx:
+        inbox = Collector()
+        rx.subscribe("k/#", "t", inbox)
+        tx.wait_for_subscribers("k/a", timeout=5)
+        target = ("127.0.0.1", rx.data_address[1])
+        destination = rx._async._endpoint.incarnation
+        rss_before = _rss_bytes()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+            attacker.bind(("127.0.0.1", 0))
+            port = attacker.getsockname()[1]
+            fakes = [wire.EndpointId(10**12 + n) for n in range(4)]
+            for fake in fakes:
+                announce = wire.Announce(fake, 1, f"fake-{fake}", "", port, 1000)
+                attacker.sendto(wire.encode(wire.Header(1, fake, 1), [announce]), target)
+            assert wait_until(lambda: len(rx.peers()) == 5, timeout=5)
+            chunk = b"f" * 60_000
+            reassembler = rx._async._endpoint._stack.reassembler  # read only, to see it full
+            for k in range(69):  # 4.14 MB each, under the 4 MiB (+ envelope) maximum; 16.6 MB
+                for fake in fakes:  # fragments of never-finished 1000-part messages
+                    header = wire.Header(1, fake, 1, destination=destination)
+                    part = wire.Data(k + 1, chunk, 60_000, k, 1000)
+                    attacker.sendto(wire.encode(header, [part]), target)
+                time.sleep(0.002)  # paced, so the kernel does not drop the flood itself
+            budget = reassembler.max_total_bytes
+            full = wait_until(lambda: reassembler.buffered_bytes > budget - 300_000, timeout=10)
+            assert full, (reassembler.buffered_bytes, reassembler.counters, rx.counters())
+            sent = [b"%d:" % n + bytes([n % 251]) * 400_000 for n in range(20)]
+            for n, payload in enumerate(sent):
+                for fake in fakes:  # and frames after a gap, for the out-of-order buffers
+                    header = wire.Header(1, fake, 1, destination=destination)
+                    gap = wire.Data(5000 + n, chunk, 60_000)
+                    attacker.sendto(wire.encode(header, [gap]), target)
+                tx.publish("k/a", "t", payload, expiry=30)
+            tx.flush(timeout=30)
+            assert inbox.wait_for(len(sent), 20)
+        counters = rx.counters()
+        grown = _rss_bytes() - rss_before
+    assert inbox.payloads == sent
+    assert counters.get("fragmentation_partial_dropped_evicted", 0) >= 1, {
+        k: v for k, v in counters.items() if "frag" in k or "transport" in k
+    }
+    # Reassembly is bounded by 4 x 4 MiB, out-of-order frames by their window per peer (and 64
+    # MiB in all); both endpoints live in this process.
+    assert grown < 96 * 1024 * 1024, grown
+    print(
+        f"\nfragment and gap flood from 4 fake peers: 20 x 400 KB delivered; RSS +{grown >> 20} MiB"
+    )
