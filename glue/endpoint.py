@@ -992,42 +992,24 @@ class Endpoint:
         datagrams = stack.datagrams_to_send(now=loop.time(), gather=True)
         if not datagrams:  # e.g. a burst that only delivered: its ack is delayed
             return
-        if self._sealer is not None:
-            self._send_sealed(sock, datagrams)
-            return
+        sealer = self._sealer
+        now_ms = int(time.time() * 1000) if sealer is not None else 0
         sent = 0
         size = 0
         sendto = sock.sendto
         for datagram, destination in datagrams:
             try:
-                if isinstance(datagram, bytes):
+                if sealer is not None:
+                    # Small ones whole; large ones (gathered pieces) into a reused buffer, sent
+                    # at once (the next seal_pieces overwrites it).
+                    if isinstance(datagram, bytes):
+                        size += sendto(sealer.seal(datagram, now_ms), destination)
+                    else:
+                        size += sendto(sealer.seal_pieces(datagram, now_ms), destination)
+                elif isinstance(datagram, bytes):
                     size += sendto(datagram, destination)
                 else:  # a large payload, in pieces: the kernel gathers them, Python copies none
                     size += sock.sendmsg(datagram, (), 0, destination)
-            except OSError as exc:
-                self._send_failed(destination, exc)
-                continue
-            sent += 1
-        counters = self.counters
-        counters["datagrams_sent"] += sent
-        counters["bytes_sent"] += size
-
-    def _send_sealed(
-        self, sock: socket.socket, datagrams: list[tuple[wire.OutDatagram, Address]]
-    ) -> None:
-        sealer = self._sealer
-        assert sealer is not None
-        now_ms = int(time.time() * 1000)
-        seal, seal_pieces, sendto = sealer.seal, sealer.seal_pieces, sock.sendto
-        sent = size = 0
-        for datagram, destination in datagrams:
-            # Small ones whole; large ones (gathered pieces) into a reused buffer, sent at once.
-            if isinstance(datagram, bytes):
-                sealed: bytes | memoryview = seal(datagram, now_ms)
-            else:
-                sealed = seal_pieces(datagram, now_ms)
-            try:
-                size += sendto(sealed, destination)
             except OSError as exc:
                 self._send_failed(destination, exc)
                 continue

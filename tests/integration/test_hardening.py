@@ -14,6 +14,7 @@ import time
 from glue import EndpointManager, wire
 from tests.helpers import free_udp_port, multicast_settings, wait_until
 from tests.integration.test_network_key import Collector, _forged_datagrams, _stream
+from tests.integration.test_reliable_delivery import _rss_bytes
 
 
 def test_transport_frames_from_another_address_than_the_peers_are_refused() -> None:
@@ -35,14 +36,6 @@ def test_transport_frames_from_another_address_than_the_peers_are_refused() -> N
         counters = rx.counters()
     assert inbox.payloads == sent  # nothing forged delivered, nothing skipped
     assert counters["dropped_wrong_address"] >= 10
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_fake_peers_flooding_fragments_and_gaps_do_not_stop_real_large_messages() -> None:
