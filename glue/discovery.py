@@ -33,8 +33,11 @@ Rules:
   warning (the Go reference ignores it: then a squatter could lock the rightful owner out);
   another endpoint claiming our own id is ignored with a warning.
 
-Bounds: at most ``max_peers`` peers (newcomers beyond are counted and dropped); the sets used to
-log warnings once are bounded too. The layer never reads the clock: ``now`` comes from the runtime.
+Bounds: at most ``max_peers`` peers. A peer is *proven* once it acknowledged something we sent
+it (``prove``, from the stack); when the table is full a newcomer takes the place of the unproven
+peer added first, and is counted and dropped only when every peer is proven. The sets
+used to log warnings once are bounded too. The layer never reads the clock: ``now`` comes from
+the runtime.
 """
 
 from __future__ import annotations
@@ -77,13 +80,16 @@ class DiscoveryConfig:
 
 
 class _PeerState:
-    __slots__ = ("answered_at", "heard_at", "multicast_at", "peer")
+    __slots__ = ("answered_at", "heard_at", "multicast_at", "peer", "proven")
 
     def __init__(self, peer: Peer, heard_at: float) -> None:
         self.peer = peer
         self.heard_at = heard_at
         self.multicast_at = float("-inf")
         self.answered_at = float("-inf")
+        # Whether it answered something we sent it, from its address (an ack: see ``prove``).
+        # Until then it holds its place in the table only while there is room to spare.
+        self.proven = False
 
 
 class Discovery:
@@ -97,6 +103,7 @@ class Discovery:
         self._targets: tuple[Target, ...] = ()
         self._peers: dict[EndpointId, _PeerState] = {}
         self._names: dict[str, EndpointId] = {}
+        self._unproven: dict[EndpointId, None] = {}  # unproven peers, oldest first
         self._events: deque[PeerEvent] = deque()
         self._outbox: list[tuple[Frame, Address]] = []
         self._announce_at: float | None = now if config.announce else None
@@ -126,6 +133,14 @@ class Discovery:
             self._receive_goodbye(header, source, now=now)
         else:
             self._receive_announce(frame, source, multicast=multicast, now=now)
+
+    def prove(self, endpoint_id: EndpointId, incarnation: int) -> None:
+        """The peer acknowledged something we sent it, from its address: it is reachable there
+        (not an address named by a forger). A proven peer keeps its place when the table is full."""
+        state = self._peers.get(endpoint_id)
+        if state is not None and state.peer.incarnation == incarnation and not state.proven:
+            state.proven = True
+            self._unproven.pop(endpoint_id, None)
 
     def touch(self, endpoint_id: EndpointId, incarnation: int, *, now: float) -> None:
         """A valid datagram came from this peer: it is alive even if announcements were lost."""
@@ -163,6 +178,7 @@ class Discovery:
         self._outbox.extend((Goodbye(), address) for address in sorted(destinations))
         self._peers.clear()
         self._names.clear()
+        self._unproven.clear()
         self._left = True
 
     # --- outputs --------------------------------------------------------------------------------
@@ -303,7 +319,7 @@ class Discovery:
                 *address,
                 name,
             )
-        if len(self._peers) >= self.config.max_peers:
+        if len(self._peers) >= self.config.max_peers and not self._make_room():
             self.counters["peers_full"] += 1
             self._warn_once(
                 ("full", None), "peer table full (%d); ignoring newcomers", len(self._peers)
@@ -317,6 +333,7 @@ class Discovery:
         state = _PeerState(peer, heard_at)
         self._lower_hint(self._expires_at(state))
         self._peers[peer.endpoint_id] = state
+        self._unproven[peer.endpoint_id] = None
         self._names.setdefault(name, peer.endpoint_id)
         self._events.append(PeerAdded(peer))
         self.counters["peers_added"] += 1
@@ -327,9 +344,20 @@ class Discovery:
             self._outbox.append((self._own_announce(), peer.address))
         return state
 
+    def _make_room(self) -> bool:
+        """Table full: drop the unproven peer added first, if there is one. A flood of fake
+        endpoints (announced, never answering) then churns through the unproven places while
+        real newcomers prove themselves within a round trip and stay."""
+        if not self._unproven:
+            return False
+        self.counters["unproven_evicted"] += 1
+        self._remove(self._peers[next(iter(self._unproven))], "evicted")
+        return True
+
     def _remove(self, state: _PeerState, reason: RemovalReason, *, rescan: bool = True) -> None:
         peer = state.peer
         del self._peers[peer.endpoint_id]
+        self._unproven.pop(peer.endpoint_id, None)
         if self._names.get(peer.name) == peer.endpoint_id:
             del self._names[peer.name]
         if rescan:  # removals are rare: the deadline follows the peers that are left

@@ -22,7 +22,7 @@ __all__ = [
     "TopicDelivery",
 ]
 
-RemovalReason = Literal["expired", "left", "restarted"]
+RemovalReason = Literal["expired", "left", "restarted", "evicted"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +51,9 @@ class PeerAdded:
 
 @dataclass(frozen=True, slots=True)
 class PeerRemoved:
-    """A peer went away: silent for rate x multiplier, said goodbye, or restarted."""
+    """A peer went away: silent for rate x multiplier (``expired``), said goodbye (``left``),
+    restarted, or, never having answered anything, gave its place to a newcomer in a full
+    table (``evicted``)."""
 
     peer: Peer
     reason: RemovalReason

@@ -94,7 +94,7 @@ class StackConfig:
 
 
 class _Route:
-    __slots__ = ("address", "counters", "datagram_bytes", "header", "peer")
+    __slots__ = ("address", "counters", "datagram_bytes", "header", "peer", "proven")
 
     def __init__(
         self, peer: Peer, header: wire.Header, datagram_bytes: int, counters: Counter[str]
@@ -104,6 +104,7 @@ class _Route:
         self.address = peer.address
         self.header = header
         self.datagram_bytes = datagram_bytes
+        self.proven = False  # told to discovery once, at its first ack
 
 
 class _Bundle:
@@ -204,6 +205,10 @@ class Stack:
                     continue
                 transport.receive(frame, header.source_id, header.incarnation, now=now)  # type: ignore[arg-type]
                 touched = True
+                if kind is Ack and route is not None and not route.proven:
+                    # It answered what we sent to its address: reachable there (see Discovery).
+                    route.proven = True
+                    self.discovery.prove(header.source_id, header.incarnation)
             else:
                 self.discovery.receive(frame, header, source, multicast=multicast, now=now)  # type: ignore[arg-type]
                 self._pump_discovery(now)

@@ -370,7 +370,10 @@ class Transport:
         self._receive_buffered -= state.recv.buffered_bytes  # now counted as parked
         self.counters["streams_parked"] += 1
         logger.debug("parked %d frames for silent peer %d", len(frames), peer)
-        while self._parked_bytes > self.config.parked_bytes and self._parked:
+        while self._parked and (
+            self._parked_bytes > self.config.parked_bytes
+            or len(self._parked) > self.config.retired_streams
+        ):
             oldest = next(iter(self._parked))
             self._drop_parked(oldest, self._parked.pop(oldest), "memory")
 

@@ -941,6 +941,8 @@ def test_newcomers_beyond_max_peers_are_dropped_and_counted(
     hear(d, ann(3), now=0.1)
     assert events(d) == [PeerAdded(peer(2)), PeerAdded(peer(3))]
     d.frames_to_send()
+    d.prove(EndpointId(2), 1)  # both answered what we sent them: they keep their places
+    d.prove(EndpointId(3), 1)
 
     hear(d, ann(4), now=0.2)
     hear(d, ann(4, ask=True), now=0.3, multicast=False)
@@ -953,10 +955,32 @@ def test_newcomers_beyond_max_peers_are_dropped_and_counted(
 
     hear(d, ann(3, incarnation=2), now=0.4)  # a restart is not a newcomer
     assert events(d) == [PeerRemoved(peer(3), "restarted"), PeerAdded(peer(3, incarnation=2))]
+    d.prove(EndpointId(3), 2)
     goodbye(d, 2, now=0.5)
     hear(d, ann(4), now=0.6)
     assert events(d) == [PeerRemoved(peer(2), "left"), PeerAdded(peer(4))]
     assert d.counters["peers_full"] == 3
+
+
+def test_a_full_table_gives_the_place_of_an_unproven_peer_to_a_newcomer() -> None:
+    # 100,000 fake endpoints announced and never answering fill the table; a real newcomer must
+    # still get in, and, once it answered (proven), keep its place while the flood goes on.
+    d = make(max_peers=10, targets=[(GROUP, False)])
+    for n in range(1000, 1100):  # the flood: only the 10 most recent stay
+        hear(d, ann(n), now=0.001 * (n - 1000))
+    assert len(d.peers()) == 10
+    assert d.counters["unproven_evicted"] == 90
+    assert d.counters["peers_full"] == 0
+    events(d)
+    hear(d, ann(2, name="real"), now=0.2)
+    assert PeerAdded(peer(2, name="real")) in events(d)
+    d.prove(EndpointId(2), 1)
+    for n in range(2000, 2100):  # the flood goes on
+        hear(d, ann(n), now=0.3 + 0.001 * (n - 2000))
+    assert any(p.name == "real" for p in d.peers())
+    removed = [e for e in events(d) if isinstance(e, PeerRemoved)]
+    assert {e.reason for e in removed} == {"evicted"}
+    assert all(e.peer.name != "real" for e in removed)
 
 
 def test_two_network_ids_on_one_lan_never_see_each_other() -> None:
