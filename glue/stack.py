@@ -582,7 +582,7 @@ class Stack:
         lost = self.transport.remove_peer(peer_id, park=silent)
         if silent and peer_id in self.transport.parked():
             self._parked[peer_id] = (peer, now)
-        elif lost:
+        elif lost and event.reason != "evicted":  # an evicted peer never proved reachable
             self._failed(peer, lost)
         if not silent:
             # A silent peer may come back in the same incarnation, its frames continuing where
