@@ -595,7 +595,10 @@ class Transport:
             stream = state.send
             self._fill_window(stream, now)
             if stream.skip_to > stream.acked_to + 1 and stream.skip_sent_at + stream.rto <= now:
-                frames.append(Skip(stream.skip_to))
+                # At most a window past what the receiver acknowledged: it refuses a longer jump
+                # (a forged Skip could otherwise silence the stream); the rest follows in steps.
+                step = stream.acked_to + 1 + self.config.window_frames
+                frames.append(Skip(min(stream.skip_to, step)))
                 stream.skip_sent_at = now
                 stream.counters["skips_sent"] += 1
             # A due ack goes now; a delayed one rides along with data when there is some.
@@ -786,6 +789,9 @@ class Transport:
         cumulative = min(ack.cumulative, stream.next_seq - 1)
         if cumulative > stream.acked_to:
             stream.acked_to = cumulative
+            if stream.skip_to > cumulative + 1:
+                stream.skip_sent_at = float("-inf")  # the next step of a long skip, at once
+                self._dirty.add(peer)
         newest: _Outgoing | None = None
         freed = 0
         sacked_bytes = 0
@@ -960,6 +966,11 @@ class Transport:
     def _receive_skip(self, peer: EndpointId, recv: _RecvStream, seq: int, now: float) -> None:
         self._ack_soon(peer, recv, now, immediately=True)
         if seq - 1 <= recv.delivered_to:
+            return
+        if seq - 1 > recv.delivered_to + self.config.window_frames:
+            # No sender skips more than a window past what we acknowledged (it steps): this one
+            # was forged (a Skip to 10**15 would make every later real frame a "duplicate").
+            recv.counters["skips_beyond_window"] += 1
             return
         # The sender abandoned everything below seq: its frames expired, or it dropped them when
         # it lost us for a while (a resumed stream). Frames of that range held here are dropped

@@ -1257,3 +1257,33 @@ def test_out_of_order_frames_of_all_peers_together_are_bounded() -> None:
     t.remove_peer(peers[0])  # its buffer is released: room again
     t.receive(Data(5, b"y" * 100, 60_000), peers[-1], 1, now=0.0)
     assert t.total_counters()["frames_beyond_receive_buffer"] == 25
+
+
+def test_a_skip_beyond_the_window_is_refused_and_a_long_skip_goes_in_steps() -> None:
+    # A forged Skip(10**15) would make every later real frame a "duplicate": no sender skips more
+    # than a window past what was acknowledged, so the receiver refuses it.
+    pair = Pair(TransportConfig(window_frames=4, initial_rto_s=RTO0))
+    pair.push(pair.b, [Skip(10**15)])
+    assert counters(pair.b, "skips_beyond_window") == {"skips_beyond_window": 1}
+    pair.send(b"1")
+    pair.transfer(pair.a)
+    assert [e.frame.seq for e in pair.events(pair.b) if isinstance(e, FrameReceived)] == [1]
+    # A resumed stream after many frames were dropped skips far, in steps of a window.
+    pair.a.remove_peer(B)
+    for _ in range(20):  # frames that would have been sent meanwhile (dropped with the stream)
+        pair.a._retired[(B, INC_B)] = (pair.a._retired[(B, INC_B)][0] + 1, 0)
+    pair.a.add_peer(B, INC_B)
+    pair.at(1.0).send(b"after")
+    got: list[FrameReceived] = []
+    for _ in range(100):  # lossless exchange, timers fired when nothing moves
+        moved = pair.transfer(pair.a) + pair.transfer(pair.b)
+        got += [e for e in pair.events(pair.b) if isinstance(e, FrameReceived)]
+        if got or moved:
+            continue
+        side = min(
+            (s for s in (pair.a, pair.b) if s.next_deadline() is not None),
+            key=lambda s: s.next_deadline(),
+        )
+        pair.timer(side)
+    assert [e.frame.payload for e in got] == [b"after"]
+    assert counters(pair.b, "skips_beyond_window") == {"skips_beyond_window": 1}
