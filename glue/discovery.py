@@ -61,6 +61,11 @@ Address = tuple[str, int]
 Target = tuple[Address, bool]
 
 _MAX_WARNED: Final = 256
+#: The largest incarnation an endpoint makes before 2100 (milliseconds since the epoch x 1000
+#: plus less than 1000; see glue.endpoint); larger ones are refused as forged.
+MAX_INCARNATION: Final = 4_102_444_800_000 * 1000 + 999
+#: Announced rates are taken up to max(10 x our rate, this) (see Discovery._rate_s).
+_MAX_RATE_FLOOR_S: Final = 60.0
 _JITTER: Final = 0.1
 
 
@@ -225,6 +230,11 @@ class Discovery:
     ) -> None:
         config = self.config
         self.counters["forwarded_received" if announce.forwarded else "announcements_received"] += 1
+        if announce.incarnation > MAX_INCARNATION:
+            # No endpoint makes one (ms since the epoch x 1000, until 2100): one claiming it would
+            # look newer than every real restart to come.
+            self.counters["implausible_incarnation"] += 1
+            return
         if announce.endpoint_id == config.endpoint_id:
             if announce.incarnation != config.incarnation and not announce.forwarded:
                 self._warn_once(
@@ -296,7 +306,7 @@ class Discovery:
             state.heard_at = heard_at
         if not announce.forwarded:
             peer = state.peer
-            rate_s = announce.rate_ms / 1000.0
+            rate_s = self._rate_s(announce)
             if peer.rate_s != rate_s:
                 state.peer = replace(peer, rate_s=rate_s)
                 self._lower_hint(self._expires_at(state))  # a faster rate expires it sooner
@@ -325,10 +335,10 @@ class Discovery:
                 ("full", None), "peer table full (%d); ignoring newcomers", len(self._peers)
             )
             return None
-        if heard_at + announce.rate_ms / 1000.0 * self.config.multiplier <= now:
+        if heard_at + self._rate_s(announce) * self.config.multiplier <= now:
             return None  # a forwarded announcement already expired (same test as _expires_at)
         peer = Peer(
-            announce.endpoint_id, announce.incarnation, name, *address, announce.rate_ms / 1000.0
+            announce.endpoint_id, announce.incarnation, name, *address, self._rate_s(announce)
         )
         state = _PeerState(peer, heard_at)
         self._lower_hint(self._expires_at(state))
@@ -441,6 +451,11 @@ class Discovery:
             self._rate_ms,
             interest=self.interest_version,
         )
+
+    def _rate_s(self, announce: Announce) -> float:
+        """The announced rate, at most max(10 x ours, 60 s): a peer (or a forger) announcing an
+        hour would otherwise keep its place for two hours after its last word."""
+        return min(announce.rate_ms / 1000.0, max(10 * self.config.rate_s, _MAX_RATE_FLOOR_S))
 
     def _timeout_s(self, state: _PeerState) -> float:
         return state.peer.rate_s * self.config.multiplier

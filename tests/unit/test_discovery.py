@@ -1179,3 +1179,18 @@ def test_event_history_checker_catches_a_double_add() -> None:
     node.events.extend([(0.0, PeerAdded(peer(2))), (0.1, PeerAdded(peer(2)))])
     with pytest.raises(AssertionError):
         checks.check_events()
+
+
+def test_implausible_incarnations_are_refused_and_long_rates_capped() -> None:
+    # A forged incarnation of 2**53 - 1 would look newer than any real restart to come; a rate
+    # of an hour would keep a forged peer for two hours after its last word.
+    d = make(announce=False)  # our rate: 1 s
+    hear(d, ann(2, incarnation=2**53 - 1), now=0.0)
+    assert events(d) == []
+    assert d.counters["implausible_incarnation"] == 1
+    hear(d, ann(3, rate_ms=3_600_000), now=0.0)
+    assert events(d) == [PeerAdded(peer(3, rate_s=60.0))]  # max(10 x 1 s, 60 s)
+    d.handle_timer(now=119.0)
+    assert events(d) == []
+    d.handle_timer(now=120.0)
+    assert events(d) == [PeerRemoved(peer(3, rate_s=60.0), "expired")]
