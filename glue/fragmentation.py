@@ -100,7 +100,9 @@ class Reassembler:
         if partial.size + size > self.max_message_bytes:
             self._drop(peer, "oversized")
             return None
-        if self._total + size > self.max_total_bytes and not self._make_room(peer, size):
+        if self._total + size > self.max_total_bytes and not self._make_room(
+            peer, size, partial.size + size
+        ):
             self._drop(peer, "memory_full")
             return None
         partial.chunks.append(frame.payload)
@@ -114,11 +116,21 @@ class Reassembler:
         self.counters["messages_reassembled"] += 1
         return partial.chunks
 
-    def _make_room(self, peer: EndpointId, size: int) -> bool:
+    def admit(self, peer: EndpointId, frame: Data) -> bool:
+        """Whether fragment ``frame`` from ``peer`` will find room (making it if it can, as
+        ``receive`` would). Asked by the transport before it acknowledges a fragment, so that a
+        fragment it acknowledged is never dropped for lack of room: refused, it is resent."""
+        size = len(frame.payload)
+        if self._total + size <= self.max_total_bytes:
+            return True
+        partial = self._partials.get(peer)
+        held = partial.size if partial is not None and frame.part > 0 else 0
+        return self._make_room(peer, size, held + size)
+
+    def _make_room(self, peer: EndpointId, size: int, mine: int) -> bool:
         """Free ``size`` bytes by dropping the partial messages of the peers that hold the most,
-        as long as each holds more than ``peer`` would: one peer (or many fake ones) filling the
-        budget cannot starve another. Whether there is room now."""
-        mine = self._partials[peer].size + size
+        as long as each holds more than ``peer`` would (``mine``): one peer (or many fake ones)
+        filling the budget cannot starve another. Whether there is room now."""
         while self._total + size > self.max_total_bytes:
             other, largest = max(
                 ((p, partial) for p, partial in self._partials.items() if p != peer),

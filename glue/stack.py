@@ -137,11 +137,12 @@ class Stack:
                 initial_rto_s=min(transport_config.initial_rto_s, liveness_rto_s),
                 min_rto_s=min(transport_config.min_rto_s, liveness_rto_s),
             )
-        self.transport = Transport(transport_config)
         self.reassembler = Reassembler(
             max_message_bytes=config.max_message_bytes + MAX_ENVELOPE_BYTES,
             max_total_bytes=config.max_reassembly_bytes,
         )
+        # A fragment is acknowledged only if reassembly has room for it (else it is resent).
+        self.transport = Transport(transport_config, admit=self.reassembler.admit)
         self._header = wire.Header(config.network_id, self.endpoint_id, self.incarnation)
         self._routes: dict[EndpointId, _Route] = {}
         self._events: deque[StackOutput] = deque()

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -278,9 +279,18 @@ class _Peer:
 class Transport:
     """The transport state machine of one endpoint, for all its peers."""
 
-    def __init__(self, config: TransportConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: TransportConfig | None = None,
+        *,
+        admit: Callable[[EndpointId, Data], bool] | None = None,
+    ) -> None:
         self.config = config or TransportConfig()
         self.counters: Counter[str] = Counter()
+        # Asked before a fragment (``parts`` > 1) is delivered: whether the layer above has room
+        # for it. If not, it is neither delivered nor acknowledged (its sender resends it later):
+        # a message whose frames were acknowledged is never dropped for lack of room.
+        self._admit = admit
         self._peers: dict[EndpointId, _Peer] = {}
         self._events: deque[TransportEvent] = deque()
         self._dirty: set[EndpointId] = set()  # peers with something to send
@@ -548,6 +558,15 @@ class Transport:
             return
         if type(frame) is Data:
             recv = state.recv
+            if (
+                frame.parts > 1
+                and self._admit is not None
+                and frame.seq > recv.delivered_to
+                and frame.seq not in recv.buffer
+                and not self._admit(peer, frame)
+            ):
+                recv.counters["frames_refused_no_room"] += 1
+                return
             if frame.seq == recv.delivered_to + 1 and not recv.buffer:
                 # The hot path, in order with nothing buffered: deliver, ack later or now.
                 recv.delivered_to = frame.seq

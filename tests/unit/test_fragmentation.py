@@ -452,3 +452,14 @@ def test_property_any_input_follows_the_rules_and_the_accounting_returns_to_zero
     r.handle_timer(now=now + 0.5)
     assert r.buffered_bytes == 0
     assert r.next_deadline() is None
+
+
+def test_admit_makes_room_like_receive_or_says_no() -> None:
+    r = make(max_total_bytes=10)
+    r.receive(P, frag(1, b"12345678", 0, 3), now=0.0)
+    assert r.admit(Q, frag(1, b"abc", 0, 2))  # P (8 > 3) gives way
+    assert r.counters == Counter(partial_dropped_evicted=1)
+    r.receive(Q, frag(1, b"abcdefgh", 0, 3), now=0.0)
+    r.receive(P, frag(2, b"x", 0, 2), now=0.0)
+    assert not r.admit(Q, frag(2, b"ij", 1, 3))  # Q would hold 10 > P's 1: no room, nothing lost
+    assert r.buffered_bytes == 9

@@ -1287,3 +1287,18 @@ def test_a_skip_beyond_the_window_is_refused_and_a_long_skip_goes_in_steps() -> 
         pair.timer(side)
     assert [e.frame.payload for e in got] == [b"after"]
     assert counters(pair.b, "skips_beyond_window") == {"skips_beyond_window": 1}
+
+
+def test_a_fragment_the_layer_above_has_no_room_for_is_neither_delivered_nor_acked() -> None:
+    room = {"yes": False}
+    receiver = Transport(CONFIG, admit=lambda peer, frame: room["yes"])
+    receiver.add_peer(A, INC_A)
+    fragment = Data(1, b"part", 64_000, 0, 2)
+    receiver.receive(fragment, A, INC_A, now=0.0)
+    assert receiver.take_events() == []
+    assert receiver.frames_to_send(now=1.0) == []  # not acknowledged: its sender resends it
+    assert receiver.total_counters()["frames_refused_no_room"] == 1
+    receiver.receive(Data(1, b"whole", 64_000), A, INC_A, now=0.0)  # unfragmented: not asked
+    room["yes"] = True
+    receiver.receive(Data(2, b"part", 64_000, 0, 2), A, INC_A, now=0.0)  # the resend, later
+    assert [e.frame.seq for e in receiver.take_events()] == [1, 2]
