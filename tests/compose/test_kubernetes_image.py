@@ -24,6 +24,7 @@ import docker
 import pytest
 from docker.models.containers import Container as DockerContainer
 
+from glue.security import generate_key
 from tests.compose import stack
 from tests.compose.stack import Event, parse_events, wait_for
 from tests.unit.test_kubernetes_manifests import MODES, Build, Container, build, containers, matches
@@ -45,14 +46,21 @@ def _aliases(built: Build, container: Container) -> list[str]:
     ]
 
 
-def _run_options(container: Container) -> dict[str, Any]:
-    """docker run options for what the manifest says about the container and its pod."""
+def _run_options(container: Container, secret_key: str | None) -> dict[str, Any]:
+    """docker run options for what the manifest says about the container and its pod; with
+    ``secret_key``, as if the Secret glue-network-key existed (its env entry refers to it)."""
     spec = container.spec
+    environment = dict(container.env)
+    for variable in spec.get("env", []):
+        ref = variable.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None and secret_key is not None:
+            assert (ref["name"], ref["key"]) == ("glue-network-key", "network-key")
+            environment[variable["name"]] = secret_key
     pod = container.deployment["spec"]["template"]["spec"]
     pod_security = pod.get("securityContext", {})
     security = spec.get("securityContext", {})
     options: dict[str, Any] = {
-        "environment": container.env,
+        "environment": environment,
         "read_only": bool(security.get("readOnlyRootFilesystem")),
         "cap_drop": security.get("capabilities", {}).get("drop", []),
         "security_opt": []
@@ -75,7 +83,9 @@ def _run_options(container: Container) -> dict[str, Any]:
 class Pods:
     """The containers of one mode on one fenced bridge; removed with their network and rule."""
 
-    def __init__(self, client: docker.DockerClient, image: str, mode: str) -> None:
+    def __init__(
+        self, client: docker.DockerClient, image: str, mode: str, secret_key: str | None
+    ) -> None:
         self.client = client
         self.project = f"{stack.PROJECT_PREFIX}{os.getpid()}x9{next(_runs)}"
         labels = {stack.PROJECT_LABEL: self.project}
@@ -83,6 +93,7 @@ class Pods:
         self.bridge = f"br-{self.network.id[:12]}"
         stack.add_isolation(self.bridge)
         self.containers: dict[str, DockerContainer] = {}
+        self.sealed = False
         self.built = build(MODES[mode])
         for container in containers(self.built):
             name = container.env["GLUE_ENDPOINT_NAME"]
@@ -96,7 +107,7 @@ class Pods:
                         aliases=_aliases(self.built, container)
                     )
                 },
-                **_run_options(container),
+                **_run_options(container, secret_key),
             )
             self.containers[name] = created
         # The rendezvous first, as its Service exists before any pod: a name Docker's DNS does
@@ -132,11 +143,16 @@ def _received(events: list[Event], source: str) -> int:
     return sum(1 for e in events if e.kind == "received" and e.fields.get("source") == source)
 
 
-@pytest.fixture(params=sorted(MODES))
+@pytest.fixture(
+    params=[(mode, sealed) for mode in sorted(MODES) for sealed in (False, True)],
+    ids=lambda p: f"{p[0]}-{'with' if p[1] else 'without'}-secret",
+)
 def pods(
     request: pytest.FixtureRequest, docker_client: docker.DockerClient, glue_image: str
 ) -> Iterator[Pods]:
-    running = Pods(docker_client, glue_image, str(request.param))
+    mode, sealed = request.param
+    running = Pods(docker_client, glue_image, mode, generate_key() if sealed else None)
+    running.sealed = sealed
     try:
         yield running
     finally:
@@ -178,4 +194,7 @@ def test_the_manifests_pods_start_discover_each_other_and_exchange_messages(pods
         assert "glue_peers{" in text, f"{name}: {text[-2000:]}"
     drops = stack.isolation_drops(pods.bridge)
     assert drops == 0, f"{drops} packets tried to leave the pods' network"
+    logs = "\n".join(c.logs().decode("utf-8", "replace") for c in pods.containers.values())
+    expected = "sealed (key id" if pods.sealed else "no network key"
+    assert logs.count(expected) == len(pods.containers), logs[-3000:]
     print(f"\n{sorted(names)}: met and exchanged messages; fence dropped {drops} packets")

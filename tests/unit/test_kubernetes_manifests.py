@@ -182,6 +182,9 @@ def containers(result: Build) -> Iterator[Container]:
             for variable in spec.get("env", []):  # env wins over envFrom, as in a pod
                 if "value" in variable:
                     env[variable["name"]] = str(variable["value"])
+                elif "secretKeyRef" in variable["valueFrom"]:
+                    # An optional Secret the cluster may not have: unset here, as without it.
+                    assert variable["valueFrom"]["secretKeyRef"]["optional"] is True
                 else:
                     field_path = variable["valueFrom"]["fieldRef"]["fieldPath"]
                     assert field_path == "metadata.name", f"unexpected fieldRef {field_path}"
@@ -522,6 +525,17 @@ def test_the_network_policy_allows_udp_between_glue_pods_and_dns(built: Build) -
     assert to_glue["ports"] == [{"protocol": "UDP"}]
     assert "to" not in dns
     assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
+
+
+def test_every_pod_takes_the_network_key_from_an_optional_secret(built: Build) -> None:
+    for container in containers(built):
+        [key] = [v for v in container.spec["env"] if v["name"] == "GLUE_NETWORK_KEY"]
+        assert key["valueFrom"]["secretKeyRef"] == {
+            "name": "glue-network-key",
+            "key": "network-key",
+            "optional": True,  # pods start without it (unsealed), and seal once it exists
+        }
+        assert "GLUE_NETWORK_KEY" not in container.env  # never a literal in the manifests
 
 
 def test_every_pod_serves_metrics_where_its_annotations_say(
