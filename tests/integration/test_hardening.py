@@ -12,8 +12,8 @@ import socket
 import time
 
 from glue import EndpointManager, wire
-from tests.helpers import free_udp_port, multicast_settings, wait_until
-from tests.integration.test_network_key import Collector, _forged_datagrams, _stream
+from tests.helpers import Inbox, free_udp_port, multicast_settings, wait_until
+from tests.integration.test_network_key import _forged_datagrams, _stream
 from tests.integration.test_reliable_delivery import _rss_bytes
 
 
@@ -21,7 +21,7 @@ def test_transport_frames_from_another_address_than_the_peers_are_refused() -> N
     group = f"239.192.137.1:{free_udp_port()}"
     settings = multicast_settings(group, discovery_rate_milliseconds=100)
     with EndpointManager.from_env(**settings) as tx, EndpointManager.from_env(**settings) as rx:
-        inbox = Collector()
+        inbox = Inbox()
         rx.subscribe("k/#", "t", inbox)
         tx.wait_for_subscribers("k/a", timeout=5)
         skip_and_data = _forged_datagrams(tx, rx._async._endpoint.incarnation)[0]
@@ -32,9 +32,9 @@ def test_transport_frames_from_another_address_than_the_peers_are_refused() -> N
                 if index % 30 == 0:
                     attacker.sendto(skip_and_data, ("127.0.0.1", rx.data_address[1]))
         tx.flush(timeout=20)
-        assert inbox.wait_for(300, 10)
+        assert inbox.wait_for_count(300, timeout=10)
         counters = rx.counters()
-    assert inbox.payloads == sent  # nothing forged delivered, nothing skipped
+    assert inbox.payloads() == sent  # nothing forged delivered, nothing skipped
     assert counters["dropped_wrong_address"] >= 10
 
 
@@ -48,7 +48,7 @@ def test_fake_peers_flooding_fragments_and_gaps_do_not_stop_real_large_messages(
         group, discovery_rate_milliseconds=100, max_message_bytes=4 * 1024 * 1024
     )
     with EndpointManager.from_env(**settings) as tx, EndpointManager.from_env(**settings) as rx:
-        inbox = Collector()
+        inbox = Inbox()
         rx.subscribe("k/#", "t", inbox)
         tx.wait_for_subscribers("k/a", timeout=5)
         target = ("127.0.0.1", rx.data_address[1])
@@ -81,10 +81,10 @@ def test_fake_peers_flooding_fragments_and_gaps_do_not_stop_real_large_messages(
                     attacker.sendto(wire.encode(header, [gap]), target)
                 tx.publish("k/a", "t", payload, expiry=30)
             tx.flush(timeout=30)
-            assert inbox.wait_for(len(sent), 20)
+            assert inbox.wait_for_count(len(sent), timeout=20)
         counters = rx.counters()
         grown = _rss_bytes() - rss_before
-    assert inbox.payloads == sent
+    assert inbox.payloads() == sent
     assert counters.get("fragmentation_partial_dropped_evicted", 0) >= 1, {
         k: v for k, v in counters.items() if "frag" in k or "transport" in k
     }
@@ -103,7 +103,7 @@ def test_after_a_flood_of_100000_fake_endpoints_a_real_newcomer_gets_in() -> Non
     rate_s = 0.2
     settings = multicast_settings(group, discovery_rate_milliseconds=int(rate_s * 1000))
     with EndpointManager.from_env(**settings) as rx:
-        inbox = Collector()
+        inbox = Inbox()
         rx.subscribe("k/#", "t", inbox)
         target = ("127.0.0.1", rx.data_address[1])
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
@@ -127,7 +127,7 @@ def test_after_a_flood_of_100000_fake_endpoints_a_real_newcomer_gets_in() -> Non
                 newcomer.wait_for_subscribers("k/a", timeout=5)
                 newcomer.publish("k/a", "t", b"hello", expiry=10)
                 newcomer.flush(timeout=10)
-                assert inbox.wait_for(1, 5)
+                assert inbox.wait_for_count(1, timeout=5)
         counters = rx.counters()
     # Most of the flood reached the table (the rest was dropped by the kernel while the endpoint
     # was busy: each fake costs it ~150 us, PeerAdded, an interest message, an eviction).

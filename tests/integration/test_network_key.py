@@ -18,7 +18,7 @@ import pytest
 
 from glue import EndpointManager, MessageReceived, wire
 from glue.security import generate_key
-from tests.helpers import free_udp_port, multicast_settings, wait_until
+from tests.helpers import Inbox, free_udp_port, multicast_settings, wait_until
 
 KEY = generate_key()
 
@@ -32,21 +32,6 @@ def _settings(group: str, **extra: object) -> dict[str, object]:
     return multicast_settings(group, discovery_rate_milliseconds=100, **extra)
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.payloads: list[bytes] = []
-        self.changed = threading.Condition()
-
-    def __call__(self, message: object) -> None:
-        with self.changed:
-            self.payloads.append(message.payload)  # type: ignore[attr-defined]
-            self.changed.notify_all()
-
-    def wait_for(self, count: int, timeout: float) -> bool:
-        with self.changed:
-            return self.changed.wait_for(lambda: len(self.payloads) >= count, timeout)
-
-
 def _stream(count: int) -> list[bytes]:
     return [b"%d:" % n + bytes([n % 251]) * (70_000 if n % 50 == 0 else 100) for n in range(count)]
 
@@ -56,16 +41,16 @@ def test_sealed_endpoints_exchange_small_and_large_messages_in_order(group: str)
         EndpointManager.from_env(**_settings(group, network_key=KEY)) as tx,
         EndpointManager.from_env(**_settings(group, network_key=KEY)) as rx,
     ):
-        inbox = Collector()
+        inbox = Inbox()
         rx.subscribe("k/#", "t", inbox)
         tx.wait_for_subscribers("k/a", timeout=5)
         sent = _stream(500)
         for payload in sent:
             tx.publish("k/a", "t", payload, expiry=30)
         tx.flush(timeout=20)
-        assert inbox.wait_for(500, 10)
+        assert inbox.wait_for_count(500, timeout=10)
         counters = rx.counters()
-    assert inbox.payloads == sent
+    assert inbox.payloads() == sent
     assert not {k: v for k, v in counters.items() if k.startswith("dropped_")}
 
 
@@ -145,7 +130,7 @@ def test_with_a_key_forged_datagrams_change_nothing(group: str) -> None:
         EndpointManager.from_env(**_settings(group, network_key=KEY)) as tx,
         EndpointManager.from_env(**_settings(group, network_key=KEY)) as rx,
     ):
-        inbox = Collector()
+        inbox = Inbox()
         rx.subscribe("k/#", "t", inbox)
         tx.wait_for_subscribers("k/a", timeout=5)
         target = ("127.0.0.1", rx.data_address[1])
@@ -161,10 +146,10 @@ def test_with_a_key_forged_datagrams_change_nothing(group: str) -> None:
                         attacker.sendto(datagram, target)
                         attacker.sendto(datagram, group_address)
         tx.flush(timeout=20)
-        assert inbox.wait_for(300, 10)
+        assert inbox.wait_for_count(300, timeout=10)
         counters = rx.counters()
         peers = [p.name for p in rx.peers()]
-    assert inbox.payloads == sent  # nothing forged, nothing lost, in order
+    assert inbox.payloads() == sent  # nothing forged, nothing lost, in order
     assert peers == [tx.name]  # never evicted
     assert counters["dropped_unsealed"] >= 20
 
@@ -249,7 +234,7 @@ def test_rotation_endpoints_at_either_step_understand_each_other(group: str) -> 
         EndpointManager.from_env(**_settings(group, network_key=steps[1])) as first,
         EndpointManager.from_env(**_settings(group, network_key=steps[2])) as second,
     ):
-        inboxes = {name: Collector() for name in ("before", "first", "second")}
+        inboxes = {name: Inbox() for name in ("before", "first", "second")}
         for name, endpoint in (("before", before), ("first", first), ("second", second)):
             endpoint.subscribe("rot/#", "t", inboxes[name])
         # Step 2 seals with the new key: the step-1 endpoint opens it; the one not yet rotated
@@ -262,11 +247,11 @@ def test_rotation_endpoints_at_either_step_understand_each_other(group: str) -> 
         first.flush(timeout=10)
         second.flush(timeout=10)
         # Each gets its own messages locally, and the other's over the network.
-        assert inboxes["second"].wait_for(100, 5)
-        assert inboxes["first"].wait_for(100, 5)
-        assert inboxes["before"].wait_for(50, 5)
+        assert inboxes["second"].wait_for_count(100, timeout=5)
+        assert inboxes["first"].wait_for_count(100, timeout=5)
+        assert inboxes["before"].wait_for_count(50, timeout=5)
     from_first = [b"%d" % n for n in range(50)]
     from_second = [b"%d" % (100 + n) for n in range(50)]
-    assert [p for p in inboxes["second"].payloads if p in from_first] == from_first
-    assert [p for p in inboxes["first"].payloads if p in from_second] == from_second
-    assert inboxes["before"].payloads == from_first  # from step 1 only, none from step 2
+    assert [p for p in inboxes["second"].payloads() if p in from_first] == from_first
+    assert [p for p in inboxes["first"].payloads() if p in from_second] == from_second
+    assert inboxes["before"].payloads() == from_first  # from step 1 only, none from step 2
