@@ -5,19 +5,23 @@ No cluster is needed. Each mode is built twice: by a small builder that follows 
 as ``kubectl apply -k`` does, and, where ``kubectl`` is installed, by ``kubectl kustomize`` itself
 (offline: it renders, it does not talk to a cluster). The same checks run on both. The containers'
 environment (``envFrom`` then ``env``, which wins) is loaded by :func:`glue.settings.load_settings`
-as a pod would load it. Nothing here opens a socket or resolves a name: the DNS targets are
-checked against the Services of the build.
+as a pod would load it, with the files of its Secret volumes (the network key) written where
+the pod mounts them. Nothing here opens a socket or resolves a name: the DNS targets are checked
+against the Services of the build.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import ipaddress
 import json
 import re
 import shutil
 import socket
+import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +32,7 @@ import yaml
 
 from glue import cli
 from glue.errors import ConfigError
+from glue.security import generate_key
 from glue.settings import DEFAULT_DISCOVERY_PORT, GlueSettings, HostPort, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +52,10 @@ KUSTOMIZATION_API = "kustomize.config.k8s.io/v1beta1"
 COMPONENT_API = "kustomize.config.k8s.io/v1alpha1"
 METRICS_PORT = 9464
 GLUE_LABEL = {"app.kubernetes.io/name": "glue"}
+#: The Secret holding the network key, and its key (docs/kubernetes.md: created before applying).
+KEY_SECRET = ("glue-network-key", "network-key")
+#: The mode of a Secret volume's files when neither ``items[].mode`` nor ``defaultMode`` is set.
+SECRET_DEFAULT_MODE = 0o644
 
 
 @pytest.fixture(autouse=True)
@@ -149,15 +158,38 @@ def render(directory: Path) -> Build:
     return Build(objects=objects, namespace=namespace["metadata"]["name"], source="kubectl")
 
 
+@dataclass(frozen=True)
+class SecretFile:
+    """A file the kubelet puts in a container from a Secret volume."""
+
+    secret: str
+    key: str
+    #: The volume, its entry in ``volumeMounts``, and the item, as the manifest has them.
+    volume: dict[str, Any]
+    mount: dict[str, Any]
+    item: dict[str, Any]
+
+    @property
+    def mode(self) -> int:
+        source = self.volume["secret"]
+        return int(self.item.get("mode", source.get("defaultMode", SECRET_DEFAULT_MODE)))
+
+
 @dataclass
 class Container:
     deployment: dict[str, Any]
     spec: dict[str, Any]
     env: dict[str, str]
+    #: The files of Secret volumes, by their path in the container.
+    secret_files: dict[str, SecretFile] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return f"{self.deployment['metadata']['name']}/{self.spec['name']}"
+
+    @property
+    def pod(self) -> dict[str, Any]:
+        return dict(self.deployment["spec"]["template"]["spec"])
 
     @property
     def labels(self) -> dict[str, str]:
@@ -168,10 +200,29 @@ class Container:
         return [*self.spec.get("command", []), *self.spec.get("args", [])]
 
 
+def _secret_files(pod: dict[str, Any], spec: dict[str, Any]) -> dict[str, SecretFile]:
+    volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+    files: dict[str, SecretFile] = {}
+    for mount in spec.get("volumeMounts", []):
+        volume = volumes[mount["name"]]  # a mount of no volume: the pod is refused
+        if "secret" not in volume:
+            continue
+        # A subPath mount is never updated, and without items the files are whatever the Secret
+        # holds: name the files the container reads.
+        assert "subPath" not in mount, f"{spec['name']}: subPath on a Secret volume"
+        source = volume["secret"]
+        assert source.get("items"), f"{spec['name']}: Secret volume {volume['name']} lists no items"
+        for item in source["items"]:
+            path = f"{mount['mountPath'].rstrip('/')}/{item['path']}"
+            files[path] = SecretFile(source["secretName"], item["key"], volume, mount, item)
+    return files
+
+
 def containers(result: Build) -> Iterator[Container]:
     for deployment in result.of_kind("Deployment"):
         pod_name = f"{deployment['metadata']['name']}-6b7f9c8d5-x4k2p"
-        for spec in deployment["spec"]["template"]["spec"]["containers"]:
+        pod = deployment["spec"]["template"]["spec"]
+        for spec in pod["containers"]:
             env: dict[str, str] = {}
             for source in spec.get("envFrom", []):
                 name = source["configMapRef"]["name"]
@@ -182,21 +233,31 @@ def containers(result: Build) -> Iterator[Container]:
             for variable in spec.get("env", []):  # env wins over envFrom, as in a pod
                 if "value" in variable:
                     env[variable["name"]] = str(variable["value"])
-                elif "secretKeyRef" in variable["valueFrom"]:
-                    # An optional Secret the cluster may not have: unset here, as without it.
-                    assert variable["valueFrom"]["secretKeyRef"]["optional"] is True
                 else:
+                    # Secrets come as files (volumes), never as variables: no secretKeyRef.
                     field_path = variable["valueFrom"]["fieldRef"]["fieldPath"]
                     assert field_path == "metadata.name", f"unexpected fieldRef {field_path}"
                     env[variable["name"]] = pod_name
-            yield Container(deployment, spec, env)
+            yield Container(deployment, spec, env, _secret_files(pod, spec))
+
+
+@contextlib.contextmanager
+def pod_environment(container: Container, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The container's environment, its Secret files holding a fresh key each (a variable naming
+    one names that file here), for the duration of the block."""
+    with monkeypatch.context() as patch, tempfile.TemporaryDirectory() as directory:
+        here = {}
+        for number, path in enumerate(container.secret_files):
+            here[path] = Path(directory) / str(number)
+            here[path].write_text(generate_key() + "\n", encoding="utf-8")
+        for name, value in container.env.items():
+            patch.setenv(name, str(here.get(value, value)))
+        yield
 
 
 def settings_of(container: Container, monkeypatch: pytest.MonkeyPatch) -> GlueSettings:
     """The settings the container's endpoint would start with (same parsing as in the pod)."""
-    with monkeypatch.context() as patch:
-        for name, value in container.env.items():
-            patch.setenv(name, value)
+    with pod_environment(container, monkeypatch):
         try:
             return load_settings()
         except ConfigError as exc:  # pragma: no cover - the failure message is the point
@@ -527,15 +588,67 @@ def test_the_network_policy_allows_udp_between_glue_pods_and_dns(built: Build) -
     assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
 
 
-def test_every_pod_takes_the_network_key_from_an_optional_secret(built: Build) -> None:
+def readable_by_container_user(container: Container, file: SecretFile) -> bool:
+    """Whether the container's process may read the file as the kubelet makes it: owned by root,
+    group ``fsGroup`` (root without one), mode ``items[].mode`` or ``defaultMode`` (0644), to
+    which an ``fsGroup`` adds group read (the volume is read-only). The process runs as
+    ``runAsUser:runAsGroup`` (the container's over the pod's) with ``fsGroup`` and
+    ``supplementalGroups`` as extra groups; permissions are those of the first class it is in."""
+    pod_security = container.pod.get("securityContext", {})
+    security = {**pod_security, **container.spec.get("securityContext", {})}
+    fs_group = pod_security.get("fsGroup")
+    owner, group = 0, (0 if fs_group is None else fs_group)
+    mode = file.mode | (0o440 if fs_group is not None else 0)
+    user = security.get("runAsUser")
+    assert user is not None, f"{container.name}: the image's user is not known here"
+    groups = {security.get("runAsGroup", 0), *pod_security.get("supplementalGroups", [])}
+    groups |= set() if fs_group is None else {fs_group}
+    if user == owner:
+        return bool(mode & stat.S_IRUSR)
+    if group in groups:
+        return bool(mode & stat.S_IRGRP)
+    return bool(mode & stat.S_IROTH)
+
+
+def test_every_pod_reads_the_network_key_from_the_required_secret_mounted_read_only(
+    built: Build, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for container in containers(built):
-        [key] = [v for v in container.spec["env"] if v["name"] == "GLUE_NETWORK_KEY"]
-        assert key["valueFrom"]["secretKeyRef"] == {
-            "name": "glue-network-key",
-            "key": "network-key",
-            "optional": True,  # pods start without it (unsealed), and seal once it exists
-        }
-        assert "GLUE_NETWORK_KEY" not in container.env  # never a literal in the manifests
+        names = [v["name"] for v in container.spec.get("env", [])]
+        # Never a literal, nor from a ConfigMap, nor a secretKeyRef: only the mounted file.
+        assert "GLUE_NETWORK_KEY" not in names, container.name
+        assert "GLUE_NETWORK_KEY" not in container.env, container.name
+        path = container.env["GLUE_NETWORK_KEY_FILE"]
+        assert path in container.secret_files, f"{container.name}: {path} is no Secret's file"
+        file = container.secret_files[path]
+        assert (file.secret, file.key) == KEY_SECRET, container.name
+        # Required: without the Secret the pod waits (event: secret "glue-network-key" not
+        # found) instead of starting with an empty directory and exiting on the missing file.
+        assert file.volume["secret"]["optional"] is False, container.name
+        assert file.mount["readOnly"] is True, container.name
+        assert readable_by_container_user(container, file), f"{container.name}: {path}"
+        assert not file.mode & 0o007, f"{container.name}: {path} is readable by other users"
+        # The endpoint reads one key from that file (a fresh one here).
+        with pod_environment(container, monkeypatch):
+            keys = load_settings().network_keys()
+        assert keys is not None
+        assert len(keys) == 1, container.name
+
+
+def test_a_secret_file_unreadable_by_the_container_user_is_seen() -> None:
+    # Mode 0440 without fsGroup makes the file root:root 0440, which uid 65532 cannot read.
+    volume = {"name": "k", "secret": {"secretName": "s", "defaultMode": 0o440}}
+    item = {"key": "k", "path": "k"}
+    file = SecretFile("s", "k", volume, {"name": "k", "mountPath": "/k"}, item)
+    pod = {"securityContext": {"runAsUser": 65532, "runAsGroup": 65532}}
+    deployment = {"metadata": {"name": "d"}, "spec": {"template": {"spec": pod}}}
+    container = Container(deployment, {"name": "c"}, {})
+    assert not readable_by_container_user(container, file)
+    pod["securityContext"]["fsGroup"] = 65532
+    assert readable_by_container_user(container, file)
+    pod["securityContext"] = {"runAsUser": 65532, "runAsGroup": 65532}
+    volume["secret"]["defaultMode"] = 0o444
+    assert readable_by_container_user(container, file)
 
 
 def test_every_pod_serves_metrics_where_its_annotations_say(
