@@ -681,6 +681,12 @@ def test_the_docs_show_how_to_apply_and_their_target_examples_are_valid(
     assert "kubectl apply -k deploy/kubernetes/rendezvous/" in text
     for needle in ("event=received", "event=peer_added", "GLUE_MAX_PEERS", "publishNotReady"):
         assert needle in text, needle
+    # The quick start creates the Secret every pod requires before it applies.
+    run_it = text.split("\n## Run it\n", 1)[1].split("\n## ", 1)[0]
+    create = run_it.index(
+        f"kubectl -n glue create secret generic {KEY_SECRET[0]} --from-literal={KEY_SECRET[1]}="
+    )
+    assert create < run_it.index("kubectl apply -k deploy/kubernetes/")
     examples = re.findall(r"GLUE_DISCOVERY_TARGET_ADDRESS=([^\s`'\"]+)", text)
     assert "glue-rendezvous:27320,glue-peers:27320" in examples
     both = build(MODES["rendezvous"])
