@@ -56,6 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="message sizes in bytes, comma-separated (default: 64 B, 64 KiB and 1 MiB)",
     )
     parser.add_argument(
+        "--loss",
+        type=float,
+        default=None,
+        metavar="P",
+        help="instead: goodput of publish/subscribe with a fraction P of datagrams dropped at "
+        "random (iptables, both directions), next to none, in the same rounds; needs a private "
+        "network namespace (tools/isolated-net)",
+    )
+    parser.add_argument(
         "--role",
         choices=["raw-receiver", "glue-receiver", "glue-async-receiver", "glue-async-echo"],
         help=argparse.SUPPRESS,
@@ -80,6 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--sizes must be comma-separated byte counts, not {args.sizes!r}")
     if not sizes or min(sizes) < 1 or args.repeat < 1 or not args.seconds > 0:
         parser.error("--sizes must be positive byte counts, --repeat >= 1 and --seconds > 0")
+    if args.loss is not None:
+        if not 0 < args.loss < 1:
+            parser.error(f"--loss must be a fraction between 0 and 1, e.g. 0.1, not {args.loss}")
+        problem = _loss_problem()
+        if problem:
+            print(f"glue bench --loss: {problem}", file=sys.stderr)
+            return 2
+        return _run_loss(args.seconds, args.repeat, sizes, args.loss)
     return _run(args.seconds, args.repeat, sizes)
 
 
@@ -147,6 +164,91 @@ def _run(seconds: float, repeat: int, sizes: Sequence[int]) -> int:
         )
     print()
     print(_table(figures, round_trips, sizes, repeat))
+    return 0
+
+
+# --- under loss ----------------------------------------------------------------------------------
+
+#: Tags the iptables rule the loss benchmark adds (and removes), so it never touches another.
+_LOSS_COMMENT = "glue-bench-loss"
+
+
+def _loss_problem() -> str | None:
+    """Why random loss cannot be set up here, or None. It is set with iptables on ``lo``, so only
+    in a network namespace of our own: never on the machine's."""
+    try:
+        isolated = os.stat("/proc/self/ns/net").st_ino != os.stat("/proc/1/ns/net").st_ino
+    except PermissionError:
+        # Not allowed to look at init's namespace: not the machine's root, so any iptables we
+        # may change are those of a namespace of our own (unshare --map-root-user).
+        isolated = True
+    except OSError as exc:
+        return f"cannot tell which network namespace this is ({exc})"
+    if not isolated:
+        return "run it in a private network namespace (tools/isolated-net glue bench --loss P)"
+    if subprocess.run(["iptables", "-L", "INPUT", "-n"], capture_output=True).returncode != 0:
+        return "iptables is missing or not permitted here (apt-get install iptables)"
+    return None
+
+
+def _set_loss(probability: float | None) -> None:
+    """Drop ``probability`` of the datagrams arriving on ``lo`` (every datagram of both
+    directions passes there once), or stop dropping (None)."""
+    rule = [
+        "INPUT", "-i", "lo", "-p", "udp",
+        "-m", "comment", "--comment", _LOSS_COMMENT,
+        "-m", "statistic", "--mode", "random", "--probability", "",
+        "-j", "DROP",
+    ]  # fmt: skip
+    listed = subprocess.run(["iptables", "-S", "INPUT"], capture_output=True, text=True).stdout
+    for line in listed.splitlines():  # ours from this run or one that was interrupted
+        if _LOSS_COMMENT in line:
+            subprocess.run(["iptables", "-D", *line.split()[1:]], check=True)
+    if probability is not None:
+        rule[rule.index("--probability") + 1] = str(probability)
+        subprocess.run(["iptables", "-A", *rule], check=True)
+
+
+def _run_loss(seconds: float, repeat: int, sizes: Sequence[int], loss: float) -> int:
+    print(
+        f"glue benchmark under loss: publish/subscribe between two processes on 127.0.0.1, "
+        f"{loss:.0%} of datagrams dropped at random both ways (data, acks, announcements) next to "
+        f"none; {repeat} round(s), {seconds:g} s of sending per measurement, every message "
+        f"delivered once and in order (checked)",
+        flush=True,
+    )
+    results: dict[int, list[tuple[_Figures, _Figures]]] = {}
+    try:
+        for round_number in range(1, repeat + 1):
+            for size in sizes:
+                count = max(100, int(min(600_000 * seconds, 6e9 * seconds / size)))
+                _set_loss(None)
+                clean = _glue_throughput(size, count, seconds, pubsub=True)
+                _set_loss(loss)
+                lossy = _glue_throughput(size, count, seconds, pubsub=True)
+                _set_loss(None)
+                results.setdefault(size, []).append((clean, lossy))
+                print(
+                    f"round {round_number}/{repeat} {_label(size):>7}: no loss "
+                    f"{clean[0]:,.0f} msg/s, {loss:.0%} loss {lossy[0]:,.0f} msg/s",
+                    flush=True,
+                )
+    finally:
+        _set_loss(None)
+    print()
+    spread = " (range)" if repeat > 1 else ""
+    print(
+        f"{'size':>7}  {'no loss MB/s':>12}  {f'{loss:.0%} loss MB/s':>14}  goodput ratio{spread}"
+    )
+    for size in sizes:
+        runs = results[size]
+        ratios = [lossy[0] / clean[0] if clean[0] else float("nan") for clean, lossy in runs]
+        ratio = f"{statistics.median(ratios):.2f}"
+        if repeat > 1:
+            ratio += f" ({min(ratios):.2f}-{max(ratios):.2f})"
+        clean_mb = statistics.median(clean[1] for clean, _ in runs)
+        lossy_mb = statistics.median(lossy[1] for _, lossy in runs)
+        print(f"{_label(size):>7}  {clean_mb:>12.1f}  {lossy_mb:>14.1f}  {ratio}")
     return 0
 
 
@@ -367,6 +469,8 @@ def _glue_throughput(
         cpu = time.process_time() - cpu
     if not result["in_order"]:
         raise RuntimeError("glue delivered messages out of order")
+    if result["count"] != sent:
+        raise RuntimeError(f"glue delivered {result['count']} of {sent} messages")
     return _rates(result, size, cpu)
 
 

@@ -221,6 +221,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--sizes", default="64,65536,1048576", help="message sizes in bytes, comma-separated"
     )
+    bench.add_argument(
+        "--loss",
+        type=float,
+        metavar="P",
+        help="instead: publish/subscribe goodput with a fraction P (e.g. 0.1) of datagrams "
+        "dropped at random, next to none (iptables; only in a private network namespace)",
+    )
     bench.set_defaults(run=_run_bench)
     return parser
 
@@ -230,8 +237,9 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     if args.log_level is None:  # the benchmark's endpoints starting and stopping is noise here
         logging.getLogger("glue").setLevel(logging.WARNING)
+    loss = [] if args.loss is None else ["--loss", str(args.loss)]
     return bench.main(
-        ["--seconds", str(args.seconds), "--repeat", str(args.repeat), "--sizes", args.sizes]
+        ["--seconds", str(args.seconds), "--repeat", str(args.repeat), "--sizes", args.sizes, *loss]
     )
 
 

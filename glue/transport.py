@@ -5,17 +5,20 @@ How this layer works (sans-IO; see ``docs/PROTOCOL.md``)
 State: for every peer, a send stream and a receive stream, both tied to the peer's incarnation.
 
 - *Send stream*: frames get consecutive sequence numbers from 1. At most ``window_frames`` frames
-  (and ``window_bytes``) are in flight; later ones wait in a queue bounded by ``queue_bytes``
-  (``can_send`` tells the runtime whether a message fits; the runtime turns "no" into
-  back-pressure). Every in-flight frame is resent when unacknowledged for one retransmission
-  timeout (RTO = smoothed RTT + 4 x RTT variance, RFC 6298, doubled on each timeout, reset by the
-  next RTT sample; samples only from frames sent once, Karn's rule) or at once when selective acks
-  show three later frames arrived (fast retransmit). A frame whose message expired is never sent
+  (and ``reorder_bytes``) are unacknowledged and ``window_bytes`` (and the congestion window) in
+  the network; later ones wait in a queue bounded by ``queue_bytes`` (``can_send`` tells the
+  runtime whether a message fits; the runtime turns "no" into back-pressure). Every in-flight
+  frame is resent at once when selective acks show that a later transmission arrived (RACK,
+  RFC 8985), or when unacknowledged for one retransmission timeout (RTO = smoothed RTT + 4 x RTT
+  variance, RFC 6298; samples only from frames sent once, Karn's rule; doubled on each timeout
+  when a queue stands on the path or after six in a row, linear before; reset by progress). A
+  loss halves the congestion window only when a queue stands (the round trip is well above the
+  least seen): random loss is noise, not congestion (``TransportConfig.queue_delay_s``). A frame whose message expired is never sent
   again: it is dropped and the receiver is told to skip past it (``Skip``, like SCTP FORWARD-TSN),
   repeated until acknowledged, so one lost message never stalls later ones.
 - *Receive stream*: frames are delivered in sequence order, each once; duplicates are dropped and
   re-acknowledged; out-of-order frames wait in a buffer bounded by ``window_frames`` and
-  ``window_bytes``. A frame whose time to live (``ttl_ms``, counted from its arrival) has passed
+  ``reorder_bytes``. A frame whose time to live (``ttl_ms``, counted from its arrival) has passed
   when its turn comes is skipped, never delivered late. Acks are cumulative plus up to
   ``MAX_ACK_RANGES`` selective ranges, sent at once when something is missing or duplicated and
   otherwise after ``ack_delay_s`` (or ``ack_every`` frames), so one ack covers many frames.
@@ -55,9 +58,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_FAST_RETRANSMIT_THRESHOLD: Final = 3
 _RTT_ALPHA: Final = 1 / 8
 _RTT_BETA: Final = 1 / 4
+#: How long the least round trip seen stands before a new sample replaces it (paths change).
+_MIN_RTT_WINDOW_S: Final = 10.0
+#: Timeouts in a row resent after the same RTO, not a doubled one, while no queue stands on the
+#: path (see ``_on_rto``); exponential backoff from there on.
+_LINEAR_TIMEOUTS: Final = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +77,22 @@ class TransportConfig:
     #: 8 MiB, a 64 KiB stream on loopback lost and resent 80-460 frames per 100,000 messages;
     #: with 4 MiB, none.
     window_bytes: int = 4 * 1024 * 1024
+    #: Out-of-order bytes a receiver holds per peer, and so what a sender leaves unacknowledged
+    #: at most (in the network, within ``window_bytes``, plus selectively acked): room for a
+    #: window behind a hole, so that the stream flows on while the hole is repaired.
+    reorder_bytes: int = 8 * 1024 * 1024
     #: Congestion window (bytes in flight) at the start and its floor after losses; it grows
     #: as acks arrive (doubling per round trip up to the threshold, then by one datagram per
     #: round trip) and halves on a loss, so a slower receiver is not flooded into dropping.
     initial_congestion_bytes: int = 1024 * 1024
-    min_congestion_bytes: int = 128 * 1024
+    #: At least four of the largest datagrams, so that one loss leaves acks to clock recovery.
+    min_congestion_bytes: int = 256 * 1024
+    #: Queueing delay (smoothed round trip above the least seen) beyond which a loss is taken for
+    #: congestion; below it (and below the least round trip itself) the path has no standing
+    #: queue, so a loss is noise (a bad link, a busy switch port) and the window is kept: halving
+    #: it would only slow the stream without relieving anyone. Four delayed-ack intervals, so
+    #: that acks held back on purpose do not read as a queue.
+    queue_delay_s: float = 0.008
     queue_bytes: int = 64 * 1024 * 1024
     initial_rto_s: float = 0.05
     min_rto_s: float = 0.01
@@ -84,7 +102,7 @@ class TransportConfig:
     retired_streams: int = 4096
     #: Bytes kept in all in the streams of peers taken for gone (see ``remove_peer``).
     parked_bytes: int = 64 * 1024 * 1024
-    #: Out-of-order frames held for all peers together (each also within ``window_bytes``): a
+    #: Out-of-order frames held for all peers together (each also within ``reorder_bytes``): a
     #: frame that would pass it is not buffered nor acknowledged (its sender resends it), so
     #: many peers, fake ones included, cannot make the receive buffers grow without bound.
     receive_buffer_bytes: int = 64 * 1024 * 1024
@@ -142,6 +160,7 @@ class _Outgoing:
         "sent_at",
         "seq",
         "size",
+        "xmit",
     )
 
     def __init__(
@@ -162,6 +181,7 @@ class _Outgoing:
         self.expires_at = expires_at
         self.sent_at = -1.0  # never sent
         self.resends = 0
+        self.xmit = 0  # the stream's transmission number of its latest (re)transmission
         self.sacked = False  # selectively acked: not resent, but kept until cumulatively acked
         self.abandoned = False  # expired: a placeholder until the receiver skips past it
         self.lost = False  # timed out, waiting in the stream's ``lost`` queue to be resent
@@ -186,26 +206,32 @@ class _SendStream:
     __slots__ = (
         "abandoned",
         "acked_to",
+        "backoff",
         "counters",
         "cwnd",
         "in_flight_bytes",
         "lost",
+        "min_rtt",
+        "min_rtt_at",
         "next_seq",
         "one_way_s",
         "outbox",
         "pending",
         "queued_bytes",
+        "rack_xmit",
         "recover_to",
         "resend_at",
         "rto",
         "rttvar",
         "sack_top",
         "sacked",
+        "sacked_bytes",
         "skip_sent_at",
         "skip_to",
         "srtt",
         "ssthresh",
         "unacked",
+        "xmits",
     )
 
     def __init__(self, initial_rto: float, counters: Counter[str], cwnd: int) -> None:
@@ -222,12 +248,23 @@ class _SendStream:
         self.queued_bytes = 0  # pending + unacked payload bytes
         self.in_flight_bytes = 0
         self.sacked = 0  # how many unacked frames are marked sacked
+        # Their bytes: in flight, but no longer in the network (the receiver holds them).
+        self.sacked_bytes = 0
         self.sack_top = 0  # the highest seq any selective ack has reached
         self.abandoned = 0  # how many unacked frames are expired placeholders
         self.skip_to = 0
         self.skip_sent_at = float("-inf")
         self.srtt: float | None = None
         self.rttvar = 0.0
+        # The least round trip seen lately (renewed every _MIN_RTT_WINDOW_S): the path's own, no
+        # queue; with srtt, it tells a congestion loss from noise (see TransportConfig).
+        self.min_rtt: float | None = None
+        self.min_rtt_at = 0.0
+        self.backoff = 0  # timeouts in a row with no progress in between (RTO doubled each)
+        # Transmissions so far (fresh or resent), and the latest transmission known to have
+        # arrived: a frame transmitted before one that arrived is lost (RACK, RFC 8985).
+        self.xmits = 0
+        self.rack_xmit = 0
         # Estimated transit time (srtt / 2), taken off the time to live a frame carries, since the
         # receiver counts it from arrival: it keeps a message from living longer than it should.
         self.one_way_s = 0.0
@@ -399,6 +436,7 @@ class Transport:
             if out.sacked:
                 out.sacked = False  # its receiver may have forgotten it meanwhile
                 stream.sacked -= 1
+                stream.sacked_bytes -= out.size
         stream.sack_top = 0
         if len(stream.unacked) > stream.abandoned:
             stream.resend_at = float("-inf")
@@ -678,8 +716,19 @@ class Transport:
         outbox = stream.outbox
         expired = False
         fresh = 0
+        # Two limits: what is in the network (in flight, not selectively acked: the "pipe" of
+        # RFC 6675) within the congestion window and what a receiver's socket holds; and what
+        # is not yet cumulatively acked within what the receiver buffers out of order besides.
+        # Counting sacked frames against the first would stall the stream behind every hole
+        # until it is repaired, a round trip per loss.
         limit = min(config.window_bytes, stream.cwnd)
-        while pending and len(unacked) < config.window_frames and stream.in_flight_bytes < limit:
+        outstanding = config.reorder_bytes
+        while (
+            pending
+            and len(unacked) < config.window_frames
+            and stream.in_flight_bytes - stream.sacked_bytes < limit
+            and stream.in_flight_bytes < outstanding
+        ):
             out = pending.popleft()
             unacked[out.seq] = out
             ttl_ms = int((out.expires_at - now - stream.one_way_s) * 1000)
@@ -688,6 +737,8 @@ class Transport:
                 expired = True
                 continue
             out.sent_at = now
+            stream.xmits += 1
+            out.xmit = stream.xmits
             fresh += 1
             stream.in_flight_bytes += out.size
             outbox.append(self._data(out, ttl_ms, now, stream.one_way_s))
@@ -727,6 +778,7 @@ class Transport:
         if out.sacked:
             out.sacked = False
             stream.sacked -= 1
+            stream.sacked_bytes -= size
         out.abandoned = True
         out.lost = False
         out.payload = out.prefix = b""
@@ -765,18 +817,31 @@ class Transport:
         if expired:
             self._update_skip(stream)
         if due:  # back off only for a real timeout, not a timer that found nothing due
-            stream.rto = min(self.config.max_rto_s, rto * 2)
             stream.counters["timeouts"] += 1
             floor = self.config.min_congestion_bytes
-            stream.ssthresh = max(floor, stream.cwnd // 2)
-            stream.cwnd = floor
+            congested = self._congested(stream)
+            if stream.backoff == 0 and not congested:
+                # The first timeout with no queue on the path: the tail of a burst was lost to
+                # noise. Keep the window and resend within it.
+                stream.counters["timeouts_tolerated"] += 1
+                budget = stream.cwnd
+            else:
+                stream.ssthresh = max(floor, stream.cwnd // 2)
+                stream.cwnd = budget = floor
+            if congested or stream.backoff >= _LINEAR_TIMEOUTS:
+                stream.rto = min(self.config.max_rto_s, rto * 2)
+            # Else linear timeouts, like Linux's for thin streams: with no queue on the path,
+            # a resend lost to noise is not news of congestion, and doubling the RTO at each
+            # would stall a lossy link for seconds (a round trip fails half the time at 30 %
+            # loss each way).
+            stream.backoff += 1
             stream.recover_to = stream.next_seq - 1
             # Resend one congestion window's worth now; the rest as acks come back. Resending
             # a whole window into a receiver that just dropped it would only drop it again.
             for out in due:
                 out.lost = True
             stream.lost = deque(due)
-            self._resend_lost(stream, floor, now)
+            self._resend_lost(stream, budget, now)
         stream.resend_at = self._oldest_unsacked(stream)
         if stream.resend_at is None and stream.lost:
             stream.resend_at = now + stream.rto
@@ -799,6 +864,8 @@ class Transport:
     def _resend(self, stream: _SendStream, out: _Outgoing, now: float) -> None:
         ttl_ms = max(1, int((out.expires_at - now - stream.one_way_s) * 1000))
         out.sent_at = now
+        stream.xmits += 1
+        out.xmit = stream.xmits
         out.resends += 1
         stream.outbox.append(self._data(out, ttl_ms, now, stream.one_way_s))
         stream.counters["frames_resent"] += 1
@@ -813,7 +880,8 @@ class Transport:
                 self._dirty.add(peer)
         newest: _Outgoing | None = None
         freed = 0
-        sacked_bytes = 0
+        newly_sacked = 0
+        rack = stream.rack_xmit
         acked = 0
         # unacked is in sequence order: pop from the front while cumulatively acknowledged.
         while unacked:
@@ -823,9 +891,12 @@ class Transport:
             del unacked[out.seq]
             acked += 1
             freed += out.size
+            if out.xmit > rack:
+                rack = out.xmit
             out.lost = False
             if out.sacked:
                 stream.sacked -= 1
+                stream.sacked_bytes -= out.size
             elif out.abandoned:
                 stream.abandoned -= 1
             elif out.resends == 0:
@@ -852,22 +923,33 @@ class Transport:
                     if not held.sacked and not held.abandoned:
                         held.sacked = True
                         held.lost = False
-                        sacked_bytes += held.size
+                        newly_sacked += held.size
                         stream.sacked += 1
+                        stream.sacked_bytes += held.size
+                        if held.xmit > rack:
+                            rack = held.xmit
                         if held.resends == 0 and (newest is None or seq > newest.seq):
                             newest = held
                 elif held.sacked and current:
                     held.sacked = False
                     stream.sacked -= 1
+                    stream.sacked_bytes -= held.size
                     stream.counters["reneged"] += 1
         elif stream.sacked:
             for held in unacked.values():
                 held.sacked = False  # nothing is buffered over there any more
             stream.counters["reneged"] += stream.sacked
             stream.sacked = 0
+            stream.sacked_bytes = 0
             stream.sack_top = 0
+        stream.rack_xmit = rack
         if newest is not None:
-            self._sample_rtt(stream, now - newest.sent_at)
+            self._sample_rtt(stream, now - newest.sent_at, now)
+        elif acked and stream.backoff:
+            # Progress ends a backoff even without a sample (only resent frames were acked,
+            # Karn's rule): the path works, and under heavy loss a sample may be long in coming
+            # while every further loss would wait out a doubled timeout.
+            self._reset_rto(stream)
         if acked:
             stream.in_flight_bytes -= freed
             stream.queued_bytes -= freed
@@ -886,9 +968,9 @@ class Transport:
             if peer in self._blocked:
                 self._blocked.discard(peer)
                 self._events.append(SendSpaceFreed(peer))
-        if stream.lost and (freed or sacked_bytes):
+        if stream.lost and (freed or newly_sacked):
             # The ack clock: what left the network lets twice as much be resent (slow start).
-            self._resend_lost(stream, 2 * (freed + sacked_bytes), now)
+            self._resend_lost(stream, 2 * (freed + newly_sacked), now)
         if ack.ranges and unacked:
             self._fast_retransmit(stream, highest, now)
         if stream.outbox:
@@ -910,31 +992,63 @@ class Transport:
         return None if oldest is None else oldest + stream.rto
 
     def _fast_retransmit(self, stream: _SendStream, highest: int, now: float) -> None:
-        srtt = stream.srtt if stream.srtt is not None else stream.rto
+        """Resend the frames a later transmission overtook (RACK, RFC 8985): the receiver has
+        something we sent after them, so they are lost, unless merely reordered (they get a
+        quarter of the least round trip to turn up). A resent frame is judged by its resend,
+        never again for what overtook its first transmission (resending it once per ack, as a
+        threshold of sequence numbers would, floods a lossy link)."""
+        rack = stream.rack_xmit
+        reordering_s = (stream.min_rtt or 0.0) / 4
         for seq, out in stream.unacked.items():
-            if seq > highest - _FAST_RETRANSMIT_THRESHOLD:
+            if seq > highest:
                 break
-            if out.sacked or out.abandoned or out.lost:
+            if out.sacked or out.abandoned or out.lost or out.xmit >= rack:
                 continue
-            if now - out.sent_at >= srtt and out.expires_at - stream.one_way_s > now:
+            if now - out.sent_at >= reordering_s and out.expires_at - stream.one_way_s > now:
                 if seq > stream.recover_to:  # a new loss episode: halve the window once
-                    stream.ssthresh = max(self.config.min_congestion_bytes, stream.cwnd // 2)
-                    stream.cwnd = stream.ssthresh
+                    if self._congested(stream):
+                        stream.ssthresh = max(self.config.min_congestion_bytes, stream.cwnd // 2)
+                        stream.cwnd = stream.ssthresh
+                        stream.counters["congestion_events"] += 1
+                    else:
+                        stream.counters["losses_tolerated"] += 1
                     stream.recover_to = stream.next_seq - 1
-                    stream.counters["congestion_events"] += 1
                 self._resend(stream, out, now)
                 stream.counters["fast_resends"] += 1
 
-    def _sample_rtt(self, stream: _SendStream, rtt: float) -> None:
+    def _sample_rtt(self, stream: _SendStream, rtt: float, now: float) -> None:
         if stream.srtt is None:
             stream.srtt = rtt
             stream.rttvar = rtt / 2
         else:
             stream.rttvar = (1 - _RTT_BETA) * stream.rttvar + _RTT_BETA * abs(stream.srtt - rtt)
             stream.srtt = (1 - _RTT_ALPHA) * stream.srtt + _RTT_ALPHA * rtt
+        if (
+            stream.min_rtt is None
+            or rtt <= stream.min_rtt
+            or now - stream.min_rtt_at > _MIN_RTT_WINDOW_S
+        ):
+            stream.min_rtt = rtt
+            stream.min_rtt_at = now
+        self._reset_rto(stream)
+        stream.one_way_s = stream.srtt / 2
+
+    def _reset_rto(self, stream: _SendStream) -> None:
+        """The RTO from the round-trip estimates (RFC 6298 2.3), with no backoff."""
+        stream.backoff = 0
+        if stream.srtt is None:
+            stream.rto = self.config.initial_rto_s
+            return
         config = self.config
         stream.rto = min(config.max_rto_s, max(config.min_rto_s, stream.srtt + 4 * stream.rttvar))
-        stream.one_way_s = stream.srtt / 2
+
+    def _congested(self, stream: _SendStream) -> bool:
+        """Whether a loss now is taken for congestion: a queue stands on the path (or we cannot
+        tell yet). See ``TransportConfig.queue_delay_s``."""
+        srtt, min_rtt = stream.srtt, stream.min_rtt
+        if srtt is None or min_rtt is None:
+            return True
+        return srtt - min_rtt > max(min_rtt, self.config.queue_delay_s)
 
     # --- receiving internals --------------------------------------------------------------------
 
@@ -955,7 +1069,7 @@ class Transport:
             return
         if (
             seq > recv.delivered_to + config.window_frames
-            or recv.buffered_bytes + len(frame.payload) > config.window_bytes
+            or recv.buffered_bytes + len(frame.payload) > config.reorder_bytes
         ):
             recv.counters["frames_beyond_window"] += 1
             return

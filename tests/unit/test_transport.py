@@ -371,7 +371,7 @@ def test_a_lost_frame_is_resent_after_the_rto_which_doubles() -> None:
     assert counters(pair.a, "timeouts", "frames_resent") == {"timeouts": 2, "frames_resent": 2}
 
 
-def test_backoff_is_capped_at_max_rto_and_reset_by_a_new_sample() -> None:
+def test_backoff_is_capped_at_max_rto_and_ended_by_progress() -> None:
     pair = Pair()
     pair.send(b"x")
     pair.pull(pair.a)
@@ -382,11 +382,12 @@ def test_backoff_is_capped_at_max_rto_and_reset_by_a_new_sample() -> None:
     # 1/8, then +1/4, +1/2, +1, and +1 from there on (max_rto 1 s).
     assert fired == [0.125, 0.375, 0.875, 1.875, 2.875, 3.875, 4.875]
     assert pair.a.next_deadline() == 5.875
-    # The resent frame gets through: no sample (Karn), the backed-off RTO stays.
+    # The resent frame gets through: no sample (Karn), but progress ends the backoff: the RTO
+    # is the estimate's again (no estimate yet: the initial one).
     pair.at(5.0).push(pair.a, [Ack(1)])
     pair.send(b"y")
     assert pair.pull(pair.a) == [Data(2, b"y", 64_000)]
-    assert pair.a.next_deadline() == 5.0 + MAX_RTO
+    assert pair.a.next_deadline() == 5.0 + RTO0
     # A frame sent once and acked: a sample, and the RTO is computed afresh.
     pair.at(5.0 + 1 / 16).push(pair.a, [Ack(2)])
     pair.send(b"z")
@@ -413,13 +414,10 @@ def test_a_sacked_frame_gives_a_sample_too() -> None:
     pair = Pair()
     pair.send(b"1", b"2")
     pair.pull(pair.a)
-    pair.at(1 / 16).push(pair.a, [Ack(0, ((2, 2),))])  # first sample: 1/16
-    assert pair.a.next_deadline() == RTO0  # no progress: the timer is not restarted
-    pair.push(pair.a, [Ack(2)])  # second sample, from seq 1: 1/16 again; none from seq 2
-    rttvar = 3 / 4 * (1 / 32)
-    pair.at(1.0).send(b"3")
-    pair.pull(pair.a)
-    assert pair.a.next_deadline() == 1.0 + 1 / 16 + 4 * rttvar
+    stream = pair.a._peers[B].send
+    pair.at(1 / 16).push(pair.a, [Ack(0, ((2, 2),))])
+    assert stream.srtt == 1 / 16  # the first sample, from seq 2, selectively acked
+    assert stream.min_rtt == 1 / 16
 
 
 def test_next_deadline_is_the_retransmission_timer() -> None:
@@ -450,20 +448,17 @@ def test_the_timer_fires_only_at_its_deadline() -> None:
     assert pair.at(RTO0).pull(pair.a) == [Data(1, b"1", 63_875)]
 
 
-def test_fast_retransmit_when_three_later_frames_are_sacked() -> None:
+def test_fast_retransmit_when_a_later_transmission_is_sacked() -> None:
+    # RACK (RFC 8985): a frame sent after this one arrived, so this one is lost (it had a
+    # quarter of the least round trip to turn up, in case it was only reordered).
     pair = Pair()
     rtt_exchange(pair, 1 / 16)  # seq 1; srtt 1/16
     pair.at(1.0).send(b"2", b"3", b"4", b"5")
     _two, three, four, five = pair.pull_data(pair.a)
-    pair.push(pair.b, [three, four])  # two is lost
+    pair.push(pair.b, [three])  # two is lost
     ack = pair.pull(pair.b)
-    assert ack == [Ack(1, ((3, 4),))]
+    assert ack == [Ack(1, ((3, 3),))]
     pair.at(1.0 + 1 / 16).push(pair.a, ack)
-    assert pair.pull(pair.a) == []  # only two later frames: wait
-    pair.push(pair.b, [five])
-    ack = pair.pull(pair.b)
-    assert ack == [Ack(1, ((3, 5),))]
-    pair.push(pair.a, ack)
     resent = pair.pull_data(pair.a)
     # Before the RTO (1 + 3/16); the ttl is what is left less srtt / 2.
     assert resent == [Data(2, b"2", int((65.0 - (1.0 + 1 / 16) - 1 / 32) * 1000))]
@@ -472,23 +467,25 @@ def test_fast_retransmit_when_three_later_frames_are_sacked() -> None:
         "frames_resent": 1,
         "timeouts": 0,
     }
-    pair.push(pair.b, resent)
+    pair.push(pair.b, [four, five, *resent])
     assert pair.events(pair.b) == received(*resent, three, four, five)
 
 
-def test_fast_retransmit_waits_one_srtt_after_the_last_send() -> None:
+def test_a_resent_frame_is_resent_again_only_when_a_later_transmission_overtakes_it() -> None:
     pair = Pair()
-    rtt_exchange(pair, 1 / 16)
+    rtt_exchange(pair, 1 / 16)  # least round trip 1/16: reordering window 1/64
     pair.at(1.0).send(b"2", b"3", b"4", b"5")
     pair.pull(pair.a)
     sack = [Ack(1, ((3, 5),))]
-    pair.at(1.0 + 1 / 32).push(pair.a, sack)  # sooner than srtt after seq 2 was sent
-    assert pair.pull(pair.a) == []
-    pair.at(1.0 + 1 / 16).push(pair.a, sack)  # the same ack again (e.g. for a duplicate)
+    pair.at(1.0 + 1 / 32).push(pair.a, sack)
     assert seqs(pair.pull(pair.a)) == [2]
-    pair.at(1.0 + 3 / 32).push(pair.a, sack)  # not again within srtt of the resend
+    pair.at(1.0 + 3 / 32).push(pair.a, sack)  # nothing sent after the resend arrived: wait
     assert pair.pull(pair.a) == []
-    assert counters(pair.a, "fast_resends") == {"fast_resends": 1}
+    pair.send(b"6")
+    assert seqs(pair.pull(pair.a)) == [6]
+    pair.at(1.0 + 4 / 32).push(pair.a, [Ack(1, ((3, 6),))])  # 6 overtook the resend of 2
+    assert seqs(pair.pull(pair.a)) == [2]
+    assert counters(pair.a, "fast_resends") == {"fast_resends": 2}
 
 
 def test_sacked_frames_are_not_resent_on_timeout() -> None:
@@ -496,6 +493,7 @@ def test_sacked_frames_are_not_resent_on_timeout() -> None:
     pair.send(b"1", b"2", b"3")
     pair.pull(pair.a)
     pair.at(1 / 128).push(pair.a, [Ack(0, ((2, 3),))])  # rto: 1/32 (min_rto)
+    assert seqs(pair.pull(pair.a)) == [1]  # overtaken by 2 and 3: resent at once (lost again)
     assert pair.timer(pair.a) == RTO0
     assert pair.pull(pair.a) == [Data(1, b"1", int((64 - 1 / 8 - 1 / 256) * 1000))]
 
@@ -633,16 +631,19 @@ def test_an_expired_frame_behind_a_live_one_is_skipped_once_the_live_one_is_acke
     _, _, after = pair.pull_data(pair.a)
     pair.push(pair.b, [after])  # live and short are lost
     pair.at(1 / 128).push(pair.a, pair.pull(pair.b))  # Ack(0, ((3, 3),)): rto 1/32
-    one_way = 1 / 256
-    assert pair.timer(pair.a) == 1 / 8  # both resent, lost again
-    assert pair.pull(pair.a) == [
-        Data(1, b"live", int((64 - 1 / 8 - one_way) * 1000)),
-        Data(2, b"short", int((5 / 32 - 1 / 8 - one_way) * 1000)),
-    ]
-    # Short has expired by the next timeout; live is resent and must get through first.
-    assert pair.timer(pair.a) == 1 / 8 + 1 / 16
-    live = Data(1, b"live", int((64 - 3 / 16 - one_way) * 1000))
-    assert pair.pull(pair.a) == [live]
+    assert [f.payload for f in pair.pull_data(pair.a)] == [b"live", b"short"]  # lost again
+    # Resent at every timeout (lost each time) until short expires; live must get through first.
+    sent = []
+    while len(sent) < 10:
+        pair.timer(pair.a)
+        frames = pair.pull_data(pair.a)
+        sent.append([f.payload for f in frames])
+        if len(frames) == 1:
+            break
+    assert sent[-1] == [b"live"]
+    assert all(payloads == [b"live", b"short"] for payloads in sent[:-1])
+    assert pair.now >= 5 / 32 - 1 / 256 > pair.now - RTO0  # short had just expired
+    [live] = frames
     pair.push(pair.b, [live])
     ack = pair.pull(pair.b)
     assert ack == [Ack(1, ((3, 3),))]
@@ -686,7 +687,7 @@ def test_sacked_frames_hold_the_window_until_cumulatively_acked() -> None:
     pair.send(b"1", b"2", b"3")
     assert seqs(pair.pull(pair.a)) == [1, 2]
     pair.at(1 / 16).push(pair.a, [Ack(0, ((2, 2),))])
-    assert pair.pull(pair.a) == []
+    assert seqs(pair.pull(pair.a)) == [1]  # resent (2 overtook it), but 3 must wait
     pair.push(pair.a, [Ack(2)])
     assert seqs(pair.pull(pair.a)) == [3]
 
@@ -704,8 +705,8 @@ def test_the_receiver_drops_frames_beyond_its_window_frames() -> None:
     assert counters(pair.b, "frames_beyond_window") == {"frames_beyond_window": 1}
 
 
-def test_the_receiver_buffers_at_most_window_bytes_out_of_order() -> None:
-    pair = Pair(TransportConfig(window_bytes=8))
+def test_the_receiver_buffers_at_most_reorder_bytes_out_of_order() -> None:
+    pair = Pair(TransportConfig(reorder_bytes=8))
     pair.push(pair.b, [data(2, b"12345"), data(3, b"678"), data(4, b"9")])
     assert counters(pair.b, "frames_beyond_window") == {"frames_beyond_window": 1}
     assert pair.pull(pair.b) == [Ack(0, ((2, 3),))]
@@ -1191,22 +1192,70 @@ def test_the_congestion_window_limits_bytes_in_flight_and_grows_with_acks() -> N
     assert seqs(pair.pull_data(pair.a)) == [5, 6, 7, 8, 9, 10, 11, 12]
 
 
-def test_a_loss_seen_through_sacks_halves_the_window_once_per_episode() -> None:
+def test_a_loss_with_a_queue_on_the_path_halves_the_window_once_per_episode() -> None:
     pair = Pair(CONGESTION)
     pair.send(*(bytes(1000) for _ in range(8)))
     pair.pull_data(pair.a)
     stream = pair.a._peers[B].send
-    pair.at(0.01).push(pair.a, [Ack(4)])  # window 8000; 5..12 go out
+    pair.at(0.01).push(pair.a, [Ack(4)])  # window 8000; 5..12 go out; least round trip 10 ms
     pair.pull_data(pair.a)
-    pair.at(0.05).push(pair.a, [Ack(4, ((6, 9),))])  # 5 lost, 6..9 arrived
+    # 5 lost, 6..9 arrived after 190 ms: srtt 32.5 ms, 22.5 ms over the least round trip (more
+    # than it, and than queue_delay_s): a queue stands, the loss is congestion.
+    pair.at(0.2).push(pair.a, [Ack(4, ((6, 9),))])
     assert stream.cwnd == 4000
     assert stream.ssthresh == 4000
     assert counters(pair.a, "congestion_events", "fast_resends") == {
         "congestion_events": 1,
         "fast_resends": 1,
     }
-    pair.at(0.1).push(pair.a, [Ack(4, ((6, 10),))])  # the same episode: no second halving
+    pair.at(0.25).push(pair.a, [Ack(4, ((6, 10),))])  # the same episode: no second halving
     assert stream.cwnd == 4000
+
+
+def test_a_loss_with_no_queue_on_the_path_keeps_the_window() -> None:
+    # Random loss (a bad link) is not congestion: halving would slow the stream and relieve
+    # nobody. No queue: the round trip stays near the least seen.
+    pair = Pair(CONGESTION)
+    pair.send(*(bytes(1000) for _ in range(8)))
+    pair.pull_data(pair.a)
+    stream = pair.a._peers[B].send
+    pair.at(0.01).push(pair.a, [Ack(4)])
+    pair.pull_data(pair.a)
+    pair.at(0.021).push(pair.a, [Ack(4, ((6, 9),))])  # 5 lost, 6..9 after 11 ms
+    assert stream.cwnd == 8000
+    assert counters(pair.a, "congestion_events", "losses_tolerated", "fast_resends") == {
+        "congestion_events": 0,
+        "losses_tolerated": 1,
+        "fast_resends": 1,
+    }
+
+
+def test_a_first_timeout_with_no_queue_keeps_the_window_and_its_timeouts_are_linear() -> None:
+    pair = Pair(CONGESTION)
+    pair.send(*(bytes(1000) for _ in range(12)))
+    pair.pull_data(pair.a)  # 1..4
+    stream = pair.a._peers[B].send
+    pair.at(0.01).push(pair.a, [Ack(4)])  # srtt 10 ms, rto 30 ms; window 8000
+    assert seqs(pair.pull_data(pair.a)) == [5, 6, 7, 8, 9, 10, 11, 12]  # all lost
+    rto = stream.rto
+    fired = [pair.timer(pair.a)]
+    # The first timeout keeps the window: all 8 resent at once.
+    assert seqs(pair.pull_data(pair.a)) == [5, 6, 7, 8, 9, 10, 11, 12]
+    assert stream.cwnd == 8000
+    for _ in range(7):  # lost again and again: the window drops to its floor, then ...
+        fired.append(pair.timer(pair.a))
+        assert seqs(pair.pull_data(pair.a)) == [5, 6]
+    assert stream.cwnd == 2000
+    # ... the same RTO six times in a row (linear), then doubling.
+    gaps = [round(b - a, 9) for a, b in itertools.pairwise(fired)]
+    assert gaps == [round(rto, 9)] * 6 + [round(2 * rto, 9)]
+    assert counters(pair.a, "timeouts", "timeouts_tolerated") == {
+        "timeouts": 8,
+        "timeouts_tolerated": 1,
+    }
+    # Progress (an ack of resent frames: no sample) ends the backoff.
+    pair.at(pair.now + 0.001).push(pair.a, [Ack(6)])
+    assert stream.rto == rto
 
 
 def test_a_retransmission_timeout_drops_the_window_to_its_floor() -> None:
