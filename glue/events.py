@@ -66,6 +66,12 @@ PeerEvent = PeerAdded | PeerRemoved
 class MessageReceived:
     """A whole message from ``source``, delivered exactly once and in the order it was sent.
 
+    ``received_at`` is this endpoint's **monotonic** clock (``time.monotonic()``, the loop's
+    ``loop.time()``) when the datagram that completed it was read: good for measuring intervals
+    within this process (``time.monotonic() - message.received_at`` is how long it waited), not
+    a date, and not comparable between processes. (Topic messages, :class:`Message`, carry wall
+    clock times instead.)
+
     Treat it as read-only. It is the one event not frozen: one is built per message on the hot
     path, and a frozen dataclass costs three times as much to build (measured: 500 vs 140 ns).
     """
@@ -81,9 +87,13 @@ class Message:
 
     ``sequence`` counts the publisher's messages on this topic (from 1, per publisher
     incarnation), so a gap shows messages that expired or were dropped from history.
-    ``sent_at`` is the publisher's wall clock at publish and ``received_at`` this endpoint's, in
-    seconds since the epoch (the difference is the latency when the clocks agree). Treat it as
-    read-only (not frozen, for the same reason as :class:`MessageReceived`).
+    ``sent_at`` is the publisher's **wall clock** at publish and ``received_at`` this endpoint's
+    when the datagram that completed it was read, both in seconds since the epoch (like
+    ``time.time()``; the difference is the latency when the clocks agree). Each is the loop's
+    monotonic time of the burst plus the offset to the wall clock, measured again at every
+    timer (so it follows a clock step soon after), which is why messages of one burst share
+    one. (Direct messages, :class:`MessageReceived`, carry the monotonic clock instead.)
+    Treat it as read-only (not frozen, for the same reason as :class:`MessageReceived`).
     """
 
     topic_name: str
