@@ -33,13 +33,16 @@ Rules:
   and logged once per (topic, type).
 
 Bounds: history by depth per topic and by ``history_max_bytes`` in total (oldest topics' entries
-go first), the dedup table by ``max_streams`` entries, each peer's interest by
-``max_peer_patterns``, and the match caches by entry count.
+go first); a topic whose retained messages all expired leaves the history map (timers scan only
+topics holding something, and only once the earliest entry expires), keeping just its sequence
+and depth among at most ``max_dormant_topics``; the dedup table by ``max_streams`` entries, each
+peer's interest by ``max_peer_patterns``, and the match caches by entry count.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -216,6 +219,9 @@ class TopicsConfig:
     max_streams: int = 100_000
     #: Patterns accepted from one peer's interest.
     max_peer_patterns: int = 10_000
+    #: Topics remembered (their sequence and depth) after their history emptied; beyond, the
+    #: oldest are forgotten and a topic published anew numbers on from the highest forgotten.
+    max_dormant_topics: int = 100_000
 
 
 @dataclass(slots=True)
@@ -273,8 +279,14 @@ class Topics:
         self._removed: set[str] = set()
         self._peers: dict[EndpointId, Peer] = {}
         self._interest: dict[EndpointId, _Interest] = {}
-        self._history: dict[str, _History] = {}  # ordered by last publish (oldest first)
+        # Topics with retained messages, ordered by last publish (oldest first). A topic whose
+        # retained messages all expired (or that keeps none) leaves it for ``_dormant``, which
+        # keeps only its numbering: timers scan only topics that hold something.
+        self._history: dict[str, _History] = {}
         self._history_bytes = 0
+        self._dormant: dict[str, tuple[int, int]] = {}  # topic -> (sequence, depth)
+        self._sequence_floor = 0  # the highest sequence of a forgotten dormant topic
+        self._prune_at = math.inf  # no retained message expires before this
         self._seen: dict[tuple[int, int, str], int] = {}
         self._local_cache: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {}
         self._target_cache: dict[str, tuple[EndpointId, ...]] = {}
@@ -356,7 +368,7 @@ class Topics:
         caller (the API) before queuing."""
         history = self._history.pop(topic, None)
         if history is None:
-            history = _History(self.config.history_depth)
+            history = self._revive(topic)
         self._history[topic] = history  # now the most recently published topic
         history.sequence += 1
         sequence = history.sequence
@@ -387,8 +399,12 @@ class Topics:
         if depth > 0:
             entries.append((sequence, envelope, expires_at, size))
             self._history_bytes += size
+            if expires_at < self._prune_at:
+                self._prune_at = expires_at
         while len(entries) > depth:
             self._history_bytes -= entries.popleft()[3]
+        if not entries:  # a topic without history keeps only its numbering
+            self._rest(topic, self._history.pop(topic))
         if self._history_bytes > self.config.history_max_bytes:
             self._trim_history()
         found = self._local_cache.get(key)
@@ -740,23 +756,70 @@ class Topics:
                     self.counters["history_sent"] += 1
 
     def prune_history(self, now: float) -> None:
-        """Drop expired history entries (called on timers; expired ones are never sent)."""
-        for topic in list(self._history):
-            history = self._history[topic]
+        """Drop expired history entries (called on timers; expired ones are never sent), and
+        the topics left without any. Nothing to scan before the earliest entry expires."""
+        if now < self._prune_at:
+            return
+        earliest = math.inf
+        emptied = []
+        expired = 0
+        for topic, history in self._history.items():
             entries = history.entries
             while entries and entries[0][2] <= now:
                 self._history_bytes -= entries.popleft()[3]
-                self.counters["history_expired"] += 1
+                expired += 1
+            if entries:
+                earliest = min(earliest, entries[0][2])
+            else:
+                emptied.append(topic)
+        for topic in emptied:
+            self._rest(topic, self._history.pop(topic))
+        self._prune_at = earliest
+        if expired:
+            self.counters["history_expired"] += expired
+
+    def history_topics(self) -> int:
+        """How many topics hold retained messages now (the map timers scan)."""
+        return len(self._history)
+
+    def _revive(self, topic: str) -> _History:
+        """The history of a topic about to be published: new, or numbering on where it was."""
+        history = _History(self.config.history_depth)
+        kept = self._dormant.pop(topic, None)
+        if kept is None:
+            history.sequence = self._sequence_floor
+        else:
+            history.sequence, history.depth = kept
+        return history
+
+    def _rest(self, topic: str, history: _History) -> None:
+        """``topic`` holds no history now: keep its numbering only (bounded, oldest forgotten).
+
+        A topic must never number a message again with a sequence it used: subscribers would
+        drop it as a duplicate. So one published anew after being forgotten starts above the
+        highest sequence ever forgotten.
+        """
+        dormant = self._dormant
+        dormant[topic] = (history.sequence, history.depth)
+        if len(dormant) > self.config.max_dormant_topics:
+            sequence, _ = dormant.pop(next(iter(dormant)))
+            self._sequence_floor = max(self._sequence_floor, sequence)
+            self.counters["history_topics_forgotten"] += 1
 
     def _trim_history(self) -> None:
         limit = self.config.history_max_bytes
-        for history in self._history.values():  # least recently published first
+        emptied = []
+        for topic, history in self._history.items():  # least recently published first
             entries = history.entries
             while entries and self._history_bytes > limit:
                 self._history_bytes -= entries.popleft()[3]
                 self.counters["history_evicted_for_space"] += 1
+            if not entries:
+                emptied.append(topic)
             if self._history_bytes <= limit:
-                return
+                break
+        for topic in emptied:
+            self._rest(topic, self._history.pop(topic))
 
     def _drop(self, reason: str, peer: Peer, what: str) -> None:
         self.counters[f"dropped_{reason}"] += 1
