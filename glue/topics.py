@@ -51,7 +51,7 @@ from typing import Any, Final, cast
 
 import orjson
 
-from glue.errors import UsageError
+from glue.errors import UsageError, UsageTypeError, UsageValueError
 from glue.events import (
     InterestChanged,
     Message,
@@ -124,64 +124,86 @@ def outbound_size(message: Outbound) -> int:
     return len(head) + len(body)
 
 
-def validate_topic_name(name: str) -> str:
+def validate_topic_name(name: str, argument: str = "topic_name") -> str:
     """Return ``name`` if it can be published to.
 
     A topic name is 1 to 256 characters: segments of letters, digits, ``_ . : -`` separated by
     single ``/`` (``sensors/kitchen/temperature``).
 
     Raises:
-        UsageError: the name is not valid (the message says why).
+        UsageTypeError: not a ``str`` (``argument`` names it).
+        UsageValueError: the name is not valid (the message says why).
     """
     if (
         type(name) is not str
         or not 0 < len(name) <= MAX_TOPIC_CHARS
         or not _TOPIC_RE.fullmatch(name)
     ):
-        raise UsageError(
-            f"invalid topic name {name!r}: expected 1-{MAX_TOPIC_CHARS} characters, segments of "
-            "letters, digits and _ . : - separated by single '/' (e.g. 'sensors/kitchen')"
+        _refuse_name(name, argument, "topic name")
+        raise UsageValueError(
+            f"invalid topic name {name!r} ({argument}): expected 1-{MAX_TOPIC_CHARS} characters, "
+            "segments of letters, digits and _ . : - separated by single '/' (e.g. "
+            "'sensors/kitchen')",
+            argument=argument,
         )
     return name
 
 
-def validate_pattern(pattern: str) -> str:
+def validate_pattern(pattern: str, argument: str = "topic_name") -> str:
     """Return ``pattern`` if it can be subscribed to.
 
     A pattern is a topic name, ``#`` (everything), a name ending in ``/#`` (that name and every
     name under it), and ``+`` may stand for exactly one segment (``sensors/+/temperature``).
 
     Raises:
-        UsageError: the pattern is not valid.
+        UsageTypeError: not a ``str`` (``argument`` names it).
+        UsageValueError: the pattern is not valid.
     """
     if (
         type(pattern) is not str
         or not 0 < len(pattern) <= MAX_TOPIC_CHARS
         or not _PATTERN_RE.fullmatch(pattern)
     ):
-        raise UsageError(
-            f"invalid topic pattern {pattern!r}: expected a topic name, '#', a name ending in "
-            "'/#', with '+' standing for one whole segment (e.g. 'sensors/+/temperature')"
+        _refuse_name(pattern, argument, "topic pattern")
+        raise UsageValueError(
+            f"invalid topic pattern {pattern!r} ({argument}): expected a topic name, '#', a name "
+            "ending in '/#', with '+' standing for one whole segment (e.g. "
+            "'sensors/+/temperature')",
+            argument=argument,
         )
     return pattern
 
 
-def validate_topic_type(topic_type: str) -> str:
+def validate_topic_type(topic_type: str, argument: str = "topic_type") -> str:
     """Return ``topic_type`` if valid: 1 to 128 letters, digits and ``_ . : / -``.
 
     Raises:
-        UsageError: the type is not valid.
+        UsageTypeError: not a ``str`` (``argument`` names it).
+        UsageValueError: the type is not valid.
     """
     if (
         type(topic_type) is not str
         or not 0 < len(topic_type) <= MAX_TYPE_CHARS
         or not _TYPE_RE.fullmatch(topic_type)
     ):
-        raise UsageError(
-            f"invalid topic type {topic_type!r}: expected 1-{MAX_TYPE_CHARS} letters, digits "
-            "and _ . : / -"
+        _refuse_name(topic_type, argument, "topic type")
+        raise UsageValueError(
+            f"invalid topic type {topic_type!r} ({argument}): expected 1-{MAX_TYPE_CHARS} "
+            "letters, digits and _ . : / -",
+            argument=argument,
         )
     return topic_type
+
+
+def _refuse_name(value: object, argument: str, what: str) -> None:
+    """Raise the type error for a name that is not a plain ``str`` (a subclass, such as a
+    ``StrEnum``, is refused too: pass ``str(value)``)."""
+    if type(value) is not str:
+        raise UsageTypeError(
+            f"invalid {what} {value!r}: expected a plain str for {argument}, not "
+            f"{type(value).__name__}",
+            argument=argument,
+        )
 
 
 def matches(pattern: str, topic: str) -> bool:
