@@ -15,14 +15,17 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.endpoint_process import LARGE_BYTES, SMALL_BYTES, EndpointProcess
 from tests.helpers import free_udp_port, wait_until
-from tests.integration.topic_process import TopicProcess
 
 TOPIC = "site/partitioned"
 KIND = "test.reading"
 RATE_MS = 200
 MULTIPLIER = 2
 DEPTH = 100  # more than everything published here, so history covers the partition
+# Message sizes, cycled: 64 KiB ones are fragmented.
+EVERY_7TH_LARGE = [SMALL_BYTES] * 6 + [LARGE_BYTES]
+EVERY_3RD_LARGE = [SMALL_BYTES] * 2 + [LARGE_BYTES]
 #: iptables rules in the subscriber's namespace, and which side then loses the other.
 CUTS = {
     "both-ways": (("INPUT", "OUTPUT"), ("publisher", "subscriber")),
@@ -80,8 +83,8 @@ def namespaces() -> Iterator[tuple[Namespace, Namespace]]:
             ns.holder.wait()
 
 
-def _endpoint(ns: Namespace, group: str, multiplier: float = MULTIPLIER) -> TopicProcess:
-    return TopicProcess(
+def _endpoint(ns: Namespace, group: str, multiplier: float = MULTIPLIER) -> EndpointProcess:
+    return EndpointProcess(
         ns.enter,
         discovery_target_address=group,
         discovery_listen_address=group,
@@ -91,8 +94,8 @@ def _endpoint(ns: Namespace, group: str, multiplier: float = MULTIPLIER) -> Topi
     )
 
 
-def _peers(process: TopicProcess) -> list[int]:
-    return process.request("peers")["ids"]
+def _peers(process: EndpointProcess) -> list[int]:
+    return list(process.peers())
 
 
 @pytest.mark.parametrize("cut", list(CUTS))
@@ -106,7 +109,7 @@ def test_messages_published_during_a_partition_arrive_once_in_order_after_it_hea
     subscriber = _endpoint(subscriber_ns, group)
     try:
         subscriber.request("subscribe", pattern=TOPIC, type=KIND)
-        publisher.request("wait_peers", count=1, timeout=5)
+        publisher.request("peers", count=1, timeout=5)
         assert wait_until(
             lambda: publisher.counters()[0].get("topics_interest_received", 0) >= 1, timeout=5
         )
@@ -114,7 +117,7 @@ def test_messages_published_during_a_partition_arrive_once_in_order_after_it_hea
 
         def publish(count: int) -> None:
             reply = publisher.request(
-                "publish", topic=TOPIC, type=KIND, count=count, large_every=7,
+                "publish", topic=TOPIC, type=KIND, count=count, sizes=EVERY_7TH_LARGE,
                 history_depth=DEPTH, expiry=60.0,
             )  # fmt: skip
             assert reply["first"] == len(published) + 1
@@ -182,11 +185,11 @@ def test_a_partition_shorter_than_the_discovery_timeout_is_repaired_by_the_trans
     subscriber = _endpoint(subscriber_ns, group, multiplier=20)
     try:
         subscriber.request("subscribe", pattern=TOPIC, type=KIND)
-        publisher.request("wait_peers", count=1, timeout=5)
+        publisher.request("peers", count=1, timeout=5)
         assert wait_until(
             lambda: publisher.counters()[0].get("topics_interest_received", 0) >= 1, timeout=5
         )
-        first = publisher.request("publish", topic=TOPIC, type=KIND, count=5, large_every=3)
+        first = publisher.request("publish", topic=TOPIC, type=KIND, count=5, sizes=EVERY_3RD_LARGE)
         assert subscriber.wait_for(lambda: len(subscriber.messages()) == 5, 10)
 
         def resent() -> int:
@@ -196,7 +199,9 @@ def test_a_partition_shorter_than_the_discovery_timeout_is_repaired_by_the_trans
         for chain in ("INPUT", "OUTPUT"):
             subscriber_ns.run(f"iptables -A {chain} -j DROP")
         cut_at = time.monotonic()
-        during = publisher.request("publish", topic=TOPIC, type=KIND, count=10, large_every=3)
+        during = publisher.request(
+            "publish", topic=TOPIC, type=KIND, count=10, sizes=EVERY_3RD_LARGE
+        )
         assert wait_until(lambda: resent() > resent_before, timeout=3)  # lost, and resent
         for chain in ("INPUT", "OUTPUT"):
             subscriber_ns.run(f"iptables -D {chain} -j DROP")

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.endpoint_process import LARGE_BYTES, SMALL_BYTES, EndpointProcess
 from tests.helpers import free_udp_port, wait_until
-from tests.integration.topic_process import LARGE_BYTES, TopicProcess
 
 TOPIC = "fleet/telemetry"
 OTHER = "fleet/other"
@@ -29,11 +29,11 @@ def glue() -> dict[str, str | int]:
 
 
 @pytest.fixture
-def processes(glue: dict[str, str | int]) -> Iterator[list[TopicProcess]]:
-    started: list[TopicProcess] = []
+def processes(glue: dict[str, str | int]) -> Iterator[list[EndpointProcess]]:
+    started: list[EndpointProcess] = []
     try:
         for _ in range(5):
-            started.append(TopicProcess(**glue))
+            started.append(EndpointProcess(**glue))
         yield started
     finally:
         for process in started:
@@ -41,13 +41,13 @@ def processes(glue: dict[str, str | int]) -> Iterator[list[TopicProcess]]:
 
 
 def test_three_subscriber_processes_get_every_message_once_in_order_and_a_fourth_none(
-    processes: list[TopicProcess],
+    processes: list[EndpointProcess],
 ) -> None:
     *subscribers, bystander, publisher = processes
     for subscriber in subscribers:
         subscriber.request("subscribe", pattern=TOPIC, type=KIND)
     bystander.request("subscribe", pattern=OTHER, type=KIND)
-    publisher.request("wait_peers", count=4, timeout=10)
+    publisher.request("peers", count=4, timeout=10)
     # Publish only once the publisher holds every peer's interest (each sends it on meeting us).
     assert wait_until(
         lambda: publisher.counters()[0].get("topics_interest_received", 0) >= 4,
@@ -56,7 +56,8 @@ def test_three_subscriber_processes_get_every_message_once_in_order_and_a_fourth
     ), publisher.log()
 
     started = time.monotonic()
-    reply = publisher.request("publish", topic=TOPIC, type=KIND, count=COUNT, large_every=10)
+    sizes = [SMALL_BYTES] * 9 + [LARGE_BYTES]  # every 10th fragmented
+    reply = publisher.request("publish", topic=TOPIC, type=KIND, count=COUNT, sizes=sizes)
     expected = [(reply["first"] + i, d) for i, d in enumerate(reply["digests"])]
     assert len(expected) == COUNT
 
@@ -74,7 +75,7 @@ def test_three_subscriber_processes_get_every_message_once_in_order_and_a_fourth
         assert {(m["topic"], m["type"], m["source"]) for m in got} == {
             (TOPIC, KIND, publisher.endpoint_id)
         }
-        assert sum(m["size"] > LARGE_BYTES for m in got) == COUNT // 10  # fragmented ones too
+        assert sum(m["size"] == LARGE_BYTES for m in got) == COUNT // 10  # fragmented ones too
         counters, _ = subscriber.counters()
         assert counters.get("topics_received", 0) == COUNT
         assert counters.get("topics_duplicates_suppressed", 0) == 0
@@ -102,12 +103,12 @@ def test_a_publisher_restarted_with_the_same_id_is_a_new_run_whose_messages_all_
 ) -> None:
     # Dedup is per publisher *run* (incarnation): sequences start again at 1 after a restart and
     # must not be taken for duplicates of the previous run's.
-    subscriber = TopicProcess(**glue)
+    subscriber = EndpointProcess(**glue)
     first = second = None
     try:
         subscriber.request("subscribe", pattern=TOPIC, type=KIND)
-        first = TopicProcess(**glue, endpoint_id=4242)
-        first.request("wait_peers", count=1, timeout=5)
+        first = EndpointProcess(**glue, endpoint_id=4242)
+        first.request("peers", count=1, timeout=5)
         assert wait_until(
             lambda: first.counters()[0].get("topics_interest_received", 0) >= 1, timeout=5
         )
@@ -115,8 +116,8 @@ def test_a_publisher_restarted_with_the_same_id_is_a_new_run_whose_messages_all_
         assert subscriber.wait_for(lambda: len(subscriber.messages()) == 10, 10)
         first.process.kill()
         first.process.wait(10)
-        second = TopicProcess(**glue, endpoint_id=4242)
-        second.request("wait_peers", count=1, timeout=5)
+        second = EndpointProcess(**glue, endpoint_id=4242)
+        second.request("peers", count=1, timeout=5)
         assert wait_until(
             lambda: second.counters()[0].get("topics_interest_received", 0) >= 1, timeout=5
         )
