@@ -9,8 +9,8 @@ import orjson
 import pytest
 
 from glue import EndpointManager
+from tests.endpoint_process import EndpointProcess, base_env
 from tests.helpers import free_udp_port
-from tests.integration.nodes import Node, base_env
 
 
 def _glue(*args: str, timeout: float = 60, **glue: str | int) -> subprocess.CompletedProcess[str]:
@@ -31,7 +31,7 @@ def test_glue_peers_lists_the_endpoints_it_sees() -> None:
         "discovery_listen_address": group,
         "discovery_rate_milliseconds": 200,
     }
-    others = [Node(**settings, endpoint_name=f"sensor-{n}") for n in range(2)]
+    others = [EndpointProcess(**settings, endpoint_name=f"sensor-{n}") for n in range(2)]
     try:
         table = _glue("peers", **settings)
         assert table.returncode == 0, table.stderr

@@ -8,26 +8,40 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.endpoint_process import EndpointProcess, wait_all
 from tests.helpers import free_udp_port
-from tests.integration.nodes import RATE_S, TIMEOUT_S, Node, wait_all
+
+RATE_MS = 500
+MULTIPLIER = 2.0
+RATE_S = RATE_MS / 1000
+TIMEOUT_S = RATE_S * MULTIPLIER
+
+
+def _node(**glue: str | int) -> EndpointProcess:
+    """An endpoint announcing every RATE_S that drops a peer after TIMEOUT_S, logging at debug."""
+    glue.setdefault("discovery_rate_milliseconds", RATE_MS)
+    glue.setdefault("discovery_rate_timeout_multiplier", MULTIPLIER)
+    return EndpointProcess(log_level="DEBUG", **glue)
 
 
 @pytest.fixture
-def nodes() -> Iterator[list[Node]]:
-    started: list[Node] = []
+def nodes() -> Iterator[list[EndpointProcess]]:
+    started: list[EndpointProcess] = []
     yield started
     for node in started:
         node.close()
 
 
-def _logs(nodes: list[Node]) -> str:
+def _logs(nodes: list[EndpointProcess]) -> str:
     return "\n".join(f"--- {n.name}\n{n.log()}" for n in nodes)
 
 
-def test_three_processes_on_multicast_discover_and_expire_a_killed_one(nodes: list[Node]) -> None:
+def test_three_processes_on_multicast_discover_and_expire_a_killed_one(
+    nodes: list[EndpointProcess],
+) -> None:
     group = f"239.192.137.1:{free_udp_port()}"
     for _ in range(3):
-        nodes.append(Node(discovery_target_address=group, discovery_listen_address=group))
+        nodes.append(_node(discovery_target_address=group, discovery_listen_address=group))
     last_started = max(n.started_at for n in nodes)
 
     # Within 2 announcement periods of the last start, everyone knows everyone.
@@ -49,16 +63,18 @@ def test_three_processes_on_multicast_discover_and_expire_a_killed_one(nodes: li
 
 
 @pytest.mark.parametrize("target_host", ["127.0.0.1", "localhost"])
-def test_unicast_rendezvous_then_mesh_survives_it(nodes: list[Node], target_host: str) -> None:
+def test_unicast_rendezvous_then_mesh_survives_it(
+    nodes: list[EndpointProcess], target_host: str
+) -> None:
     port = free_udp_port()
-    rendezvous = Node(
+    rendezvous = _node(
         discovery_target_address="0",
         discovery_listen_address=f"127.0.0.1:{port}",
         listen_address="127.0.0.1:0",
     )
     nodes.append(rendezvous)
     members = [
-        Node(
+        _node(
             discovery_target_address=f"{target_host}:{port}",
             discovery_listen_address="0",
             listen_address="127.0.0.1:0",
@@ -83,14 +99,14 @@ def test_unicast_rendezvous_then_mesh_survives_it(nodes: list[Node], target_host
     assert all(m.knows(*[o for o in members if o is not m]) for m in members)
 
 
-def test_two_network_ids_never_see_each_other(nodes: list[Node]) -> None:
+def test_two_network_ids_never_see_each_other(nodes: list[EndpointProcess]) -> None:
     group = f"239.192.137.1:{free_udp_port()}"
     one = [
-        Node(network_id=1, discovery_target_address=group, discovery_listen_address=group)
+        _node(network_id=1, discovery_target_address=group, discovery_listen_address=group)
         for _ in range(2)
     ]
     two = [
-        Node(network_id=2, discovery_target_address=group, discovery_listen_address=group)
+        _node(network_id=2, discovery_target_address=group, discovery_listen_address=group)
         for _ in range(2)
     ]
     nodes.extend(one + two)
@@ -104,10 +120,10 @@ def test_two_network_ids_never_see_each_other(nodes: list[Node]) -> None:
         assert "dropped" in node.log()  # each dropped the other network's datagrams (debug log)
 
 
-def test_restarted_endpoint_replaces_its_old_entry_at_once(nodes: list[Node]) -> None:
+def test_restarted_endpoint_replaces_its_old_entry_at_once(nodes: list[EndpointProcess]) -> None:
     group = f"239.192.137.1:{free_udp_port()}"
-    watcher = Node(discovery_target_address=group, discovery_listen_address=group)
-    first = Node(
+    watcher = _node(discovery_target_address=group, discovery_listen_address=group)
+    first = _node(
         endpoint_id=4242,
         endpoint_name="worker",
         discovery_target_address=group,
@@ -116,7 +132,7 @@ def test_restarted_endpoint_replaces_its_old_entry_at_once(nodes: list[Node]) ->
     nodes.extend([watcher, first])
     assert watcher.wait_for(lambda: watcher.knows(first), 2 * RATE_S)
     first.kill(signal.SIGKILL)
-    second = Node(
+    second = _node(
         endpoint_id=4242,
         endpoint_name="worker",
         discovery_target_address=group,
@@ -131,10 +147,10 @@ def test_restarted_endpoint_replaces_its_old_entry_at_once(nodes: list[Node]) ->
     assert watcher.removals(first)[0][1] == "restarted"
 
 
-def test_clean_stop_says_goodbye(nodes: list[Node]) -> None:
+def test_clean_stop_says_goodbye(nodes: list[EndpointProcess]) -> None:
     group = f"239.192.137.1:{free_udp_port()}"
-    a = Node(discovery_target_address=group, discovery_listen_address=group)
-    b = Node(discovery_target_address=group, discovery_listen_address=group)
+    a = _node(discovery_target_address=group, discovery_listen_address=group)
+    b = _node(discovery_target_address=group, discovery_listen_address=group)
     nodes.extend([a, b])
     assert a.wait_for(lambda: a.knows(b), 2 * RATE_S)
     b.kill(signal.SIGTERM)

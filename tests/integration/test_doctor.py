@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.endpoint_process import EndpointProcess
 from tests.helpers import free_udp_port
-from tests.integration.nodes import Node
 from tests.integration.test_cli import _glue
 
 
@@ -36,7 +36,7 @@ def _settings(group: str) -> dict[str, str | int]:
 
 
 def test_a_healthy_network_passes_every_check(group: str) -> None:
-    peer = Node(**_settings(group), endpoint_name="healthy-peer")
+    peer = EndpointProcess(**_settings(group), endpoint_name="healthy-peer")
     try:
         result = _glue("doctor", **_settings(group), network_id=1)
     finally:
@@ -77,7 +77,8 @@ def test_multicast_dropped_by_iptables_is_named_and_fails(multicast_dropped: str
 
 def test_a_rendezvous_that_answers_and_one_that_does_not(group: str) -> None:
     port = free_udp_port()
-    rendezvous = Node(
+    rendezvous = EndpointProcess(
+        discovery_rate_milliseconds=500,
         discovery_target_address="0",
         discovery_listen_address=f"127.0.0.1:{port}",
         endpoint_name="the-rendezvous",
@@ -95,10 +96,7 @@ def test_a_rendezvous_that_answers_and_one_that_does_not(group: str) -> None:
         )
         # The doctor said goodbye: the rendezvous forgot it at once.
         assert rendezvous.wait_for(
-            lambda: any(
-                e["event"] == "removed" and e.get("reason") == "left" for _, e in rendezvous.events
-            ),
-            5,
+            lambda: bool(rendezvous.events("peer_removed", reason="left")), 5
         )
     finally:
         rendezvous.close()
@@ -118,7 +116,9 @@ def test_a_rendezvous_that_answers_and_one_that_does_not(group: str) -> None:
 def test_a_key_mismatch_is_named_with_the_key_ids(group: str) -> None:
     from glue.security import generate_key
 
-    peer = Node(**_settings(group), network_key=generate_key(), endpoint_name="other-key")
+    peer = EndpointProcess(
+        **_settings(group), network_key=generate_key(), endpoint_name="other-key"
+    )
     try:
         result = _glue("doctor", "--wait", "1", **_settings(group), network_key=generate_key())
     finally:

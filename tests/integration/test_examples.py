@@ -24,8 +24,8 @@ from glue import wire
 from glue.events import MessageReceived, Peer, StackEvent, TopicDelivery
 from glue.topics import Topics, TopicsConfig
 from glue.wire import Data, EndpointId
+from tests.endpoint_process import base_env
 from tests.helpers import free_udp_port
-from tests.integration.nodes import base_env
 
 ROOT = Path(__file__).parents[2]
 DOCS = ROOT / "docs"

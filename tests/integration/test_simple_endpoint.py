@@ -19,8 +19,8 @@ from typing import IO
 
 import pytest
 
+from tests.endpoint_process import base_env
 from tests.helpers import free_udp_port, wait_until
-from tests.integration.nodes import base_env
 
 SCRIPT = Path(__file__).resolve().parents[2] / "cmd" / "simple_endpoint.py"
 COUNT = 40
