@@ -206,19 +206,19 @@ class Lan:
         self._processes.append(process)
 
     def start(self, hosts: Iterable[Host], **glue: Any) -> list[Any]:
-        """Start ``tests/multihost/host_process.py`` in each of ``hosts`` with ``GLUE_*``
-        settings ``glue`` (a callable value is called with the host), all at once, then wait
-        until each has started. ``close`` stops them."""
-        from tests.multihost.host_process import HostProcess  # not needed by tools/testlan
+        """Start ``tests/endpoint_process.py`` in each of ``hosts`` with ``GLUE_*`` settings
+        ``glue`` (a callable value is called with the host), all at once, then wait until each
+        is ready. ``close`` stops them."""
+        from tests.endpoint_process import EndpointProcess  # not needed by tools/testlan
 
         processes = []
         for host in hosts:
             settings = {k: v(host) if callable(v) else v for k, v in glue.items()}
-            process = HostProcess(host.enter, host.name, **settings)
+            process = EndpointProcess(host.enter, label=host.name, wait=False, **settings)
             self.adopt(process)
             processes.append(process)
         for process in processes:
-            process.wait_started()
+            process.wait_ready()
         return processes
 
     def set_hosts_file(self, host: Host, names: dict[str, Iterable[str]]) -> None:

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.endpoint_process import EndpointProcess
 from tests.helpers import wait_until
-from tests.multihost.host_process import HostProcess
 from tests.multihost.lan import Lan, wait_full_mesh
 
 KIND = "test.lan"
@@ -22,7 +22,7 @@ SHORT_DEPTH = 3
 EXPIRING_S = 0.5
 
 
-def _sequences(process: HostProcess, topic: str) -> list[int]:
+def _sequences(process: EndpointProcess, topic: str) -> list[int]:
     return [m["sequence"] for m in process.messages(topic)]
 
 
@@ -43,7 +43,7 @@ def test_a_cut_host_is_removed_on_time_and_catches_up_when_healed(
     for process in subscribers:
         process.request("subscribe", pattern="plant/#", type=KIND)
     for topic in (KEPT, SHORT, EXPIRING):
-        publisher.request("wait_subscribers", topic=topic, count=3, timeout=10)
+        publisher.request("subscribers", topic=topic, count=3, timeout=10)
     kept: list[str] = []
 
     def publish(topic: str, count: int, depth: int, expiry: float = 60.0) -> float:
@@ -51,7 +51,7 @@ def test_a_cut_host_is_removed_on_time_and_catches_up_when_healed(
             "publish", topic=topic, type=KIND, count=count, history_depth=depth, expiry=expiry
         )
         if topic == KEPT:
-            kept.extend(reply["published"])
+            kept.extend(reply["digests"])
         return time.monotonic()
 
     publish(KEPT, 20, 100)
@@ -65,7 +65,7 @@ def test_a_cut_host_is_removed_on_time_and_catches_up_when_healed(
     net.cut(cut_host, how)
     limit = TIMEOUT_S + MARGIN_S
 
-    def removed(by: HostProcess, peer: HostProcess) -> list[float]:
+    def removed(by: EndpointProcess, peer: EndpointProcess) -> list[float]:
         return [e["t"] - cut_at for e in by.events("peer_removed", peer=peer.endpoint_id)]
 
     for process in others:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.endpoint_process import LARGE_BYTES, SMALL_BYTES
 from tests.multihost.lan import INTERFACE, Lan, run, wait_full_mesh
 
 RATE_MS = 200
@@ -49,8 +50,9 @@ def _shape(net: Lan, route: str | None, dummy: bool) -> None:
 def _exchange(processes: list[Any]) -> None:
     subscriber, publisher = processes
     subscriber.request("subscribe", pattern="lan/#", type="t")
-    publisher.request("wait_subscribers", topic="lan/x", count=1, timeout=10)
-    publisher.request("publish", topic="lan/x", type="t", count=3, large_every=3)
+    publisher.request("subscribers", topic="lan/x", count=1, timeout=10)
+    sizes = [SMALL_BYTES, SMALL_BYTES, LARGE_BYTES]  # the third fragmented
+    publisher.request("publish", topic="lan/x", type="t", count=3, sizes=sizes)
     assert subscriber.wait_for(lambda: len(subscriber.messages("lan/x")) == 3, 10), subscriber.log()
     assert [m["sequence"] for m in subscriber.messages("lan/x")] == [1, 2, 3]
 
@@ -111,8 +113,8 @@ def test_the_datagram_size_follows_the_mtu_of_the_path(lan: Callable[..., Lan]) 
     wait_full_mesh(processes, timeout=10)
     subscriber, publisher = processes
     subscriber.request("subscribe", pattern="lan/#", type="t")
-    publisher.request("wait_subscribers", topic="lan/x", count=1, timeout=10)
-    publisher.request("publish", topic="lan/x", type="t", count=20, large_every=1)
+    publisher.request("subscribers", topic="lan/x", count=1, timeout=10)
+    publisher.request("publish", topic="lan/x", type="t", count=20, size=LARGE_BYTES)
     assert subscriber.wait_for(lambda: len(subscriber.messages("lan/x")) == 20, 10)
     _, per_peer = publisher.counters()
     sent = per_peer[subscriber.endpoint_id]

@@ -6,12 +6,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.multihost.host_process import HostProcess
+from tests.endpoint_process import LARGE_BYTES, SMALL_BYTES, EndpointProcess
 from tests.multihost.lan import Lan, wait_full_mesh
 
 KIND = "test.lan"
 LOSS = 0.10
 COUNT = 100  # per publisher; every 10th is 64 KiB (about 45 fragments, each may be lost)
+SIZES = [SMALL_BYTES] * 9 + [LARGE_BYTES]
 
 
 def test_every_message_arrives_once_in_order_under_random_loss(lan: Callable[..., Lan]) -> None:
@@ -23,18 +24,18 @@ def test_every_message_arrives_once_in_order_under_random_loss(lan: Callable[...
     for process in processes:
         process.request("subscribe", pattern="lan/#", type=KIND)
     for process in processes:
-        process.request("wait_subscribers", topic=f"lan/{process.label}", count=3, timeout=10)
+        process.request("subscribers", topic=f"lan/{process.label}", count=3, timeout=10)
     for host in net.hosts:  # each host is a receiver: drop 10 % in (data) and out (acks)
         net.add_loss(host, LOSS)
 
     started = time.monotonic()
 
-    def publish(process: HostProcess) -> list[str]:
+    def publish(process: EndpointProcess) -> list[str]:
         reply = process.request(
-            "publish", topic=f"lan/{process.label}", type=KIND, count=COUNT, large_every=10,
+            "publish", topic=f"lan/{process.label}", type=KIND, count=COUNT, sizes=SIZES,
             history_depth=COUNT, expiry=60.0,
         )  # fmt: skip
-        return list(reply["published"])
+        return list(reply["digests"])
 
     with ThreadPoolExecutor(len(processes)) as pool:
         replies = list(pool.map(publish, processes))

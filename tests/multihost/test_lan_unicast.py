@@ -9,17 +9,18 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from tests.multihost.host_process import HostProcess
+from tests.endpoint_process import LARGE_BYTES, SMALL_BYTES, EndpointProcess
 from tests.multihost.lan import Lan, wait_full_mesh
 
 KIND = "test.lan"
 PORT = 27320
 RATE_MS = 200
 COUNT = 20
+SIZES = [SMALL_BYTES] * 4 + [LARGE_BYTES]  # every 5th fragmented
 TIMING = {"discovery_rate_milliseconds": RATE_MS, "discovery_rate_timeout_multiplier": 3.0}
 
 
-def _exchange(processes: Sequence[HostProcess], publishers: Sequence[HostProcess]) -> float:
+def _exchange(processes: Sequence[EndpointProcess], publishers: Sequence[EndpointProcess]) -> float:
     """Every process subscribes to ``ex/#``; each publisher publishes COUNT messages on its own
     topic; every process (the publisher too, locally) must get them all, once, in order.
     Returns the seconds taken."""
@@ -29,13 +30,15 @@ def _exchange(processes: Sequence[HostProcess], publishers: Sequence[HostProcess
     published = {}
     for publisher in publishers:
         topic = f"ex/{publisher.label}"
-        publisher.request("wait_subscribers", topic=topic, count=len(processes) - 1, timeout=10)
-        reply = publisher.request("publish", topic=topic, type=KIND, count=COUNT, large_every=5)
-        published[publisher.endpoint_id] = list(enumerate(reply["published"], start=1))
+        publisher.request("subscribers", topic=topic, count=len(processes) - 1, timeout=10)
+        reply = publisher.request(
+            "publish", topic=topic, type=KIND, count=COUNT, sizes=SIZES, expiry=60.0
+        )
+        published[publisher.endpoint_id] = list(enumerate(reply["digests"], start=1))
     sources = {p.endpoint_id for p in publishers}
     for process in processes:
 
-        def got(p: HostProcess = process) -> dict[int, list[tuple[int, str]]]:
+        def got(p: EndpointProcess = process) -> dict[int, list[tuple[int, str]]]:
             found: dict[int, list[tuple[int, str]]] = {s: [] for s in sources}
             for m in p.messages():
                 found[m["source"]].append((m["sequence"], m["digest"]))
