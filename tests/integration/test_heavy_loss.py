@@ -10,92 +10,21 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import orjson
 import pytest
 
 from glue import DeliveryError, EndpointManager
+from tests.endpoint_process import EndpointProcess
 from tests.helpers import free_udp_port
-from tests.integration.nodes import base_env
-from tests.integration.stream_process import payload
 
 BIG = 20
 BIG_BYTES = 1024 * 1024
 SMALL = 2000
 SMALL_BYTES = 100
-
-
-class Stream:
-    """One ``stream_process``; its JSON lines, read as they come."""
-
-    def __init__(self, *args: str, **glue: str | int) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.stream_process", *args],
-            env=base_env(**glue),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self.lines: list[dict[str, Any]] = []
-        self._changed = threading.Condition()
-        self._stderr = b""
-        self._readers = [
-            threading.Thread(target=self._read, daemon=True),
-            threading.Thread(target=self._read_stderr, daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-        assert self.wait_for(lambda: self.started is not None, 20), self.log()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for raw in self.process.stdout:
-            with self._changed:
-                self.lines.append(orjson.loads(raw))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def _read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        self._stderr = self.process.stderr.read()
-
-    @property
-    def started(self) -> dict[str, Any] | None:
-        return next((line for line in self.lines if line["event"] == "started"), None)
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(predicate, timeout)
-
-    def events(self, kind: str) -> list[dict[str, Any]]:
-        with self._changed:
-            return [line for line in self.lines if line["event"] == kind]
-
-    def messages(self, topic: str) -> list[dict[str, Any]]:
-        return [line for line in self.events("message") if line["topic"] == topic]
-
-    def close(self) -> None:
-        if self.process.stdin is not None and not self.process.stdin.closed:
-            self.process.stdin.close()
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        for reader in self._readers:
-            reader.join(10)
-        for pipe in (self.process.stdout, self.process.stderr):
-            if pipe is not None:
-                pipe.close()
-
-    def log(self) -> str:
-        return f"lines: {self.lines[-10:]}\nstderr: {self._stderr.decode()[-3000:]}"
+KIND = "stream"
 
 
 @pytest.fixture
@@ -129,7 +58,7 @@ def _glue(group: str, port: int, name: str) -> dict[str, str | int]:
     }
 
 
-def _returns(stream: Stream) -> int:
+def _returns(stream: EndpointProcess) -> int:
     """How many times ``stream`` took a peer for gone and then heard it again."""
     returns = 0
     gone: set[str] = set()
@@ -145,32 +74,31 @@ def _returns(stream: Stream) -> int:
 def _run_once(make_ports: Callable[[int], list[int]]) -> dict[str, Any]:
     group_port, sub_port, big_port, small_port = make_ports(4)
     group = f"239.192.137.1:{group_port}"
-    sub = Stream("sub", "stream/#", **_glue(group, sub_port, "sub"))
-    publishers = []
+    sub = EndpointProcess(**_glue(group, sub_port, "sub"))
+    publishers: list[EndpointProcess] = []
     try:
+        sub.request("subscribe", pattern="stream/#", type=KIND)
         publishers = [
-            Stream("pub", "stream/big", str(BIG), str(BIG_BYTES), **_glue(group, big_port, "big")),
-            Stream(
-                "pub",
-                "stream/small",
-                str(SMALL),
-                str(SMALL_BYTES),
-                **_glue(group, small_port, "small"),
-            ),
+            EndpointProcess(**_glue(group, big_port, "big")),
+            EndpointProcess(**_glue(group, small_port, "small")),
         ]
-        for publisher in publishers:
-            assert publisher.wait_for(
-                lambda p=publisher: bool(p.events("flushed") or p.events("flush_failed")), 90
-            ), publisher.log()
-        wanted = {"stream/big": BIG, "stream/small": SMALL}
-        sub.wait_for(lambda: all(len(sub.messages(t)) >= n for t, n in wanted.items()), 10)
+        wanted = {"stream/big": (BIG, BIG_BYTES), "stream/small": (SMALL, SMALL_BYTES)}
+        flushes = []
+        for publisher, (topic, (count, size)) in zip(publishers, wanted.items(), strict=True):
+            # In order, each once the one before it is done: wait for the subscriber, publish
+            # as fast as it can with a 30 s expiry, then flush.
+            publisher.command("subscribers", topic=topic, timeout=30)
+            publisher.command("publish", topic=topic, type=KIND, count=count, size=size, timeout=30)
+            flushes.append(publisher.command("flush", timeout=30))
+        results = [p.result(f, 90) for p, f in zip(publishers, flushes, strict=True)]
+        sub.wait_for(lambda: all(len(sub.messages(t)) >= n for t, (n, _) in wanted.items()), 10)
         removals = sum(map(_returns, [sub, *publishers]))
-        for publisher in publishers:
-            assert publisher.events("flushed"), publisher.log()
-        for topic, count in wanted.items():
+        for publisher, result in zip(publishers, results, strict=True):
+            assert result["event"] == "flushed", f"{result}\n{publisher.log()}"
+        for topic, (count, _) in wanted.items():
             numbers = [line["n"] for line in sub.messages(topic)]
             assert numbers == list(range(1, count + 1)), f"{topic}: {numbers}"
-            assert all(line["ok"] for line in sub.messages(topic)), f"{topic}: corrupted"
+            assert all(line["intact"] for line in sub.messages(topic)), f"{topic}: corrupted"
         return {"removals": removals}
     finally:
         for stream in (*publishers, sub):
@@ -195,16 +123,16 @@ def test_large_and_small_streams_arrive_whole_through_20_percent_loss(
 def test_flush_names_a_subscriber_killed_with_messages_unacknowledged() -> None:
     group_port, sub_port, pub_port = (free_udp_port() for _ in range(3))
     group = f"239.192.137.1:{group_port}"
-    sub = Stream("sub", "stream/#", **_glue(group, sub_port, "doomed"))
+    sub = EndpointProcess(**_glue(group, sub_port, "doomed"))
     try:
-        sub_id = sub.started["id"] if sub.started else None
+        sub.request("subscribe", pattern="stream/#", type=KIND)
+        sub_id = sub.endpoint_id
         settings = _glue(group, pub_port, "publisher")
         with EndpointManager.from_env(**settings) as endpoint:
             endpoint.wait_for_subscribers("stream/x", timeout=10)
-            sub.process.send_signal(signal.SIGKILL)
-            sub.process.wait(10)
+            sub.kill(signal.SIGKILL)
             for number in range(1, 6):
-                endpoint.publish("stream/x", "stream", payload(number, 1000), expiry=60.0)
+                endpoint.publish("stream/x", KIND, b"%d:" % number + bytes(1000), expiry=60.0)
             with pytest.raises(DeliveryError) as caught:
                 endpoint.flush(timeout=30)
             assert caught.value.peers == (sub_id,)

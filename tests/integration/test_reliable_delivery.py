@@ -8,12 +8,10 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 
-import orjson
 import pytest
 
 from glue import (
@@ -24,8 +22,8 @@ from glue import (
     UsageError,
     wire,
 )
+from tests.endpoint_process import EndpointProcess
 from tests.helpers import free_udp_port, multicast_settings, wait_until
-from tests.integration.nodes import base_env
 
 
 @pytest.fixture
@@ -118,36 +116,24 @@ def test_large_datagrams_are_decoded_in_a_few_reused_buffers(group: str) -> None
     assert 1 <= counters.get("receive_buffers_allocated", 0) <= 32, counters
 
 
-def _receiver(**glue: str | int) -> tuple[subprocess.Popen[str], int, list[dict]]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.receiver_process"],
-        env=base_env(**glue),
-        stdout=subprocess.PIPE,
-        text=True,
+def _receiver(**glue: object) -> EndpointProcess:
+    """An endpoint process that tallies the direct messages it receives."""
+    receiver = EndpointProcess(**glue)
+    receiver.request("receive", report="summary")
+    return receiver
+
+
+def _received(streams: list[dict]) -> tuple[int, bool]:
+    """How many direct messages a receiver's summary counts, and whether they arrived exactly
+    once and in order from 1 (payloads start "<number>:")."""
+    direct = [stream for stream in streams if stream["subscription"] == 0]
+    count = sum(stream["count"] for stream in direct)
+    ok = count == 0 or (
+        len(direct) == 1
+        and direct[0]["ranges"] == [[1, count]]
+        and direct[0]["duplicates"] == direct[0]["reordered"] == 0
     )
-    assert process.stdout is not None
-    started = orjson.loads(process.stdout.readline())
-    lines: list[dict] = []
-
-    def read() -> None:
-        assert process.stdout is not None
-        lines.extend(orjson.loads(line) for line in process.stdout)
-
-    threading.Thread(target=read, daemon=True).start()
-    return process, started["id"], lines
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    """Stop a receiver cleanly (SIGTERM: it reports its final count); kill it if it hangs."""
-    if process.poll() is None:
-        process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    if process.stdout is not None:
-        process.stdout.close()
+    return count, ok
 
 
 def test_a_peer_killed_mid_stream_is_dropped_and_the_others_continue(group: str) -> None:
@@ -157,8 +143,9 @@ def test_a_peer_killed_mid_stream_is_dropped_and_the_others_continue(group: str)
         "discovery_rate_milliseconds": 200,
         "discovery_rate_timeout_multiplier": 2.0,
     }
-    victim, victim_id, _ = _receiver(**glue)
-    survivor, _, survivor_lines = _receiver(**glue)
+    victim = _receiver(**glue)
+    victim_id = victim.endpoint_id
+    survivor = _receiver(**glue)
     sending = threading.Event()
     stop = threading.Event()
     sent = [0]
@@ -192,8 +179,7 @@ def test_a_peer_killed_mid_stream_is_dropped_and_the_others_continue(group: str)
             counters = tx.counters()
             # Everything sent reaches the survivor before the sender closes.
             assert wait_until(
-                lambda: bool(survivor_lines) and survivor_lines[-1].get("count", 0) >= total,
-                timeout=20,
+                lambda: _received(survivor.summary())[0] >= total, timeout=20, interval=0.05
             )
         # What was in flight to it is held until it expires, in case it returns; never resent.
         assert counters["transport_streams_parked"] == 1
@@ -201,10 +187,9 @@ def test_a_peer_killed_mid_stream_is_dropped_and_the_others_continue(group: str)
     finally:
         stop.set()
         for process in (victim, survivor):
-            _stop(process)
-    assert survivor_lines[-1]["event"] == "stopped"
-    assert survivor_lines[-1]["count"] == total
-    assert survivor_lines[-1]["ok"]  # exactly once, in order
+            process.close()
+    # Exactly once, in order: what it had when it stopped.
+    assert _received(survivor.events("stopped")[-1]["streams"]) == (total, True)
 
 
 def _rss_bytes() -> int:
@@ -261,9 +246,7 @@ def test_a_flood_of_fragments_that_never_complete_keeps_memory_bounded(group: st
 
 
 @contextlib.contextmanager
-def _stoppable_receiver(
-    group: str,
-) -> Iterator[tuple[dict[str, object], subprocess.Popen[str], int, list[dict]]]:
+def _stoppable_receiver(group: str) -> Iterator[tuple[dict[str, object], EndpointProcess]]:
     """A receiver process the test may SIGSTOP (it stays a peer); resumed and stopped after."""
     glue: dict[str, object] = {
         "discovery_target_address": group,
@@ -271,26 +254,26 @@ def _stoppable_receiver(
         "discovery_rate_milliseconds": 200,
         "discovery_rate_timeout_multiplier": 100.0,  # stopped, not gone
     }
-    receiver, receiver_id, lines = _receiver(**glue)  # type: ignore[arg-type]
+    receiver = _receiver(**glue)
     try:
-        yield glue, receiver, receiver_id, lines
+        yield glue, receiver
     finally:
-        if receiver.poll() is None:
+        if receiver.process.poll() is None:
             receiver.send_signal(signal.SIGCONT)
-        _stop(receiver)
+        receiver.close()
 
 
-def _assert_received_all(lines: list[dict], sent: int) -> None:
-    assert lines[-1]["event"] == "stopped"
-    assert lines[-1]["count"] == sent
-    assert lines[-1]["ok"]  # exactly once, in order, the refused message never sent
+def _assert_received_all(receiver: EndpointProcess, sent: int) -> None:
+    # Exactly once, in order, the refused message never sent: what it had when it stopped.
+    assert _received(receiver.events("stopped")[-1]["streams"]) == (sent, True)
 
 
 def test_a_peer_that_stops_acknowledging_gives_backpressure_then_recovers(group: str) -> None:
     with (
-        _stoppable_receiver(group) as (glue, receiver, receiver_id, lines),
+        _stoppable_receiver(group) as (glue, receiver),
         EndpointManager.from_env(**glue, send_queue_bytes=65536) as tx,
     ):
+        receiver_id = receiver.endpoint_id
         tx.wait_for_peers(1, timeout=5)
         receiver.send_signal(signal.SIGSTOP)
         sent = 0
@@ -311,16 +294,16 @@ def test_a_peer_that_stops_acknowledging_gives_backpressure_then_recovers(group:
         for _ in range(200):  # sending works again once acks flow
             sent += 1
             tx.send(b"%d:" % sent + b"x" * 1000, timeout=10)
-        assert wait_until(lambda: bool(lines) and lines[-1].get("count", 0) >= sent, timeout=20)
-    _assert_received_all(lines, sent)
+        assert wait_until(
+            lambda: _received(receiver.summary())[0] >= sent, timeout=20, interval=0.05
+        )
+    _assert_received_all(receiver, sent)
 
 
 def test_the_asyncio_api_waits_for_room_then_raises_backpressure_then_recovers(
     group: str,
 ) -> None:
-    async def main(
-        glue: dict[str, object], receiver: subprocess.Popen[str], receiver_id: int
-    ) -> int:
+    async def main(glue: dict[str, object], receiver: EndpointProcess, receiver_id: int) -> int:
         async with AsyncEndpointManager.from_env(**glue, send_queue_bytes=65536) as tx:
             await tx.wait_for_peers(1, timeout=5)
             receiver.send_signal(signal.SIGSTOP)
@@ -343,10 +326,12 @@ def test_the_asyncio_api_waits_for_room_then_raises_backpressure_then_recovers(
             await tx.flush(timeout=20)
             return sent
 
-    with _stoppable_receiver(group) as (glue, receiver, receiver_id, lines):
-        sent = asyncio.run(main(glue, receiver, receiver_id))
-        assert wait_until(lambda: bool(lines) and lines[-1].get("count", 0) >= sent, timeout=20)
-    _assert_received_all(lines, sent)
+    with _stoppable_receiver(group) as (glue, receiver):
+        sent = asyncio.run(main(glue, receiver, receiver.endpoint_id))
+        assert wait_until(
+            lambda: _received(receiver.summary())[0] >= sent, timeout=20, interval=0.05
+        )
+    _assert_received_all(receiver, sent)
 
 
 def test_a_message_over_the_maximum_is_refused_at_send(group: str) -> None:
