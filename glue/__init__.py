@@ -23,8 +23,18 @@ from glue.errors import (
     GlueError,
     ProtocolError,
     UsageError,
+    UsageTypeError,
+    UsageValueError,
 )
-from glue.events import Message, MessageReceived, Peer, PeerAdded, PeerEvent, PeerRemoved
+from glue.events import (
+    Message,
+    MessageReceived,
+    Peer,
+    PeerAdded,
+    PeerEvent,
+    PeerRemoved,
+    StopReport,
+)
 from glue.manager import AsyncEndpointManager, EndpointManager
 from glue.settings import GlueSettings, load_settings
 from glue.subscription import AsyncSubscription, Subscription
@@ -46,8 +56,11 @@ __all__ = [
     "PeerEvent",
     "PeerRemoved",
     "ProtocolError",
+    "StopReport",
     "Subscription",
     "UsageError",
+    "UsageTypeError",
+    "UsageValueError",
     "load_settings",
 ]
 __version__ = "0.1.0"

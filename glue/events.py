@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
@@ -19,6 +19,7 @@ __all__ = [
     "PeerRemoved",
     "RemovalReason",
     "StackEvent",
+    "StopReport",
     "TopicDelivery",
 ]
 
@@ -131,6 +132,44 @@ class InterestChanged:
     """What peer ``peer_id`` subscribes to changed (or became known)."""
 
     peer_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopReport:
+    """What ``stop()`` left behind; nothing (``clean``) when it stopped cleanly.
+
+    - ``unacknowledged``: for each peer id, the frames (whole messages, or parts of large
+      ones) queued for it or sent and not yet acknowledged when the endpoint stopped. They are
+      lost to that peer: call ``flush()`` before ``stop()`` to wait for them.
+    - ``unsent``: messages still waiting to be handed to the network; dropped.
+    - ``running``: each callback (or thread) still running when the timeout ran out, described.
+      It is left to finish on its own (threads are daemons); no callback starts after ``stop``.
+    - ``errors``: what went wrong while stopping (a bug; also logged with its traceback); the
+      rest of the stop went on regardless.
+    """
+
+    unacknowledged: dict[int, int] = field(default_factory=dict)
+    unsent: int = 0
+    running: tuple[str, ...] = ()
+    errors: tuple[Exception, ...] = ()
+
+    @property
+    def clean(self) -> bool:
+        """Whether nothing was left behind."""
+        return not (self.unacknowledged or self.unsent or self.running or self.errors)
+
+    def __str__(self) -> str:
+        if self.clean:
+            return "nothing left behind"
+        parts = []
+        if self.unacknowledged:
+            frames = sum(self.unacknowledged.values())
+            parts.append(f"{frames} frames unacknowledged by {len(self.unacknowledged)} peers")
+        if self.unsent:
+            parts.append(f"{self.unsent} messages not sent")
+        parts.extend(f"still running: {what}" for what in self.running)
+        parts.extend(f"failed: {error!r}" for error in self.errors)
+        return "; ".join(parts)
 
 
 StackEvent = PeerAdded | PeerRemoved | MessageReceived | TopicDelivery | InterestChanged

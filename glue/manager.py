@@ -3,12 +3,19 @@
 Both are thin: one :class:`~glue.endpoint.Endpoint` does the work underneath. The asyncio manager
 runs it in the caller's loop; the blocking manager runs that same asyncio manager in one background
 thread and hands calls to it thread-safely. User callbacks never run inside the network handlers.
-Subscriptions (:mod:`glue.subscription`) each have a bounded queue: the blocking manager runs
-their callbacks on a pool of ``GLUE_CALLBACK_THREADS`` threads (one subscription on one thread at
-a time, in order), the asyncio manager in one task per subscription on the caller's loop (which is
-also the network's: a callback that blocks that loop stalls acks, so make it ``async`` or quick).
-Direct-message and peer callbacks run on one delivery thread (blocking) or via ``call_soon``
-(asyncio). Overflow is counted and reported, never silent.
+Subscriptions (:mod:`glue.subscription`) each have a queue bounded in messages and bytes: the
+blocking manager runs their callbacks on a pool of ``GLUE_CALLBACK_THREADS`` threads (one
+subscription on one thread at a time, in order), the asyncio manager in one task per subscription
+on the caller's loop (which is also the network's: a callback that blocks that loop stalls acks,
+so make it ``async`` or quick). Direct-message and peer callbacks run on one delivery thread
+(blocking) or each on one task of its own, in order, from a bounded queue (asyncio). Overflow is
+counted and reported, never silent.
+
+Every public method checks its arguments before anything happens: a wrong type raises
+:class:`~glue.errors.UsageTypeError` (a ``TypeError``), a bad value
+:class:`~glue.errors.UsageValueError` (a ``ValueError``), both naming the argument. ``stop``
+returns in bounded time (``timeout``) and says what it left behind
+(:class:`~glue.events.StopReport`).
 """
 
 from __future__ import annotations
@@ -18,23 +25,27 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Coroutine,
-    Iterator,
-    Mapping,
-    Sequence,
-)
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Final, Protocol, Self, TypeVar
 
 import orjson
 
+from glue import wire
 from glue.endpoint import Endpoint
-from glue.errors import GlueError, UsageError
+from glue.errors import (
+    MAX_TIMEOUT_S,
+    UsageError,
+    UsageTypeError,
+    UsageValueError,
+    check_callable,
+    check_int,
+    check_number,
+    check_payload,
+    check_timeout,
+)
 from glue.events import (
     InterestChanged,
     Message,
@@ -44,32 +55,164 @@ from glue.events import (
     PeerEvent,
     PeerRemoved,
     StackEvent,
+    StopReport,
     TopicDelivery,
 )
 from glue.settings import GlueSettings, load_settings
 from glue.subscription import (
+    DEFAULT_QUEUE_BYTES,
     DEFAULT_QUEUE_SIZE,
+    AsyncEventIterator,
+    AsyncEventQueue,
     AsyncMessageCallback,
     AsyncSubscription,
     CallbackPool,
+    CallbackRunner,
+    EventIterator,
+    EventQueue,
     MessageCallback,
     Subscription,
+    check_queue_bounds,
+    crossed_power_of_ten,
 )
 from glue.topics import validate_pattern, validate_topic_name, validate_topic_type
 
-__all__ = ["DEFAULT_EXPIRY_S", "DEFAULT_SEND_TIMEOUT_S", "AsyncEndpointManager", "EndpointManager"]
+__all__ = [
+    "DEFAULT_EXPIRY_S",
+    "DEFAULT_SEND_TIMEOUT_S",
+    "DEFAULT_STOP_TIMEOUT_S",
+    "EVENT_QUEUE_BYTES",
+    "EVENT_QUEUE_SIZE",
+    "MAX_EXPIRY_S",
+    "MAX_HISTORY_DEPTH",
+    "AsyncEndpointManager",
+    "EndpointManager",
+]
 
 logger = logging.getLogger(__name__)
 
-#: Bound of every event queue between the network loop and user code (events, not bytes).
-EVENT_QUEUE_SIZE: Final = 100_000
+#: Events that may wait in each event queue between the network loop and user code (peer and
+#: direct-message callbacks, ``messages()``, ``peer_events()``).
+EVENT_QUEUE_SIZE: Final = DEFAULT_QUEUE_SIZE
+#: Payload bytes that may wait in each of those queues (one larger message passes an empty one).
+EVENT_QUEUE_BYTES: Final = DEFAULT_QUEUE_BYTES
 DEFAULT_EXPIRY_S: Final = 5.0
+#: The longest ``expiry`` a message may have: one day, the longest time to live the wire can
+#: carry (``ttl`` in docs/PROTOCOL.md). Longer, infinite or NaN expiries are refused.
+MAX_EXPIRY_S: Final = wire.MAX_TTL_MS / 1000.0
+#: The largest ``history_depth`` (as ``GLUE_HISTORY_DEPTH``).
+MAX_HISTORY_DEPTH: Final = 1_000_000
 DEFAULT_SEND_TIMEOUT_S: Final = 5.0
+#: How long ``stop()`` waits by default for the network and callbacks to finish.
+DEFAULT_STOP_TIMEOUT_S: Final = 5.0
 _START_TIMEOUT_S: Final = 30.0
+#: What a blocking stop() allows the loop thread beyond its timeout to hand its answer over.
+_STOP_GRACE_S: Final = 0.5
 
 T = TypeVar("T")
 PeerCallback = Callable[[Peer], object]
 _Callback = Callable[[Any], object]
+
+
+def _payload_size(message: MessageReceived) -> int:
+    return len(message.payload)
+
+
+# --- argument checks (the usual values pass the first test, at once) -----------------------------
+
+
+def _check_expiry(expiry: object) -> float:
+    if type(expiry) is float and 0.0 < expiry <= MAX_EXPIRY_S:
+        return expiry
+    return check_number(
+        expiry,
+        "expiry",
+        minimum=0.0,
+        maximum=MAX_EXPIRY_S,
+        above=True,
+        hint=" (one day, the longest time to live a message can have)",
+    )
+
+
+def _checked_message(
+    payload: object,
+    expiry: object,
+    timeout: object,
+    history_depth: object,
+    max_bytes: int,
+    *,
+    json_hint: bool,
+) -> tuple[bytes, float, float, int | None]:
+    """The arguments of a publish or send, checked (the slow path: the usual values are let
+    through by an inline test in each method, since Python pays per call)."""
+    data = payload if type(payload) is bytes else check_payload(payload, json_hint=json_hint)
+    if len(data) > max_bytes:
+        raise UsageValueError(
+            f"payload of {len(data)} bytes exceeds the maximum of {max_bytes} "
+            "(GLUE_MAX_MESSAGE_BYTES)",
+            argument="payload",
+        )
+    depth = (
+        None
+        if history_depth is None
+        else check_int(history_depth, "history_depth", minimum=0, maximum=MAX_HISTORY_DEPTH)
+    )
+    return data, _check_expiry(expiry), check_timeout(timeout), depth
+
+
+def _check_targets(to: object) -> tuple[int, ...] | None:
+    """``to`` as a tuple of endpoint ids, or None (every peer)."""
+    if to is None:
+        return None
+    if type(to) is not list and type(to) is not tuple:
+        if isinstance(to, int | Peer):
+            raise UsageTypeError(
+                f"to must be a list of endpoint ids, not one {type(to).__name__}: to=[id]",
+                argument="to",
+            )
+        if isinstance(to, str | bytes | bytearray | memoryview | Mapping) or not isinstance(
+            to, Iterable
+        ):
+            raise UsageTypeError(
+                f"to must be a list of endpoint ids or None, not {type(to).__name__}",
+                argument="to",
+            )
+    ids = tuple(to)
+    for peer_id in ids:
+        if type(peer_id) is not int or not 0 < peer_id <= wire.MAX_ID:
+            if isinstance(peer_id, Peer):
+                raise UsageTypeError(
+                    "to must hold endpoint ids, not Peer objects: use peer.endpoint_id",
+                    argument="to",
+                )
+            check_int(peer_id, "an id in to", minimum=1, maximum=wire.MAX_ID)
+    return ids
+
+
+def _one_id(to: object) -> bool:
+    """Whether ``to`` is the usual ``[peer_id]`` (let through without the full check)."""
+    return type(to) is list and len(to) == 1 and type(to[0]) is int and 0 < to[0] <= wire.MAX_ID
+
+
+def _check_wait(count: object, timeout: object) -> tuple[int, float]:
+    return check_int(count, "count", minimum=0), check_timeout(timeout)
+
+
+def _encode_json(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
+        raise UsageTypeError(f"value cannot be encoded as JSON: {exc}", argument="value") from exc
+
+
+def _check_callback(callback: object, argument: str = "callback") -> None:
+    check_callable(callback, argument)
+
+
+def _left_behind(name: str, report: StopReport) -> StopReport:
+    if not report.clean:
+        logger.warning("endpoint %s stopped leaving behind: %s", name, report)
+    return report
 
 
 class AsyncEndpointManager:
@@ -80,14 +223,22 @@ class AsyncEndpointManager:
     """
 
     def __init__(self, settings: GlueSettings | None = None) -> None:
+        if settings is not None and not isinstance(settings, GlueSettings):
+            raise UsageTypeError(
+                f"settings must be GlueSettings or None, not {type(settings).__name__} "
+                "(keyword settings go to from_env(**settings))",
+                argument="settings",
+            )
         self.settings = settings if settings is not None else load_settings()
+        self._max_message_bytes = self.settings.max_message_bytes
         self._endpoint = Endpoint(self.settings)
         self._peers: dict[int, Peer] = {}
-        self._callbacks: list[tuple[type[StackEvent], _Callback]] = []
-        self._peer_streams: set[asyncio.Queue[PeerEvent | None]] = set()
-        self._message_streams: set[asyncio.Queue[MessageReceived | None]] = set()
+        self._runners: list[tuple[type[StackEvent], CallbackRunner]] = []
+        self._peer_streams: set[AsyncEventQueue[PeerEvent]] = set()
+        self._message_streams: set[AsyncEventQueue[MessageReceived]] = set()
         self._subscriptions: dict[int, AsyncSubscription] = {}
         self._changed: asyncio.Future[None] | None = None
+        self._stopped = False
         self._endpoint.add_listener(self._on_events)
 
     @classmethod
@@ -110,19 +261,65 @@ class AsyncEndpointManager:
         self._changed = asyncio.get_running_loop().create_future()
         await self._endpoint.start()
 
-    async def stop(self) -> None:
-        """Say goodbye, close sockets, end every event iteration. Idempotent."""
-        await self._endpoint.stop()
-        streams: list[asyncio.Queue[Any]] = [*self._peer_streams, *self._message_streams]
-        for stream in streams:
-            _put_bounded(stream, None, self._endpoint)
+    async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopReport:  # noqa: ASYNC109
+        """Say goodbye, close sockets, end every event iteration and callback. Idempotent.
+
+        Returns within about ``timeout`` seconds, whatever callbacks do: an ``async`` callback
+        still running is cancelled, and one that does not end within the timeout is left behind.
+        It does not wait for peers to acknowledge (call :meth:`flush` first for that).
+
+        Returns:
+            What was left behind (also logged as a warning when anything was): frames not
+            acknowledged per peer, messages not sent, callbacks still running. A second call
+            returns an empty report.
+
+        Raises:
+            UsageTypeError, UsageValueError: ``timeout`` is not a number of seconds >= 0.
+        """
+        return _left_behind(self.name, await self._stop(check_timeout(timeout)))
+
+    async def _stop(self, timeout: float) -> StopReport:  # noqa: ASYNC109
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        unacknowledged: dict[int, int] = {}
+        running: list[str] = []
+        errors: list[Exception] = []
+        endpoint = self._endpoint
+        unsent = endpoint.counters["messages_dropped_at_stop"]
+        if endpoint.running:
+            unacknowledged = _unacknowledged(endpoint)
+        self._stopped = True
+        stopping = asyncio.ensure_future(endpoint.stop())
+        try:
+            await asyncio.wait_for(asyncio.shield(stopping), timeout)
+        except TimeoutError:
+            running.append("the endpoint's stop (waiting for its address resolver)")
+        except Exception as exc:  # a bug: reported, and the rest of the stop goes on
+            logger.exception("stopping endpoint %s failed", self.name)
+            errors.append(exc)
+        unsent = endpoint.counters["messages_dropped_at_stop"] - unsent
+        for peer_stream in tuple(self._peer_streams):
+            peer_stream.end()
+        for message_stream in tuple(self._message_streams):
+            message_stream.end()
         subscriptions = list(self._subscriptions.values())
         self._subscriptions.clear()
         for subscription in subscriptions:
             subscription._end()
+        runners = [runner for _, runner in self._runners]
+        self._runners.clear()
+        for runner in runners:
+            runner.close()
         for subscription in subscriptions:
-            await subscription._wait_closed()
+            still = await subscription._wait_closed(max(0.0, deadline - loop.time()))
+            if still is not None:
+                running.append(still)
+        for runner in runners:
+            still = await runner.stop(max(0.0, deadline - loop.time()))
+            if still is not None:
+                running.append(still)
         self._notify()
+        return StopReport(unacknowledged, unsent, tuple(running), tuple(errors))
 
     aclose = stop
 
@@ -182,7 +379,12 @@ class AsyncEndpointManager:
 
         Raises:
             TimeoutError: not enough peers within ``timeout`` seconds.
+            UsageTypeError, UsageValueError: ``count`` is not an int >= 0, ``timeout`` not a
+                number of seconds >= 0, or ``where`` not callable.
         """
+        count, timeout = _check_wait(count, timeout)
+        if where is not None:
+            _check_callback(where, "where")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -198,7 +400,12 @@ class AsyncEndpointManager:
                 await asyncio.wait_for(asyncio.shield(self._changed), remaining)
 
     def subscribers(self, topic_name: str) -> list[Peer]:
-        """The peers subscribed to ``topic_name`` now (a publish on it goes to them), by name."""
+        """The peers subscribed to ``topic_name`` now (a publish on it goes to them), by name.
+
+        Raises:
+            UsageTypeError, UsageValueError: the name is not valid.
+        """
+        validate_topic_name(topic_name)
         peers = self._peers
         found = [peers[i] for i in self._endpoint.subscribers(topic_name) if i in peers]
         return sorted(found, key=lambda p: p.name)
@@ -218,6 +425,7 @@ class AsyncEndpointManager:
             TimeoutError: fewer subscribers within ``timeout`` seconds.
         """
         validate_topic_name(topic_name)
+        count, timeout = _check_wait(count, timeout)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -244,8 +452,9 @@ class AsyncEndpointManager:
                 ``unacknowledged`` name them and count the messages). A peer that left or
                 restarted is reported once; a silent one while its messages are held.
             TimeoutError: still unacknowledged after ``timeout`` seconds.
+            UsageTypeError, UsageValueError: ``timeout`` is not a number of seconds >= 0.
         """
-        await self._endpoint.flush(timeout)
+        await self._endpoint.flush(check_timeout(timeout))
 
     # --- topics ---------------------------------------------------------------------------------
 
@@ -260,6 +469,18 @@ class AsyncEndpointManager:
         timeout: float = DEFAULT_SEND_TIMEOUT_S,  # noqa: ASYNC109 - same as the blocking twin
     ) -> None:
         """Publish ``payload`` on ``topic_name``: see :meth:`EndpointManager.publish`."""
+        if not (
+            type(payload) is bytes
+            and type(expiry) is float
+            and 0.0 < expiry <= MAX_EXPIRY_S
+            and type(timeout) is float
+            and 0.0 <= timeout <= MAX_TIMEOUT_S
+            and history_depth is None
+            and len(payload) <= self._max_message_bytes
+        ):
+            payload, expiry, timeout, history_depth = _checked_message(
+                payload, expiry, timeout, history_depth, self._max_message_bytes, json_hint=True
+            )
         waiting = self._endpoint.try_publish(
             topic_name, topic_type, payload, expiry_s=expiry, history_depth=history_depth
         )
@@ -279,12 +500,13 @@ class AsyncEndpointManager:
         """Publish ``value`` encoded with orjson (read it back with ``message.json()``).
 
         Raises:
-            TypeError: ``value`` cannot be encoded as JSON.
+            UsageTypeError: ``value`` cannot be encoded as JSON (a ``TypeError``); and as
+                :meth:`EndpointManager.publish`.
         """
         await self.publish(
             topic_name,
             topic_type,
-            orjson.dumps(value),
+            _encode_json(value),
             expiry=expiry,
             history_depth=history_depth,
             timeout=timeout,
@@ -297,24 +519,32 @@ class AsyncEndpointManager:
         callback: AsyncMessageCallback | None = None,
         *,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
     ) -> AsyncSubscription:
         """Receive messages published on topics matching ``topic_name`` with type ``topic_type``.
 
         ``topic_name`` may be ``#`` (everything), end in ``/#`` (a prefix) or hold ``+`` for
         one segment. With ``callback`` (plain or ``async``), it is called for each message, in
         order; without, iterate: ``async for message in endpoint.subscribe(...)``. Messages
-        published here reach matching subscriptions here too, without the network.
+        published here reach matching subscriptions here too, without the network. Up to
+        ``queue_size`` messages and ``queue_bytes`` bytes of payload wait for a slow subscriber;
+        beyond, they are dropped for it, counted and reported.
 
         Raises:
-            UsageError: the pattern or type is not valid, or the endpoint is not running.
+            UsageError: the pattern, type, callback or a bound is not valid (as
+                ``UsageTypeError``/``UsageValueError``), or the endpoint is not running.
         """
         validate_pattern(topic_name)
         validate_topic_type(topic_type)
+        if callback is not None:
+            _check_callback(callback)
+        queue_size, queue_bytes = check_queue_bounds(queue_size, queue_bytes)
         subscription = AsyncSubscription(
             topic_name,
             topic_type,
             callback,
             queue_size=queue_size,
+            queue_bytes=queue_bytes,
             unsubscribe=self._remove_subscription,
         )
         try:
@@ -326,13 +556,20 @@ class AsyncEndpointManager:
         return subscription
 
     def unsubscribe(self, subscription: AsyncSubscription | str) -> None:
-        """Close one subscription, or every subscription to the pattern given as a string."""
+        """Close one subscription, or every subscription to the pattern given as a string.
+
+        Raises:
+            UsageTypeError, UsageValueError: not a subscription or a valid pattern.
+        """
         if isinstance(subscription, str):
+            validate_pattern(subscription, "subscription")
             for entry in list(self._subscriptions.values()):
                 if entry.topic_name == subscription:
                     entry.close()
-        else:
+        elif isinstance(subscription, AsyncSubscription):
             subscription.close()
+        else:
+            raise _not_a_subscription(subscription, "AsyncSubscription")
 
     def _remove_subscription(self, subscription: AsyncSubscription) -> None:
         if self._subscriptions.pop(subscription.id, None) is not None:
@@ -354,48 +591,128 @@ class AsyncEndpointManager:
 
         Raises:
             BackpressureError: peers acknowledge too slowly and the queue stayed full ``timeout`` s.
-            UsageError: the payload exceeds ``GLUE_MAX_MESSAGE_BYTES`` or the endpoint is stopped.
+            UsageError: a bad argument (as :meth:`EndpointManager.send`) or the endpoint stopped.
         """
+        if not (
+            type(payload) is bytes
+            and type(expiry) is float
+            and 0.0 < expiry <= MAX_EXPIRY_S
+            and type(timeout) is float
+            and 0.0 <= timeout <= MAX_TIMEOUT_S
+            and len(payload) <= self._max_message_bytes
+        ):
+            payload, expiry, timeout, _ = _checked_message(
+                payload, expiry, timeout, None, self._max_message_bytes, json_hint=False
+            )
+        if to is not None and not _one_id(to):
+            to = _check_targets(to)
         # The usual path queues at once, without a coroutine more per message.
         waiting = self._endpoint.try_send(payload, to=to, expiry_s=expiry)
         if waiting is not None:
             await self._endpoint.wait_to_queue(waiting, timeout)
 
     def on_message(self, callback: Callable[[MessageReceived], object]) -> Callable[[], None]:
-        """Call ``callback(message)`` (plain or ``async``) for each message; returns a remover."""
-        return self._add_callback(MessageReceived, callback)
+        """Call ``callback(message)`` (plain or ``async``) for each message, in order (an
+        ``async`` one is awaited before the next call); returns a remover.
 
-    def messages(self) -> AsyncIterator[MessageReceived]:
-        """``async for message in endpoint.messages()``: every message from now until stop."""
-        return _iterate(self._message_streams)
+        The messages wait in a queue of their own (``EVENT_QUEUE_SIZE`` messages,
+        ``EVENT_QUEUE_BYTES`` bytes); beyond, they are dropped for it, counted
+        (``events_dropped_slow_consumer``) and reported.
+
+        Raises:
+            UsageTypeError: ``callback`` is not callable.
+        """
+        return self._add_callback(MessageReceived, callback, "on_message")
+
+    def messages(
+        self, *, queue_size: int = EVENT_QUEUE_SIZE, queue_bytes: int = EVENT_QUEUE_BYTES
+    ) -> AsyncEventIterator[MessageReceived]:
+        """``async for message in endpoint.messages()``: every message from this call until
+        stop, ``close()`` (or the end of ``with endpoint.messages() as stream:``).
+
+        Nothing sent after the call is missed; an iterator closed or garbage-collected (dropped
+        without being iterated, say) receives nothing more. Up to ``queue_size`` messages and
+        ``queue_bytes`` bytes of payload wait; beyond, they are dropped, counted
+        (``events_dropped_slow_consumer``) and reported.
+
+        Raises:
+            UsageTypeError, UsageValueError: a bound is not an int >= 1.
+        """
+        queue_size, queue_bytes = check_queue_bounds(queue_size, queue_bytes)
+        return AsyncEventIterator(
+            self._message_streams,
+            what=f"messages() of {self.name}",
+            queue_size=queue_size,
+            queue_bytes=queue_bytes,
+            sizer=_payload_size,
+            ended=self._ended,
+        )
 
     # --- peer events ----------------------------------------------------------------------------
 
     def on_peer_added(self, callback: PeerCallback) -> Callable[[], None]:
-        """Call ``callback(peer)`` (plain or ``async``) when a peer appears; returns a remover."""
-        return self._add_callback(PeerAdded, callback)
+        """Call ``callback(peer)`` (plain or ``async``) when a peer appears, in order; returns
+        a remover.
+
+        Raises:
+            UsageTypeError: ``callback`` is not callable.
+        """
+        return self._add_callback(PeerAdded, callback, "on_peer_added")
 
     def on_peer_removed(self, callback: PeerCallback) -> Callable[[], None]:
-        """Call ``callback(peer)`` (plain or ``async``) when a peer goes away; returns a remover."""
-        return self._add_callback(PeerRemoved, callback)
+        """Call ``callback(peer)`` (plain or ``async``) when a peer goes away, in order; returns
+        a remover.
 
-    def peer_events(self) -> AsyncIterator[PeerEvent]:
-        """``async for event in endpoint.peer_events()``: every event from now until stop."""
-        return _iterate(self._peer_streams)
+        Raises:
+            UsageTypeError: ``callback`` is not callable.
+        """
+        return self._add_callback(PeerRemoved, callback, "on_peer_removed")
 
-    def _add_callback(self, kind: type[StackEvent], callback: _Callback) -> Callable[[], None]:
-        entry = (kind, callback)
-        self._callbacks.append(entry)
-        return lambda: self._callbacks.remove(entry) if entry in self._callbacks else None
+    def peer_events(self) -> AsyncEventIterator[PeerEvent]:
+        """``async for event in endpoint.peer_events()``: every event from this call until stop
+        or ``close()`` (see :meth:`messages`)."""
+        return AsyncEventIterator(
+            self._peer_streams,
+            what=f"peer_events() of {self.name}",
+            queue_size=EVENT_QUEUE_SIZE,
+            queue_bytes=EVENT_QUEUE_BYTES,
+            sizer=None,
+            ended=self._ended,
+        )
+
+    def _ended(self) -> bool:
+        return self._stopped
+
+    def _add_callback(
+        self, kind: type[StackEvent], callback: _Callback, what: str
+    ) -> Callable[[], None]:
+        _check_callback(callback)
+        runner = CallbackRunner(
+            callback,
+            what=f"{what} of {self.name}",
+            queue_size=EVENT_QUEUE_SIZE,
+            queue_bytes=EVENT_QUEUE_BYTES,
+            sizer=_payload_size if kind is MessageReceived else None,
+        )
+        entry = (kind, runner)
+        self._runners.append(entry)
+
+        def remove() -> None:
+            if entry in self._runners:
+                self._runners.remove(entry)
+            runner.close()
+
+        return remove
 
     def _on_events(self, events: list[StackEvent]) -> None:
         """Runs inside the network loop's handlers: only cheap, non-blocking work here."""
-        loop = asyncio.get_running_loop()
         changed = False
-        batch: list[tuple[_Callback, object]] = []
-        message_callbacks = [cb for kind, cb in self._callbacks if kind is MessageReceived]
-        message_streams = self._message_streams
-        wants_messages = bool(message_callbacks or message_streams)
+        dropped = 0
+        runners = self._runners
+        message_runners = [r for kind, r in runners if kind is MessageReceived]
+        # A copy: an iterator garbage-collected meanwhile leaves the set.
+        message_streams = tuple(self._message_streams)
+        wants_messages = bool(message_runners or message_streams)
         # Each subscription's messages of the burst go to it in one call (one lock, one wake-up).
         per_subscription: dict[int, list[Message]] = {}
         for event in events:
@@ -403,8 +720,11 @@ class AsyncEndpointManager:
                 if not wants_messages:
                     continue
                 for stream in message_streams:
-                    _put_bounded(stream, event, self._endpoint)
-                batch.extend((callback, event) for callback in message_callbacks)
+                    if not stream.offer(event):
+                        dropped += 1
+                for runner in message_runners:
+                    if not runner.offer(event):
+                        dropped += 1
                 continue
             if isinstance(event, TopicDelivery):
                 _collect(per_subscription, event)
@@ -418,12 +738,15 @@ class AsyncEndpointManager:
                 self._peers[peer.endpoint_id] = peer
             else:
                 self._peers.pop(peer.endpoint_id, None)
-            for peer_stream in self._peer_streams:
-                _put_bounded(peer_stream, event, self._endpoint)
-            batch.extend((cb, peer) for kind, cb in self._callbacks if isinstance(event, kind))
+            for peer_stream in tuple(self._peer_streams):
+                if not peer_stream.offer(event):
+                    dropped += 1
+            for kind, runner in runners:
+                if isinstance(event, kind) and not runner.offer(peer):
+                    dropped += 1
         _hand_over(per_subscription, self._subscriptions, self._endpoint)
-        if batch:
-            loop.call_soon(_run_callbacks, batch)  # one hop for the burst, in order
+        if dropped:
+            self._endpoint.counters["events_dropped_slow_consumer"] += dropped
         if changed:
             self._notify()
 
@@ -433,23 +756,21 @@ class AsyncEndpointManager:
             self._changed = asyncio.get_running_loop().create_future()
 
 
-def _iterate(streams: set[asyncio.Queue[T | None]]) -> AsyncIterator[T]:
-    """Items put in a new bounded queue registered in ``streams``, until ``None`` (stop).
+def _unacknowledged(endpoint: Endpoint) -> dict[int, int]:
+    """Per peer id, the frames queued or unacknowledged now (on the loop thread)."""
+    found: dict[int, int] = {}
+    for peer in endpoint.metrics_snapshot().peers:
+        frames = int(peer.gauges.get("unacknowledged_frames", 0))
+        if frames:
+            found[peer.endpoint_id] = frames
+    return found
 
-    The queue is registered now, not at the first ``__anext__``, so nothing that happens between
-    the call and the first iteration is missed.
-    """
-    stream: asyncio.Queue[T | None] = asyncio.Queue(EVENT_QUEUE_SIZE)
-    streams.add(stream)
 
-    async def items() -> AsyncIterator[T]:
-        try:
-            while (item := await stream.get()) is not None:
-                yield item
-        finally:
-            streams.discard(stream)
-
-    return items()
+def _not_a_subscription(value: object, kind: str) -> UsageTypeError:
+    return UsageTypeError(
+        f"subscription must be a {kind} or a pattern (str), not {type(value).__name__}",
+        argument="subscription",
+    )
 
 
 class _Queued(Protocol):
@@ -480,29 +801,6 @@ def _hand_over(
                 endpoint.counters["subscription_messages_dropped"] += lost
 
 
-_callback_tasks: set[asyncio.Future[Any]] = set()
-
-
-def _run_callbacks(batch: list[tuple[_Callback, object]]) -> None:
-    for callback, argument in batch:
-        try:
-            result = callback(argument)
-            if isinstance(result, Awaitable):
-                task = asyncio.ensure_future(result)
-                _callback_tasks.add(task)  # keep a reference until it finishes
-                task.add_done_callback(_callback_tasks.discard)
-        except Exception:
-            logger.exception("callback %r failed", callback)
-
-
-def _put_bounded(stream: asyncio.Queue[Any], item: object, endpoint: Endpoint) -> None:
-    try:
-        stream.put_nowait(item)
-    except asyncio.QueueFull:
-        endpoint.counters["events_dropped_slow_consumer"] += 1
-        logger.warning("an event iterator is not keeping up; dropped an event")
-
-
 class EndpointManager:
     """A glue endpoint for blocking code: the asyncio runtime runs in one background thread.
 
@@ -513,23 +811,27 @@ class EndpointManager:
     def __init__(self, settings: GlueSettings | None = None) -> None:
         self._async = AsyncEndpointManager(settings)
         self.settings = self._async.settings
+        self._max_message_bytes = self.settings.max_message_bytes
         self._endpoint = self._async._endpoint
         # Each hand-over to the delivery thread costs thread switches: under load, fewer and
         # larger ones (see Endpoint.coalesce_events).
         self._endpoint.coalesce_events = True
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        # Batches of (callbacks, items) for the delivery thread; ``_pending`` bounds the items.
+        # Batches of (callbacks, items) for the delivery thread; ``_pending`` and
+        # ``_pending_bytes`` bound the items and their payload bytes.
         self._deliveries: queue.SimpleQueue[
             list[tuple[tuple[_Callback, ...], Sequence[object]]] | None
         ] = queue.SimpleQueue()
         self._pending = 0
+        self._pending_bytes = 0
+        self._callback_drops = 0  # events the delivery queue dropped, for the warnings
         self._delivery_thread: threading.Thread | None = None
+        self._delivering: _Callback | None = None  # the callback the delivery thread is in
+        self._abandoned = False  # stop() gave up waiting: the delivery thread starts no more
         self._callbacks: list[tuple[type[StackEvent], _Callback]] = []
-        # SimpleQueue: put and get are C calls (queue.Queue runs a Condition in Python), which
-        # is most of the hand-off to a thread waiting in ``messages()``. Bounded by its size.
-        self._peer_streams: set[queue.SimpleQueue[PeerEvent | None]] = set()
-        self._message_streams: set[queue.SimpleQueue[MessageReceived | None]] = set()
+        self._peer_streams: set[EventQueue[PeerEvent]] = set()
+        self._message_streams: set[EventQueue[MessageReceived]] = set()
         self._subscriptions: dict[int, Subscription] = {}  # touched on the network thread only
         self._pool = CallbackPool(self.settings.callback_threads, self._async.name)
         self._lock = threading.Lock()
@@ -571,36 +873,70 @@ class EndpointManager:
             self.stop()
             raise
 
-    def stop(self) -> None:
-        """Say goodbye to peers, close sockets, join both threads. Idempotent."""
+    def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopReport:
+        """Say goodbye to peers, close sockets, end iterations, join the threads. Idempotent.
+
+        Returns within about ``timeout`` seconds, whatever callbacks do: callbacks already
+        queued run until then; after it, a callback still running (blocked, say) is left to
+        finish on its thread (a daemon) and no other callback starts. It does not wait for peers
+        to acknowledge (call :meth:`flush` first for that). Safe to call from a callback.
+
+        Returns:
+            What was left behind (also logged as a warning when anything was): frames not
+            acknowledged per peer, messages not sent, callbacks and threads still running. A
+            second call returns an empty report.
+
+        Raises:
+            UsageTypeError, UsageValueError: ``timeout`` is not a number of seconds >= 0.
+        """
+        timeout = check_timeout(timeout)
         with self._lock:
             if self._stopped:
-                return
+                return StopReport()
             self._stopped = True
+        deadline = time.monotonic() + timeout
+
+        def remaining() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        report = StopReport()
+        running: list[str] = []
         loop, thread = self._loop, self._thread
         if loop is not None and thread is not None and thread.is_alive():
-            future = asyncio.run_coroutine_threadsafe(self._async.stop(), loop)
-            with contextlib.suppress(GlueError, TimeoutError):
-                future.result(_START_TIMEOUT_S)
-            # DNS lookups ran on the loop's default executor: join its threads too.
-            drained = asyncio.run_coroutine_threadsafe(loop.shutdown_default_executor(), loop)
-            with contextlib.suppress(TimeoutError):
-                drained.result(_START_TIMEOUT_S)
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
-        streams: list[queue.SimpleQueue[Any]] = [*self._peer_streams, *self._message_streams]
-        for stream in streams:
-            _put_thread_bounded(stream, None)
+            report, left = _stop_loop(self._async, loop, thread, remaining)
+            running.extend(left)
+        for peer_stream in tuple(self._peer_streams):
+            peer_stream.end()
+        for message_stream in tuple(self._message_streams):
+            message_stream.end()
         subscriptions = list(self._subscriptions.values())
         self._subscriptions.clear()
         for subscription in subscriptions:
             subscription._end()
-        self._pool.stop()
-        if self._delivery_thread is not None:
-            self._deliveries.put(None)
-            if self._delivery_thread is not threading.current_thread():
-                self._delivery_thread.join()
+        running.extend(self._pool.stop(remaining()))
+        running.extend(self._stop_deliveries(remaining()))
+        return _left_behind(
+            self.name,
+            StopReport(
+                report.unacknowledged, report.unsent, (*report.running, *running), report.errors
+            ),
+        )
+
+    def _stop_deliveries(self, timeout: float) -> list[str]:
+        """Let the delivery thread run what is queued for ``timeout`` s at most, then end it."""
+        thread = self._delivery_thread
+        if thread is None:
+            return []
+        self._deliveries.put(None)
+        if thread is threading.current_thread():
+            return []
+        thread.join(timeout)
+        if thread.is_alive() and self._delivering is None:
+            thread.join(_STOP_GRACE_S)  # in no callback: about to take the end marker
+        if not thread.is_alive():
+            return []
+        self._abandoned = True
+        return [f"callback {self._delivering!r} on thread {thread.name}"]
 
     close = stop
 
@@ -655,11 +991,21 @@ class EndpointManager:
 
         Raises:
             TimeoutError: not enough peers within ``timeout`` seconds.
+            UsageTypeError, UsageValueError: ``count`` is not an int >= 0, ``timeout`` not a
+                number of seconds >= 0, or ``where`` not callable.
         """
+        _check_wait(count, timeout)
+        if where is not None:
+            _check_callback(where, "where")
         return self._call(self._async.wait_for_peers(count, timeout=timeout, where=where))
 
     def subscribers(self, topic_name: str) -> list[Peer]:
-        """The peers subscribed to ``topic_name`` now (a publish on it goes to them), by name."""
+        """The peers subscribed to ``topic_name`` now (a publish on it goes to them), by name.
+
+        Raises:
+            UsageTypeError, UsageValueError: the name is not valid.
+        """
+        validate_topic_name(topic_name)
         return self._call(_as_coroutine(lambda: self._async.subscribers(topic_name)))
 
     def wait_for_subscribers(
@@ -672,6 +1018,8 @@ class EndpointManager:
             UsageError: the name is not valid, or the endpoint is not running.
             TimeoutError: fewer subscribers within ``timeout`` seconds.
         """
+        validate_topic_name(topic_name)
+        _check_wait(count, timeout)
         return self._call(self._async.wait_for_subscribers(topic_name, count, timeout=timeout))
 
     def flush(self, *, timeout: float) -> None:
@@ -684,7 +1032,9 @@ class EndpointManager:
                 ``unacknowledged`` name them and count the messages). A peer that left or
                 restarted is reported once; a silent one while its messages are held.
             TimeoutError: still unacknowledged after ``timeout`` seconds.
+            UsageTypeError, UsageValueError: ``timeout`` is not a number of seconds >= 0.
         """
+        check_timeout(timeout)
         self._call(self._async.flush(timeout=timeout))
 
     # --- topics ---------------------------------------------------------------------------------
@@ -708,12 +1058,35 @@ class EndpointManager:
         applies to the topic from now on) are kept until they expire, for subscribers that
         appear later. Returns once queued; waits only while the queue is full.
 
+        Args:
+            topic_name: a topic name (see docs/topics.md).
+            topic_type: the type subscribers must ask for.
+            payload: ``bytes``, ``bytearray`` or ``memoryview`` (copied); text must be encoded
+                first, other values go through :meth:`publish_json`.
+            expiry: seconds, more than 0 and at most ``MAX_EXPIRY_S`` (one day).
+            history_depth: an int from 0 to ``MAX_HISTORY_DEPTH``, or None.
+            timeout: seconds (>= 0) to wait for room in the send queue.
+
         Raises:
-            UsageError: invalid name, type or depth; payload over ``GLUE_MAX_MESSAGE_BYTES``;
-                expiry not positive; endpoint not running.
+            UsageTypeError: an argument of the wrong type (a ``TypeError``; ``argument`` names it).
+            UsageValueError: a bad value (a ``ValueError``): invalid name or type, payload over
+                ``GLUE_MAX_MESSAGE_BYTES``, expiry not in (0, one day], negative timeout...
+            UsageError: the endpoint is not running.
             BackpressureError: subscribers acknowledge too slowly and the queue stayed full
                 ``timeout`` seconds.
         """
+        if not (
+            type(payload) is bytes
+            and type(expiry) is float
+            and 0.0 < expiry <= MAX_EXPIRY_S
+            and type(timeout) is float
+            and 0.0 <= timeout <= MAX_TIMEOUT_S
+            and history_depth is None
+            and len(payload) <= self._max_message_bytes
+        ):
+            payload, expiry, timeout, history_depth = _checked_message(
+                payload, expiry, timeout, history_depth, self._max_message_bytes, json_hint=True
+            )
         if self._loop is None or self._stopped:
             raise UsageError("the endpoint is not running (call start() or use `with`)")
         self._endpoint.publish_threadsafe(
@@ -738,12 +1111,13 @@ class EndpointManager:
         """Publish ``value`` encoded with orjson (read it back with ``message.json()``).
 
         Raises:
-            TypeError: ``value`` cannot be encoded as JSON (and as :meth:`publish`).
+            UsageTypeError: ``value`` cannot be encoded as JSON (a ``TypeError``); and as
+                :meth:`publish`.
         """
         self.publish(
             topic_name,
             topic_type,
-            orjson.dumps(value),
+            _encode_json(value),
             expiry=expiry,
             history_depth=history_depth,
             timeout=timeout,
@@ -756,25 +1130,33 @@ class EndpointManager:
         callback: MessageCallback | None = None,
         *,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
     ) -> Subscription:
         """Receive messages published on topics matching ``topic_name`` with type ``topic_type``.
 
         ``topic_name`` may be ``#`` (everything), end in ``/#`` (a prefix) or hold ``+`` for
         one segment. With ``callback``, it is called on a callback thread for each message, in
         order (other subscriptions' callbacks run on other threads); without, iterate:
-        ``for message in endpoint.subscribe(...)``. Up to ``queue_size`` messages wait for a slow
-        subscriber; beyond, they are dropped for it, counted and reported.
+        ``for message in endpoint.subscribe(...)``. Up to ``queue_size`` messages and
+        ``queue_bytes`` bytes of payload (64 MiB by default; one larger message still passes an
+        empty queue) wait for a slow subscriber; beyond, they are dropped for it, counted and
+        reported.
 
         Raises:
-            UsageError: the pattern or type is not valid, or the endpoint is not running.
+            UsageError: the pattern, type, callback or a bound is not valid (as
+                ``UsageTypeError``/``UsageValueError``), or the endpoint is not running.
         """
         validate_pattern(topic_name)
         validate_topic_type(topic_type)
+        if callback is not None:
+            _check_callback(callback)
+        queue_size, queue_bytes = check_queue_bounds(queue_size, queue_bytes)
         subscription = Subscription(
             topic_name,
             topic_type,
             callback,
             queue_size=queue_size,
+            queue_bytes=queue_bytes,
             pool=self._pool,
             unsubscribe=self._remove_subscription,
         )
@@ -790,8 +1172,13 @@ class EndpointManager:
     def unsubscribe(self, subscription: Subscription | str) -> None:
         """Close one subscription, or every subscription to the pattern given as a string.
 
-        No callback of it starts after this returns."""
+        No callback of it starts after this returns.
+
+        Raises:
+            UsageTypeError, UsageValueError: not a subscription or a valid pattern.
+        """
         if isinstance(subscription, str):
+            validate_pattern(subscription, "subscription")
             subscriptions = self._subscriptions
             found = self._call(
                 _as_coroutine(
@@ -800,8 +1187,10 @@ class EndpointManager:
             )
             for entry in found:
                 entry.close()
-        else:
+        elif isinstance(subscription, Subscription):
             subscription.close()
+        else:
+            raise _not_a_subscription(subscription, "Subscription")
 
     def _remove_subscription(self, subscription: Subscription) -> None:
         def remove() -> None:
@@ -828,59 +1217,118 @@ class EndpointManager:
         queue is full). Delivered to each peer exactly once and in order, unless ``expiry``
         seconds pass first.
 
+        Args:
+            payload: ``bytes``, ``bytearray`` or ``memoryview`` (copied).
+            to: endpoint ids (``peer.endpoint_id``), a list or other iterable; None: every peer.
+            expiry: seconds, more than 0 and at most ``MAX_EXPIRY_S`` (one day).
+            timeout: seconds (>= 0) to wait for room in the send queue.
+
         Raises:
+            UsageTypeError: an argument of the wrong type (a ``TypeError``; ``argument`` names it).
+            UsageValueError: a bad value (a ``ValueError``): payload over
+                ``GLUE_MAX_MESSAGE_BYTES``, expiry not in (0, one day], an id out of range...
+            UsageError: the endpoint is not running.
             BackpressureError: peers acknowledge too slowly and the queue stayed full ``timeout`` s.
-            UsageError: the payload exceeds ``GLUE_MAX_MESSAGE_BYTES`` or the endpoint is stopped.
         """
+        if not (
+            type(payload) is bytes
+            and type(expiry) is float
+            and 0.0 < expiry <= MAX_EXPIRY_S
+            and type(timeout) is float
+            and 0.0 <= timeout <= MAX_TIMEOUT_S
+            and len(payload) <= self._max_message_bytes
+        ):
+            payload, expiry, timeout, _ = _checked_message(
+                payload, expiry, timeout, None, self._max_message_bytes, json_hint=False
+            )
+        if to is not None and not _one_id(to):
+            to = _check_targets(to)
         if self._loop is None or self._stopped:
             raise UsageError("the endpoint is not running (call start() or use `with`)")
         self._endpoint.send_threadsafe(payload, to=to, expiry_s=expiry, timeout=timeout)
 
     def on_message(self, callback: Callable[[MessageReceived], object]) -> Callable[[], None]:
-        """Call ``callback(message)`` on the delivery thread for each message; returns a remover."""
+        """Call ``callback(message)`` on the delivery thread for each message; returns a remover.
+
+        Raises:
+            UsageTypeError: ``callback`` is not callable.
+        """
         return self._add_callback(MessageReceived, callback)
 
-    def messages(self, *, timeout: float | None = None) -> Iterator[MessageReceived]:
-        """Iterate over messages from now on; ends at stop, or after ``timeout`` s of quiet."""
-        return self._iterate(self._message_streams, timeout)
+    def messages(
+        self,
+        *,
+        timeout: float | None = None,
+        queue_size: int = EVENT_QUEUE_SIZE,
+        queue_bytes: int = EVENT_QUEUE_BYTES,
+    ) -> EventIterator[MessageReceived]:
+        """Iterate over messages from this call on; ends at stop, at ``close()`` (or the end of
+        ``with endpoint.messages() as stream:``), or after ``timeout`` s of quiet.
+
+        Nothing sent after the call is missed; an iterator closed or garbage-collected (dropped
+        without being iterated, say) receives nothing more. Up to ``queue_size`` messages and
+        ``queue_bytes`` bytes of payload wait; beyond, they are dropped, counted
+        (``events_dropped_slow_consumer``) and reported.
+
+        Raises:
+            UsageTypeError, UsageValueError: ``timeout`` is not None or a number >= 0, or a
+                bound not an int >= 1.
+        """
+        if timeout is not None:
+            timeout = check_timeout(timeout)
+        queue_size, queue_bytes = check_queue_bounds(queue_size, queue_bytes)
+        return EventIterator(
+            self._message_streams,
+            what=f"messages() of {self.name}",
+            timeout=timeout,
+            queue_size=queue_size,
+            queue_bytes=queue_bytes,
+            sizer=_payload_size,
+            ended=self._ended,
+        )
 
     # --- peer events ----------------------------------------------------------------------------
 
     def on_peer_added(self, callback: PeerCallback) -> Callable[[], None]:
-        """Call ``callback(peer)`` on the delivery thread when a peer appears; returns a remover."""
+        """Call ``callback(peer)`` on the delivery thread when a peer appears; returns a remover.
+
+        Raises:
+            UsageTypeError: ``callback`` is not callable.
+        """
         return self._add_callback(PeerAdded, callback)
 
     def on_peer_removed(self, callback: PeerCallback) -> Callable[[], None]:
-        """Call ``callback(peer)`` on the delivery thread when a peer goes; returns a remover."""
+        """Call ``callback(peer)`` on the delivery thread when a peer goes; returns a remover.
+
+        Raises:
+            UsageTypeError: ``callback`` is not callable.
+        """
         return self._add_callback(PeerRemoved, callback)
 
-    def peer_events(self, *, timeout: float | None = None) -> Iterator[PeerEvent]:
-        """Iterate over peer events from now on; ends at stop, or after ``timeout`` s of quiet."""
-        return self._iterate(self._peer_streams, timeout)
+    def peer_events(self, *, timeout: float | None = None) -> EventIterator[PeerEvent]:
+        """Iterate over peer events from this call on; ends at stop, at ``close()``, or after
+        ``timeout`` s of quiet (see :meth:`messages`).
 
-    def _iterate(
-        self, streams: set[queue.SimpleQueue[T | None]], timeout: float | None
-    ) -> Iterator[T]:
-        # Registered now, not at the first next(): events right after the call are not missed.
-        stream: queue.SimpleQueue[T | None] = queue.SimpleQueue()
-        streams.add(stream)
+        Raises:
+            UsageTypeError, UsageValueError: ``timeout`` is not None or a number >= 0.
+        """
+        if timeout is not None:
+            timeout = check_timeout(timeout)
+        return EventIterator(
+            self._peer_streams,
+            what=f"peer_events() of {self.name}",
+            timeout=timeout,
+            queue_size=EVENT_QUEUE_SIZE,
+            queue_bytes=EVENT_QUEUE_BYTES,
+            sizer=None,
+            ended=self._ended,
+        )
 
-        def items() -> Iterator[T]:
-            try:
-                while True:
-                    try:
-                        item = stream.get(timeout=timeout)
-                    except queue.Empty:
-                        return
-                    if item is None:
-                        return
-                    yield item
-            finally:
-                streams.discard(stream)
-
-        return items()
+    def _ended(self) -> bool:
+        return self._stopped
 
     def _add_callback(self, kind: type[StackEvent], callback: _Callback) -> Callable[[], None]:
+        _check_callback(callback)
         entry = (kind, callback)
         with self._lock:
             self._callbacks.append(entry)
@@ -897,9 +1345,13 @@ class EndpointManager:
         with self._lock:
             callbacks = list(self._callbacks)
         message_callbacks = tuple(cb for kind, cb in callbacks if kind is MessageReceived)
+        # Copies: an iterator garbage-collected meanwhile leaves the set.
+        message_streams = tuple(self._message_streams)
+        peer_streams = tuple(self._peer_streams)
         batch: list[tuple[tuple[_Callback, ...], Sequence[object]]] = []
         messages: list[MessageReceived] = []
         dropped = 0
+        size = 0  # payload bytes of the messages going to callbacks
         # Each subscription's messages of the burst go to it in one call (one lock, one wake-up).
         per_subscription: dict[int, list[Message]] = {}
         for event in events:
@@ -910,49 +1362,75 @@ class EndpointManager:
                 continue
             if isinstance(event, MessageReceived):
                 messages.append(event)
-                for message_stream in list(self._message_streams):
-                    if not _put_thread_bounded(message_stream, event):
+                for message_stream in message_streams:
+                    if not message_stream.offer(event):
                         dropped += 1
                 continue
             if messages:  # keep the order of messages and peer events
+                if message_callbacks:
+                    size += sum([len(m.payload) for m in messages])
                 batch.append((message_callbacks, messages))
                 messages = []
             peer_callbacks = tuple(cb for kind, cb in callbacks if isinstance(event, kind))
             batch.append((peer_callbacks, [event.peer]))
-            for stream in list(self._peer_streams):
-                if not _put_thread_bounded(stream, event):
+            for stream in peer_streams:
+                if not stream.offer(event):
                     dropped += 1
         if messages:
+            if message_callbacks:
+                size += sum([len(m.payload) for m in messages])
             batch.append((message_callbacks, messages))
         _hand_over(per_subscription, self._subscriptions, self._endpoint)
         batch = [(cbs, items) for cbs, items in batch if cbs]
         if batch:
-            size = sum(len(items) for _, items in batch)
+            count = sum(len(items) for _, items in batch)
             with self._lock:
-                if self._pending + size > EVENT_QUEUE_SIZE:
-                    dropped += size
-                    batch = []
-                else:
-                    self._pending += size
-            if batch:
+                # (one burst may pass an empty queue whatever its size, as one message may)
+                full = self._pending and (
+                    self._pending + count > EVENT_QUEUE_SIZE
+                    or self._pending_bytes + size > EVENT_QUEUE_BYTES
+                )
+                if not full:
+                    self._pending += count
+                    self._pending_bytes += size
+            if full:
+                self._callback_drops += count
+                dropped += count
+                if crossed_power_of_ten(self._callback_drops - count, self._callback_drops):
+                    logger.warning(
+                        "callbacks of %s are not keeping up: %d events dropped (queue of %d "
+                        "events or %d bytes full)",
+                        self.name,
+                        self._callback_drops,
+                        EVENT_QUEUE_SIZE,
+                        EVENT_QUEUE_BYTES,
+                    )
+            else:
                 self._deliveries.put(batch)
         if dropped:
             self._endpoint.counters["events_dropped_slow_consumer"] += dropped
-            logger.warning("callbacks or iterators are not keeping up; dropped %d events", dropped)
 
     def _deliver(self) -> None:
         while (batch := self._deliveries.get()) is not None:
-            size = 0
+            count = size = 0
             for callbacks, items in batch:
-                size += len(items)
+                count += len(items)
                 for item in items:
+                    if isinstance(item, MessageReceived):
+                        size += len(item.payload)
                     for callback in callbacks:
+                        if self._abandoned:  # stop() gave up on us: start nothing more
+                            return
+                        self._delivering = callback
                         try:
                             callback(item)
                         except Exception:
                             logger.exception("callback %r failed", callback)
+                        finally:
+                            self._delivering = None
             with self._lock:
-                self._pending -= size
+                self._pending -= count
+                self._pending_bytes -= size
 
     def _call(self, coroutine: Coroutine[Any, Any, T], *, timeout: float | None = None) -> T:
         loop = self._loop
@@ -963,12 +1441,37 @@ class EndpointManager:
         return future.result(timeout)
 
 
+def _stop_loop(
+    manager: AsyncEndpointManager,
+    loop: asyncio.AbstractEventLoop,
+    thread: threading.Thread,
+    remaining: Callable[[], float],
+) -> tuple[StopReport, list[str]]:
+    """Stop ``manager`` on ``loop``, then the loop and its ``thread``, within ``remaining()``."""
+    report = StopReport()
+    running: list[str] = []
+    stopping = asyncio.run_coroutine_threadsafe(manager._stop(remaining()), loop)
+    try:
+        report = stopping.result(remaining() + _STOP_GRACE_S)
+    except TimeoutError:
+        running.append(f"the network thread {thread.name} (stopping the endpoint)")
+    except Exception as exc:  # a bug: reported, and the rest of the stop goes on
+        logger.exception("stopping endpoint %s failed", manager.name)
+        report = StopReport(errors=(exc,))
+    # DNS lookups ran on the loop's default executor: join its threads too.
+    drained = asyncio.run_coroutine_threadsafe(loop.shutdown_default_executor(), loop)
+    try:
+        drained.result(remaining() + _STOP_GRACE_S)
+    except TimeoutError:
+        running.append(f"an address lookup of {manager.name}")
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(remaining() + _STOP_GRACE_S)
+    if thread.is_alive():
+        running.append(f"the network thread {thread.name}")
+    else:
+        loop.close()
+    return report, running
+
+
 async def _as_coroutine(function: Callable[[], T]) -> T:
     return function()
-
-
-def _put_thread_bounded(stream: queue.SimpleQueue[Any], item: object) -> bool:
-    if stream.qsize() >= EVENT_QUEUE_SIZE:
-        return False
-    stream.put(item)
-    return True

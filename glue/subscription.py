@@ -1,9 +1,12 @@
-"""Subscriptions: what ``subscribe`` returns, and how messages reach user code.
+"""Subscriptions: what ``subscribe`` returns, and how messages and events reach user code.
 
 The network loop never runs user code. It puts each message in the subscription's own bounded
 queue and moves on; when a queue is full the message is dropped for that subscription only,
 counted (``Subscription.dropped`` and the endpoint counter ``subscription_messages_dropped``) and
 reported with a warning, so a slow subscriber never stalls acks, discovery or other subscribers.
+Every queue here is bounded twice: in messages (``queue_size``, default 100,000) and in payload
+bytes (``queue_bytes``, default 64 MiB; one message larger than that still passes an empty
+queue), so a slow subscriber of large messages holds at most tens of MiB, not gigabytes.
 
 - Blocking API (:class:`Subscription`): with a callback, the subscription is run by a small pool
   of callback threads (``GLUE_CALLBACK_THREADS``), one batch at a time, so its callbacks run one
@@ -14,6 +17,13 @@ reported with a warning, so a slow subscriber never stalls acks, discovery or ot
 
 ``close()`` (or the manager's ``unsubscribe``) stops deliveries: no callback starts after it
 returns, and a callback running on another thread is waited for.
+
+The managers' ``messages()`` and ``peer_events()`` return an :class:`EventIterator` (blocking) or
+:class:`AsyncEventIterator`: it receives from the call on (nothing between the call and the first
+``next`` is missed) and stops receiving when it is closed, exhausted or garbage-collected (the
+registry holds its queue, never the iterator, so one dropped without being iterated is gone at
+once), and is bounded in events and bytes. :class:`CallbackRunner` runs each callback given to
+``AsyncEndpointManager.on_message``/``on_peer_*`` on one task, in order, from a bounded queue.
 """
 
 from __future__ import annotations
@@ -24,44 +34,98 @@ import inspect
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Generic, Self, TypeVar
 
+from glue.errors import UsageError, check_int, check_timeout
 from glue.events import Message
 
 __all__ = [
+    "DEFAULT_QUEUE_BYTES",
     "DEFAULT_QUEUE_SIZE",
+    "AsyncEventIterator",
+    "AsyncEventQueue",
     "AsyncMessageCallback",
     "AsyncSubscription",
     "CallbackPool",
+    "CallbackRunner",
+    "EventIterator",
+    "EventQueue",
     "MessageCallback",
     "Subscription",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Messages that may wait in one subscription's queue by default.
+#: Messages that may wait in one subscription's (or event iterator's) queue by default.
 DEFAULT_QUEUE_SIZE: Final = 100_000
+#: Payload bytes that may wait in one subscription's (or event iterator's) queue by default.
+DEFAULT_QUEUE_BYTES: Final = 64 * 1024 * 1024
 _BATCH: Final = 256
 
+T = TypeVar("T")
 MessageCallback = Callable[[Message], object]
 AsyncMessageCallback = Callable[[Message], object | Awaitable[object]]
+#: The size an event counts for against a byte bound (its payload's length).
+Sizer = Callable[[Any], int]
+
+
+def check_queue_bounds(queue_size: object, queue_bytes: object) -> tuple[int, int]:
+    """``queue_size`` and ``queue_bytes`` if both are ints >= 1.
+
+    Raises:
+        UsageTypeError, UsageValueError: either is not (the message names which).
+    """
+    return check_int(queue_size, "queue_size", minimum=1), check_int(
+        queue_bytes, "queue_bytes", minimum=1
+    )
 
 
 def _report_drop(subscription: Subscription | AsyncSubscription, count: int) -> None:
     before = subscription.dropped
     subscription.dropped += count
-    # Warn when the count first reaches 1, 10, 100...: visible, without flooding the log.
-    if len(str(subscription.dropped)) > len(str(before)) or before == 0:
+    if crossed_power_of_ten(before, subscription.dropped):
         logger.warning(
-            "subscription %r (%s) is not keeping up: %d messages dropped (queue of %d full)",
+            "subscription %r (%s) is not keeping up: %d messages dropped (queue of %d messages "
+            "or %d bytes full)",
             subscription.topic_name,
             subscription.topic_type,
             subscription.dropped,
             subscription.queue_size,
+            subscription.queue_bytes,
         )
+
+
+def crossed_power_of_ten(before: int, after: int) -> bool:
+    """Warn when a drop count first reaches 1, 10, 100...: visible, without flooding the log."""
+    return before == 0 or len(str(after)) > len(str(before))
+
+
+def _warn_dropped(what: str, dropped: int, queue_size: int, queue_bytes: int) -> None:
+    logger.warning(
+        "%s is not keeping up: %d events dropped (queue of %d events or %d bytes full)",
+        what,
+        dropped,
+        queue_size,
+        queue_bytes,
+    )
+
+
+def _fitting(messages: list[Message], room: int, room_bytes: int, empty: bool) -> int:
+    """How many of ``messages``, from the first, fit in ``room`` items and ``room_bytes`` bytes;
+    into an ``empty`` queue the first always fits (one message may exceed the byte bound)."""
+    count = 0
+    for message in messages:
+        if count >= room:
+            break
+        room_bytes -= len(message.payload)
+        if room_bytes < 0 and not (empty and count == 0):
+            break
+        count += 1
+    return count
 
 
 class CallbackPool:
@@ -76,6 +140,7 @@ class CallbackPool:
         self._queued = 0  # subscriptions put in ``_ready`` and not yet taken
         self._lock = threading.Lock()
         self._idents: set[int] = set()
+        self._current: dict[threading.Thread, Subscription] = {}  # what each thread runs now
 
     def schedule(self, subscription: Subscription) -> None:
         """Run ``subscription``'s waiting callbacks on a pool thread (starting one if needed)."""
@@ -101,19 +166,32 @@ class CallbackPool:
         """Whether the caller is one of the pool's threads (inside a callback)."""
         return threading.get_ident() in self._idents
 
-    def stop(self) -> None:
-        """Let every thread finish its batch, then join them (not from a pool thread)."""
+    def stop(self, timeout: float | None = None) -> list[str]:
+        """Let every thread finish the callback it is in, then join them, waiting ``timeout`` s
+        at most in all (not from a pool thread). Returns what still runs after that."""
         with self._lock:
             threads = list(self._threads)
         for _ in threads:
             self._ready.put(None)
         current = threading.current_thread()
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in threads:
             if thread is not current:
-                thread.join()
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        still = []
+        for thread in threads:
+            subscription = self._current.get(thread)
+            if thread is not current and thread.is_alive() and subscription is not None:
+                still.append(
+                    f"callback {subscription.callback!r} of subscription "
+                    f"{subscription.topic_name!r} ({subscription.topic_type}) on thread "
+                    f"{thread.name}"
+                )
+        return still
 
     def _work(self) -> None:
         self._idents.add(threading.get_ident())
+        me = threading.current_thread()
         while True:
             with self._lock:
                 self._idle += 1
@@ -124,7 +202,10 @@ class CallbackPool:
                     self._queued -= 1
             if subscription is None:
                 return
-            if subscription._run_batch():
+            self._current[me] = subscription
+            more = subscription._run_batch()
+            del self._current[me]
+            if more:
                 self._enqueue(subscription)  # more waiting: go round, others get a turn
 
 
@@ -144,21 +225,25 @@ class Subscription:
         queue_size: int,
         pool: CallbackPool,
         unsubscribe: Callable[[Subscription], None],
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
     ) -> None:
         self.topic_name = topic_name
         self.topic_type = topic_type
         self.callback = callback
         self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
         #: Messages dropped because this subscription's queue was full.
         self.dropped = 0
         self.id = 0  # set when the endpoint has registered it
         self._pool = pool
         self._unsubscribe = unsubscribe
         self._items: deque[Message] = deque()
+        self._bytes = 0  # payload bytes in ``_items``
         # Messages a pool thread took for its batch and has not yet started to call back for:
-        # still waiting, so they count against queue_size (a stuck callback holds at most
-        # queue_size + the one it is in).
+        # still waiting, so they count against queue_size and queue_bytes (a stuck callback
+        # holds at most the bounds + the one it is in).
         self._taken = 0
+        self._taken_bytes = 0
         # A plain lock for the hot path (its ``with`` is a C call) and a Condition on it for
         # iterators that wait.
         self._mutex = threading.Lock()
@@ -191,6 +276,7 @@ class Subscription:
                 return False
             self._closed = True
             self._items.clear()
+            self._bytes = 0
             self._lock.notify_all()
         return True
 
@@ -210,10 +296,10 @@ class Subscription:
 
         Raises:
             UsageError: the subscription has a callback (its messages go there).
+            UsageTypeError, UsageValueError: ``timeout`` is not None or a number >= 0.
         """
+        timeout = _check_timeout(timeout)
         if self.callback is not None:
-            from glue.errors import UsageError
-
             raise UsageError("this subscription delivers to its callback; it cannot be iterated")
         return self._messages(timeout)
 
@@ -227,6 +313,7 @@ class Subscription:
                     return
                 batch = list(items)
                 items.clear()
+                self._bytes = 0
             yield from batch
 
     def get(self, timeout: float | None = None) -> Message:
@@ -235,13 +322,20 @@ class Subscription:
         Raises:
             TimeoutError: none within ``timeout`` seconds.
             EOFError: the subscription is closed.
+            UsageError: the subscription has a callback (its messages go there).
+            UsageTypeError, UsageValueError: ``timeout`` is not None or a number >= 0.
         """
+        timeout = _check_timeout(timeout)
+        if self.callback is not None:
+            raise UsageError("this subscription delivers to its callback; use no get()")
         with self._lock:
             if not self._lock.wait_for(lambda: self._items or self._closed, timeout):
                 raise TimeoutError(f"no message on {self.topic_name!r} within {timeout} s")
             if self._closed:
                 raise EOFError(f"subscription to {self.topic_name!r} is closed")
-            return self._items.popleft()
+            message = self._items.popleft()
+            self._bytes -= len(message.payload)
+            return message
 
     # --- called by the manager ------------------------------------------------------------------
 
@@ -249,15 +343,21 @@ class Subscription:
         """On the network thread: queue ``messages``; returns how many were dropped (full)."""
         schedule = False
         lost = 0
+        size = sum([len(m.payload) for m in messages])
         with self._mutex:
             if self._closed:
                 return 0
             items = self._items
             room = self.queue_size - len(items) - self._taken
-            if room < len(messages):
-                lost = len(messages) - max(room, 0)
-                messages = messages[: max(room, 0)]
+            room_bytes = self.queue_bytes - self._bytes - self._taken_bytes
+            if room < len(messages) or room_bytes < size:
+                empty = not items and not self._taken
+                kept = _fitting(messages, room, room_bytes, empty)
+                lost = len(messages) - kept
+                messages = messages[:kept]
+                size = sum([len(m.payload) for m in messages])
             items.extend(messages)
+            self._bytes += size
             if self.callback is None:
                 self._lock.notify()
             elif not self._scheduled and items:
@@ -278,19 +378,26 @@ class Subscription:
                 if len(items) <= _BATCH:
                     batch = list(items)
                     items.clear()
+                    size = self._bytes
                 else:
                     batch = [items.popleft() for _ in range(_BATCH)]
+                    size = sum([len(m.payload) for m in batch])
+                self._bytes -= size
                 self._taken = len(batch)
+                self._taken_bytes = size
             for message in batch:
                 if self._closed:
                     break
-                self._taken -= 1  # (one writer, this thread; a reader may see it one late)
+                # (one writer, this thread; a reader may see them one message late)
+                self._taken -= 1
+                self._taken_bytes -= len(message.payload)
                 try:
                     callback(message)
                 except Exception:
                     logger.exception("callback of subscription %r failed", self.topic_name)
             with self._mutex:
                 self._taken = 0
+                self._taken_bytes = 0
                 if self._items and not self._closed:
                     return True
                 self._scheduled = False
@@ -312,16 +419,19 @@ class AsyncSubscription:
         *,
         queue_size: int,
         unsubscribe: Callable[[AsyncSubscription], None],
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
     ) -> None:
         self.topic_name = topic_name
         self.topic_type = topic_type
         self.callback = callback
         self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
         #: Messages dropped because this subscription's queue was full.
         self.dropped = 0
         self.id = 0
         self._unsubscribe = unsubscribe
         self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._bytes = 0  # payload bytes waiting in ``_queue``
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         if callback is not None:
@@ -345,6 +455,7 @@ class AsyncSubscription:
         self._closed = True
         while not self._queue.empty():
             self._queue.get_nowait()
+        self._bytes = 0
         self._queue.put_nowait(None)
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
@@ -368,13 +479,11 @@ class AsyncSubscription:
 
     def __aiter__(self) -> AsyncIterator[Message]:
         if self.callback is not None:
-            from glue.errors import UsageError
-
             raise UsageError("this subscription delivers to its callback; it cannot be iterated")
         return self._messages()
 
     async def _messages(self) -> AsyncIterator[Message]:
-        while (message := await self._queue.get()) is not None:
+        while (message := await self._take()) is not None:
             yield message
 
     async def get(self) -> Message:
@@ -382,11 +491,20 @@ class AsyncSubscription:
 
         Raises:
             EOFError: the subscription is closed.
+            UsageError: the subscription has a callback (its messages go there).
         """
-        message = await self._queue.get()
+        if self.callback is not None:
+            raise UsageError("this subscription delivers to its callback; use no get()")
+        message = await self._take()
         if message is None:
             self._queue.put_nowait(None)
             raise EOFError(f"subscription to {self.topic_name!r} is closed")
+        return message
+
+    async def _take(self) -> Message | None:
+        message = await self._queue.get()
+        if message is not None:
+            self._bytes -= len(message.payload)
         return message
 
     # --- called by the manager ------------------------------------------------------------------
@@ -394,18 +512,26 @@ class AsyncSubscription:
     def _put_many(self, messages: list[Message]) -> int:
         if self._closed:
             return 0
+        size = sum([len(m.payload) for m in messages])
+        waiting = self._queue.qsize()
+        room = self.queue_size - waiting
+        room_bytes = self.queue_bytes - self._bytes
+        lost = 0
+        if room < len(messages) or room_bytes < size:
+            kept = _fitting(messages, room, room_bytes, waiting == 0)
+            lost = len(messages) - kept
+            messages = messages[:kept]
+            size = sum([len(m.payload) for m in messages])
         put = self._queue.put_nowait
-        room = self.queue_size - self._queue.qsize()
-        lost = max(0, len(messages) - max(room, 0))
-        for message in messages[: max(room, 0)]:
+        for message in messages:
             put(message)
+        self._bytes += size
         if lost:
             _report_drop(self, lost)
         return lost
 
     async def _call_back(self, callback: AsyncMessageCallback) -> None:
-        queue_ = self._queue
-        while (message := await queue_.get()) is not None:
+        while (message := await self._take()) is not None:
             try:
                 result = callback(message)
                 if inspect.isawaitable(result):
@@ -415,7 +541,408 @@ class AsyncSubscription:
             except Exception:
                 logger.exception("callback of subscription %r failed", self.topic_name)
 
-    async def _wait_closed(self) -> None:
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    async def _wait_closed(self, timeout: float | None = None) -> str | None:  # noqa: ASYNC109
+        """Wait up to ``timeout`` s for the callback task to end; what still runs, if any."""
+        task = self._task
+        if task is None or task.done():
+            return None
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        if task.done():
+            return None
+        return (
+            f"callback {self.callback!r} of subscription {self.topic_name!r} "
+            f"({self.topic_type}) on task {task.get_name()}"
+        )
+
+
+# --- event iterators and callback runners of the managers ---------------------------------------
+
+
+class EventQueue(Generic[T]):
+    """The queue between the network thread and one :class:`EventIterator`.
+
+    Bounded in events and, with a ``sizer``, in bytes; what does not fit is dropped, counted in
+    ``dropped`` and warned about when the count reaches 1, 10, 100... Byte counts are two
+    counters with one writer each (the network thread adds, the reader subtracts), so neither
+    side takes a lock.
+    """
+
+    __slots__ = (
+        "_added_bytes",
+        "_items",
+        "_queue_bytes",
+        "_queue_size",
+        "_sizer",
+        "_taken_bytes",
+        "dropped",
+        "what",
+    )
+
+    def __init__(self, what: str, queue_size: int, queue_bytes: int, sizer: Sizer | None) -> None:
+        self.what = what
+        self.dropped = 0
+        self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
+        self._sizer = sizer
+        # SimpleQueue: put and get are C calls (queue.Queue runs a Condition in Python), which
+        # is most of the hand-off to a thread waiting in ``messages()``.
+        self._items: queue.SimpleQueue[T | None] = queue.SimpleQueue()
+        self._added_bytes = 0
+        self._taken_bytes = 0
+
+    def offer(self, item: T) -> bool:
+        """On the network thread: queue ``item`` if it fits; False (dropped, counted) if not."""
+        sizer = self._sizer
+        size = 0 if sizer is None else sizer(item)
+        waiting = self._items.qsize()
+        if waiting >= self._queue_size or (
+            waiting and self._added_bytes - self._taken_bytes + size > self._queue_bytes
+        ):
+            self.dropped += 1
+            if crossed_power_of_ten(self.dropped - 1, self.dropped):
+                _warn_dropped(self.what, self.dropped, self._queue_size, self._queue_bytes)
+            return False
+        self._added_bytes += size
+        self._items.put(item)
+        return True
+
+    def end(self) -> None:
+        """Wake the reader and end its iteration (the endpoint stopped); never dropped."""
+        self._items.put(None)
+
+    def get(self, timeout: float | None) -> T | None:
+        """The next event; None at the end or after ``timeout`` s without one."""
+        try:
+            item = self._items.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if item is not None and self._sizer is not None:
+            self._taken_bytes += self._sizer(item)
+        return item
+
+
+class EventIterator(Generic[T]):
+    """What ``EndpointManager.messages()`` and ``peer_events()`` return.
+
+    It receives from the call on, so nothing that happens between the call and the first
+    ``next`` is missed, until it is closed (``close()``, or ``with ... as stream:`` ends), ends
+    (the endpoint stopped, or ``timeout`` s passed without an event), or is garbage-collected:
+    an iterator dropped without being iterated stops receiving at once. One kept and never
+    iterated holds at most its bounds (events and bytes) and warns at the 1st, 10th, 100th...
+    drop.
+    """
+
+    def __init__(
+        self,
+        streams: set[EventQueue[T]],
+        *,
+        what: str,
+        timeout: float | None,
+        queue_size: int,
+        queue_bytes: int,
+        sizer: Sizer | None,
+        ended: Callable[[], bool],
+    ) -> None:
+        # The registry holds the queue, never this iterator: dropping it unregisters (__del__).
+        self._streams = streams
+        self._timeout = timeout
+        self._queue: EventQueue[T] = EventQueue(what, queue_size, queue_bytes, sizer)
+        self._open = True
+        streams.add(self._queue)
+        # After registering: a stop that ran before the add could not end this queue.
+        if ended():
+            self.close()
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped because this iterator's queue was full."""
+        return self._queue.dropped
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> T:
+        if not self._open:
+            raise StopIteration
+        item = self._queue.get(self._timeout)
+        if item is None:
+            self.close()
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop receiving; iteration ends. Idempotent."""
+        self._open = False
+        self._streams.discard(self._queue)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._streams.discard(self._queue)
+
+
+class AsyncEventQueue(Generic[T]):
+    """The queue between the network loop and one :class:`AsyncEventIterator` (same loop),
+    bounded like :class:`EventQueue`."""
+
+    __slots__ = (
+        "_bytes",
+        "_items",
+        "_queue_bytes",
+        "_queue_size",
+        "_sizer",
+        "_waiter",
+        "dropped",
+        "what",
+    )
+
+    def __init__(self, what: str, queue_size: int, queue_bytes: int, sizer: Sizer | None) -> None:
+        self.what = what
+        self.dropped = 0
+        self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
+        self._sizer = sizer
+        self._items: deque[T | None] = deque()
+        self._bytes = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    def offer(self, item: T) -> bool:
+        """On the loop: queue ``item`` if it fits; False (dropped, counted, warned) if not."""
+        size = 0 if self._sizer is None else self._sizer(item)
+        items = self._items
+        if len(items) >= self._queue_size or (items and self._bytes + size > self._queue_bytes):
+            self.dropped += 1
+            if crossed_power_of_ten(self.dropped - 1, self.dropped):
+                _warn_dropped(self.what, self.dropped, self._queue_size, self._queue_bytes)
+            return False
+        self._bytes += size
+        items.append(item)
+        self.wake()
+        return True
+
+    def end(self) -> None:
+        """The endpoint stopped: iteration ends after what is queued."""
+        self._items.append(None)
+        self.wake()
+
+    async def get(self) -> T | None:
+        """The next event, waiting for one; None at the end."""
+        items = self._items
+        while not items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = items.popleft()
+        if item is not None and self._sizer is not None:
+            self._bytes -= self._sizer(item)
+        return item
+
+    def wake(self) -> None:
+        """Let a waiting :meth:`get` look again."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        """Forget what waits, and end a waiting :meth:`get`."""
+        self._items.clear()
+        self._bytes = 0
+        self.end()
+
+
+class AsyncEventIterator(Generic[T]):
+    """What ``AsyncEndpointManager.messages()`` and ``peer_events()`` return: ``async for``.
+
+    Receives from the call on until closed (``close()``/``aclose()``, or a ``with``/``async
+    with`` block ends), the endpoint stops, or it is garbage-collected; bounded in events and
+    bytes like :class:`EventIterator`.
+    """
+
+    def __init__(
+        self,
+        streams: set[AsyncEventQueue[T]],
+        *,
+        what: str,
+        queue_size: int,
+        queue_bytes: int,
+        sizer: Sizer | None,
+        ended: Callable[[], bool],
+    ) -> None:
+        self._streams = streams
+        self._queue: AsyncEventQueue[T] = AsyncEventQueue(what, queue_size, queue_bytes, sizer)
+        self._open = True
+        streams.add(self._queue)
+        if ended():
+            self.close()
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped because this iterator's queue was full."""
+        return self._queue.dropped
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> T:
+        if not self._open:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is None:
+            self.close()
+            raise StopAsyncIteration
+        return item
+
+    def close(self) -> None:
+        """Stop receiving; iteration ends (a waiting ``__anext__`` too). Idempotent."""
+        if self._open:
+            self._open = False
+            self._queue.clear()
+        self._streams.discard(self._queue)
+
+    async def aclose(self) -> None:
+        """:meth:`close`, as async generators have it (``contextlib.aclosing``)."""
+        self.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._streams.discard(self._queue)
+
+
+class CallbackRunner:
+    """Runs one callback of :class:`~glue.manager.AsyncEndpointManager` (``on_message``,
+    ``on_peer_added``, ``on_peer_removed``) for each event, in order, one call at a time.
+
+    Events wait in one queue bounded in events and bytes (dropped beyond, counted, warned
+    about); one task, started with the first event, calls the callback and awaits what an
+    ``async`` callback returns before the next event.
+    """
+
+    def __init__(
+        self,
+        callback: Callable[[Any], object],
+        *,
+        what: str,
+        queue_size: int,
+        queue_bytes: int,
+        sizer: Sizer | None,
+    ) -> None:
+        self.callback = callback
+        self.what = what
+        #: Events dropped because the queue was full.
+        self.dropped = 0
+        self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
+        self._sizer = sizer
+        self._items: deque[object] = deque()
+        self._bytes = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def offer(self, item: object) -> bool:
+        """On the loop: queue ``item`` for the callback; False (dropped, counted) if full."""
+        if self._closed:
+            return True
+        size = 0 if self._sizer is None else self._sizer(item)
+        items = self._items
+        if len(items) >= self._queue_size or (items and self._bytes + size > self._queue_bytes):
+            self.dropped += 1
+            if crossed_power_of_ten(self.dropped - 1, self.dropped):
+                _warn_dropped(self.what, self.dropped, self._queue_size, self._queue_bytes)
+            return False
+        self._bytes += size
+        items.append(item)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=self.what)
+        else:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        return True
+
+    def close(self) -> None:
+        """No call starts after this; a call running now may finish. Idempotent."""
+        self._closed = True
+        self._items.clear()
+        self._bytes = 0
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def stop(self, timeout: float | None) -> str | None:  # noqa: ASYNC109
+        """Close, cancel a running ``async`` call, wait ``timeout`` s at most for it to end;
+        what still runs after that, if anything."""
+        self.close()
+        task = self._task
+        if task is None or task.done():
+            return None
+        name = task.get_name()
+        if not _is_current(task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+            if task.done():
+                return None
+        return f"{self.what} (callback {self.callback!r}) on task {name}"
+
+    async def _run(self) -> None:
+        items, callback, sizer = self._items, self.callback, self._sizer
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            if not items:
+                self._waiter = loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+                continue
+            # Plain callbacks run back to back; the loop gets a turn after a batch of them.
+            for _ in range(_BATCH):
+                if not items or self._closed:
+                    break
+                item = items.popleft()
+                if sizer is not None:
+                    self._bytes -= sizer(item)
+                try:
+                    result = callback(item)
+                    if inspect.isawaitable(result):
+                        await result
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    logger.exception("%s: callback %r failed", self.what, callback)
+            else:
+                await asyncio.sleep(0)
+
+
+def _is_current(task: asyncio.Task[Any]) -> bool:
+    return asyncio.current_task() is task
+
+
+def _check_timeout(timeout: object) -> float | None:
+    """``timeout`` if None (wait without limit) or a finite number of seconds >= 0."""
+    return None if timeout is None else check_timeout(timeout)
