@@ -31,8 +31,9 @@ from typing import Final, NoReturn, cast
 from glue import network, wire
 from glue.discovery import Address, DiscoveryConfig, Target
 from glue.errors import BackpressureError, DeliveryError, UsageError
-from glue.events import Peer, PeerRemoved, StackEvent
+from glue.events import Peer, StackEvent
 from glue.metrics import MetricsServer, MetricsSnapshot, PeerMetrics
+from glue.outbox import Outgoing
 from glue.security import SEAL_OVERHEAD, NetworkKeys, Opener, Rejected, Sealer
 from glue.settings import GlueSettings
 from glue.stack import Stack, StackConfig
@@ -90,29 +91,6 @@ _HANDOFF_SOFT_ITEMS: Final = 8192
 EventListener = Callable[[list[StackEvent]], None]
 
 
-class _Outgoing:
-    __slots__ = ("expires_at", "payload", "remaining", "size", "targets", "topic")
-
-    def __init__(
-        self,
-        payload: Outbound,
-        targets: Sequence[EndpointId] | None,
-        expires_at: float,
-        topic: tuple[str, str, int | None] | None = None,
-    ):
-        self.payload = payload
-        # As counted in the hand-off queue's bytes (outbound_size, inline: made per message).
-        if isinstance(payload, bytes):
-            self.size = len(payload)
-        else:
-            self.size = len(payload[0]) + len(payload[1])
-        self.targets = targets  # None: every peer known when it reaches the stack
-        self.remaining: list[EndpointId] | None = None  # the targets a full queue held back
-        self.expires_at = expires_at
-        # (name, type, history depth) of a publish not yet numbered by the topics layer
-        self.topic = topic
-
-
 class Endpoint:
     """One glue endpoint: sockets, the protocol stack and its timer, on the running loop."""
 
@@ -137,9 +115,11 @@ class Endpoint:
         self._warned: set[object] = set()
         self._state = "new"
         # The hand-off queue between senders and the loop (bounded in bytes).
-        self._handoff: deque[_Outgoing] = deque()
-        self._staged: deque[_Outgoing] = deque()  # taken by the loop, not yet in the stack
-        self._handoff_bytes = 0  # of both queues
+        self._handoff: deque[Outgoing] = deque()
+        self._staged: deque[Outgoing] = deque()  # taken by the loop, not yet in the stack
+        # Of both queues, and of the messages the stack's outbox holds for full peers (counted
+        # until every target has them: see glue.outbox).
+        self._handoff_bytes = 0
         # A plain lock taken on the hot paths (its ``with`` is a C call) and a Condition on the
         # same lock for senders that must wait for room.
         self._handoff_mutex = threading.Lock()
@@ -272,6 +252,7 @@ class Endpoint:
                 announce=announces,
             ),
             transport=TransportConfig(queue_bytes=settings.send_queue_bytes),
+            drop_slow_peer=settings.slow_peer == "drop",
             topics=TopicsConfig(
                 history_depth=settings.history_depth,
                 history_max_bytes=settings.history_max_bytes,
@@ -333,7 +314,8 @@ class Endpoint:
             self.metrics = None
         self._close_sockets()
         with self._handoff_mutex:
-            dropped = len(self._handoff) + len(self._staged)
+            held = self._stack.outbox.clear() if self._stack is not None else 0
+            dropped = len(self._handoff) + len(self._staged) + held
             self._handoff.clear()
             self._staged.clear()
             self._handoff_bytes = 0
@@ -371,7 +353,7 @@ class Endpoint:
 
     def try_send(
         self, payload: bytes, *, to: Sequence[int] | None, expiry_s: float
-    ) -> _Outgoing | None:
+    ) -> Outgoing | None:
         """:meth:`send` without waiting: ``None`` once queued, else the message, for
         :meth:`wait_to_queue` (the hand-off queue is full). No coroutine on the usual path.
 
@@ -389,7 +371,7 @@ class Endpoint:
         *,
         expiry_s: float,
         history_depth: int | None,
-    ) -> _Outgoing | None:
+    ) -> Outgoing | None:
         """:meth:`publish` without waiting (see :meth:`try_send`)."""
         item = self._publication(topic, topic_type, payload, expiry_s, history_depth)
         return None if self._queue_now(item) else item
@@ -455,7 +437,7 @@ class Endpoint:
         payload: bytes,
         expiry_s: float,
         history_depth: int | None,
-    ) -> _Outgoing:
+    ) -> Outgoing:
         if (topic, topic_type) not in self._valid_names:  # validated once per pair (bounded)
             validate_topic_name(topic)
             validate_topic_type(topic_type)
@@ -468,11 +450,11 @@ class Endpoint:
             self._refuse(payload, expiry_s)
         if type(payload) is not bytes:
             payload = bytes(payload)  # a caller's bytearray must not change under us
-        return _Outgoing(
+        return Outgoing(
             payload, (), time.monotonic() + expiry_s, (topic, topic_type, history_depth)
         )
 
-    def _queue_now(self, item: _Outgoing) -> bool:
+    def _queue_now(self, item: Outgoing) -> bool:
         """On the loop thread: queue ``item`` if the hand-off queue has room (False if not)."""
         if not self._handoff and not self._staged:
             stack = self._stack
@@ -489,7 +471,7 @@ class Endpoint:
                 return offered
         return self._offer(item)
 
-    async def wait_to_queue(self, item: _Outgoing, timeout: float) -> None:  # noqa: ASYNC109
+    async def wait_to_queue(self, item: Outgoing, timeout: float) -> None:  # noqa: ASYNC109
         """On the loop thread: wait up to ``timeout`` s for room for ``item``, then queue it.
 
         Raises:
@@ -522,7 +504,7 @@ class Endpoint:
                 return
         self._hand_off_threadsafe(item, timeout)
 
-    def _hand_off_threadsafe(self, item: _Outgoing, timeout: float) -> None:
+    def _hand_off_threadsafe(self, item: Outgoing, timeout: float) -> None:
         """The waiting path of a send from another thread (its caller tried once already)."""
         with self._handoff_mutex:
             deadline = time.monotonic() + timeout
@@ -536,7 +518,7 @@ class Endpoint:
                 finally:
                     self._sleepers -= 1
 
-    def _outgoing(self, payload: bytes, to: Sequence[int] | None, expiry_s: float) -> _Outgoing:
+    def _outgoing(self, payload: bytes, to: Sequence[int] | None, expiry_s: float) -> Outgoing:
         """A direct message (``send``), with its envelope."""
         if self._state != "running" or len(payload) > self._max_message_bytes or not expiry_s > 0:
             self._refuse(payload, expiry_s)
@@ -549,7 +531,7 @@ class Endpoint:
         message: Outbound = (
             DIRECT_ENVELOPE + payload if len(payload) <= APART_BYTES else (DIRECT_ENVELOPE, payload)
         )
-        return _Outgoing(message, targets, time.monotonic() + expiry_s)
+        return Outgoing(message, targets, time.monotonic() + expiry_s)
 
     def _refuse(self, payload: bytes, expiry_s: float) -> NoReturn:
         """Raise the error that makes a send or publish impossible (the checks' slow path)."""
@@ -562,13 +544,13 @@ class Endpoint:
             )
         raise UsageError(f"expiry must be a positive number of seconds, not {expiry_s!r}")
 
-    def _offer(self, item: _Outgoing, *, locked: bool = False) -> bool:
+    def _offer(self, item: Outgoing, *, locked: bool = False) -> bool:
         """Append ``item`` to the hand-off queue if it has room; wake the loop if it was empty."""
         if not locked:
             with self._handoff_mutex:
                 return self._offer(item, locked=True)
         size = item.size
-        waiting = self._handoff or self._staged
+        waiting = self._handoff or self._staged or self._holding()
         if waiting and self._handoff_bytes + size > self._send_queue_bytes:
             return False
         if len(self._handoff) >= _HANDOFF_SOFT_ITEMS:
@@ -591,16 +573,24 @@ class Endpoint:
     def _backpressure(self, timeout: float, size: int) -> BackpressureError:
         self.counters["backpressure_errors"] += 1
         stack = self._stack
-        full = (
-            ()
-            if stack is None
-            else tuple(p for p in stack.peer_ids() if not stack.can_send(p, size))
-        )
+        full: tuple[EndpointId, ...] = ()
+        if stack is not None:
+            full = stack.outbox.held_peers()
+            if not full:
+                full = tuple(p for p in stack.peer_ids() if not stack.can_send(p, size))
+        label = stack.outbox.label if stack is not None else str
+        names = ", ".join(label(peer) for peer in full) or "none"
         return BackpressureError(
-            f"no room to queue a message for {timeout} s: peers {list(full)} are not acknowledging "
-            "fast enough (GLUE_SEND_QUEUE_BYTES bounds what may wait)",
+            f"no room to queue a message for {timeout} s: peers not acknowledging fast enough: "
+            f"{names} (GLUE_SEND_QUEUE_BYTES bounds what may wait; GLUE_SLOW_PEER=drop drops a "
+            "slow peer's backlog instead)",
             peers=full,
         )
+
+    def _holding(self) -> bool:
+        """Whether the stack's outbox holds messages for a full peer (read from any thread)."""
+        stack = self._stack
+        return stack is not None and stack.outbox.holding
 
     def _drain_handoff(self) -> None:
         """On the loop: move queued messages into the stack, in order, as far as room allows.
@@ -626,29 +616,30 @@ class Endpoint:
         now = loop.time()
         freed = 0
         placed_all = False
-        everyone = stack.peer_ids()
+        everyone = stack.recipients()
         offer = stack.offer
+        place = stack.outbox.place  # what Stack.submit calls (one call less per message)
+        held = stack.outbox.held
         for _ in range(_MAX_DRAIN_PER_CALL):
             if not staged:
                 placed_all = True
                 break
-            item = staged[0]
+            item = staged.popleft()
             targets = item.targets
             if (
                 targets is not None
                 and len(targets) == 1
                 and item.topic is None
-                and item.remaining is None
+                and not held
                 and item.expires_at > now
+                and offer(targets[0], item.payload, item.expires_at, now)
             ):
-                # The usual direct message to one peer: _place, inline (Python pays per call).
-                if not offer(targets[0], item.payload, item.expires_at, now):
-                    item.remaining = [targets[0]]
-                    break  # its queue is full: SendSpaceFreed or its removal retries
-            elif not self._place(stack, item, now, everyone):
-                break  # a peer's queue is full: SendSpaceFreed or its removal retries
-            staged.popleft()
-            freed += item.size
+                # The usual direct message to one peer, placed: what submit does first, inline
+                # (Python pays per call). Otherwise submit holds it for the peers without room
+                # (they retry on acks or their removal) and the next messages go on to others.
+                freed += item.size
+            elif place(item, now, everyone):
+                freed += item.size
         else:
             placed_all = not staged
         with self._handoff_mutex:
@@ -658,49 +649,13 @@ class Endpoint:
                 # each wake-up costs a thread switch, and one that finds no room costs two.
                 if self._sleepers and self._handoff_bytes <= self._send_queue_bytes // 2:
                     self._handoff_lock.notify_all()
-            more = bool(self._handoff) or (bool(staged) and not placed_all and freed > 0)
+            more = bool(self._handoff) or (bool(staged) and not placed_all)
             if more and not self._drain_scheduled:
                 self._drain_scheduled = True
                 loop.call_soon(self._drain_handoff)
         if freed:
             self._space.set()
         self._service(now)
-
-    def _place(
-        self, stack: Stack, item: _Outgoing, now: float, everyone: Sequence[EndpointId]
-    ) -> bool:
-        """Queue ``item`` to every target with room; True when no target is left."""
-        if item.expires_at <= now:
-            self.counters["messages_expired_before_sending"] += 1
-            return True
-        targets: Sequence[EndpointId]
-        if item.topic is not None:
-            topic, topic_type, depth = item.topic
-            item.topic = None
-            item.payload, item.targets = stack.publish(
-                topic,
-                topic_type,
-                cast(bytes, item.payload),  # the caller's payload, not yet enveloped
-                expires_at=item.expires_at,
-                now=now,
-                history_depth=depth,
-            )
-        if item.remaining is not None:
-            targets = item.remaining
-        else:
-            targets = everyone if item.targets is None else item.targets
-        offer = stack.offer
-        payload, expires_at = item.payload, item.expires_at
-        held: list[EndpointId] | None = None
-        for peer in targets:
-            if not offer(peer, payload, expires_at, now):
-                if held is None:
-                    held = []
-                held.append(peer)
-        if held is None:
-            return True
-        item.remaining = held
-        return False
 
     # --- queries and listeners --------------------------------------------------------------------
 
@@ -1035,14 +990,15 @@ class Endpoint:
             return
         events: list[StackEvent]
         if control:  # rare: peers came or went, or acks made room
-            retry = any(isinstance(e, SendSpaceFreed | PeerRemoved) for e in pulled)
+            # Messages the outbox held for a full peer and placed since (room, or it was removed).
+            freed = stack.outbox.take_placed_bytes()
             events = [e for e in pulled if not isinstance(e, SendSpaceFreed)]
-            if retry:  # messages waiting for room, or for a departed peer, may go on
+            if freed:
                 with self._handoff_mutex:
-                    if (self._handoff or self._staged) and not self._drain_scheduled:
-                        self._drain_scheduled = True
-                        assert self._loop is not None
-                        self._loop.call_soon(self._drain_handoff)
+                    self._handoff_bytes -= freed
+                    if self._sleepers:
+                        self._handoff_lock.notify_all()
+                self._space.set()
         else:
             events = cast(list[StackEvent], pulled)
         if not events:

@@ -15,7 +15,7 @@ import math
 import os
 import secrets
 from pathlib import Path
-from typing import Annotated, Any, Final, NamedTuple
+from typing import Annotated, Any, Final, Literal, NamedTuple
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -72,6 +72,7 @@ EXPECTED: Final[dict[str, str]] = {
         "or an integer from 576 to 65507"
     ),
     "send_queue_bytes": "an integer from 65536 to 1099511627776 (bytes per peer)",
+    "slow_peer": "block or drop (what a full send queue to one peer does)",
     "history_depth": "an integer from 0 to 1000000 (messages kept per topic for late joiners)",
     "history_max_bytes": "an integer from 0 to 1099511627776 (bytes of history in total)",
     "callback_threads": "an integer from 1 to 256 (threads running subscription callbacks)",
@@ -122,6 +123,10 @@ class GlueSettings(BaseSettings):
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1024**3)
     max_datagram_bytes: int = Field(0, ge=0, le=65507)
     send_queue_bytes: int = Field(64 * 1024 * 1024, ge=65536, le=1024**4)
+    #: A peer whose send queue is full: "block" holds its messages (the others' go on) until the
+    #: hand-off queue is full too, then publish and send wait up to their timeout and raise
+    #: BackpressureError naming it; "drop" drops its unsent backlog instead (a gap for it).
+    slow_peer: Literal["block", "drop"] = "block"
     history_depth: int = Field(1, ge=0, le=1_000_000)
     history_max_bytes: int = Field(64 * 1024 * 1024, ge=0, le=1024**4)
     callback_threads: int = Field(4, ge=1, le=256)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from glue.discovery import Address, DiscoveryConfig
 from glue.events import Message, MessageReceived, PeerAdded, PeerRemoved, StackEvent, TopicDelivery
+from glue.outbox import Outgoing
 from glue.stack import Stack, StackConfig
 from glue.topics import direct_message
 from glue.transport import TransportConfig
@@ -70,11 +71,13 @@ class SimNode:
     def send(self, to: SimNode, payload: bytes, *, expiry: float) -> bool:
         """Queue ``payload`` to ``to`` (False if ``to`` is not a known peer)."""
         now = self.sim.now
-        sent = self.stack.send(
-            to.endpoint_id, direct_message(payload), expires_at=now + expiry, now=now
-        )
+        peer = to.endpoint_id
+        if peer not in self.stack.recipients():
+            return False
+        # Stack.submit, as the runtimes place every message (holding it if the queue is full).
+        self.stack.submit(Outgoing(direct_message(payload), (peer,), now + expiry), now)
         self.sim._touched[self] = None
-        return sent
+        return True
 
     def publish(
         self,
@@ -87,18 +90,10 @@ class SimNode:
     ) -> int:
         """Publish on ``topic`` to every interested peer; returns how many peers it went to."""
         now = self.sim.now
-        envelope, targets = self.stack.publish(
-            topic,
-            topic_type,
-            payload,
-            expires_at=now + expiry,
-            now=now,
-            history_depth=history_depth,
-        )
-        for peer in targets:
-            self.stack.send(peer, envelope, expires_at=now + expiry, now=now)
+        item = Outgoing(payload, None, now + expiry, (topic, topic_type, history_depth))
+        self.stack.submit(item, now)  # numbered by the topics layer, as the runtimes do
         self.sim._touched[self] = None
-        return len(targets)
+        return len(item.targets or ())
 
     def subscribe(self, pattern: str, topic_type: str) -> int:
         """Subscribe to ``pattern``; returns the subscription id."""
@@ -128,6 +123,7 @@ class Simulation:
         transport: TransportConfig | None = None,
         datagram_bytes: int = 1472,
         max_message_bytes: int = 4 * 1024 * 1024,
+        slow_peer: str = "block",
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -140,6 +136,7 @@ class Simulation:
         self._transport = transport or TransportConfig()
         self._datagram_bytes = datagram_bytes
         self._max_message_bytes = max_message_bytes
+        self._drop_slow_peer = slow_peer == "drop"  # GLUE_SLOW_PEER
         self._queue: list[tuple[float, int, SimNode, bytes, Address, bool]] = []
         self._order = 0
         self._by_address: dict[Address, SimNode] = {}
@@ -166,6 +163,7 @@ class Simulation:
             transport=self._transport,
             datagram_bytes=self._datagram_bytes,
             max_message_bytes=self._max_message_bytes,
+            drop_slow_peer=self._drop_slow_peer,
         )
         stack = Stack(config, rng=random.Random(self.rng.random()), now=self.now)
         stack.set_targets([(GROUP, False)])

@@ -23,7 +23,15 @@ from glue.discovery import Address, Discovery, DiscoveryConfig, Target
 from glue.errors import DecodeError, UsageError
 from glue.events import Peer, PeerAdded, PeerRemoved, StackEvent
 from glue.fragmentation import Reassembler, split_views
-from glue.topics import MAX_ENVELOPE_BYTES, Outbound, Topics, TopicsConfig, outbound_size
+from glue.outbox import Outbox, Outgoing
+from glue.topics import (
+    MAX_ENVELOPE_BYTES,
+    Outbound,
+    Topics,
+    TopicsConfig,
+    matches,
+    outbound_size,
+)
 from glue.transport import (
     FrameReceived,
     FramesSkipped,
@@ -38,6 +46,7 @@ __all__ = [
     "DISCOVERY_DATAGRAM_BYTES",
     "FRAME_OVERHEAD_BYTES",
     "LIVENESS_SIGNALS",
+    "PARKED_HOLD_S",
     "Stack",
     "StackConfig",
     "StackOutput",
@@ -68,6 +77,10 @@ _MIN_FIRST_FRAGMENT: Final = 64
 #: sends (and so hears acks) several times per timeout, so neither side takes the other for gone
 #: on the strength of a few lost announcements.
 LIVENESS_SIGNALS: Final = 4
+#: A peer taken for gone (silent, not said goodbye) keeps its streams at least this long, and
+#: publications matching its interest queue for it meanwhile (then as long as they live): a
+#: process frozen for a few seconds (SIGSTOP, a VM pause, a long GC) comes back to everything.
+PARKED_HOLD_S: Final = 30.0
 #: At most this many peers' undelivered messages are remembered for ``take_delivery_failures``.
 _MAX_FAILURES: Final = 1024
 
@@ -91,6 +104,9 @@ class StackConfig:
     path_datagram_bytes: Callable[[str], int | None] | None = None
     max_message_bytes: int = 16 * 1024 * 1024
     max_reassembly_bytes: int = 64 * 1024 * 1024
+    #: A peer whose send queue is full loses its backlog (``GLUE_SLOW_PEER=drop``) instead of
+    #: holding its messages (see :mod:`glue.outbox`).
+    drop_slow_peer: bool = False
 
 
 class _Route:
@@ -159,15 +175,22 @@ class Stack:
         # Per peer, the size of the last fragment queued in this burst when a fragmented
         # message was the last thing queued (the next one's first fragment can share its datagram).
         self._tails: dict[EndpointId, int] = {}
-        # Peers taken for gone while messages to them were unacknowledged (their streams are
-        # parked in the transport), with the time they were removed.
+        # Peers taken for gone (their streams are parked in the transport), with the time they
+        # were removed; their routes and the patterns they subscribed to: publications matching
+        # those still queue for them, for their return (a stalled process must lose nothing).
         self._parked: dict[EndpointId, tuple[Peer, float]] = {}
+        self._parked_routes: dict[EndpointId, _Route] = {}
+        self._parked_interest: dict[EndpointId, tuple[str, ...]] = {}
+        # Parked peers back in the same incarnation whose interest the topics layer has not heard
+        # again yet: publications meanwhile still go to them, by the interest they had.
+        self._returning: dict[EndpointId, tuple[str, ...]] = {}
         # Acks sent on leaving, before the goodbyes.
         self._farewell: list[tuple[wire.OutDatagram, Address]] = []
         # Sources already warned about sending transport frames in another peer's name.
         self._warned_addresses: set[Address] = set()
         # Peers gone for good with messages not acknowledged: (peer, messages), per peer id.
         self._failures: dict[EndpointId, tuple[Peer, int]] = {}
+        self.outbox = Outbox(self, drop_slow=config.drop_slow_peer)
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -239,7 +262,7 @@ class Stack:
                 f"a message of {size - MAX_ENVELOPE_BYTES}+ bytes exceeds the maximum of "
                 f"{self.config.max_message_bytes} (GLUE_MAX_MESSAGE_BYTES)"
             )
-        route = self._routes.get(peer)
+        route = self._routes.get(peer) or self._parked_routes.get(peer)
         if route is None:
             return False
         if size <= BUNDLE_MAX_MESSAGE_BYTES:
@@ -285,8 +308,22 @@ class Stack:
         return True
 
     def idle(self) -> bool:
-        """Whether no frame is queued or unacknowledged towards any peer (parked ones too)."""
-        return self.transport.idle()
+        """Whether no message is held for a full peer or waiting to be bundled, and no frame is
+        queued or unacknowledged towards any peer (parked ones too)."""
+        return not self.outbox.holding and not self._bundles and self.transport.idle()
+
+    def submit(
+        self, item: Outgoing, now: float, everyone: Sequence[EndpointId] | None = None
+    ) -> bool:
+        """Place a message in the streams of its targets, or hold it for those whose send queue
+        is full (see :mod:`glue.outbox`); True once no target holds it. ``everyone`` (what
+        :meth:`recipients` returns, passed when placing many) is the targets of a message that
+        names none.
+
+        Raises:
+            UsageError: the message is larger than ``max_message_bytes``.
+        """
+        return self.outbox.place(item, now, self.recipients() if everyone is None else everyone)
 
     def expiry_due(self, now: float) -> bool:
         """Whether discovery may take a peer for gone at ``now`` (cheap; a lower bound).
@@ -333,7 +370,7 @@ class Stack:
             bundle = self._bundles.get(peer)
             if not self.transport.can_send(peer, size if bundle is None else size + bundle.size):
                 return False
-            if peer not in self._routes:
+            if peer not in self._routes and peer not in self._parked_routes:
                 return True
             if bundle is None:
                 bundle = self._bundles[peer] = _Bundle()
@@ -360,7 +397,7 @@ class Stack:
 
         The caller offers the envelope to each target (:meth:`offer`), as for any message.
         """
-        return self.topics.publish(
+        message, targets = self.topics.publish(
             topic,
             topic_type,
             payload,
@@ -368,6 +405,32 @@ class Stack:
             now=now,
             history_depth=history_depth,
         )
+        if self._parked_interest or self._returning:
+            extra = [p for p in self._parked_subscribers(topic) if p not in targets]
+            if extra:
+                targets = (*targets, *extra)
+        return message, targets
+
+    def _parked_subscribers(self, topic: str) -> list[EndpointId]:
+        """Silent peers (parked) whose interest matched ``topic`` when they went silent."""
+        found = []
+        parked = self.transport.is_parked
+        for peer, patterns in list(self._parked_interest.items()):
+            if not parked(peer):  # its parked streams were dropped: forget it
+                self._forget_parked(peer)
+            elif any(matches(pattern, topic) for pattern in patterns):
+                found.append(peer)
+        for peer, patterns in list(self._returning.items()):
+            if self.topics.peer_patterns(peer):  # its interest is known again
+                del self._returning[peer]
+            elif any(matches(pattern, topic) for pattern in patterns):
+                found.append(peer)
+        return found
+
+    def _forget_parked(self, peer: EndpointId) -> None:
+        self._parked.pop(peer, None)
+        self._parked_routes.pop(peer, None)
+        self._parked_interest.pop(peer, None)
 
     def subscribe(self, pattern: str, topic_type: str) -> int:
         """Add a local subscription (its id); peers learn it at the next flush.
@@ -380,6 +443,15 @@ class Stack:
     def unsubscribe(self, subscription: int) -> None:
         """Remove a local subscription; peers learn it at the next flush."""
         self.topics.unsubscribe(subscription)
+
+    def drop_backlog(self, peer: EndpointId, now: float) -> int:
+        """Drop the messages to ``peer`` not yet acknowledged, queued or in flight (a slow peer's
+        backlog, see ``GLUE_SLOW_PEER``); its receiver is told to skip past them. Returns how
+        many."""
+        if peer in self._bundles:
+            self._flush_bundle(peer, now)
+        self._tails.pop(peer, None)
+        return self.transport.drop_backlog(peer)
 
     def can_send(self, peer: EndpointId, size: int) -> bool:
         """Whether ``size`` bytes fit in the send queue to ``peer`` now."""
@@ -504,6 +576,13 @@ class Stack:
         """Ids of the peers data can be sent to now (cheap: no sorting)."""
         return list(self._routes)
 
+    def recipients(self) -> list[EndpointId]:
+        """Ids of the peers a message to everyone goes to: those known now, and those taken for
+        gone lately whose streams are kept for their return (it is queued for them)."""
+        if not self._parked_routes:
+            return list(self._routes)
+        return [*self._routes, *(p for p in self._parked_routes if p not in self._routes)]
+
     def peer_counters(self, peer: EndpointId) -> dict[str, int]:
         """Transport counters and data datagrams/bytes for one peer (empty if unknown)."""
         counters = self.transport.peer_counters(peer)
@@ -526,7 +605,7 @@ class Stack:
     def _flush_bundle(self, peer: EndpointId, now: float) -> None:
         """Hand ``peer``'s waiting small messages to the transport, as few frames as fit."""
         bundle = self._bundles.pop(peer, None)
-        route = self._routes.get(peer)
+        route = self._routes.get(peer) or self._parked_routes.get(peer)
         if bundle is None or route is None:
             return
         self._tails.pop(peer, None)  # a bundle frame now follows the last fragment
@@ -565,8 +644,11 @@ class Stack:
             peer_id = peer.endpoint_id
             if isinstance(event, PeerAdded):
                 parked = self._parked.get(peer_id)
-                if parked is not None and parked[0].incarnation == peer.incarnation:
-                    del self._parked[peer_id]  # back: the transport resumes its streams
+                if parked is not None:
+                    patterns = self._parked_interest.get(peer_id)
+                    self._forget_parked(peer_id)  # back (or a new incarnation): streams resume
+                    if patterns and parked[0].incarnation == peer.incarnation:
+                        self._returning[peer_id] = patterns
                 self.transport.add_peer(peer_id, peer.incarnation)
                 self._routes[peer_id] = self._route(peer)
                 self.topics.peer_added(peer)
@@ -580,9 +662,17 @@ class Stack:
         peer_id = peer.endpoint_id
         self._flush_bundle(peer_id, now)  # its small messages are held (or counted) with the rest
         silent = event.reason == "expired"
-        lost = self.transport.remove_peer(peer_id, park=silent)
-        if silent and peer_id in self.transport.parked():
+        hold_until = now + PARKED_HOLD_S
+        lost = self.transport.remove_peer(peer_id, park=silent, hold_until=hold_until)
+        if silent and self.transport.is_parked(peer_id):
             self._parked[peer_id] = (peer, now)
+            route = self._routes.get(peer_id)
+            if route is not None:
+                self._parked_routes[peer_id] = route
+            # (One that went silent again before its interest was heard again keeps the old.)
+            patterns = self.topics.peer_patterns(peer_id) or self._returning.get(peer_id)
+            if patterns:
+                self._parked_interest[peer_id] = tuple(patterns)
         elif lost and event.reason != "evicted":  # an evicted peer never proved reachable
             self._failed(peer, lost)
         if not silent:
@@ -591,7 +681,10 @@ class Stack:
             self.reassembler.discard(peer_id)
         self._routes.pop(peer_id, None)
         self._tails.pop(peer_id, None)
+        self._returning.pop(peer_id, None)
         self.topics.peer_removed(peer)
+        if self.outbox.holding:  # held for it: to its parked stream, or released if it left
+            self.outbox.retry(peer_id, now, gone=not self.transport.is_parked(peer_id))
 
     def _wrong_address(self, peer_id: EndpointId, route: _Route, source: Address) -> None:
         self.counters["dropped_wrong_address"] += 1
@@ -697,11 +790,15 @@ class Stack:
                 self.reassembler.discard(event.peer)
                 self.counters["frames_skipped"] += event.last - event.first + 1
             elif type(event) is StreamsDropped:
-                parked = self._parked.pop(event.peer, None)
+                parked = self._parked.get(event.peer)
                 if parked is not None:  # dropped (expired, memory) while it was away
+                    if not self.transport.is_parked(event.peer):
+                        self._forget_parked(event.peer)  # (else only its frames expired)
                     self._failed(parked[0], event.messages)
             else:
                 assert isinstance(event, SendSpaceFreed)
+                if self.outbox.holding:  # room for what was held for it
+                    self.outbox.retry(event.peer, now, gone=False)
                 self._events.append(event)
                 self._control_events = True
 

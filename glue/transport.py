@@ -13,9 +13,10 @@ State: for every peer, a send stream and a receive stream, both tied to the peer
   variance, RFC 6298; samples only from frames sent once, Karn's rule; doubled on each timeout
   when a queue stands on the path or after six in a row, linear before; reset by progress). A
   loss halves the congestion window only when a queue stands (the round trip is well above the
-  least seen): random loss is noise, not congestion (``TransportConfig.queue_delay_s``). A frame whose message expired is never sent
-  again: it is dropped and the receiver is told to skip past it (``Skip``, like SCTP FORWARD-TSN),
-  repeated until acknowledged, so one lost message never stalls later ones.
+  least seen): random loss is noise, not congestion (``TransportConfig.queue_delay_s``). A frame
+  whose message expired is never sent again: it is dropped and the receiver is told to skip past
+  it (``Skip``, like SCTP FORWARD-TSN), repeated until acknowledged, so one lost message never
+  stalls later ones.
 - *Receive stream*: frames are delivered in sequence order, each once; duplicates are dropped and
   re-acknowledged; out-of-order frames wait in a buffer bounded by ``window_frames`` and
   ``reorder_bytes``. A frame whose time to live (``ttl_ms``, counted from its arrival) has passed
@@ -295,14 +296,15 @@ class _RecvStream:
 
 
 class _Peer:
-    __slots__ = ("counters", "incarnation", "parked_until", "recv", "send")
+    __slots__ = ("counters", "hold_until", "incarnation", "parked_until", "recv", "send")
 
     def __init__(self, incarnation: int, initial_rto: float, cwnd: int) -> None:
         self.incarnation = incarnation
         self.counters: Counter[str] = Counter()  # this peer's; folded into the totals on removal
         self.send = _SendStream(initial_rto, self.counters, cwnd)
         self.recv = _RecvStream(self.counters)
-        self.parked_until = 0.0  # when parked: the time its last frame expires
+        self.parked_until = 0.0  # when parked: the time its last frame expires (or hold_until)
+        self.hold_until = 0.0  # when parked: kept at least until then, frames or not
 
     def frames(self) -> list[_Outgoing]:
         """Queued and unacknowledged frames, in sequence order."""
@@ -373,12 +375,14 @@ class Transport:
             self._dirty.add(peer)
         self._peers[peer] = state
 
-    def remove_peer(self, peer: EndpointId, *, park: bool = False) -> int:
+    def remove_peer(self, peer: EndpointId, *, park: bool = False, hold_until: float = 0.0) -> int:
         """Stop sending to ``peer``; returns how many messages to it were dropped unacknowledged.
 
-        With ``park`` (the peer went silent, it did not say goodbye), frames still to deliver
-        either way are kept until they expire, for a return in the same incarnation, and 0 is
-        returned: they are not dropped (yet). Otherwise they are dropped at once and counted.
+        With ``park`` (the peer went silent, it did not say goodbye), its streams are kept, for a
+        return in the same incarnation, until the last of their frames expires and at least
+        until ``hold_until``; frames may still be queued to it meanwhile (:meth:`send`), to go
+        when it is back. 0 is returned: nothing is dropped (yet). Otherwise its frames are
+        dropped at once and counted.
         """
         state = self._peers.pop(peer, None)
         if state is None:
@@ -387,8 +391,8 @@ class Transport:
         if peer in self._blocked:
             self._blocked.discard(peer)
             self._events.append(SendSpaceFreed(peer))
-        if park and (state.send.pending or state.send.unacked or state.recv.buffer):
-            self._park(peer, state)
+        if park:
+            self._park(peer, state, hold_until)
             return 0
         self._receive_buffered -= state.recv.buffered_bytes
         return self._retire(peer, state)
@@ -407,16 +411,24 @@ class Transport:
         """Peers whose streams are parked, with the messages to them not yet acknowledged."""
         return {peer: _messages(state.frames()) for peer, state in self._parked.items()}
 
-    def _park(self, peer: EndpointId, state: _Peer) -> None:
+    def is_parked(self, peer: EndpointId) -> bool:
+        """Whether ``peer``'s streams are parked (it went silent and may come back)."""
+        return peer in self._parked
+
+    def _park(self, peer: EndpointId, state: _Peer, hold_until: float) -> None:
         frames = state.frames()
-        until = max((out.expires_at for out in frames), default=0.0)
-        until = max([until, *(expires_at for _, expires_at, _ in state.recv.buffer.values())])
-        state.parked_until = until
+        expiries = [out.expires_at for out in frames if not out.abandoned]
+        expiries.extend(expires_at for _, expires_at, _ in state.recv.buffer.values())
+        state.hold_until = hold_until
+        state.parked_until = max(expiries, default=hold_until)
         self._parked[peer] = state
         self._parked_bytes += state.held_bytes()
         self._receive_buffered -= state.recv.buffered_bytes  # now counted as parked
         self.counters["streams_parked"] += 1
         logger.debug("parked %d frames for silent peer %d", len(frames), peer)
+        self._trim_parked()
+
+    def _trim_parked(self) -> None:
         while self._parked and (
             self._parked_bytes > self.config.parked_bytes
             or len(self._parked) > self.config.retired_streams
@@ -474,9 +486,31 @@ class Transport:
         return messages
 
     def _purge_parked(self, now: float) -> None:
-        """Drop parked streams whose every frame has expired."""
+        """Parked streams whose every frame has expired: drop them, or, until their hold time,
+        only their frames (reported), keeping the streams for the peer's return."""
         for peer in [p for p, state in self._parked.items() if state.parked_until <= now]:
-            self._drop_parked(peer, self._parked.pop(peer), "expired")
+            state = self._parked[peer]
+            if state.hold_until <= now:
+                self._drop_parked(peer, self._parked.pop(peer), "expired")
+                continue
+            stream = state.send
+            frames = [out for out in stream.unacked.values() if not out.abandoned]
+            frames.extend(stream.pending)
+            messages = _messages(frames)
+            before = state.held_bytes()
+            for out in stream.pending:
+                stream.unacked[out.seq] = out  # a placeholder: skipped when it is back
+            stream.pending.clear()
+            for out in frames:
+                out.lost = False
+                self._abandon(stream, out)
+            stream.lost.clear()
+            self._update_skip(stream)
+            self._parked_bytes -= before - state.held_bytes()
+            state.parked_until = state.hold_until
+            if messages:
+                self.counters["parked_messages_expired"] += messages
+                self._events.append(StreamsDropped(peer, state.incarnation, messages))
 
     def total_counters(self) -> Counter[str]:
         """Counters over every peer, present and departed."""
@@ -534,7 +568,9 @@ class Transport:
         )
 
     def _parked_sends(self) -> bool:
-        return any(s.send.pending or s.send.unacked for s in self._parked.values())
+        return any(
+            s.send.pending or len(s.send.unacked) > s.send.abandoned for s in self._parked.values()
+        )
 
     def in_flight(self, peer: EndpointId) -> int:
         """Frames queued or unacknowledged towards ``peer``."""
@@ -573,9 +609,13 @@ class Transport:
         ``prefix`` goes on the wire just before ``payload``, as part of it (see ``Data.prefix``).
         """
         state = self._peers.get(peer)
+        parked = False
         if state is None:
-            self.counters["frames_to_unknown_peer"] += 1
-            return False
+            state = self._parked.get(peer)
+            if state is None:
+                self.counters["frames_to_unknown_peer"] += 1
+                return False
+            parked = True
         stream = state.send
         out = _Outgoing(stream.next_seq, payload, part, parts, expires_at, prefix)
         if bundle is not None:
@@ -583,8 +623,51 @@ class Transport:
         stream.next_seq += 1
         stream.pending.append(out)
         stream.queued_bytes += out.size
-        self._dirty.add(peer)
+        if not parked:
+            self._dirty.add(peer)
+            return True
+        # Queued for a peer taken for gone, for its return (within the parked streams' bound).
+        # (Its only live frame sets the stream's next deadline: the hold time may be later.)
+        if stream.queued_bytes == out.size or expires_at > state.parked_until:
+            state.parked_until = expires_at
+        self._parked_bytes += out.size
+        self.counters["frames_queued_while_parked"] += 1
+        self._trim_parked()
         return True
+
+    def drop_backlog(self, peer: EndpointId) -> int:
+        """Drop every frame not yet acknowledged by ``peer``, queued or in flight (a slow peer's
+        backlog): none is sent again, and the receiver is told to skip past them. Returns the
+        messages that ended in them (a message whose first fragments were acknowledged is lost
+        too: its receiver drops the partial message when it skips)."""
+        state = self._peers.get(peer)
+        if state is None:
+            return 0
+        stream = state.send
+        frames = [out for out in stream.unacked.values() if not out.abandoned]
+        frames.extend(stream.pending)
+        if not frames:
+            return 0
+        messages = _messages(frames)
+        unacked = stream.unacked
+        for out in stream.pending:
+            unacked[out.seq] = out  # a placeholder: the skip covers its sequence number
+        stream.pending.clear()
+        for out in frames:
+            out.lost = False
+            self._abandon(stream, out, counter="frames_dropped_slow_peer")
+        stream.lost.clear()
+        stream.resend_at = None
+        self._update_skip(stream)  # skip_to: next_seq
+        # Every frame is a placeholder now: the skip alone stands for them (a stuck peer that
+        # never acknowledges it must not make them pile up, drop after drop).
+        unacked.clear()
+        stream.abandoned = 0
+        self._dirty.add(peer)
+        if peer in self._blocked:
+            self._blocked.discard(peer)
+            self._events.append(SendSpaceFreed(peer))
+        return messages
 
     def receive(
         self, frame: Data | Ack | Skip, peer: EndpointId, incarnation: int, *, now: float
@@ -769,8 +852,11 @@ class Transport:
         messages = tuple(zip(lengths, ttls, strict=True))
         return Data(out.seq, out.payload, min(ttl_ms, MAX_TTL_MS), messages=messages)
 
-    def _abandon(self, stream: _SendStream, out: _Outgoing) -> None:
-        """``out`` (in ``unacked``) expired: never send it again; keep a placeholder for its seq."""
+    def _abandon(
+        self, stream: _SendStream, out: _Outgoing, counter: str = "frames_expired"
+    ) -> None:
+        """``out`` (in ``unacked``) expired (or was dropped): never send it again; keep a
+        placeholder for its seq."""
         size = out.size
         stream.queued_bytes -= size
         if out.sent_at >= 0:
@@ -784,7 +870,7 @@ class Transport:
         out.payload = out.prefix = b""
         out.size = 0
         stream.abandoned += 1
-        stream.counters["frames_expired"] += 1
+        stream.counters[counter] += 1
 
     def _update_skip(self, stream: _SendStream) -> None:
         """If the lowest unacknowledged frames are abandoned, have the receiver skip past them."""

@@ -249,6 +249,7 @@ BAD_VALUES = {
     "GLUE_MAX_MESSAGE_BYTES": ["1023", "big", "1073741825"],
     "GLUE_MAX_DATAGRAM_BYTES": ["100", "65508", "-1", "jumbo"],
     "GLUE_SEND_QUEUE_BYTES": ["1000", "lots"],
+    "GLUE_SLOW_PEER": ["wait", "Drop", "0"],
     "GLUE_HISTORY_DEPTH": ["-1", "1000001", "some"],
     "GLUE_HISTORY_MAX_BYTES": ["-1", "1.5"],
     "GLUE_CALLBACK_THREADS": ["0", "257", "many"],

@@ -1,0 +1,196 @@
+"""The outbox: messages on their way into the per-peer streams, and those held for full peers.
+
+How it works (sans-IO, part of :class:`~glue.stack.Stack`; ``docs/transport.md``, "Slow and
+stuck peers")
+------------------------------------------------------------------------------------------------
+A message (:class:`Outgoing`) is *placed*: queued in the send stream of each of its targets (a
+publish is numbered and enveloped by the topics layer first, which names its subscribers). A
+target whose send queue is full *holds* it: the message joins that peer's held queue, in order,
+and every later message for that peer joins it too, while the message still goes to every other
+target. One slow or stuck peer never holds up the others.
+
+When the peer's queue has room again (acks freed it: ``SendSpaceFreed``), its held messages are
+offered again, oldest first. When it is removed, they go to its parked stream if it was only
+silent, or are released if it left. A message is done when no target holds it any more; the
+bytes of done messages are reported (:meth:`Outbox.take_placed_bytes`) so that a runtime bounding
+what waits can admit more.
+
+With ``drop_slow`` (``GLUE_SLOW_PEER=drop``), a full peer's backlog (everything it has not
+acknowledged) is dropped instead and the message queued in its place; its receiver skips past
+the dropped frames (a gap in each publisher's sequence numbers).
+
+Both runtimes and the simulator place every message through :meth:`Outbox.place` (via
+``Stack.submit``), so the seeded simulations run the code that carries real traffic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
+
+from glue.topics import Outbound
+from glue.wire import EndpointId
+
+if TYPE_CHECKING:
+    from glue.stack import Stack
+
+__all__ = ["Outbox", "Outgoing"]
+
+logger = logging.getLogger(__name__)
+
+#: Slow peers warned about (once each), at most.
+_MAX_WARNED = 1024
+
+
+class Outgoing:
+    """One message to send: a direct one (``payload`` enveloped, ``targets`` ids or None for
+    every recipient) or a publication not yet numbered (``topic`` set, ``payload`` the caller's)."""
+
+    __slots__ = ("expires_at", "payload", "remaining", "size", "targets", "topic")
+
+    def __init__(
+        self,
+        payload: Outbound,
+        targets: Sequence[EndpointId] | None,
+        expires_at: float,
+        topic: tuple[str, str, int | None] | None = None,
+    ):
+        self.payload = payload
+        # As counted in a runtime's hand-off queue (outbound_size, inline: made per message).
+        if isinstance(payload, bytes):
+            self.size = len(payload)
+        else:
+            self.size = len(payload[0]) + len(payload[1])
+        self.targets = targets  # None: every recipient when it is placed
+        self.remaining: list[EndpointId] | None = None  # the targets that hold it
+        self.expires_at = expires_at
+        # (name, type, history depth) of a publish not yet numbered by the topics layer
+        self.topic = topic
+
+
+class Outbox:
+    """Placement of messages into the streams of one stack, and the queues of full peers."""
+
+    def __init__(self, stack: Stack, *, drop_slow: bool) -> None:
+        self._stack = stack
+        self.drop_slow = drop_slow
+        self.counters: Counter[str] = stack.counters  # the stack's own (unprefixed)
+        #: Per peer whose send queue is full: the messages it holds, in order (read-only outside).
+        self.held: dict[EndpointId, deque[Outgoing]] = {}
+        self._placed_bytes = 0
+        self._warned: set[EndpointId] = set()
+
+    @property
+    def holding(self) -> bool:
+        """Whether messages are held for any peer."""
+        return bool(self.held)
+
+    def held_peers(self) -> tuple[EndpointId, ...]:
+        """The peers messages are held for (their send queues are full)."""
+        return tuple(self.held)
+
+    def take_placed_bytes(self) -> int:
+        """Bytes (``Outgoing.size``) of held messages placed for every target since last asked."""
+        placed, self._placed_bytes = self._placed_bytes, 0
+        return placed
+
+    def clear(self) -> int:
+        """Forget every held message (the runtime stops); returns how many there were."""
+        held = {id(item) for items in self.held.values() for item in items}
+        self.held.clear()
+        return len(held)
+
+    def place(self, item: Outgoing, now: float, everyone: Sequence[EndpointId]) -> bool:
+        """Queue ``item`` to every target with room (``everyone`` when it names none); True
+        when no target holds it. A target without room, or with messages held before this one,
+        holds it, in order."""
+        stack = self._stack
+        if item.expires_at <= now:
+            self.counters["messages_expired_before_sending"] += 1
+            return True
+        if item.topic is not None:
+            topic, topic_type, depth = item.topic
+            item.topic = None
+            item.payload, item.targets = stack.publish(
+                topic,
+                topic_type,
+                cast(bytes, item.payload),  # the caller's payload, not yet enveloped
+                expires_at=item.expires_at,
+                now=now,
+                history_depth=depth,
+            )
+        targets = everyone if item.targets is None else item.targets
+        offer = stack.offer
+        payload, expires_at = item.payload, item.expires_at
+        held = self.held
+        owed: list[EndpointId] | None = None
+        for peer in targets:
+            waiting = held.get(peer)
+            if waiting is None:
+                if offer(peer, payload, expires_at, now):
+                    continue
+                if (
+                    self.drop_slow
+                    and self._drop_backlog(peer, now)
+                    and offer(peer, payload, expires_at, now)
+                ):
+                    continue
+                waiting = held[peer] = deque()
+                logger.debug("send queue to %s full: holding its messages", self.label(peer))
+            waiting.append(item)
+            if owed is None:
+                owed = []
+            owed.append(peer)
+        item.remaining = owed
+        return owed is None
+
+    def retry(self, peer: EndpointId, now: float, *, gone: bool) -> None:
+        """Offer ``peer``'s held messages again, in order, as far as room allows; release them
+        all if it is ``gone`` (it left: nobody to send them to)."""
+        waiting = self.held.get(peer)
+        if waiting is None:
+            return
+        offer = self._stack.offer
+        while waiting:
+            item = waiting[0]
+            if not gone and item.expires_at > now:
+                if not offer(peer, item.payload, item.expires_at, now) and not (
+                    self.drop_slow
+                    and self._drop_backlog(peer, now)
+                    and offer(peer, item.payload, item.expires_at, now)
+                ):
+                    return
+            elif gone:
+                self.counters["messages_not_sent_peer_gone"] += 1
+            else:
+                self.counters["messages_expired_before_sending"] += 1
+            waiting.popleft()
+            owed = item.remaining
+            if owed is not None:
+                owed.remove(peer)
+                if not owed:
+                    item.remaining = None
+                    self._placed_bytes += item.size
+        del self.held[peer]
+
+    def label(self, peer: EndpointId) -> str:
+        """``name (id)`` of a peer, for messages to people."""
+        known = self._stack.discovery.peer(peer)
+        return f"{known.name} ({peer})" if known is not None else str(peer)
+
+    def _drop_backlog(self, peer: EndpointId, now: float) -> bool:
+        """``drop_slow``: drop what ``peer`` has not acknowledged (its subscriber skips past it:
+        a gap in each publisher's sequence); whether anything was dropped."""
+        dropped = self._stack.drop_backlog(peer, now)
+        if dropped:
+            self.counters["messages_dropped_slow_peer"] += dropped
+            if peer not in self._warned and len(self._warned) < _MAX_WARNED:
+                self._warned.add(peer)
+                logger.warning(
+                    "%s cannot keep up: dropped %d messages queued for it (GLUE_SLOW_PEER=drop)",
+                    self.label(peer),
+                    dropped,
+                )
+        return dropped > 0
