@@ -21,28 +21,35 @@ Events written unasked:
 
 Commands: ``{"op": ..., "id": ...}``; the reply to one carries ``"reply": id``. They run one at a
 time, in order, unless ``"background": true`` (``publish`` and ``send``): then the next command
-runs at once and the reply comes when the background one ends. A command that raised replies
-``{"event": "error", "error": repr}``.
+runs at once and the reply comes when the background one ends. Background commands share one
+thread, which sends each message when due, as an application publishing from one thread would
+(a publish blocked by back-pressure holds up the others); those given another ``"thread":
+name`` run on that thread. One ``publish`` per topic, and one ``send``, at a time. A command
+that raised replies ``{"event": "error", "error": repr}``, unknown fields included.
 
 - ``subscribe`` ``pattern``, ``type`` (default ``test``), ``report`` (``each`` or ``summary``),
   ``delay`` (s the callback takes per message: a slow consumer) -> ``subscribed``,
   ``"subscription": k``; ``unsubscribe`` ``subscription`` -> ``unsubscribed``
 - ``receive`` ``report``: direct messages (``send``) too -> ``receiving``
 - ``publish`` ``topic``, ``type``, ``count`` (1), ``size`` (200) or ``sizes`` (cycled), ``rate``
-  (messages/s, paced from the start; none: as fast as it can), ``expiry`` (30 s; a string such
-  as ``"inf"`` is passed as float), ``history_depth``, ``timeout`` (10 s), ``digests`` (true) ->
+  (messages/s, paced from the start; none: as fast as it can), ``offset`` (s before the first),
+  ``expiry`` (30 s; a string such as ``"inf"`` is passed as float), ``history_depth``,
+  ``timeout`` (10 s), ``digests`` (true) ->
   ``published`` ``{"topic", "first", "count", "digests", "started_at", "finished_at"}``
   (``first``: the sequence of the first, counted per topic from 1 in this process); on an error,
   ``error`` with the same fields for what went out before it
-- ``send`` ``to`` (ids; none: every peer), ``count``, ``size``/``sizes``, ``rate``, ``expiry``,
-  ``timeout``, ``digests`` -> ``sent`` ``{"first", "count", "digests", ...}`` (numbered per
-  process)
+- ``send`` ``to`` (ids; none: every peer), ``count``, ``size``/``sizes``, ``rate``, ``offset``,
+  ``expiry``, ``timeout``, ``digests`` -> ``sent`` ``{"first", "count", "digests", ...}``
+  (numbered per process)
 - ``flush`` ``timeout`` -> ``flushed``, ``flush_failed`` ``{"error", "peers", "unacknowledged"}``
   or ``flush_timeout``
 - ``peers`` (``count`` and ``timeout``: wait for that many first) -> ``peers`` ``{"peers": [{"id",
   "name", "host", "port", "incarnation"}]}``; ``subscribers`` ``topic``, ``count``, ``timeout``
   -> ``subscribers`` ``{"peers": [...]}``
-- ``counters`` -> ``counters`` ``{"counters": {...}, "peers": {id: {...}}, "rss_bytes"}``
+- ``counters`` -> ``counters`` ``{"counters": {...}, "peers": {id: {...}}, "rss_bytes"}``;
+  ``memory`` (``top``: 10) -> ``memory`` ``{"rss_bytes"}``, and when it runs with
+  ``PYTHONTRACEMALLOC=1``: ``"traced_bytes"``, ``"traced_peak_bytes"`` and ``"top"``, the
+  ``[line, bytes, blocks]`` holding the most memory
 - ``summary`` -> ``summary`` ``{"streams": [{"subscription", "topic", "source", "run", "count",
   "ranges", "duplicates", "reordered", "misnumbered", "corrupt"}]}``: per subscription, topic,
   source and run, the sequences received as ``[first, last]`` ranges, messages whose sequence
@@ -51,11 +58,12 @@ runs at once and the reply comes when the background one ends. A command that ra
   Direct messages are numbered by their payload.
 - ``stop``: end background commands, stop the endpoint (goodbye), exit.
 
-Payloads are ``b"<n>:<run>:"`` then bytes derived from that header, ``size`` bytes in all (the
-header alone if it is longer): ``n`` counts the messages (per topic, or sends) and ``run`` is
-six hex digits drawn at start, so a receiver checks each payload by itself and tells apart two
-runs with the same endpoint id. ``digest`` is the first 16 hex digits of the payload's SHA-256;
-``intact`` is null for a payload not of this form (one a test built).
+Payloads are ``b"<n>:<run>:"`` then bytes derived from that header and the size, ``size`` bytes
+in all (the header alone if it is longer): ``n`` counts the messages (per topic, or sends) and
+``run`` is six hex digits drawn at start, so a receiver checks each payload by itself (a damaged
+or cut one fails) and tells apart two runs with the same endpoint id. ``digest`` is the first
+16 hex digits of the payload's SHA-256; ``intact`` is null for a payload not of this form (one a
+test built).
 
 :class:`EndpointProcess` starts one (under a command prefix such as ``ip netns exec h1``) and
 collects its events.
@@ -69,6 +77,7 @@ import bisect
 import contextlib
 import fcntl
 import hashlib
+import heapq
 import inspect
 import itertools
 import logging
@@ -80,8 +89,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+import tracemalloc
+from collections import Counter
+from collections.abc import Callable, Generator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +109,9 @@ LARGE_BYTES = 64 * 1024
 def payload(number: int, size: int, run: str) -> bytes:
     """Message ``number`` of ``run``: its header, then bytes derived from it, ``size`` in all."""
     header = b"%d:%s:" % (number, run.encode())
-    if size <= len(header):
-        return header
-    block = hashlib.blake2b(header).digest()
-    return header + (block * ((size - len(header)) // len(block) + 1))[: size - len(header)]
+    block = _block(header, max(size, len(header)))
+    whole, part = divmod(max(0, size - len(header)), len(block))
+    return b"".join((header, block * whole, block[:part]))
 
 
 def parse(data: bytes) -> tuple[int | None, str | None, bool | None]:
@@ -113,8 +122,22 @@ def parse(data: bytes) -> tuple[int | None, str | None, bool | None]:
     run = rest[:6]
     if rest[6:7] != b":" or any(c not in b"0123456789abcdef" for c in run):
         return int(number), None, None
-    text = run.decode()
-    return int(number), text, data == payload(int(number), len(data), text)
+    header = b"%s:%s:" % (number, run)
+    block = _block(header, len(data))
+    # Compared in place, not against a rebuilt copy: a 1 MiB message costs no 1 MiB more.
+    body = memoryview(data)[len(header) :]
+    return (
+        int(number),
+        run.decode(),
+        body[: len(block)] == block[: len(body)]
+        and (body[len(block) :] == body[: max(0, len(body) - len(block))]),
+    )
+
+
+def _block(header: bytes, size: int) -> bytes:
+    """What the rest of a payload repeats: derived from its header and its size (so a payload
+    cut short does not pass either)."""
+    return hashlib.blake2b(b"%s%d" % (header, size)).digest()
 
 
 def digest(data: bytes) -> str:
@@ -233,15 +256,66 @@ FIELDS = {
     "subscribe": {"pattern", "type", "report", "delay"},
     "unsubscribe": {"subscription"},
     "receive": {"report", "delay"},
-    "publish": {"topic", "type", "count", "size", "sizes", "rate", "expiry", "history_depth",
-                "timeout", "digests"},
-    "send": {"to", "count", "size", "sizes", "rate", "expiry", "timeout", "digests"},
+    "publish": {"topic", "type", "count", "size", "sizes", "rate", "offset", "expiry",
+                "history_depth", "timeout", "digests"},
+    "send": {"to", "count", "size", "sizes", "rate", "offset", "expiry", "timeout", "digests"},
     "flush": {"timeout"},
     "peers": {"count", "timeout"},
     "subscribers": {"topic", "count", "timeout"},
     "counters": set(),
+    "memory": {"top"},
     "summary": set(),
 }  # fmt: skip
+
+
+class Background:
+    """Background ``publish`` and ``send`` commands run by one thread (as an application that
+    publishes from one thread): each job is a generator that yields when its next message is
+    due; the earliest due goes first. A job whose emit blocks (back-pressure) holds the others
+    up. On a stop, every job is run on at once: each sees it, stops and replies."""
+
+    def __init__(
+        self, name: str, stopping: threading.Event, write: Callable[[dict[str, Any]], None]
+    ) -> None:
+        self._stopping, self._write = stopping, write
+        self._jobs: list[tuple[float, int, Generator[float, None, dict[str, Any]], Any]] = []
+        self._order = itertools.count()
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f"endpoint-process-{name}")
+        self._thread.start()
+
+    def add(self, job: Generator[float, None, dict[str, Any]], reply: Any) -> None:
+        with self._changed:
+            heapq.heappush(self._jobs, (time.monotonic(), next(self._order), job, reply))
+            self._changed.notify()
+
+    def finish(self) -> None:
+        """Once ``stopping`` is set: every job replies, then the thread ends."""
+        with self._changed:
+            self._changed.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while True:
+                    if not self._jobs:
+                        if self._stopping.is_set():
+                            return
+                        self._changed.wait()
+                        continue
+                    wait = self._jobs[0][0] - time.monotonic()
+                    if wait <= 0 or self._stopping.is_set():
+                        break
+                    self._changed.wait(wait)
+                _, _, job, reply = heapq.heappop(self._jobs)
+            try:
+                due = job.send(None)
+            except StopIteration as done:
+                self._write({"reply": reply, **done.value})
+                continue
+            with self._changed:
+                heapq.heappush(self._jobs, (due, next(self._order), job, reply))
 
 
 class Runner:
@@ -253,9 +327,8 @@ class Runner:
         self._lock = threading.Lock()  # stdout and the tallies
         self._published: Counter[str] = Counter()
         self._sent = 0
-        self._topic_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
-        self._send_lock = threading.Lock()
-        self._background: list[threading.Thread] = []
+        self._busy: set[str] = set()  # topics (and "send") with a job running
+        self._threads: dict[str, Background] = {}  # by the "thread" of background commands
         self._subscriptions: dict[int, Any] = {}
         self._numbers = itertools.count(1)
         self._tallies: dict[tuple[int, str | None, int, str | None], Tally] = {}
@@ -275,31 +348,39 @@ class Runner:
         self.write({**line, "port": peer.port, **({"reason": reason} if reason else {})})
 
     def dispatch(self, command: dict[str, Any]) -> None:
-        """Run one command (on a thread of its own if it asks for the background)."""
-        if command.get("background") and command["op"] in ("publish", "send"):
-            thread = threading.Thread(target=self._answer, args=(command,), daemon=True)
-            self._background.append(thread)
-            thread.start()
-        else:
-            self._answer(command)
-
-    def finish(self) -> None:
-        """End background commands (each replies with what it did) before the endpoint stops."""
-        self.stopping.set()
-        for thread in self._background:
-            thread.join()
-
-    def _answer(self, command: dict[str, Any]) -> None:
+        """Run one command; a background ``publish`` or ``send`` only starts here."""
         op = command["op"]
         try:
             if op not in FIELDS:
                 raise ValueError(f"unknown op {op!r}")
-            if unknown := set(command) - FIELDS[op] - {"op", "id", "background"}:
+            if unknown := set(command) - FIELDS[op] - {"op", "id", "background", "thread"}:
                 raise ValueError(f"{op} takes no {', '.join(sorted(unknown))}")
-            reply = getattr(self, f"_op_{op}")(command)
+            result = getattr(self, f"_op_{op}")(command)
+            if isinstance(result, Generator):
+                if command.get("background"):
+                    name = command.get("thread", "publisher")
+                    if name not in self._threads:
+                        self._threads[name] = Background(name, self.stopping, self.write)
+                    self._threads[name].add(result, command.get("id"))
+                    return
+                result = self._drive(result)
         except Exception as exc:  # reported to the test, which fails with it
-            reply = {"event": "error", "error": repr(exc)}
-        self.write({"reply": command.get("id"), **reply})
+            result = {"event": "error", "error": repr(exc)}
+        self.write({"reply": command.get("id"), **result})
+
+    def finish(self) -> None:
+        """End background commands (each replies with what it did) before the endpoint stops."""
+        self.stopping.set()
+        for thread in self._threads.values():
+            thread.finish()
+
+    def _drive(self, job: Generator[float, None, dict[str, Any]]) -> dict[str, Any]:
+        """Run a job here: wait until each of its messages is due (or a stop), then emit it."""
+        try:
+            while True:
+                self.stopping.wait(max(0.0, job.send(None) - time.monotonic()))
+        except StopIteration as done:
+            return done.value
 
     # --- receiving ------------------------------------------------------------------------------
 
@@ -395,7 +476,7 @@ class Runner:
 
     # --- sending --------------------------------------------------------------------------------
 
-    def _op_publish(self, command: dict[str, Any]) -> dict[str, Any]:
+    def _op_publish(self, command: dict[str, Any]) -> Generator[float, None, dict[str, Any]]:
         topic, kind = command["topic"], command.get("type", TOPIC_TYPE)
         depth = command.get("history_depth")
 
@@ -405,50 +486,79 @@ class Runner:
             )
             self._published[topic] = number
 
-        with self._topic_locks[topic]:
-            reply = self._emit(command, self._published[topic] + 1, publish)
-        return {"topic": topic, **reply, "event": reply.get("event", "published")}
+        job = self._emit(
+            command, f"publish on {topic}", lambda: self._published[topic] + 1, publish
+        )
+        return self._then(job, topic=topic, event="published")
 
-    def _op_send(self, command: dict[str, Any]) -> dict[str, Any]:
+    def _op_send(self, command: dict[str, Any]) -> Generator[float, None, dict[str, Any]]:
         to = command.get("to")
 
         def send(number: int, data: bytes, expiry: float, timeout: float) -> None:
             self.endpoint.send(data, to=to, expiry=expiry, timeout=timeout)
             self._sent = number
 
-        with self._send_lock:
-            reply = self._emit(command, self._sent + 1, send)
-        return {**reply, "event": reply.get("event", "sent")}
+        return self._then(self._emit(command, "send", lambda: self._sent + 1, send), event="sent")
 
     def _emit(
-        self, command: dict[str, Any], first: int, emit: Callable[[int, bytes, float, float], None]
-    ) -> dict[str, Any]:
-        """Make and emit ``count`` payloads numbered from ``first``, paced at ``rate``."""
+        self,
+        command: dict[str, Any],
+        key: str,
+        first: Callable[[], int],
+        emit: Callable[[int, bytes, float, float], None],
+    ) -> Generator[float, None, dict[str, Any]]:
+        """A job: ``count`` payloads numbered from ``first()``, each emitted when due (it yields
+        when), paced at ``rate``. One job per topic (and one send) at a time, so its numbers
+        are consecutive."""
+        with self._lock:
+            if key in self._busy:
+                raise ValueError(f"a {key} is still running")
+            self._busy.add(key)
+        return self._steps(command, key, first(), emit)
+
+    def _steps(
+        self,
+        command: dict[str, Any],
+        key: str,
+        first: int,
+        emit: Callable[[int, bytes, float, float], None],
+    ) -> Generator[float, None, dict[str, Any]]:
         sizes = command.get("sizes") or [command.get("size", SMALL_BYTES)]
-        count, rate = command.get("count", 1), command.get("rate")
+        count, rate, offset = command.get("count", 1), command.get("rate"), command.get("offset", 0)
         expiry, timeout = float(command.get("expiry", 30.0)), command.get("timeout", 10.0)
         keep = command.get("digests", True)
         digests: list[str] = []
-        started_at = time.monotonic()
-        reply: dict[str, Any] = {}
-        for index in range(count):
-            if rate and self.stopping.wait(max(0.0, started_at + index / rate - time.monotonic())):
-                break
-            if self.stopping.is_set():
-                break
-            data = payload(first + index, sizes[index % len(sizes)], self.run)
-            try:
-                emit(first + index, data, expiry, timeout)
-            except Exception as exc:
-                reply.update(event="error", error=repr(exc))  # "count" says what went out
-                break
-            if keep:
-                digests.append(digest(data))
-            reply["count"] = index + 1
+        started_at = time.monotonic() + offset
+        reply: dict[str, Any] = {"count": 0}
+        try:
+            for index in range(count):
+                yield started_at + (index / rate if rate else 0.0)
+                if self.stopping.is_set():
+                    break
+                data = payload(first + index, sizes[index % len(sizes)], self.run)
+                try:
+                    emit(first + index, data, expiry, timeout)
+                except Exception as exc:
+                    reply.update(event="error", error=repr(exc))  # "count" says what went out
+                    break
+                if keep:
+                    digests.append(digest(data))
+                reply["count"] = index + 1
+        finally:
+            with self._lock:
+                self._busy.discard(key)
         return {
-            "first": first, "count": reply.pop("count", 0), "digests": digests,
-            "started_at": started_at, "finished_at": time.monotonic(), **reply,
+            "first": first, "digests": digests, "started_at": started_at,
+            "finished_at": time.monotonic(), **reply,
         }  # fmt: skip
+
+    @staticmethod
+    def _then(
+        job: Generator[float, None, dict[str, Any]], **fields: Any
+    ) -> Generator[float, None, dict[str, Any]]:
+        """``job``, its reply completed with ``fields`` (an ``error`` event stays one)."""
+        reply = yield from job
+        return {**fields, **reply}
 
     def _op_flush(self, command: dict[str, Any]) -> dict[str, Any]:
         from glue import DeliveryError
@@ -487,6 +597,14 @@ class Runner:
             "peers": self.endpoint.peer_counters(),
             "rss_bytes": rss_bytes(os.getpid()),
         }
+
+    def _op_memory(self, command: dict[str, Any]) -> dict[str, Any]:
+        reply: dict[str, Any] = {"event": "memory", "rss_bytes": rss_bytes(os.getpid())}
+        if tracemalloc.is_tracing():
+            reply["traced_bytes"], reply["traced_peak_bytes"] = tracemalloc.get_traced_memory()
+            stats = tracemalloc.take_snapshot().statistics("lineno")[: command.get("top", 10)]
+            reply["top"] = [[str(stat.traceback[0]), stat.size, stat.count] for stat in stats]
+        return reply
 
 
 def _peer_list(peers: Iterable[Any]) -> list[dict[str, Any]]:
@@ -598,7 +716,7 @@ class EndpointProcess:
         )
         self.lines: list[dict[str, Any]] = []
         self.known: dict[int, str] = {}  # peer id -> name, as its peer events say now
-        self.endpoint_id, self.name, self.pid, self.started_at = 0, "", 0, 0.0
+        self.endpoint_id, self.name, self.pid, self.run, self.started_at = 0, "", 0, "", 0.0
         self._changed = threading.Condition()
         self._ids = itertools.count(1)
         self._stdin_lock = threading.Lock()
@@ -617,6 +735,7 @@ class EndpointProcess:
         assert ready, f"{self.label}: not ready within {timeout} s:\n{self.log()}"
         info = self.events("ready")[0]
         self.endpoint_id, self.name, self.pid = info["id"], info["name"], info["pid"]
+        self.run = info["run"]  # in its payloads: tells its messages from an earlier run's
         self.started_at = info["t"]
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
