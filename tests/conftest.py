@@ -9,6 +9,22 @@ from collections.abc import Iterator
 import pytest
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-seconds",
+        type=float,
+        default=60.0,
+        help="how long the soak (tests/soak) publishes under churn and loss (default run: 60)",
+    )
+    parser.addoption(
+        "--soak",
+        action="store_const",
+        const=600.0,
+        dest="soak_seconds",
+        help="the full soak: 10 minutes (as --soak-seconds 600)",
+    )
+
+
 @pytest.fixture(autouse=True)
 def _clean_glue_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Remove every ``GLUE_*`` variable, so the developer's shell cannot change a result."""
