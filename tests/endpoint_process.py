@@ -250,15 +250,16 @@ class _Stop(Exception):
     """SIGTERM: leave the command loop and stop cleanly."""
 
 
-#: The fields each command takes (besides ``op``, ``id`` and ``background``): another one is
-#: an error, not silently ignored.
+#: The fields each command takes (besides ``op`` and ``id``): another one is an error, not
+#: silently ignored.
 FIELDS = {
     "subscribe": {"pattern", "type", "report", "delay"},
     "unsubscribe": {"subscription"},
     "receive": {"report", "delay"},
     "publish": {"topic", "type", "count", "size", "sizes", "rate", "offset", "expiry",
-                "history_depth", "timeout", "digests"},
-    "send": {"to", "count", "size", "sizes", "rate", "offset", "expiry", "timeout", "digests"},
+                "history_depth", "timeout", "digests", "background", "thread"},
+    "send": {"to", "count", "size", "sizes", "rate", "offset", "expiry", "timeout", "digests",
+             "background", "thread"},
     "flush": {"timeout"},
     "peers": {"count", "timeout"},
     "subscribers": {"topic", "count", "timeout"},
@@ -353,7 +354,7 @@ class Runner:
         try:
             if op not in FIELDS:
                 raise ValueError(f"unknown op {op!r}")
-            if unknown := set(command) - FIELDS[op] - {"op", "id", "background", "thread"}:
+            if unknown := set(command) - FIELDS[op] - {"op", "id"}:
                 raise ValueError(f"{op} takes no {', '.join(sorted(unknown))}")
             result = getattr(self, f"_op_{op}")(command)
             if isinstance(result, Generator):
