@@ -137,7 +137,12 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("topic", help="topic name")
     pub.add_argument("payload", help="message text (UTF-8), or - to read stdin")
     pub.add_argument("--type", default="text", help="topic type (default: text)")
-    pub.add_argument("--expiry", type=float, default=5.0, help="seconds before it expires")
+    pub.add_argument(
+        "--expiry",
+        type=_expiry,
+        default=5.0,
+        help="seconds before it expires (more than 0, at most 86400)",
+    )
     pub.add_argument("--history-depth", type=int, help="messages kept for late joiners")
     pub.add_argument(
         "--wait-for-subscribers",
@@ -230,6 +235,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(run=_run_bench)
     return parser
+
+
+def _expiry(text: str) -> float:
+    """``--expiry``: what ``publish`` accepts (finite seconds in (0, 86400]), or a usage error."""
+    from glue.manager import MAX_EXPIRY_S
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.0 < value <= MAX_EXPIRY_S:  # (nan and inf fail here too)
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most {MAX_EXPIRY_S:g} seconds, not {text}"
+        )
+    return value
 
 
 def _run_bench(args: argparse.Namespace) -> int:
