@@ -23,6 +23,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         dest="soak_seconds",
         help="the full soak: 10 minutes (as --soak-seconds 600)",
     )
+    parser.addoption(
+        "--soak-seed",
+        type=int,
+        default=None,
+        help="seed of the soak's sizes, topics and lifetimes (default: a new one, printed)",
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from glue.stack import PARKED_HOLD_S
 from tests.endpoint_process import EndpointProcess
 from tests.helpers import free_udp_port, wait_until
 
@@ -55,6 +56,7 @@ CHURN_CYCLE = [
 ]
 CHURN_RATE = 2.0  # messages/s on each of 3 topics, for a short-lived endpoint that publishes
 RSS_GROWTH = 1.10
+DISCOVERY_TIMEOUT_S = 2.0  # glue's defaults: announcements every 1 s, silent for 2 s is gone
 MB = 1e6
 #: Run in the soak's namespace: loopback with multicast routed over it (as tools/isolated-net).
 SETUP = ["ip link set lo up", "ip link set lo multicast on", "ip route add 224.0.0.0/4 dev lo"]
@@ -69,8 +71,11 @@ def sizes(rng: random.Random, count: int) -> list[int]:
 
 
 def warm_up_s(seconds: float) -> float:
-    """Until then memory may grow (queues, history, parked streams fill up); not after."""
-    return max(30.0, seconds / 5)
+    """Until then memory may grow (queues, history, parked streams fill up); not after. glue
+    keeps queueing for a silent (killed) subscriber PARKED_HOLD_S after it expired: memory is
+    all there once the first one killed (within CHURN_LIFE_S) has been expired and released."""
+    first_released_s = CHURN_LIFE_S[1] + DISCOVERY_TIMEOUT_S + PARKED_HOLD_S
+    return max(first_released_s + 5.0, seconds / 5)
 
 
 @dataclass
@@ -272,17 +277,21 @@ class LossyNamespace:
     def __init__(self, loss: float) -> None:
         self.loss = loss
         self.holder = subprocess.Popen(["unshare", "--net", "--", "sleep", "infinity"])
-        ours = os.readlink("/proc/self/ns/net")
-        assert wait_until(
-            lambda: os.readlink(f"/proc/{self.holder.pid}/ns/net") != ours, timeout=5
-        ), "unshare --net did not make a namespace"
-        for command in SETUP:
-            self.run(*command.split())
-        self.run("iptables", "-A", "INPUT")  # counts every datagram
-        self.run(
-            "iptables", "-A", "INPUT", "-m", "statistic", "--mode", "random",
-            "--probability", str(loss), "-j", "DROP",
-        )  # fmt: skip
+        try:
+            ours = os.readlink("/proc/self/ns/net")
+            assert wait_until(
+                lambda: os.readlink(f"/proc/{self.holder.pid}/ns/net") != ours, timeout=5
+            ), "unshare --net did not make a namespace"
+            for command in SETUP:
+                self.run(*command.split())
+            self.run("iptables", "-A", "INPUT")  # counts every datagram
+            self.run(
+                "iptables", "-A", "INPUT", "-m", "statistic", "--mode", "random",
+                "--probability", str(loss), "-j", "DROP",
+            )  # fmt: skip
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def enter(self) -> list[str]:
@@ -319,8 +328,19 @@ def lossy_namespace() -> Iterator[LossyNamespace]:
 
 
 @pytest.fixture
-def soak(lossy_namespace: LossyNamespace, soak_seconds: float) -> Iterator[Soak]:
-    run = Soak(lossy_namespace, soak_seconds, seed=random.randrange(2**32))
+def soak(
+    lossy_namespace: LossyNamespace, soak_seconds: float, request: pytest.FixtureRequest
+) -> Iterator[Soak]:
+    if soak_seconds < warm_up_s(soak_seconds) + 10:
+        pytest.fail(
+            f"--soak-seconds {soak_seconds:g}: too short to compare memory after a warm-up of "
+            f"{warm_up_s(soak_seconds):g} s (at least {warm_up_s(0) + 10:g})",
+            pytrace=False,
+        )
+    seed = request.config.getoption("--soak-seed")
+    run = Soak(
+        lossy_namespace, soak_seconds, seed=random.randrange(2**32) if seed is None else seed
+    )
     try:
         run.start()
         yield run
