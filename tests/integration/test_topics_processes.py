@@ -32,8 +32,8 @@ def glue() -> dict[str, str | int]:
 def processes(glue: dict[str, str | int]) -> Iterator[list[EndpointProcess]]:
     started: list[EndpointProcess] = []
     try:
-        for _ in range(5):
-            started.append(EndpointProcess(**glue))
+        for number in range(5):  # the first subscriber on the asyncio API, the rest blocking
+            started.append(EndpointProcess(api="async" if number == 0 else "sync", **glue))
         yield started
     finally:
         for process in started:
