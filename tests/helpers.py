@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -19,6 +21,21 @@ def wait_until(predicate: Callable[[], bool], *, timeout: float, interval: float
         if time.monotonic() >= deadline:
             return bool(predicate())
         time.sleep(interval)
+
+
+@contextmanager
+def random_loss(ports: Sequence[int], probability: float) -> Iterator[None]:
+    """iptables drops ``probability`` of the UDP datagrams arriving on ``ports``, at random, until
+    the block ends (only in the tests' private network namespace: tools/isolated-net)."""
+    rule = [
+        "INPUT", "-p", "udp", "-m", "multiport", "--dports", ",".join(map(str, ports)),
+        "-m", "statistic", "--mode", "random", "--probability", str(probability), "-j", "DROP",
+    ]  # fmt: skip
+    subprocess.run(["iptables", "-A", *rule], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["iptables", "-D", *rule], check=True)
 
 
 async def async_wait_until(

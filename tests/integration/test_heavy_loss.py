@@ -9,16 +9,16 @@ this loss is often; what is owed to it must not be lost because of that.
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
 
 from glue import DeliveryError, EndpointManager
 from tests.endpoint_process import EndpointProcess
-from tests.helpers import free_udp_port
+from tests.helpers import free_udp_port, random_loss
 
 BIG = 20
 BIG_BYTES = 1024 * 1024
@@ -30,21 +30,14 @@ KIND = "stream"
 @pytest.fixture
 def lossy_ports() -> Iterator[Callable[[int], list[int]]]:
     """Free UDP ports on which iptables drops 20 % of arriving datagrams, at random."""
-    rules: list[list[str]] = []
+    with ExitStack() as rules:
 
-    def make(count: int) -> list[int]:
-        ports = [free_udp_port() for _ in range(count)]
-        rule = [
-            "INPUT", "-p", "udp", "-m", "multiport", "--dports", ",".join(map(str, ports)),
-            "-m", "statistic", "--mode", "random", "--probability", "0.2", "-j", "DROP",
-        ]  # fmt: skip
-        subprocess.run(["iptables", "-A", *rule], check=True)
-        rules.append(rule)
-        return ports
+        def make(count: int) -> list[int]:
+            ports = [free_udp_port() for _ in range(count)]
+            rules.enter_context(random_loss(ports, 0.2))
+            return ports
 
-    yield make
-    for rule in rules:
-        subprocess.run(["iptables", "-D", *rule], check=True)
+        yield make
 
 
 def _glue(group: str, port: int, name: str) -> dict[str, str | int]:

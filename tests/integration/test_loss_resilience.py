@@ -11,13 +11,12 @@ last within 15 s of the first. Everything but the ports and the multicast group 
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 
 from tests.endpoint_process import EndpointProcess
-from tests.helpers import free_udp_port, wait_until
+from tests.helpers import free_udp_port, random_loss, wait_until
 
 LOSS = 0.3
 RATE = 50
@@ -31,15 +30,8 @@ DEADLINE_S = 15.0
 def lossy_ports() -> Iterator[list[int]]:
     """Three free UDP ports (the group's, and each endpoint's data port) losing 30 %."""
     ports = [free_udp_port() for _ in range(3)]
-    rule = [
-        "INPUT", "-p", "udp", "-m", "multiport", "--dports", ",".join(map(str, ports)),
-        "-m", "statistic", "--mode", "random", "--probability", str(LOSS), "-j", "DROP",
-    ]  # fmt: skip
-    subprocess.run(["iptables", "-A", *rule], check=True)
-    try:
+    with random_loss(ports, LOSS):
         yield ports
-    finally:
-        subprocess.run(["iptables", "-D", *rule], check=True)
 
 
 def test_at_30_percent_loss_a_64_kib_stream_at_50_per_s_arrives_whole_in_order_on_time(

@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from glue import (
     wire,
 )
 from tests.endpoint_process import EndpointProcess
-from tests.helpers import free_udp_port, multicast_settings, wait_until
+from tests.helpers import free_udp_port, multicast_settings, random_loss, wait_until
 
 
 @pytest.fixture
@@ -39,15 +38,8 @@ def _settings(group: str, **extra: object) -> dict[str, object]:
 def lossy_port() -> Iterator[int]:
     """A UDP port on which iptables drops 20 % of arriving datagrams, at random."""
     port = free_udp_port()
-    rule = [
-        "INPUT", "-p", "udp", "--dport", str(port),
-        "-m", "statistic", "--mode", "random", "--probability", "0.2", "-j", "DROP",
-    ]  # fmt: skip
-    subprocess.run(["iptables", "-A", *rule], check=True)
-    try:
+    with random_loss([port], 0.2):
         yield port
-    finally:
-        subprocess.run(["iptables", "-D", *rule], check=True)
 
 
 def _collect(endpoint: EndpointManager) -> tuple[list[bytes], threading.Condition]:
