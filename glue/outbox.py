@@ -129,12 +129,8 @@ class Outbox:
         for peer in targets:
             waiting = held.get(peer)
             if waiting is None:
-                if offer(peer, payload, expires_at, now):
-                    continue
-                if (
-                    self.drop_slow
-                    and self._drop_backlog(peer, now)
-                    and offer(peer, payload, expires_at, now)
+                if offer(peer, payload, expires_at, now) or self._offer_after_drop(
+                    peer, payload, expires_at, now
                 ):
                     continue
                 waiting = held[peer] = deque()
@@ -156,10 +152,9 @@ class Outbox:
         while waiting:
             item = waiting[0]
             if not gone and item.expires_at > now:
-                if not offer(peer, item.payload, item.expires_at, now) and not (
-                    self.drop_slow
-                    and self._drop_backlog(peer, now)
-                    and offer(peer, item.payload, item.expires_at, now)
+                payload, expires_at = item.payload, item.expires_at
+                if not offer(peer, payload, expires_at, now) and not self._offer_after_drop(
+                    peer, payload, expires_at, now
                 ):
                     return
             elif gone:
@@ -179,6 +174,17 @@ class Outbox:
         """``name (id)`` of a peer, for messages to people."""
         known = self._stack.discovery.peer(peer)
         return f"{known.name} ({peer})" if known is not None else str(peer)
+
+    def _offer_after_drop(
+        self, peer: EndpointId, payload: Outbound, expires_at: float, now: float
+    ) -> bool:
+        """A message ``peer`` had no room for: with ``drop_slow``, drop its backlog and offer the
+        message again; whether it was queued."""
+        return (
+            self.drop_slow
+            and self._drop_backlog(peer, now)
+            and self._stack.offer(peer, payload, expires_at, now)
+        )
 
     def _drop_backlog(self, peer: EndpointId, now: float) -> bool:
         """``drop_slow``: drop what ``peer`` has not acknowledged (its subscriber skips past it:

@@ -29,7 +29,7 @@ from glue.topics import (
     Outbound,
     Topics,
     TopicsConfig,
-    matches,
+    any_matches,
     outbound_size,
 )
 from glue.transport import (
@@ -175,11 +175,11 @@ class Stack:
         # Per peer, the size of the last fragment queued in this burst when a fragmented
         # message was the last thing queued (the next one's first fragment can share its datagram).
         self._tails: dict[EndpointId, int] = {}
-        # Peers taken for gone (their streams are parked in the transport), with the time they
-        # were removed; their routes and the patterns they subscribed to: publications matching
-        # those still queue for them, for their return (a stalled process must lose nothing).
-        self._parked: dict[EndpointId, tuple[Peer, float]] = {}
-        self._parked_routes: dict[EndpointId, _Route] = {}
+        # Peers taken for gone (their streams are parked in the transport): the peer, when it
+        # was removed and its route; and, for those that subscribed to something, the patterns:
+        # publications matching them still queue for it, for its return (a stalled process must
+        # lose nothing).
+        self._parked: dict[EndpointId, tuple[Peer, float, _Route]] = {}
         self._parked_interest: dict[EndpointId, tuple[str, ...]] = {}
         # Parked peers back in the same incarnation whose interest the topics layer has not heard
         # again yet: publications meanwhile still go to them, by the interest they had.
@@ -262,7 +262,7 @@ class Stack:
                 f"a message of {size - MAX_ENVELOPE_BYTES}+ bytes exceeds the maximum of "
                 f"{self.config.max_message_bytes} (GLUE_MAX_MESSAGE_BYTES)"
             )
-        route = self._routes.get(peer) or self._parked_routes.get(peer)
+        route = self._routes.get(peer) or self._parked_route(peer)
         if route is None:
             return False
         if size <= BUNDLE_MAX_MESSAGE_BYTES:
@@ -350,7 +350,7 @@ class Stack:
             return []
         held = self.transport.parked()
         silent = []
-        for peer_id, (peer, removed_at) in self._parked.items():
+        for peer_id, (peer, removed_at, _) in self._parked.items():
             if now >= removed_at + self._timeout_s(peer) and held.get(peer_id):
                 silent.append((peer, held[peer_id], now - removed_at))
         return silent
@@ -370,7 +370,7 @@ class Stack:
             bundle = self._bundles.get(peer)
             if not self.transport.can_send(peer, size if bundle is None else size + bundle.size):
                 return False
-            if peer not in self._routes and peer not in self._parked_routes:
+            if peer not in self._routes and peer not in self._parked:
                 return True
             if bundle is None:
                 bundle = self._bundles[peer] = _Bundle()
@@ -418,19 +418,22 @@ class Stack:
         for peer, patterns in list(self._parked_interest.items()):
             if not parked(peer):  # its parked streams were dropped: forget it
                 self._forget_parked(peer)
-            elif any(matches(pattern, topic) for pattern in patterns):
+            elif any_matches(patterns, topic):
                 found.append(peer)
         for peer, patterns in list(self._returning.items()):
             if self.topics.peer_patterns(peer):  # its interest is known again
                 del self._returning[peer]
-            elif any(matches(pattern, topic) for pattern in patterns):
+            elif any_matches(patterns, topic):
                 found.append(peer)
         return found
 
     def _forget_parked(self, peer: EndpointId) -> None:
         self._parked.pop(peer, None)
-        self._parked_routes.pop(peer, None)
         self._parked_interest.pop(peer, None)
+
+    def _parked_route(self, peer: EndpointId) -> _Route | None:
+        parked = self._parked.get(peer)
+        return parked[2] if parked is not None else None
 
     def subscribe(self, pattern: str, topic_type: str) -> int:
         """Add a local subscription (its id); peers learn it at the next flush.
@@ -561,7 +564,7 @@ class Stack:
         """When the next parked peer will count as silent (see ``silent_peers``), if one will."""
         upcoming = [
             at
-            for peer, removed_at in self._parked.values()
+            for peer, removed_at, _ in self._parked.values()
             if (at := removed_at + self._timeout_s(peer)) > now
         ]
         return min(upcoming, default=None)
@@ -579,9 +582,9 @@ class Stack:
     def recipients(self) -> list[EndpointId]:
         """Ids of the peers a message to everyone goes to: those known now, and those taken for
         gone lately whose streams are kept for their return (it is queued for them)."""
-        if not self._parked_routes:
+        if not self._parked:
             return list(self._routes)
-        return [*self._routes, *(p for p in self._parked_routes if p not in self._routes)]
+        return [*self._routes, *(p for p in self._parked if p not in self._routes)]
 
     def peer_counters(self, peer: EndpointId) -> dict[str, int]:
         """Transport counters and data datagrams/bytes for one peer (empty if unknown)."""
@@ -605,7 +608,7 @@ class Stack:
     def _flush_bundle(self, peer: EndpointId, now: float) -> None:
         """Hand ``peer``'s waiting small messages to the transport, as few frames as fit."""
         bundle = self._bundles.pop(peer, None)
-        route = self._routes.get(peer) or self._parked_routes.get(peer)
+        route = self._routes.get(peer) or self._parked_route(peer)
         if bundle is None or route is None:
             return
         self._tails.pop(peer, None)  # a bundle frame now follows the last fragment
@@ -664,11 +667,9 @@ class Stack:
         silent = event.reason == "expired"
         hold_until = now + PARKED_HOLD_S
         lost = self.transport.remove_peer(peer_id, park=silent, hold_until=hold_until)
-        if silent and self.transport.is_parked(peer_id):
-            self._parked[peer_id] = (peer, now)
-            route = self._routes.get(peer_id)
-            if route is not None:
-                self._parked_routes[peer_id] = route
+        route = self._routes.get(peer_id)
+        if silent and route is not None and self.transport.is_parked(peer_id):
+            self._parked[peer_id] = (peer, now, route)
             # (One that went silent again before its interest was heard again keeps the old.)
             patterns = self.topics.peer_patterns(peer_id) or self._returning.get(peer_id)
             if patterns:

@@ -224,7 +224,8 @@ def matches(pattern: str, topic: str) -> bool:
     return all(w == "+" or w == p for w, p in zip(wanted, parts, strict=True))
 
 
-def _any_matches(patterns: Iterable[str], topic: str) -> bool:
+def any_matches(patterns: Iterable[str], topic: str) -> bool:
+    """Whether any of ``patterns`` matches ``topic`` (see :func:`matches`)."""
     return any(matches(pattern, topic) for pattern in patterns)
 
 
@@ -680,7 +681,7 @@ class Topics:
         found = tuple(
             peer
             for peer, interest in self._interest.items()
-            if _any_matches(interest.patterns, topic)
+            if any_matches(interest.patterns, topic)
         )
         if len(self._target_cache) >= _CACHE_ENTRIES:
             self._target_cache.clear()
@@ -768,9 +769,9 @@ class Topics:
         if not added:
             return
         for topic, history in self._history.items():
-            if not history.entries or not _any_matches(added, topic):
+            if not history.entries or not any_matches(added, topic):
                 continue
-            if _any_matches(old, topic):
+            if any_matches(old, topic):
                 continue  # it has been getting this topic all along
             for _, envelope, expires_at, _ in history.entries:
                 if expires_at > now:  # expired history is never sent
