@@ -493,19 +493,8 @@ class Transport:
             if state.hold_until <= now:
                 self._drop_parked(peer, self._parked.pop(peer), "expired")
                 continue
-            stream = state.send
-            frames = [out for out in stream.unacked.values() if not out.abandoned]
-            frames.extend(stream.pending)
-            messages = _messages(frames)
             before = state.held_bytes()
-            for out in stream.pending:
-                stream.unacked[out.seq] = out  # a placeholder: skipped when it is back
-            stream.pending.clear()
-            for out in frames:
-                out.lost = False
-                self._abandon(stream, out)
-            stream.lost.clear()
-            self._update_skip(stream)
+            messages = self._abandon_all(state.send, "frames_expired")  # skipped when it is back
             self._parked_bytes -= before - state.held_bytes()
             state.parked_until = state.hold_until
             if messages:
@@ -644,24 +633,13 @@ class Transport:
         if state is None:
             return 0
         stream = state.send
-        frames = [out for out in stream.unacked.values() if not out.abandoned]
-        frames.extend(stream.pending)
-        if not frames:
+        if not stream.pending and len(stream.unacked) == stream.abandoned:
             return 0
-        messages = _messages(frames)
-        unacked = stream.unacked
-        for out in stream.pending:
-            unacked[out.seq] = out  # a placeholder: the skip covers its sequence number
-        stream.pending.clear()
-        for out in frames:
-            out.lost = False
-            self._abandon(stream, out, counter="frames_dropped_slow_peer")
-        stream.lost.clear()
+        messages = self._abandon_all(stream, "frames_dropped_slow_peer")  # skip_to: next_seq
         stream.resend_at = None
-        self._update_skip(stream)  # skip_to: next_seq
         # Every frame is a placeholder now: the skip alone stands for them (a stuck peer that
         # never acknowledges it must not make them pile up, drop after drop).
-        unacked.clear()
+        stream.unacked.clear()
         stream.abandoned = 0
         self._dirty.add(peer)
         if peer in self._blocked:
@@ -851,6 +829,22 @@ class Transport:
             ttls = [min(MAX_TTL_MS, max(0, ttl)) for ttl in ttls]
         messages = tuple(zip(lengths, ttls, strict=True))
         return Data(out.seq, out.payload, min(ttl_ms, MAX_TTL_MS), messages=messages)
+
+    def _abandon_all(self, stream: _SendStream, counter: str) -> int:
+        """Abandon every frame not yet acknowledged, queued or in flight (counted as
+        ``counter``), and have the receiver skip past them; returns the messages they ended."""
+        frames = [out for out in stream.unacked.values() if not out.abandoned]
+        frames.extend(stream.pending)
+        messages = _messages(frames)
+        for out in stream.pending:
+            stream.unacked[out.seq] = out  # a placeholder: the skip covers its sequence number
+        stream.pending.clear()
+        for out in frames:
+            out.lost = False
+            self._abandon(stream, out, counter)
+        stream.lost.clear()
+        self._update_skip(stream)
+        return messages
 
     def _abandon(
         self, stream: _SendStream, out: _Outgoing, counter: str = "frames_expired"
