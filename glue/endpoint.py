@@ -28,7 +28,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Final, NoReturn, cast
 
-from glue import network, wire
+from glue import history, network, wire
 from glue.discovery import Address, DiscoveryConfig, Target
 from glue.errors import BackpressureError, DeliveryError, UsageError
 from glue.events import Peer, StackEvent
@@ -150,6 +150,8 @@ class Endpoint:
         # The network key: every datagram sealed on its way out and opened on its way in.
         self._sealer: Sealer | None = None
         self._opener: Opener | None = None
+        #: Kept history on disk, when GLUE_HISTORY_PATH is set (see glue.history).
+        self._history: history.HistoryStore | None = None
         self._scratch = bytearray()  # sealed datagrams are read here, opened into _buffers
         self.key_ids: list[str] = []
         keys = settings.network_keys()
@@ -209,6 +211,13 @@ class Endpoint:
             self._stack_config(host, port, announces), rng=random.Random(), now=loop.time()
         )
         self._stack.topics.wall_offset = time.time() - loop.time()
+        if settings.history_path is not None:
+            try:
+                self._history = history.open_store(settings.history_path, self._stack.topics)
+            except BaseException:
+                self._close_sockets()
+                self._state = "stopped"
+                raise
         loop.add_reader(self._data.fileno(), self._on_readable, self._data, False)
         for sock, multicast in self._discovery_sockets.sockets if self._discovery_sockets else ():
             loop.add_reader(sock.fileno(), self._on_readable, sock, multicast)
@@ -262,6 +271,11 @@ class Endpoint:
             topics=TopicsConfig(
                 history_depth=settings.history_depth,
                 history_max_bytes=settings.history_max_bytes,
+                kept_max_bytes=settings.history_max_bytes,
+                keep=tuple(
+                    (pattern, settings.history_depth if depth is None else depth)
+                    for pattern, depth in settings.history_keep
+                ),
             ),
             datagram_bytes=datagram_bytes - overhead,
             loopback_datagram_bytes=(settings.max_datagram_bytes or wire.MAX_DATAGRAM_BYTES)
@@ -318,6 +332,11 @@ class Endpoint:
         if self.metrics is not None:
             self.metrics.stop()
             self.metrics = None
+        if self._history is not None:
+            if self._stack is not None:
+                self._history.sync(self._stack.topics)
+            self._history.close()
+            self._history = None
         self._close_sockets()
         with self._handoff_mutex:
             held = self._stack.outbox.clear() if self._stack is not None else 0
@@ -428,6 +447,18 @@ class Endpoint:
         subscription = self._stack.subscribe(pattern, topic_type)
         self._flush()
         return subscription
+
+    def keep_history(self, pattern: str, depth: int | None) -> None:
+        """Keep (depth 0: stop keeping) the history of topics matching ``pattern``, on the loop
+        thread (see ``Topics.keep``); ``None``: GLUE_HISTORY_DEPTH.
+
+        Raises:
+            UsageError: the pattern or depth is not valid, or the endpoint is not running.
+        """
+        if not self.running or self._stack is None:
+            raise UsageError("the endpoint is not running")
+        self._stack.topics.keep(pattern, self.settings.history_depth if depth is None else depth)
+        self._flush()
 
     def unsubscribe(self, subscription: int) -> None:
         """Remove a subscription (on the loop thread); peers hear of it at once."""
@@ -856,6 +887,8 @@ class Endpoint:
         if dispatch:
             self._deferred = 0
             self._dispatch_events()
+        if self._history is not None and self._stack is not None:
+            self._history.sync(self._stack.topics)
         self._rearm()
         if self._idle_waiters:
             self._settle_flushes(now)

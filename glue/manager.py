@@ -555,6 +555,21 @@ class AsyncEndpointManager:
         self._subscriptions[subscription.id] = subscription
         return subscription
 
+    def keep_history(self, pattern: str, *, depth: int | None = None) -> None:
+        """Keep the history of topics matching ``pattern`` for others, as their publishers do:
+        the last ``depth`` messages of each publisher on each topic (GLUE_HISTORY_DEPTH when
+        None), served to late joiners and to peers back from a partition under the original
+        publisher's name and sequence, so they arrive once, in order, even after the publisher
+        exited (``docs/history.md``). ``depth=0`` stops keeping the pattern. With
+        GLUE_HISTORY_PATH, what is kept survives a restart.
+
+        Raises:
+            UsageError: the pattern or depth is not valid (as ``UsageTypeError`` or
+                ``UsageValueError``), or the endpoint is not running.
+        """
+        validate_pattern(pattern, "pattern")
+        self._endpoint.keep_history(pattern, depth)
+
     def unsubscribe(self, subscription: AsyncSubscription | str) -> None:
         """Close one subscription, or every subscription to the pattern given as a string.
 
@@ -1168,6 +1183,21 @@ class EndpointManager:
 
         self._call(_as_coroutine(register))
         return subscription
+
+    def keep_history(self, pattern: str, *, depth: int | None = None) -> None:
+        """Keep the history of topics matching ``pattern`` for others, as their publishers do:
+        the last ``depth`` messages of each publisher on each topic (GLUE_HISTORY_DEPTH when
+        None), served to late joiners and to peers back from a partition under the original
+        publisher's name and sequence, so they arrive once, in order, even after the publisher
+        exited (``docs/history.md``). ``depth=0`` stops keeping the pattern. With
+        GLUE_HISTORY_PATH, what is kept survives a restart.
+
+        Raises:
+            UsageError: the pattern or depth is not valid (as ``UsageTypeError`` or
+                ``UsageValueError``), or the endpoint is not running.
+        """
+        validate_pattern(pattern, "pattern")
+        self._call(_as_coroutine(lambda: self._endpoint.keep_history(pattern, depth)))
 
     def unsubscribe(self, subscription: Subscription | str) -> None:
         """Close one subscription, or every subscription to the pattern given as a string.

@@ -75,6 +75,11 @@ EXPECTED: Final[dict[str, str]] = {
     "slow_peer": "block or drop (what a full send queue to one peer does)",
     "history_depth": "an integer from 0 to 1000000 (messages kept per topic for late joiners)",
     "history_max_bytes": "an integer from 0 to 1099511627776 (bytes of history in total)",
+    "history_keep": (
+        "a comma-separated list of topic patterns, each optionally with =DEPTH, e.g. "
+        "sensors/#,config/#=10 (depth 1 to 1000000; GLUE_HISTORY_DEPTH when not given)"
+    ),
+    "history_path": "the path of an SQLite file for kept history, e.g. /var/lib/glue/history.db",
     "callback_threads": "an integer from 1 to 256 (threads running subscription callbacks)",
     "log_level": "one of " + ", ".join(_LOG_LEVELS),
     "strict_settings": "1 or true (an unknown GLUE_* variable is an error), 0 or false",
@@ -129,6 +134,11 @@ class GlueSettings(BaseSettings):
     slow_peer: Literal["block", "drop"] = "block"
     history_depth: int = Field(1, ge=0, le=1_000_000)
     history_max_bytes: int = Field(64 * 1024 * 1024, ge=0, le=1024**4)
+    #: Topic patterns whose history this endpoint keeps for others (docs/history.md), each with
+    #: its depth (None: history_depth).
+    history_keep: Annotated[tuple[tuple[str, int | None], ...], NoDecode] = ()
+    #: Where kept history is persisted (SQLite), so that a restarted keeper still serves it.
+    history_path: Path | None = None
     callback_threads: int = Field(4, ge=1, le=256)
     log_level: str = "INFO"
     strict_settings: bool = False
@@ -162,6 +172,52 @@ class GlueSettings(BaseSettings):
             except OSError as exc:
                 raise ValueError(f"cannot read it: {exc.strerror}") from None
             parse_keys(text)
+        return value
+
+    @field_validator("history_keep", mode="before")
+    @classmethod
+    def _parse_keep(cls, value: Any) -> tuple[tuple[str, int | None], ...]:
+        from glue.errors import UsageError
+        from glue.topics import validate_pattern
+
+        if value is None:
+            return ()
+        items = value.split(",") if isinstance(value, str) else list(value)
+        kept: dict[str, int | None] = {}
+        for item in items:
+            if isinstance(item, tuple | list):
+                pattern, depth = item
+            else:
+                pattern, _, raw = str(item).strip().partition("=")
+                depth = None
+                if raw:
+                    if not raw.strip().isdigit() or not 1 <= int(raw) <= 1_000_000:
+                        raise ValueError(f"{item.strip()!r}: the depth is not 1 to 1000000")
+                    depth = int(raw)
+            pattern = pattern.strip()
+            if not pattern:
+                if isinstance(value, str) and not value.strip():
+                    continue
+                raise ValueError("empty entry in the list")
+            try:
+                validate_pattern(pattern, "pattern")
+            except UsageError as exc:
+                raise ValueError(str(exc)) from None
+            kept[pattern] = depth
+        return tuple(kept.items())
+
+    @field_validator("history_path", mode="after")
+    @classmethod
+    def _check_history_path(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if value.is_dir():
+            raise ValueError("it is a directory")
+        parent = value.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot create it: {parent} is not a writable directory")
         return value
 
     @field_validator("metrics_address", mode="before")

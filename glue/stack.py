@@ -727,17 +727,21 @@ class Stack:
             payload = bytes(payload)
         arrived = event.arrived_at
         alive: list[bytes] = []
+        expiries: list[float] = []  # when each runs out (a history keeper keeps it until then)
         keep = alive.append
+        keep_expiry = expiries.append
         offset = 0
         expired = 0
         for length, ttl_ms in event.frame.messages:
             end = offset + length
-            if ttl_ms and arrived + ttl_ms / 1000.0 > now:
+            expires_at = arrived + ttl_ms / 1000.0
+            if ttl_ms and expires_at > now:
                 keep(payload[offset:end])
+                keep_expiry(expires_at)
             else:
                 expired += 1
             offset = end
-        self.topics.receive_many(source, alive, now)
+        self.topics.receive_many(source, alive, now, expiries)
         if expired:
             self.counters["messages_expired_in_bundle"] += expired
 
@@ -779,14 +783,15 @@ class Stack:
                         reassembler.discard(event.peer)  # cannot happen with a good sender
                     route = routes.get(event.peer)
                     if route is not None:
-                        deliver(route.peer, payload, now)
+                        deliver(route.peer, payload, now, event.arrived_at + frame.ttl_ms / 1000.0)
                     continue
                 # A large message's pieces (views of the datagrams) are joined once, by topics.
                 pieces = reassembler.receive_pieces(event.peer, frame, now=now)
                 if pieces is not None:
                     route = routes.get(event.peer)
                     if route is not None:
-                        deliver_pieces(route.peer, pieces, now)
+                        expires_at = event.arrived_at + frame.ttl_ms / 1000.0  # its last piece's
+                        deliver_pieces(route.peer, pieces, now, expires_at)
             elif type(event) is FramesSkipped:
                 self.reassembler.discard(event.peer)
                 self.counters["frames_skipped"] += event.last - event.first + 1

@@ -60,7 +60,7 @@ from glue.events import (
     StackEvent,
     TopicDelivery,
 )
-from glue.wire import EndpointId
+from glue.wire import MAX_ID, MAX_NAME_CHARS, EndpointId
 
 __all__ = [
     "APART_BYTES",
@@ -245,6 +245,11 @@ class TopicsConfig:
     #: Topics remembered (their sequence and depth) after their history emptied; beyond, the
     #: oldest are forgotten and a topic published anew numbers on from the highest forgotten.
     max_dormant_topics: int = 100_000
+    #: Bytes of other publishers' messages a keeper holds in total (``keep``); beyond it the
+    #: least recently updated (topic, publisher) histories lose their oldest entries.
+    kept_max_bytes: int = 64 * 1024 * 1024
+    #: Patterns kept from the start, each with its depth (``GLUE_HISTORY_KEEP``).
+    keep: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(slots=True)
@@ -261,6 +266,27 @@ class _History:
         self.depth = depth  # the configured default until a publish sets it for the topic
         # (sequence, message, expires_at, its size)
         self.entries: deque[tuple[int, Outbound, float, int]] = deque()
+
+
+class _Kept:
+    """What a keeper holds of one publisher on one topic: its last ``depth`` messages."""
+
+    __slots__ = ("depth", "entries", "incarnation", "name")
+
+    def __init__(self, incarnation: int, name: str, depth: int) -> None:
+        self.incarnation = incarnation
+        self.name = name
+        self.depth = depth
+        # (sequence, envelope with its origin, expires_at, size), in sequence order
+        self.entries: deque[tuple[int, Outbound, float, int]] = deque()
+
+
+#: One kept message as persisted (``glue.history``): topic, publisher id, incarnation and name,
+#: sequence, the envelope line (with its origin, no LF), the payload, expiry (monotonic time).
+KeptMessage = tuple[str, EndpointId, int, str, int, bytes, bytes, float]
+#: A change to what is kept, for a persistent store: ``("put", KeptMessage)``, or
+#: ``("drop", (topic, publisher id, up to sequence))`` (every sequence when it is -1).
+KeptChange = tuple[str, Any]
 
 
 class _Interest:
@@ -322,6 +348,16 @@ class Topics:
         self._stamp_now = float("nan")
         self._stamp_wall = 0.0
         self._stamp = b""
+        # History keeping (``keep``): pattern -> depth; per topic, the depth its patterns give
+        # (0: not kept); per (topic, publisher), what is kept, least recently updated first.
+        self._keep: dict[str, int] = {}
+        self._keep_cache: dict[str, int] = {}
+        self._kept: dict[tuple[str, EndpointId], _Kept] = {}
+        self._kept_bytes = 0
+        self._kept_prune_at = math.inf
+        self._kept_changes: list[KeptChange] | None = None  # journaled once a store asks
+        for pattern, depth in config.keep:
+            self.keep(pattern, depth)
 
     # --- local subscriptions --------------------------------------------------------------------
 
@@ -337,12 +373,7 @@ class Topics:
         self._next_subscription += 1
         self._subscriptions[subscription] = _Subscription(pattern, topic_type)
         self._local_cache.clear()
-        self._pattern_counts[pattern] += 1
-        if self._pattern_counts[pattern] == 1:
-            if pattern in self._removed:
-                self._removed.discard(pattern)
-            else:
-                self._added.add(pattern)
+        self._want(pattern)
         return subscription
 
     def unsubscribe(self, subscription: int) -> None:
@@ -351,7 +382,18 @@ class Topics:
         if entry is None:
             return
         self._local_cache.clear()
-        pattern = entry.pattern
+        self._unwant(entry.pattern)
+
+    def _want(self, pattern: str) -> None:
+        """One more subscription (or keeper) wants ``pattern``: a new one joins our interest."""
+        self._pattern_counts[pattern] += 1
+        if self._pattern_counts[pattern] == 1:
+            if pattern in self._removed:
+                self._removed.discard(pattern)
+            else:
+                self._added.add(pattern)
+
+    def _unwant(self, pattern: str) -> None:
         self._pattern_counts[pattern] -= 1
         if self._pattern_counts[pattern] == 0:
             del self._pattern_counts[pattern]
@@ -360,7 +402,191 @@ class Topics:
             else:
                 self._removed.add(pattern)
 
-    def patterns(self) -> list[str]:
+    # --- history keeping ------------------------------------------------------------------------
+
+    def keep(self, pattern: str, depth: int) -> None:
+        """Keep the last ``depth`` messages of every publisher on topics matching ``pattern``,
+        and serve them to late joiners as their publishers would (``docs/history.md``).
+
+        The pattern joins this endpoint's interest, so publishers send to it. Keeping a pattern
+        again changes its depth; a depth of 0 stops keeping it (``unkeep``).
+
+        Raises:
+            UsageError: the pattern or depth is not valid.
+        """
+        validate_pattern(pattern, "pattern")
+        if type(depth) is not int:
+            raise UsageTypeError(f"depth must be an int, not {type(depth).__name__}")
+        if depth < 0:
+            raise UsageValueError(f"depth must be 0 or more, not {depth}")
+        if depth == 0:
+            self.unkeep(pattern)
+            return
+        if pattern not in self._keep:
+            self._want(pattern)
+        self._keep[pattern] = depth
+        self._keep_cache.clear()
+
+    def unkeep(self, pattern: str) -> None:
+        """Stop keeping ``pattern`` (no-op when not kept); what it kept is dropped."""
+        if self._keep.pop(pattern, None) is None:
+            return
+        self._unwant(pattern)
+        self._keep_cache.clear()
+        for key in [key for key in self._kept if not self._keep_depth(key[0])]:
+            self._forget_kept(key)
+
+    def kept_patterns(self) -> dict[str, int]:
+        """The patterns kept, with their depths."""
+        return dict(self._keep)
+
+    def kept_messages(self) -> int:
+        """How many messages of other publishers are kept now."""
+        return sum(len(kept.entries) for kept in self._kept.values())
+
+    def journal_kept(self) -> None:
+        """Record every change to what is kept from now on, for ``take_kept_changes``."""
+        if self._kept_changes is None:
+            self._kept_changes = []
+
+    def take_kept_changes(self) -> list[KeptChange]:
+        """Changes to what is kept since the last call (see ``journal_kept``), oldest first."""
+        changes = self._kept_changes
+        if not changes:
+            return []
+        self._kept_changes = []
+        return changes
+
+    def restore_kept(self, message: KeptMessage) -> bool:
+        """Keep a message read back from a store (in sequence order per publisher and topic);
+        False when it is not kept (no pattern matches it any more, or it expired)."""
+        topic, publisher, incarnation, name, sequence, line, body, expires_at = message
+        depth = self._keep_depth(topic)
+        if not depth:
+            return False
+        return self._keep_message(
+            topic, publisher, incarnation, name, sequence, line, body, expires_at, depth, put=False
+        )  # (it is in the store already: only what it displaces is journaled)
+
+    def _journal_drop(self, topic: str, publisher: EndpointId, up_to: int) -> None:
+        if self._kept_changes is not None:
+            self._kept_changes.append(("drop", (topic, publisher, up_to)))
+
+    def _forget_kept(self, key: tuple[str, EndpointId]) -> None:
+        kept = self._kept.pop(key)
+        self._kept_bytes -= sum(entry[3] for entry in kept.entries)
+        self._journal_drop(key[0], key[1], -1)
+
+    def _trim_kept(self) -> None:
+        """Within ``kept_max_bytes``: the least recently updated histories lose their oldest."""
+        limit = self.config.kept_max_bytes
+        emptied = []
+        for key, kept in self._kept.items():
+            entries = kept.entries
+            dropped = 0
+            while entries and self._kept_bytes > limit:
+                old = entries.popleft()
+                self._kept_bytes -= old[3]
+                dropped = old[0]
+                self.counters["kept_evicted_for_space"] += 1
+            if dropped:
+                self._journal_drop(key[0], key[1], dropped)
+            if not entries:
+                emptied.append(key)
+            if self._kept_bytes <= limit:
+                break
+        for key in emptied:
+            del self._kept[key]
+
+    def _prune_kept(self, now: float) -> None:
+        earliest = math.inf
+        emptied = []
+        expired = 0
+        for key, kept in self._kept.items():
+            entries = kept.entries
+            dropped = 0
+            # In sequence order: a later message that expires sooner (its own expiry) waits for
+            # the ones before it (within the depth; expired entries are never sent).
+            while entries and entries[0][2] <= now:
+                old = entries.popleft()
+                self._kept_bytes -= old[3]
+                dropped = old[0]
+                expired += 1
+            if dropped:
+                self._journal_drop(key[0], key[1], dropped)
+            if entries:
+                earliest = min(earliest, entries[0][2])
+            else:
+                emptied.append(key)
+        for key in emptied:
+            del self._kept[key]
+        self._kept_prune_at = earliest
+        if expired:
+            self.counters["kept_expired"] += expired
+
+    def _keep_depth(self, topic: str) -> int:
+        depth = self._keep_cache.get(topic)
+        if depth is None:
+            depth = max((d for p, d in self._keep.items() if matches(p, topic)), default=0)
+            if len(self._keep_cache) >= _CACHE_ENTRIES:
+                self._keep_cache.clear()
+            self._keep_cache[topic] = depth
+        return depth
+
+    def _keep_message(
+        self,
+        topic: str,
+        publisher: EndpointId,
+        incarnation: int,
+        name: str,
+        sequence: int,
+        line: bytes,
+        body: bytes,
+        expires_at: float,
+        depth: int,
+        *,
+        put: bool = True,
+    ) -> bool:
+        """Keep one message of ``publisher`` (``line``: its envelope line, with its origin);
+        ``put``: journal it (see ``journal_kept``)."""
+        key = (topic, publisher)
+        kept = self._kept.pop(key, None)
+        if kept is not None and kept.incarnation != incarnation:
+            if incarnation < kept.incarnation:
+                self._kept[key] = kept  # an older incarnation's message: a newer one replaced it
+                return False
+            self._kept[key] = kept
+            self._forget_kept(key)  # the publisher restarted: its new messages replace these
+            kept = None
+        if kept is None:
+            kept = _Kept(incarnation, name, depth)
+        self._kept[key] = kept  # now the most recently updated
+        kept.depth = depth
+        entries = kept.entries
+        if entries and sequence <= entries[-1][0]:
+            return False  # kept already (or older than what is kept)
+        apart = len(body) > APART_BYTES
+        envelope: Outbound = (line + b"\n", body) if apart else line + b"\n" + body
+        size = len(line) + 1 + len(body)
+        entries.append((sequence, envelope, expires_at, size))
+        self._kept_bytes += size
+        if expires_at < self._kept_prune_at:
+            self._kept_prune_at = expires_at
+        if put and self._kept_changes is not None:
+            message = (topic, publisher, incarnation, name, sequence, line, body, expires_at)
+            self._kept_changes.append(("put", message))
+        dropped = 0
+        while len(entries) > depth:
+            old = entries.popleft()
+            self._kept_bytes -= old[3]
+            dropped = old[0]
+        if dropped:
+            self._journal_drop(topic, publisher, dropped)
+        self.counters["kept" if put else "kept_restored"] += 1
+        if self._kept_bytes > self.config.kept_max_bytes:
+            self._trim_kept()
+        return True
+
         """The patterns this endpoint subscribes to, sorted."""
         return sorted(self._pattern_counts)
 
@@ -499,14 +725,21 @@ class Topics:
 
     # --- receiving ------------------------------------------------------------------------------
 
-    def receive(self, peer: Peer, data: bytes, now: float) -> None:
-        """Take one whole message the transport delivered from ``peer``."""
+    def receive(self, peer: Peer, data: bytes, now: float, expires_at: float = math.inf) -> None:
+        """Take one whole message the transport delivered from ``peer`` (``expires_at``: when
+        its time to live runs out, which a keeper keeps it until)."""
         if data.startswith(DIRECT_ENVELOPE):  # what _receive does with it, without its set-up
             self._emit(MessageReceived(peer, data[len(DIRECT_ENVELOPE) :], now))
             return
-        self.receive_many(peer, (data,), now)
+        self._receive(peer, (data,), now, None, (expires_at,))
 
-    def receive_pieces(self, peer: Peer, pieces: Sequence[bytes | memoryview], now: float) -> None:
+    def receive_pieces(
+        self,
+        peer: Peer,
+        pieces: Sequence[bytes | memoryview],
+        now: float,
+        expires_at: float = math.inf,
+    ) -> None:
         """Take one large message from ``peer`` as its pieces (fragments' payloads, in order).
 
         The envelope is read from the first piece, and the payload is joined from the rest in one
@@ -523,14 +756,26 @@ class Topics:
         if line.startswith(DIRECT_ENVELOPE):  # what _receive does with it, without its set-up
             self._emit(MessageReceived(peer, body, now))
             return
-        self._receive(peer, (line[: end + 1],), now, body)
+        self._receive(peer, (line[: end + 1],), now, body, (expires_at,))
 
-    def receive_many(self, peer: Peer, messages: Iterable[bytes], now: float) -> None:
-        """Take whole messages the transport delivered from ``peer``, in order (a bundle's)."""
-        self._receive(peer, messages, now, None)
+    def receive_many(
+        self,
+        peer: Peer,
+        messages: Sequence[bytes],
+        now: float,
+        expiries: Sequence[float] | None = None,
+    ) -> None:
+        """Take whole messages the transport delivered from ``peer``, in order (a bundle's), and
+        when each expires (``receive``), if known."""
+        self._receive(peer, messages, now, None, expiries)
 
     def _receive(
-        self, peer: Peer, messages: Iterable[bytes], now: float, body: bytes | None
+        self,
+        peer: Peer,
+        messages: Sequence[bytes],
+        now: float,
+        body: bytes | None,
+        expiries: Sequence[float] | None,
     ) -> None:
         """The receiving loop; ``body``, when given, is the payload of the only message, whose
         bytes in ``messages`` are then its envelope line alone.
@@ -553,7 +798,8 @@ class Topics:
         # per run, not per message); anything else emitted in between starts a new run.
         run: list[Message] | None = None
         run_local: tuple[int, ...] = ()
-        for data in messages:
+        keeping = bool(self._keep)
+        for index, data in enumerate(messages):
             if data.startswith(DIRECT_ENVELOPE):
                 emit(MessageReceived(peer, data[3:] if body is None else body, now))
                 run = None
@@ -601,10 +847,38 @@ class Topics:
                 local = self._local_matches(topic, topic_type)
             elif self._local_cache.get(names, _NO_MISMATCH)[1]:
                 local = self._local_matches(topic, topic_type)
-            last = seen.get(key)
+            origin = head.get("o")
+            if origin is None:
+                stream, source_id, source_name = key, peer_id, peer.name
+            else:  # kept by a keeper: the publisher's stream, whoever relays it
+                found = _origin(origin)
+                if found is None:
+                    self._drop("bad_envelope", peer, "a kept message with a malformed origin")
+                    continue
+                source_id, source_incarnation, source_name = found
+                stream = (source_id, source_incarnation, topic)
+                self.counters["received_from_keepers"] += 1
+            last = seen.get(stream)
             if last is not None and sequence <= last:
                 self.counters["duplicates_suppressed"] += 1
                 continue
+            if keeping and source_id != self.endpoint_id:
+                depth = self._keep_depth(topic)
+                expires_at = math.inf if expiries is None else expiries[index]
+                if depth and expires_at > now:
+                    payload = data[end + 1 :] if body is None else body
+                    line = data[:end] if origin is not None else _with_origin(data[:end], peer)
+                    self._keep_message(
+                        topic,
+                        source_id,
+                        stream[1],
+                        source_name,
+                        sequence,
+                        line,
+                        payload,
+                        expires_at,
+                        depth,
+                    )
             if not local:
                 # Not marked as seen: history may bring it again for a later subscription.
                 self.counters["received_unwanted"] += 1
@@ -612,13 +886,13 @@ class Topics:
             if last is None and len(seen) >= self.config.max_streams:
                 del seen[next(iter(seen))]
                 self.counters["streams_forgotten"] += 1
-            seen[key] = sequence
+            seen[stream] = sequence
             message = Message(
                 topic,
                 topic_type,
                 data[end + 1 :] if body is None else body,
-                peer_id,
-                peer.name,
+                source_id,
+                source_name,
                 sequence,
                 sent_at,
                 received_at,
@@ -777,10 +1051,19 @@ class Topics:
                 if expires_at > now:  # expired history is never sent
                     self._outbox.append((peer, envelope, expires_at))
                     self.counters["history_sent"] += 1
+        for (topic, publisher), kept in self._kept.items():
+            if publisher == peer or not any_matches(added, topic) or any_matches(old, topic):
+                continue  # (its own messages, or a topic it has been getting all along)
+            for _, envelope, expires_at, _ in kept.entries:
+                if expires_at > now:
+                    self._outbox.append((peer, envelope, expires_at))
+                    self.counters["kept_sent"] += 1
 
     def prune_history(self, now: float) -> None:
         """Drop expired history entries (called on timers; expired ones are never sent), and
         the topics left without any. Nothing to scan before the earliest entry expires."""
+        if now >= self._kept_prune_at:
+            self._prune_kept(now)
         if now < self._prune_at:
             return
         earliest = math.inf
@@ -856,6 +1139,29 @@ class Topics:
         if len(self._warned) < _MAX_WARNED:
             self._warned.add(key)
         logger.warning(message, *args)
+
+
+def _origin(raw: object) -> tuple[EndpointId, int, str] | None:
+    """A kept message's origin, ``[publisher id, incarnation, name]``, or None if malformed."""
+    if type(raw) is not list or len(raw) != 3:
+        return None
+    publisher, incarnation, name = raw
+    if (
+        type(publisher) is not int
+        or not 0 < publisher <= MAX_ID
+        or type(incarnation) is not int
+        or not 0 <= incarnation <= MAX_ID
+        or type(name) is not str
+        or not 0 < len(name) <= MAX_NAME_CHARS
+    ):
+        return None
+    return EndpointId(publisher), incarnation, name
+
+
+def _with_origin(line: bytes, peer: Peer) -> bytes:
+    """An envelope line (JSON, no LF) with its publisher ``peer`` as origin, to relay it."""
+    origin = orjson.dumps([peer.endpoint_id, peer.incarnation, peer.name])
+    return b'%s,"o":%s}' % (line[:-1], origin)
 
 
 def _patterns(raw: object) -> frozenset[str]:

@@ -252,6 +252,8 @@ BAD_VALUES = {
     "GLUE_SLOW_PEER": ["wait", "Drop", "0"],
     "GLUE_HISTORY_DEPTH": ["-1", "1000001", "some"],
     "GLUE_HISTORY_MAX_BYTES": ["-1", "1.5"],
+    "GLUE_HISTORY_KEEP": ["bad pattern", "a/#=0", "a/#=x", "a,,b", "a/#/b", "a=1000001"],
+    "GLUE_HISTORY_PATH": ["/", "/dev/null/history.db"],
     "GLUE_CALLBACK_THREADS": ["0", "257", "many"],
     "GLUE_LOG_LEVEL": ["verbose", "5", "WARN"],
     "GLUE_STRICT_SETTINGS": ["maybe", "2"],
