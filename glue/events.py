@@ -10,6 +10,8 @@ import orjson
 from glue.wire import EndpointId
 
 __all__ = [
+    "Gap",
+    "GapReason",
     "InterestChanged",
     "Message",
     "MessageReceived",
@@ -21,9 +23,12 @@ __all__ = [
     "StackEvent",
     "StopReport",
     "TopicDelivery",
+    "TopicGap",
 ]
 
 RemovalReason = Literal["expired", "left", "restarted", "evicted"]
+#: Why messages will never arrive (see :class:`Gap`).
+GapReason = Literal["expired", "dropped", "history"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +133,40 @@ class TopicDelivery:
 
 
 @dataclass(frozen=True, slots=True)
+class Gap:
+    """Messages ``first_sequence`` .. ``first_sequence + count - 1`` of one publisher on one
+    topic will never arrive here (seen when a later one arrived), for a subscription that asked
+    (``subscribe(..., gaps=True)`` or ``on_gap``).
+
+    ``reason``: ``"expired"``, they expired before they could be delivered (at the publisher,
+    waiting for this endpoint, or on the way); ``"dropped"``, the publisher's slow-peer policy
+    dropped them for this endpoint (``GLUE_SLOW_PEER=drop``); ``"history"``, they were
+    published while this endpoint was away or not subscribed, and the history it got did not
+    reach back that far. (A subscription's own full queue is reported apart: its ``dropped``.)
+    """
+
+    topic_name: str
+    source_id: int
+    source_name: str
+    first_sequence: int
+    count: int
+    reason: GapReason
+
+    @property
+    def last_sequence(self) -> int:
+        """The sequence of the last message missing."""
+        return self.first_sequence + self.count - 1
+
+
+@dataclass(slots=True)
+class TopicGap:
+    """A :class:`Gap`, for the local subscriptions ``subscriptions`` (ids) that asked for gaps."""
+
+    gap: Gap
+    subscriptions: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class InterestChanged:
     """What peer ``peer_id`` subscribes to changed (or became known)."""
 
@@ -172,4 +211,4 @@ class StopReport:
         return "; ".join(parts)
 
 
-StackEvent = PeerAdded | PeerRemoved | MessageReceived | TopicDelivery | InterestChanged
+StackEvent = PeerAdded | PeerRemoved | MessageReceived | TopicDelivery | TopicGap | InterestChanged

@@ -57,6 +57,7 @@ from glue.events import (
     StackEvent,
     StopReport,
     TopicDelivery,
+    TopicGap,
 )
 from glue.settings import GlueSettings, load_settings
 from glue.subscription import (
@@ -747,6 +748,8 @@ class AsyncEndpointManager:
             if isinstance(event, InterestChanged):
                 changed = True
                 continue
+            if isinstance(event, TopicGap):  # (no subscription asks for gaps yet)
+                continue
             changed = True
             peer = event.peer
             if isinstance(event, PeerAdded):
@@ -1388,7 +1391,7 @@ class EndpointManager:
             if isinstance(event, TopicDelivery):
                 _collect(per_subscription, event)
                 continue
-            if isinstance(event, InterestChanged):
+            if isinstance(event, InterestChanged | TopicGap):  # (no subscription asks for gaps)
                 continue
             if isinstance(event, MessageReceived):
                 messages.append(event)

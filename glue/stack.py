@@ -741,9 +741,10 @@ class Stack:
             else:
                 expired += 1
             offset = end
-        self.topics.receive_many(source, alive, now, expiries)
         if expired:
             self.counters["messages_expired_in_bundle"] += expired
+            self.topics.skipped(source.endpoint_id, "expired")
+        self.topics.receive_many(source, alive, now, expiries)
 
     def _route(self, peer: Peer) -> _Route:
         header = wire.Header(
@@ -795,6 +796,9 @@ class Stack:
             elif type(event) is FramesSkipped:
                 self.reassembler.discard(event.peer)
                 self.counters["frames_skipped"] += event.last - event.first + 1
+                self.topics.skipped(
+                    event.peer, "dropped" if event.reason == "dropped" else "expired"
+                )
             elif type(event) is StreamsDropped:
                 parked = self._parked.get(event.peer)
                 if parked is not None:  # dropped (expired, memory) while it was away

@@ -53,12 +53,15 @@ import orjson
 
 from glue.errors import UsageError, UsageTypeError, UsageValueError
 from glue.events import (
+    Gap,
+    GapReason,
     InterestChanged,
     Message,
     MessageReceived,
     Peer,
     StackEvent,
     TopicDelivery,
+    TopicGap,
 )
 from glue.wire import MAX_ID, MAX_NAME_CHARS, EndpointId
 
@@ -256,6 +259,7 @@ class TopicsConfig:
 class _Subscription:
     pattern: str
     topic_type: str
+    gaps: bool = False  # it wants Gap events (TopicGap)
 
 
 class _History:
@@ -356,13 +360,18 @@ class Topics:
         self._kept_bytes = 0
         self._kept_prune_at = math.inf
         self._kept_changes: list[KeptChange] | None = None  # journaled once a store asks
+        # The last sequence of a stream that arrived unwanted (another type): no gap up to it.
+        self._passed: dict[tuple[int, int, str], int] = {}
+        # Why frames from a peer were last skipped (its next gap says so), per peer.
+        self._skip_reasons: dict[EndpointId, GapReason] = {}
         for pattern, depth in config.keep:
             self.keep(pattern, depth)
 
     # --- local subscriptions --------------------------------------------------------------------
 
-    def subscribe(self, pattern: str, topic_type: str) -> int:
-        """Add a local subscription; returns its id.
+    def subscribe(self, pattern: str, topic_type: str, *, gaps: bool = False) -> int:
+        """Add a local subscription; returns its id. With ``gaps``, it also gets a
+        :class:`TopicGap` for every run of messages that will never arrive.
 
         Raises:
             UsageError: the pattern or type is not valid.
@@ -371,7 +380,7 @@ class Topics:
         validate_topic_type(topic_type)
         subscription = self._next_subscription
         self._next_subscription += 1
-        self._subscriptions[subscription] = _Subscription(pattern, topic_type)
+        self._subscriptions[subscription] = _Subscription(pattern, topic_type, gaps)
         self._local_cache.clear()
         self._want(pattern)
         return subscription
@@ -696,6 +705,7 @@ class Topics:
             self._send_delta()  # to the others; the newcomer gets the whole set, this version
         self._peers[peer.endpoint_id] = peer
         self._interest[peer.endpoint_id] = _Interest()
+        self._skip_reasons.pop(peer.endpoint_id, None)
         self._target_cache.clear()
         if self._pattern_counts:
             self._send_full(peer.endpoint_id, ask=False)
@@ -721,9 +731,16 @@ class Topics:
         """Forget the peer's interest (what it received stays remembered for dedup)."""
         self._peers.pop(peer.endpoint_id, None)
         self._interest.pop(peer.endpoint_id, None)
+        self._skip_reasons.pop(peer.endpoint_id, None)
         self._target_cache.clear()
 
     # --- receiving ------------------------------------------------------------------------------
+
+    def skipped(self, peer: EndpointId, reason: GapReason) -> None:
+        """Messages from ``peer`` were lost below this layer (the transport skipped frames, or a
+        bundle's message expired): the next gap in its topics is for ``reason``."""
+        if peer in self._peers:
+            self._skip_reasons[peer] = reason
 
     def receive(self, peer: Peer, data: bytes, now: float, expires_at: float = math.inf) -> None:
         """Take one whole message the transport delivered from ``peer`` (``expires_at``: when
@@ -859,9 +876,19 @@ class Topics:
                 stream = (source_id, source_incarnation, topic)
                 self.counters["received_from_keepers"] += 1
             last = seen.get(stream)
-            if last is not None and sequence <= last:
-                self.counters["duplicates_suppressed"] += 1
-                continue
+            if last is not None and sequence <= last + 1:
+                if sequence <= last:
+                    self.counters["duplicates_suppressed"] += 1
+                    continue
+            elif last is not None and local:
+                # Those in between that arrived unwanted (another type) are no gap.
+                top = max(last, self._passed.get(stream, 0))
+                if sequence > top + 1:
+                    reason = "history" if origin is not None else self._skip_reasons.get(peer_id)
+                    self._gap(
+                        local, topic, source_id, source_name, top + 1, sequence - top - 1, reason
+                    )
+                    run = None
             if keeping and source_id != self.endpoint_id:
                 depth = self._keep_depth(topic)
                 expires_at = math.inf if expiries is None else expiries[index]
@@ -882,6 +909,10 @@ class Topics:
             if not local:
                 # Not marked as seen: history may bring it again for a later subscription.
                 self.counters["received_unwanted"] += 1
+                if last is not None:  # but no gap for those who want the stream
+                    if len(self._passed) >= self.config.max_streams:
+                        self._passed.clear()
+                    self._passed[stream] = sequence
                 continue
             if last is None and len(seen) >= self.config.max_streams:
                 del seen[next(iter(seen))]
@@ -904,6 +935,26 @@ class Topics:
                 emit(TopicDelivery(run, local))
             received += 1
         self._received += received
+
+    def _gap(
+        self,
+        local: tuple[int, ...],
+        topic: str,
+        source_id: EndpointId,
+        source_name: str,
+        first: int,
+        count: int,
+        reason: GapReason | None,
+    ) -> None:
+        """Messages ``first`` .. ``first + count - 1`` of ``source_id`` on ``topic`` will never
+        come: count them, and tell those of the ``local`` subscriptions that asked."""
+        self.counters["gaps"] += 1
+        self.counters["gap_messages"] += count
+        subscriptions = self._subscriptions
+        asked = tuple(number for number in local if subscriptions[number].gaps)
+        if asked:
+            gap = Gap(topic, source_id, source_name, first, count, reason or "history")
+            self._emit(TopicGap(gap, asked))
 
     def fold_counters(self) -> Counter[str]:
         """The counters, with the hot-path ones folded in."""

@@ -44,7 +44,7 @@ import logging
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Literal
 
 from glue.wire import MAX_ACK_RANGES, MAX_DATAGRAM_BYTES, MAX_TTL_MS, Ack, Data, EndpointId, Skip
 
@@ -121,11 +121,14 @@ class FrameReceived:
 
 @dataclass(frozen=True, slots=True)
 class FramesSkipped:
-    """Frames ``first``..``last`` from ``peer`` expired: any message they belonged to is lost."""
+    """Frames ``first``..``last`` from ``peer`` will never be delivered: any message they
+    belonged to is lost. ``reason``: ``"expired"`` (at the sender, or here before their turn) or
+    ``"dropped"`` (the sender's slow-peer policy dropped some of them)."""
 
     peer: EndpointId
     first: int
     last: int
+    reason: Literal["expired", "dropped"] = "expired"
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +214,7 @@ class _SendStream:
         "backoff",
         "counters",
         "cwnd",
+        "dropped_to",
         "in_flight_bytes",
         "lost",
         "min_rtt",
@@ -256,6 +260,7 @@ class _SendStream:
         self.abandoned = 0  # how many unacked frames are expired placeholders
         self.skip_to = 0
         self.skip_sent_at = float("-inf")
+        self.dropped_to = 0  # the highest seq a slow-peer drop abandoned (a skip says why)
         self.srtt: float | None = None
         self.rttvar = 0.0
         # The least round trip seen lately (renewed every _MIN_RTT_WINDOW_S): the path's own, no
@@ -639,6 +644,7 @@ class Transport:
         if not stream.pending and len(stream.unacked) == stream.abandoned:
             return 0
         messages = self._abandon_all(stream, "frames_dropped_slow_peer")  # skip_to: next_seq
+        stream.dropped_to = stream.next_seq - 1
         stream.resend_at = None
         # Every frame is a placeholder now: the skip alone stands for them (a stuck peer that
         # never acknowledges it must not make them pile up, drop after drop).
@@ -686,7 +692,7 @@ class Transport:
             self._receive_ack(peer, state.send, frame, now)
         else:
             assert type(frame) is Skip
-            self._receive_skip(peer, state.recv, frame.seq, now)
+            self._receive_skip(peer, state.recv, frame, now)
 
     def handle_timer(self, *, now: float) -> None:
         """Resend what timed out, expire what is too old, send due acks."""
@@ -719,7 +725,7 @@ class Transport:
                 # At most a window past what the receiver acknowledged: it refuses a longer jump
                 # (a forged Skip could otherwise silence the stream); the rest follows in steps.
                 step = stream.acked_to + 1 + self.config.window_frames
-                frames.append(Skip(min(stream.skip_to, step)))
+                frames.append(Skip(min(stream.skip_to, step), stream.dropped_to > stream.acked_to))
                 stream.skip_sent_at = now
                 stream.counters["skips_sent"] += 1
             # A due ack goes now; a delayed one rides along with data when there is some.
@@ -1185,7 +1191,8 @@ class Transport:
                 self._events.append(FrameReceived(peer, frame, arrived_at))
                 recv.counters["frames_delivered"] += 1
 
-    def _receive_skip(self, peer: EndpointId, recv: _RecvStream, seq: int, now: float) -> None:
+    def _receive_skip(self, peer: EndpointId, recv: _RecvStream, skip: Skip, now: float) -> None:
+        seq = skip.seq
         self._ack_soon(peer, recv, now, immediately=True)
         if seq - 1 <= recv.delivered_to:
             return
@@ -1205,12 +1212,21 @@ class Transport:
             recv.buffered_bytes -= len(frame.payload)
             self._receive_buffered -= len(frame.payload)
             recv.counters["frames_discarded_by_skip"] += 1
-        self._skipped(peer, recv, recv.delivered_to + 1, seq - 1)
+        self._skipped(
+            peer, recv, recv.delivered_to + 1, seq - 1, "dropped" if skip.dropped else "expired"
+        )
         recv.delivered_to = seq - 1
         self._drain(peer, recv, now)
 
-    def _skipped(self, peer: EndpointId, recv: _RecvStream, first: int, last: int) -> None:
-        self._events.append(FramesSkipped(peer, first, last))
+    def _skipped(
+        self,
+        peer: EndpointId,
+        recv: _RecvStream,
+        first: int,
+        last: int,
+        reason: Literal["expired", "dropped"] = "expired",
+    ) -> None:
+        self._events.append(FramesSkipped(peer, first, last, reason))
         recv.counters["frames_skipped"] += last - first + 1
 
     def _ack_soon(

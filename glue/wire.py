@@ -157,9 +157,11 @@ class Ack:
 
 @dataclass(frozen=True, slots=True)
 class Skip:
-    """ "Do not wait for any frame below ``seq``": they expired at the sender (SCTP FORWARD-TSN)."""
+    """ "Do not wait for any frame below ``seq``": they expired at the sender (SCTP FORWARD-TSN),
+    or (``dropped``) some were dropped by its slow-peer policy (``GLUE_SLOW_PEER=drop``)."""
 
     seq: int
+    dropped: bool = False
 
 
 Frame = Announce | Goodbye | Data | Ack | Skip
@@ -316,7 +318,9 @@ def _frame_to_wire(frame: Frame) -> tuple[dict[str, Any], bytes | memoryview]:
             if ranges:
                 return {"t": "a", "cum": cumulative, "sack": ranges}, b""
             return {"t": "a", "cum": cumulative}, b""
-        case Skip(seq=seq):
+        case Skip(seq=seq, dropped=dropped):
+            if dropped:
+                return {"t": "s", "seq": seq, "why": "d"}, b""
             return {"t": "s", "seq": seq}, b""
         case Announce():
             obj: dict[str, Any] = {
@@ -482,7 +486,10 @@ def _frame_from_wire(
     if kind == "a":
         return _ack_from_wire(raw), offset
     if kind == "s":
-        return Skip(_int(raw, "seq", 1, MAX_ID)), offset
+        why = raw.get("why", "e")
+        if why not in ("e", "d"):
+            raise DecodeError('\'why\' of a skip must be "e" or "d"', reason="malformed")
+        return Skip(_int(raw, "seq", 1, MAX_ID), why == "d"), offset
     if kind == "ann":
         return _announce_from_wire(raw, header), offset
     if kind == "bye":
