@@ -13,8 +13,6 @@ other by periodic announcements and exchange data without a broker. Start with
 
 from __future__ import annotations
 
-import logging
-
 from glue.errors import (
     BackpressureError,
     ConfigError,
@@ -27,6 +25,7 @@ from glue.errors import (
     UsageValueError,
 )
 from glue.events import (
+    Gap,
     Message,
     MessageReceived,
     Peer,
@@ -47,6 +46,7 @@ __all__ = [
     "DecodeError",
     "DeliveryError",
     "EndpointManager",
+    "Gap",
     "GlueError",
     "GlueSettings",
     "Message",
@@ -65,4 +65,7 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-logging.getLogger(__name__).addHandler(logging.NullHandler())
+# No NullHandler: an application that configures no logging still sees glue's warnings (each
+# cause once: a type mismatch, a message nobody subscribes to any more, a misspelt setting)
+# through the standard library's last-resort handler on stderr, instead of losing them
+# silently. Configure logging (or set the ``glue`` logger's level) to route or hide them.

@@ -908,7 +908,15 @@ class Topics:
                     )
             if not local:
                 # Not marked as seen: history may bring it again for a later subscription.
-                self.counters["received_unwanted"] += 1
+                if not (keeping and self._keep_depth(topic)) and not self._mismatched(names):
+                    self.counters["received_unwanted"] += 1
+                    self._warn_once(
+                        ("unwanted", topic),
+                        "messages on %r arrive from %s, but no subscription here takes that "
+                        "topic any more: dropped (topics_received_unwanted counts them)",
+                        topic,
+                        source_name,
+                    )
                 if last is not None:  # but no gap for those who want the stream
                     if len(self._passed) >= self.config.max_streams:
                         self._passed.clear()
@@ -968,6 +976,11 @@ class Topics:
         return counters
 
     # --- internals ------------------------------------------------------------------------------
+
+    def _mismatched(self, names: tuple[str, str]) -> bool:
+        """Whether subscriptions took ``(topic, type)``'s topic, but for another type (counted
+        and warned about as a type mismatch already)."""
+        return bool(self._local_cache.get(names, _NO_MISMATCH)[1])
 
     def _local_matches(self, topic: str, topic_type: str) -> tuple[int, ...]:
         key = (topic, topic_type)
