@@ -13,6 +13,8 @@ other by periodic announcements and exchange data without a broker. Start with
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from glue.errors import (
     BackpressureError,
     ConfigError,
@@ -38,8 +40,12 @@ from glue.manager import AsyncEndpointManager, EndpointManager
 from glue.settings import GlueSettings, load_settings
 from glue.subscription import AsyncSubscription, Subscription
 
+if TYPE_CHECKING:
+    from glue.model import AsyncModel, Model, ModelChange
+
 __all__ = [
     "AsyncEndpointManager",
+    "AsyncModel",
     "AsyncSubscription",
     "BackpressureError",
     "ConfigError",
@@ -51,6 +57,8 @@ __all__ = [
     "GlueSettings",
     "Message",
     "MessageReceived",
+    "Model",
+    "ModelChange",
     "Peer",
     "PeerAdded",
     "PeerEvent",
@@ -69,3 +77,14 @@ __version__ = "0.1.0"
 # cause once: a type mismatch, a message nobody subscribes to any more, a misspelt setting)
 # through the standard library's last-resort handler on stderr, instead of losing them
 # silently. Configure logging (or set the ``glue`` logger's level) to route or hide them.
+
+_MODEL_NAMES = frozenset({"AsyncModel", "Model", "ModelChange"})
+
+
+def __getattr__(name: str) -> Any:
+    """The model names, imported on first use: ``import glue`` does not pay for pycrdt."""
+    if name in _MODEL_NAMES:
+        import glue.model
+
+        return getattr(glue.model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, Final, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, Self, TypeVar
 
 import orjson
 
@@ -77,6 +77,9 @@ from glue.subscription import (
     crossed_power_of_ten,
 )
 from glue.topics import validate_pattern, validate_topic_name, validate_topic_type
+
+if TYPE_CHECKING:
+    from glue.model import AsyncModel, Model
 
 __all__ = [
     "DEFAULT_EXPIRY_S",
@@ -772,6 +775,22 @@ class AsyncEndpointManager:
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(None)
             self._changed = asyncio.get_running_loop().create_future()
+
+    # --- models ---------------------------------------------------------------------------------
+
+    def model(self, name: str) -> AsyncModel:
+        """The replicated document ``name``, shared by every endpoint that opens it (see
+        docs/model.md): opened here on the first call, the same object after. Call it from the
+        loop; edit ``model.root`` from the loop's thread.
+
+        Raises:
+            UsageTypeError, UsageValueError: ``name`` is not a topic name of at most 200
+                characters.
+            UsageError: the endpoint is not running.
+        """
+        from glue.model import open_async_model  # pycrdt is imported only by those who use it
+
+        return open_async_model(self, name)
 
 
 def _unacknowledged(endpoint: Endpoint) -> dict[int, int]:
@@ -1472,6 +1491,22 @@ class EndpointManager:
             raise UsageError("the endpoint is not running (call start() or use `with`)")
         future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, loop)
         return future.result(timeout)
+
+    # --- models ---------------------------------------------------------------------------------
+
+    def model(self, name: str) -> Model:
+        """The replicated document ``name``, shared by every endpoint that opens it (see
+        docs/model.md): opened here on the first call, the same object after. Edit it inside
+        ``with model.transaction():``.
+
+        Raises:
+            UsageTypeError, UsageValueError: ``name`` is not a topic name of at most 200
+                characters.
+            UsageError: the endpoint is not running.
+        """
+        from glue.model import open_model  # pycrdt is imported only by those who use it
+
+        return open_model(self, name)
 
 
 def _stop_loop(

@@ -1,0 +1,619 @@
+"""Models: a replicated document per name that every endpoint opening it shares (see
+``docs/model.md``).
+
+``model = endpoint.model("plant/state")`` returns a :class:`Model` (blocking manager) or an
+:class:`AsyncModel` (asyncio manager). Its ``root`` is a ``pycrdt.Map``: maps, arrays and text
+inside it are edited with pycrdt's own API, and every edit reaches every other endpoint holding
+the model; concurrent edits merge with Yjs's semantics, so every replica ends in the same state.
+The protocol is :class:`~glue.modelsync.ModelSync` (sans-IO); this module is its runtime, built
+on the managers' public API only (``subscribe``, ``publish``, ``subscribers``,
+``on_peer_removed``).
+
+Threads (blocking manager): a ``pycrdt.Doc`` must not be used by two threads at once. Each
+model has one thread of its own (``glue-model-<name>``) that applies what peers send, answers
+them, announces, publishes local edits and runs ``on_change`` callbacks; it touches the
+document only under the model's lock. Edit and read the model from your threads inside
+``with model.transaction():`` (it takes that lock; one transaction becomes one update on the
+wire); ``snapshot()`` takes it by itself. An edit outside it is still sent, but races with the
+model's thread; the first one is logged as a warning. asyncio: everything runs on the loop's
+thread, so edit ``model.root`` from coroutines and callbacks of that loop directly (a
+transaction still groups edits into one update).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Self
+
+import pycrdt
+
+from glue.errors import (
+    BackpressureError,
+    UsageError,
+    check_callable,
+    check_int,
+    check_timeout,
+)
+from glue.events import Message, Peer
+from glue.modelsync import (
+    TOPIC_TYPE,
+    ModelChange,
+    ModelConfig,
+    ModelSync,
+    Outgoing,
+    inbox_topic,
+    state_topic,
+    update_topic,
+    validate_model_name,
+)
+
+if TYPE_CHECKING:
+    from glue.manager import AsyncEndpointManager, EndpointManager
+
+__all__ = ["AsyncModel", "Model", "ModelChange", "open_async_model", "open_model"]
+
+logger = logging.getLogger(__name__)
+
+#: The model's thread looks at least this often whether its endpoint stopped.
+_CHECK_S: Final = 1.0
+#: Changes that may wait in one ``changes()`` iterator; beyond, they are dropped for it.
+CHANGE_QUEUE_SIZE: Final = 100_000
+_PUBLISH_TIMEOUT_S: Final = 5.0
+
+_open: weakref.WeakKeyDictionary[object, dict[str, _ModelBase]] = weakref.WeakKeyDictionary()
+_open_lock = threading.Lock()
+
+
+def open_model(manager: EndpointManager, name: str) -> Model:
+    """The model ``name`` of ``manager``: the one already open, or a new one (see
+    :meth:`~glue.manager.EndpointManager.model`)."""
+    validate_model_name(name)
+    with _open_lock:
+        models = _open.setdefault(manager, {})
+        found = models.get(name)
+        if found is not None:
+            assert isinstance(found, Model)
+            return found
+        model = models[name] = Model(manager, name)
+    try:
+        model._start()
+    except BaseException:
+        model.close()
+        raise
+    return model
+
+
+def open_async_model(manager: AsyncEndpointManager, name: str) -> AsyncModel:
+    """The model ``name`` of ``manager`` (see :meth:`~glue.manager.AsyncEndpointManager.model`)."""
+    validate_model_name(name)
+    models = _open.setdefault(manager, {})
+    found = models.get(name)
+    if found is not None:
+        assert isinstance(found, AsyncModel)
+        return found
+    model = models[name] = AsyncModel(manager, name)
+    try:
+        model._start()
+    except BaseException:
+        model.close()
+        raise
+    return model
+
+
+class _ModelBase:
+    """What both runtimes share: the document, the sync machine, the lock, the inbox."""
+
+    def __init__(self, manager: EndpointManager | AsyncEndpointManager, name: str) -> None:
+        self.name = name
+        self._manager = manager
+        settings = manager.settings
+        self._endpoint_id = manager.endpoint_id
+        self._config = ModelConfig(
+            announce_s=settings.discovery_rate_s,
+            max_update_bytes=max(1024, min(1024 * 1024, settings.max_message_bytes // 2)),
+        )
+        self._lock = threading.RLock()
+        self._owner: int | None = None  # the thread inside transaction(), if any
+        self._warned = False
+        self._doc: pycrdt.Doc[Any] = pycrdt.Doc()
+        self._sync = ModelSync(
+            name,
+            endpoint_id=self._endpoint_id,
+            doc=self._doc,
+            config=self._config,
+            now=time.monotonic(),
+        )
+        self._inbox: deque[tuple[str, int, bytes]] = deque()
+        self._removed: deque[int] = deque()
+        self._callbacks: list[Callable[[ModelChange], object]] = []
+        self._closed = False
+        self._failed = 0  # messages that could not be published
+        self._doc.observe(self._on_commit)
+
+    @property
+    def root(self) -> pycrdt.Map[Any]:
+        """The root map of the document: edit it with pycrdt's API (inside
+        :meth:`transaction` from threads other than the event loop's)."""
+        return self._sync.root
+
+    @property
+    def doc(self) -> pycrdt.Doc[Any]:
+        """The ``pycrdt.Doc`` holding ``root`` (same locking rules as ``root``)."""
+        return self._doc
+
+    @property
+    def closed(self) -> bool:
+        """Whether the model was closed (or its endpoint stopped)."""
+        return self._closed
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[pycrdt.Map[Any]]:
+        """``with model.transaction() as root:`` edit (or read) the document; the edits made
+        inside become one update, sent when the block ends. Takes the model's lock."""
+        with self._lock:
+            owner, self._owner = self._owner, threading.get_ident()
+            try:
+                with self._doc.transaction():
+                    yield self._sync.root
+            finally:
+                self._owner = owner
+
+    def snapshot(self) -> dict[str, Any]:
+        """The root as plain Python data (dicts, lists, str, numbers; pycrdt gives numbers as
+        float). Consistent: taken under the model's lock."""
+        with self.transaction() as root:
+            value: dict[str, Any] = root.to_py() or {}
+            return value
+
+    def on_change(self, callback: Callable[[ModelChange], object]) -> Callable[[], None]:
+        """Call ``callback(change)`` for each transaction, local or remote, in order; returns
+        a remover. Blocking manager: on the model's thread (keep it short; it may use
+        ``transaction()``); asyncio: on the loop (an ``async`` one is awaited).
+
+        Raises:
+            UsageTypeError: ``callback`` is not callable.
+        """
+        check_callable(callback, "callback")
+        with self._lock:
+            self._callbacks.append(callback)
+
+        def remove() -> None:
+            with self._lock:
+                if callback in self._callbacks:
+                    self._callbacks.remove(callback)
+
+        return remove
+
+    def counters(self) -> dict[str, int]:
+        """What this model sent, received, applied and dropped (by reason)."""
+        with self._lock:
+            counters = dict(self._sync.counters)
+        if self._failed:
+            counters["publish_failed"] = self._failed
+        return counters
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _topics(self) -> list[str]:
+        name = self.name
+        return [state_topic(name), update_topic(name), inbox_topic(name, self._endpoint_id)]
+
+    def _received(self, message: Message) -> None:
+        """A subscription callback: queue the message for the model's runner."""
+        self._inbox.append((message.topic_name, message.source_id, message.payload))
+        self._wake()
+
+    def _peer_removed(self, peer: Peer) -> None:
+        self._removed.append(peer.endpoint_id)
+        self._wake()
+
+    def _wake(self) -> None:
+        raise NotImplementedError
+
+    def _on_commit(self, event: pycrdt.TransactionEvent) -> None:
+        """Document observer, after the sync machine's: wake the runner for a local edit."""
+        if self._sync._source:
+            return  # a remote update being applied by the runner
+        if self._owner != threading.get_ident() and not self._warned and self._threaded:
+            self._warned = True
+            logger.warning(
+                "model %s was edited outside `with model.transaction():` on thread %s; that "
+                "races with the model's own thread (see docs/model.md)",
+                self.name,
+                threading.current_thread().name,
+            )
+        self._wake()
+
+    _threaded = True
+
+    def _step(self, now: float) -> tuple[list[Outgoing], list[ModelChange], float | None]:
+        """Feed what arrived to the sync machine; what to publish, the changes, the deadline."""
+        with self._lock:
+            owner, self._owner = self._owner, threading.get_ident()
+            try:
+                sync = self._sync
+                while self._removed:
+                    sync.peer_removed(self._removed.popleft())
+                while self._inbox:
+                    topic, source, payload = self._inbox.popleft()
+                    sync.receive(topic, source, payload, now=now)
+                deadline = sync.next_deadline()
+                if deadline is not None and deadline <= now:
+                    sync.handle_timer(now=now)
+                    deadline = sync.next_deadline()
+                outgoing = sync.messages_to_send()
+                changes = []
+                while (change := sync.next_event()) is not None:
+                    changes.append(change)
+            finally:
+                self._owner = owner
+        return outgoing, changes, deadline
+
+    def _unsynced(self, holders: list[int]) -> list[int]:
+        with self._lock:
+            return self._sync.unsynced(holders)
+
+    def _publish_failed(self, out: Outgoing, exc: Exception) -> None:
+        self._failed += 1
+        logger.warning(
+            "model %s: could not publish %d bytes on %s (%s); the next announcements repair it",
+            self.name,
+            len(out.payload),
+            out.topic,
+            exc,
+        )
+
+    def _forget(self) -> None:
+        with _open_lock:
+            models = _open.get(self._manager)
+            if models is not None and models.get(self.name) is self:
+                del models[self.name]
+        with self._lock:
+            self._sync.close()
+
+
+def _synced_error(name: str, missing: list[int], holders: int, peers: int, timeout: float) -> str:
+    if missing:
+        return f"model {name}: not synced with peers {missing} after {timeout} s"
+    return f"model {name}: {holders} of {peers} peers holding it after {timeout} s"
+
+
+class Model(_ModelBase):
+    """A replicated document of the blocking :class:`~glue.manager.EndpointManager`.
+
+    ``with endpoint.model("plant/state") as model:`` opens it and closes it on exit.
+    """
+
+    def __init__(self, manager: EndpointManager, name: str) -> None:
+        super().__init__(manager, name)
+        self._blocking = manager
+        self._event = threading.Event()
+        self._synced = threading.Condition()
+        self._streams: set[queue.Queue[ModelChange | None]] = set()
+        self._subscriptions: list[Any] = []
+        self._remove_peer_callback: Callable[[], None] | None = None
+        self._thread = threading.Thread(target=self._run, name=f"glue-model-{name}", daemon=True)
+
+    def _start(self) -> None:
+        manager = self._blocking
+        self._remove_peer_callback = manager.on_peer_removed(self._peer_removed)
+        for topic in self._topics():
+            self._subscriptions.append(manager.subscribe(topic, TOPIC_TYPE, self._received))
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop syncing: unsubscribe, end ``changes()`` iterations, stop the model's thread.
+        The document stays readable. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._event.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(_CHECK_S + _PUBLISH_TIMEOUT_S)
+        if self._remove_peer_callback is not None:
+            self._remove_peer_callback()
+        for subscription in self._subscriptions:
+            subscription.close()
+        for stream in tuple(self._streams):
+            stream.put(None)
+        with self._synced:
+            self._synced.notify_all()
+        self._forget()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def wait_synced(self, *, timeout: float, peers: int = 0) -> list[int]:
+        """Block until the model has exchanged state with every peer holding it (and with at
+        least ``peers`` of them): each answered a pull of ours since it appeared, so this
+        replica holds everything they held then. Returns their endpoint ids.
+
+        Raises:
+            TimeoutError: not within ``timeout`` seconds (the message names who is missing).
+            UsageError: the model is closed; a bad ``timeout`` or ``peers``.
+        """
+        timeout = check_timeout(timeout)
+        peers = check_int(peers, "peers", minimum=0)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._closed:
+                raise UsageError(f"model {self.name} is closed")
+            holders = [p.endpoint_id for p in self._blocking.subscribers(state_topic(self.name))]
+            with self._lock:
+                missing = self._sync.unsynced(holders)
+                synced = sorted(
+                    set(holders) | {p for p, h in self._sync._holders.items() if h.synced}
+                )
+            synced = [p for p in synced if p not in missing]
+            if not missing and len(synced) >= peers:
+                return synced
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(_synced_error(self.name, missing, len(synced), peers, timeout))
+            with self._synced:
+                self._synced.wait(min(remaining, self._config.announce_s))
+
+    def changes(self, *, timeout: float | None = None) -> Iterator[ModelChange]:
+        """Iterate over changes (local and remote) from this call on; ends when the model
+        closes or after ``timeout`` s without one. Up to 100,000 wait; beyond, dropped."""
+        if timeout is not None:
+            timeout = check_timeout(timeout)
+        stream: queue.Queue[ModelChange | None] = queue.Queue(CHANGE_QUEUE_SIZE)
+        self._streams.add(stream)
+        return self._iterate(stream, timeout)
+
+    def _iterate(
+        self, stream: queue.Queue[ModelChange | None], timeout: float | None
+    ) -> Iterator[ModelChange]:
+        try:
+            while not self._closed:
+                try:
+                    change = stream.get(timeout=timeout)
+                except queue.Empty:
+                    return
+                if change is None:
+                    return
+                yield change
+        finally:
+            self._streams.discard(stream)
+
+    def _wake(self) -> None:
+        self._event.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._closed:
+                if any(s.closed for s in self._subscriptions):
+                    break  # the endpoint stopped
+                now = time.monotonic()
+                outgoing, changes, deadline = self._step(now)
+                for out in outgoing:
+                    if not self._send(out):
+                        return
+                self._deliver(changes)
+                with self._synced:
+                    self._synced.notify_all()
+                wait = _CHECK_S if deadline is None else min(_CHECK_S, deadline - now)
+                if wait > 0:
+                    self._event.wait(wait)
+                self._event.clear()
+        except Exception:
+            logger.exception("model %s: its thread failed", self.name)
+        finally:
+            self._closed = True
+            for stream in tuple(self._streams):
+                with contextlib.suppress(queue.Full):
+                    stream.put_nowait(None)
+            with self._synced:
+                self._synced.notify_all()
+
+    def _send(self, out: Outgoing) -> bool:
+        try:
+            self._blocking.publish(
+                out.topic,
+                TOPIC_TYPE,
+                out.payload,
+                expiry=out.expiry_s,
+                history_depth=1 if out.retain else 0,
+                timeout=_PUBLISH_TIMEOUT_S,
+            )
+        except BackpressureError as exc:
+            self._publish_failed(out, exc)
+        except UsageError as exc:
+            if self._closed or "not running" in str(exc):
+                return False
+            self._publish_failed(out, exc)
+        return True
+
+    def _deliver(self, changes: list[ModelChange]) -> None:
+        if not changes:
+            return
+        with self._lock:
+            callbacks = list(self._callbacks)
+        for change in changes:
+            for stream in tuple(self._streams):
+                with contextlib.suppress(queue.Full):
+                    stream.put_nowait(change)
+            for callback in callbacks:
+                try:
+                    callback(change)
+                except Exception:
+                    logger.exception(
+                        "on_change callback %r of model %s failed", callback, self.name
+                    )
+
+
+class AsyncModel(_ModelBase):
+    """A replicated document of :class:`~glue.manager.AsyncEndpointManager`; use it from the
+    loop's thread. ``async with endpoint.model("plant/state") as model:`` closes it on exit."""
+
+    _threaded = False
+
+    def __init__(self, manager: AsyncEndpointManager, name: str) -> None:
+        super().__init__(manager, name)
+        self._asynchronous = manager
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+        self._synced = asyncio.Event()
+        self._streams: set[asyncio.Queue[ModelChange | None]] = set()
+        self._subscriptions: list[Any] = []
+        self._remove_peer_callback: Callable[[], None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def _start(self) -> None:
+        manager = self._asynchronous
+        self._remove_peer_callback = manager.on_peer_removed(self._peer_removed)
+        for topic in self._topics():
+            self._subscriptions.append(manager.subscribe(topic, TOPIC_TYPE, self._received))
+        self._task = self._loop.create_task(self._run(), name=f"glue-model-{self.name}")
+
+    def close(self) -> None:
+        """Stop syncing: unsubscribe, end ``changes()`` iterations, cancel the model's task.
+        The document stays readable. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        if self._remove_peer_callback is not None:
+            self._remove_peer_callback()
+        for subscription in self._subscriptions:
+            subscription.close()
+        for stream in tuple(self._streams):
+            stream.put_nowait(None)
+        self._synced.set()
+        self._forget()
+
+    aclose = close
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def wait_synced(self, *, timeout: float, peers: int = 0) -> list[int]:  # noqa: ASYNC109
+        """Wait until the model has exchanged state with every peer holding it (and with at
+        least ``peers`` of them): see :meth:`Model.wait_synced`.
+
+        Raises:
+            TimeoutError: not within ``timeout`` seconds (the message names who is missing).
+            UsageError: the model is closed; a bad ``timeout`` or ``peers``.
+        """
+        timeout = check_timeout(timeout)
+        peers = check_int(peers, "peers", minimum=0)
+        deadline = self._loop.time() + timeout
+        while True:
+            if self._closed:
+                raise UsageError(f"model {self.name} is closed")
+            holders = [
+                p.endpoint_id for p in self._asynchronous.subscribers(state_topic(self.name))
+            ]
+            missing = self._sync.unsynced(holders)
+            synced = sorted(
+                (set(holders) | {p for p, h in self._sync._holders.items() if h.synced})
+                - set(missing)
+            )
+            if not missing and len(synced) >= peers:
+                return synced
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                raise TimeoutError(_synced_error(self.name, missing, len(synced), peers, timeout))
+            self._synced.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._synced.wait(), min(remaining, self._config.announce_s))
+
+    async def changes(self) -> AsyncIterator[ModelChange]:
+        """``async for change in model.changes()``: changes from this call on, until the model
+        closes. Up to 100,000 wait; beyond, they are dropped for this iteration."""
+        stream: asyncio.Queue[ModelChange | None] = asyncio.Queue(CHANGE_QUEUE_SIZE)
+        self._streams.add(stream)
+        try:
+            while not self._closed and (change := await stream.get()) is not None:
+                yield change
+        finally:
+            self._streams.discard(stream)
+
+    def _wake(self) -> None:
+        self._event.set()
+
+    async def _run(self) -> None:
+        try:
+            while not self._closed:
+                if any(s.closed for s in self._subscriptions):
+                    break
+                now = time.monotonic()
+                outgoing, changes, deadline = self._step(now)
+                for out in outgoing:
+                    if not await self._send(out):
+                        return
+                await self._deliver(changes)
+                self._synced.set()
+                wait = _CHECK_S if deadline is None else min(_CHECK_S, deadline - now)
+                if wait > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._event.wait(), wait)
+                self._event.clear()
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            logger.exception("model %s: its task failed", self.name)
+        finally:
+            self._closed = True
+            for stream in tuple(self._streams):
+                with contextlib.suppress(asyncio.QueueFull):
+                    stream.put_nowait(None)
+            self._synced.set()
+
+    async def _send(self, out: Outgoing) -> bool:
+        try:
+            await self._asynchronous.publish(
+                out.topic,
+                TOPIC_TYPE,
+                out.payload,
+                expiry=out.expiry_s,
+                history_depth=1 if out.retain else 0,
+                timeout=_PUBLISH_TIMEOUT_S,
+            )
+        except BackpressureError as exc:
+            self._publish_failed(out, exc)
+        except UsageError as exc:
+            if self._closed or "not running" in str(exc):
+                return False
+            self._publish_failed(out, exc)
+        return True
+
+    async def _deliver(self, changes: list[ModelChange]) -> None:
+        if not changes:
+            return
+        callbacks = list(self._callbacks)
+        for change in changes:
+            for stream in tuple(self._streams):
+                with contextlib.suppress(asyncio.QueueFull):
+                    stream.put_nowait(change)
+            for callback in callbacks:
+                try:
+                    result = callback(change)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    logger.exception(
+                        "on_change callback %r of model %s failed", callback, self.name
+                    )
