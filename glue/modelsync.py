@@ -14,13 +14,15 @@ endpoint that opens model ``NAME`` subscribes to three topics of type ``glue.mod
 - ``_model/to/ID/NAME``: this endpoint's inbox (``ID`` its endpoint id): pulls and replies.
 
 Every replica is responsible for its own completeness (pull only): on a holder's announcement
-it sends a *pull* (its own state vector: Yjs sync step 1) to that holder's inbox when it meets
-the holder (first announcement since the holder appeared), when the holder's state vector shows
-something it lacks, or when their delete-set digests differ (deletions do not move state
-vectors); the holder answers with a *reply*, ``doc.get_update(state_vector)`` (sync step 2):
-what the puller lacks and the whole delete set. Updates merge with Yjs semantics in any order
-and any number of times, so loss, duplication and reordering only delay convergence; the
-periodic announcements repair whatever a removed peer or an expired message missed.
+it sends a *pull* (its own state vector: Yjs sync step 1) to that holder's inbox until one pull
+to it was answered since it appeared, when the holder's state vector shows something it lacks,
+or when their delete-set digests differ (deletions do not move state vectors); the holder
+answers with a *reply*, ``doc.get_update(state_vector)`` (sync step 2): what the puller lacks
+and the whole delete set. One pull is awaited at a time; the others wait for its reply and then
+carry the state it brought, so a newcomer meeting n holders receives the document once.
+Updates merge with Yjs semantics in any order and any number of times, so loss, duplication and
+reordering only delay convergence; the periodic announcements repair whatever a removed peer or
+an expired message missed.
 
 State: the document; per holder (by endpoint id) whether we met it, the pull awaiting an
 answer (its number and when it times out) and whether one was answered since it appeared
@@ -31,7 +33,7 @@ observers. Outputs: ``messages_to_send`` (topic messages), ``next_event`` (a
 announcement or pull timeout).
 
 Bounds: local updates waiting are merged into messages of at most ``max_update_bytes`` each;
-one pull outstanding per holder; changes waiting are at most ``max_changes`` (the oldest are
+one pull awaited at a time; changes waiting are at most ``max_changes`` (the oldest are
 dropped and counted); holders remembered at most ``max_holders``. A malformed message (or one
 pycrdt refuses) is dropped, counted and logged at debug.
 
@@ -224,6 +226,7 @@ class ModelSync:
         self.update_topic = update_topic(name)
         self.inbox = inbox_topic(name, endpoint_id)
         self._holders: dict[int, _Holder] = {}
+        self._deferred: dict[int, None] = {}  # holders to pull from once the awaited reply came
         self._pulls = 0
         self._local: list[bytes] = []
         self._out: list[Outgoing] = []
@@ -267,11 +270,12 @@ class ModelSync:
         elif kind == "pull":
             self._answer(source_id, head, body)
         else:
-            self._replied(source_id, head, body)
+            self._replied(source_id, head, body, now)
 
     def peer_removed(self, peer_id: int) -> None:
         """``peer_id`` went away (or restarted): meet it again when it is back."""
         self._holders.pop(peer_id, None)
+        self._deferred.pop(peer_id, None)
 
     def handle_timer(self, *, now: float) -> None:
         """Announce our state when due; let pulls that timed out be sent again."""
@@ -281,6 +285,7 @@ class ModelSync:
             if holder.pull and holder.pull_until <= now:
                 holder.pull = 0
                 self.counters["pulls_timed_out"] += 1
+        self._pull_deferred(now)
         if now >= self._announce_at:
             self._announce_at = now + self.config.announce_s
             state = self.doc.get_state()
@@ -357,15 +362,35 @@ class ModelSync:
         if holder.synced and not lacking and digest == self.digest():
             return  # in step (a first pull, or one that timed out, goes out regardless)
         holder.met = True
+        if any(h.pull for h in self._holders.values()):
+            # One pull at a time: the next one, sent with the state its reply brought, asks
+            # only for what is still missing (a newcomer meeting n holders at once would
+            # otherwise receive the whole document n times).
+            self._deferred[peer] = None
+            return
+        self._pull(peer, holder, now)
+
+    def _pull(self, peer: int, holder: _Holder, now: float) -> None:
+        self._deferred.pop(peer, None)
         self._pulls += 1
         holder.pull = self._pulls
         holder.pull_until = now + self.config.pull_timeout_s
-        head_out = orjson.dumps({"k": "p", "n": self._pulls})
+        head = orjson.dumps({"k": "p", "n": self._pulls})
         state = self.doc.get_state()
         self._out.append(
-            Outgoing(inbox_topic(self.name, peer), head_out + b"\n" + state, False, self._expiry)
+            Outgoing(inbox_topic(self.name, peer), head + b"\n" + state, False, self._expiry)
         )
         self.counters["pulls_sent"] += 1
+
+    def _pull_deferred(self, now: float) -> None:
+        """Send the next deferred pull, if no pull is awaited."""
+        while self._deferred and not any(h.pull for h in self._holders.values()):
+            peer = next(iter(self._deferred))
+            holder = self._holders.get(peer)
+            if holder is None:
+                del self._deferred[peer]
+            else:
+                self._pull(peer, holder, now)
 
     def _answer(self, peer: int, head: dict[str, Any], body: bytes) -> None:
         number = head.get("n")
@@ -382,17 +407,19 @@ class ModelSync:
         self.counters["replies_sent"] += 1
         self.counters["reply_bytes"] += len(update)
 
-    def _replied(self, peer: int, head: dict[str, Any], body: bytes) -> None:
+    def _replied(self, peer: int, head: dict[str, Any], body: bytes, now: float) -> None:
         number = head.get("n")
         if type(number) is not int:
             self._drop("bad_reply", peer, "a reply without a pull number")
             return
         if not self._apply(body, peer):
             return
+        self.counters["reply_bytes_received"] += len(body)
         holder = self._holders.get(peer)
         if holder is not None and holder.pull and number == holder.pull:
             holder.pull = 0
             holder.synced = True
+            self._pull_deferred(now)
 
     def _apply(self, update: bytes, peer: int) -> bool:
         self._source = peer

@@ -337,3 +337,24 @@ def test_any_edits_and_message_fates_converge_after_announcements(
         transfer(replicas, now=second)
     states = [r.root.to_py() for r in replicas]
     assert states[0] == states[1] == states[2]
+
+
+def test_a_newcomer_pulls_from_one_holder_at_a_time_and_gets_the_document_once() -> None:
+    holders = [replica(1), replica(2), replica(3)]
+    holders[0].root["text"] = pycrdt.Text("x" * 5000)
+    transfer(holders)
+    newcomer = replica(4)
+    newcomer.messages_to_send()
+    for holder in holders:  # all three announcements arrive before any reply
+        for out in holder.messages_to_send():
+            newcomer.receive(out.topic, holder.endpoint_id, out.payload, now=0.0)
+        tick([holder], 1.0)
+        for out in holder.messages_to_send():
+            newcomer.receive(out.topic, holder.endpoint_id, out.payload, now=1.0)
+    assert newcomer.counters["pulls_sent"] == 1
+    assert newcomer.unsynced([1, 2, 3]) == [1, 2, 3]
+    transfer([*holders, newcomer], now=1.0)
+    assert newcomer.counters["pulls_sent"] == 3
+    assert newcomer.unsynced([1, 2, 3]) == []
+    assert newcomer.root.to_py() == holders[0].root.to_py()
+    assert 5000 < newcomer.counters["reply_bytes_received"] < 6000
