@@ -56,7 +56,7 @@ def edit(number: int, port: int) -> None:
             print(f"process {number}: incomplete {config.snapshot()}")
             sys.exit(1)
         snapshot = config.snapshot()
-        endpoint.flush(timeout=5)  # our edit reached the others before we leave
+        config.flush(timeout=5)  # our edit reached the others before we leave
         print(json.dumps(snapshot, sort_keys=True))  # (a JSON value's keys come in any order)
 
 

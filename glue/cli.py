@@ -1,4 +1,5 @@
-"""The ``glue`` command: ``peers``, ``sub``, ``pub``, ``keygen``, ``doctor``, ``demo``, ``bench``.
+"""The ``glue`` command: ``peers``, ``sub``, ``pub``, ``model``, ``keygen``, ``doctor``, ``demo``,
+``bench``.
 
 The only module of the package that prints.
 
@@ -6,10 +7,11 @@ The only module of the package that prints.
 sees (``--watch`` follows them live, ``--json`` prints one JSON object per line for scripts;
 ``--subscribe``/``--publish`` add topic traffic to a watch, for the demo). ``glue sub`` prints
 the messages of a topic pattern and ``glue pub`` publishes, like ``mosquitto_sub``/``_pub``
-without a broker. ``glue demo`` starts a rendezvous and several endpoint processes on 127.0.0.1
-only, with no multicast at all, so it is safe on any machine, and narrates discovery,
-publish/subscribe, expiry of a killed endpoint, a late joiner served from history, and the mesh
-surviving the loss of its rendezvous.
+without a broker; ``glue model`` shows, edits or follows a shared model. ``glue demo`` starts a
+rendezvous and several endpoint processes on 127.0.0.1 only, with no multicast at all, so it is
+safe on any machine, and narrates discovery, publish/subscribe, expiry of a killed endpoint, a
+late joiner served from history, a model converging, and the mesh surviving the loss of its
+rendezvous.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import os
@@ -172,6 +175,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     pub.set_defaults(run=_run_pub)
 
+    model = commands.add_parser(
+        "model",
+        help="show or edit a shared model (docs/model.md)",
+        description="Open the model NAME, wait until it has exchanged state with the peers "
+        "holding it (at least --peers of them), apply --set and --delete in one transaction, "
+        "print the model as JSON and exit; with --watch, print it again after every change "
+        "(--json: one JSON object per line with the change and a digest of the state).",
+    )
+    model.add_argument("name", help="the model's name (a topic name)")
+    model.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set KEY of the root map to VALUE (JSON if it parses, else the string)",
+    )
+    model.add_argument("--delete", action="append", default=[], metavar="KEY", help="delete KEY")
+    model.add_argument("--peers", type=int, default=0, help="wait to be synced with this many")
+    model.add_argument(
+        "--timeout", type=float, help="seconds to wait for them (default: one discovery timeout)"
+    )
+    model.add_argument("--watch", action="store_true", help="print the model after each change")
+    model.add_argument("--duration", type=float, help="with --watch: stop after this many seconds")
+    model.add_argument("--json", action="store_true", help="one JSON object per line")
+    model.set_defaults(run=_run_model)
+
     keygen = commands.add_parser(
         "keygen",
         help="print a new network key (for GLUE_NETWORK_KEY)",
@@ -201,8 +230,8 @@ def _parser() -> argparse.ArgumentParser:
         help="several endpoints discovering each other on 127.0.0.1",
         description="Start a rendezvous and several endpoint processes on 127.0.0.1 only (no "
         "multicast, nothing leaves this host) and narrate discovery, publish/subscribe, the "
-        "removal of a killed endpoint, a late joiner served from history, and the mesh "
-        "surviving the loss of its rendezvous.",
+        "removal of a killed endpoint, a late joiner served from history, a shared model "
+        "converging, and the mesh surviving the loss of its rendezvous.",
     )
     demo.add_argument(
         "--nodes", type=int, default=3, help="endpoints besides the rendezvous (the last publishes)"
@@ -346,6 +375,82 @@ def _message_fields(message: Message) -> dict[str, Any]:
     except UnicodeDecodeError:
         fields["payload_hex"] = message.payload[:64].hex()
     return fields
+
+
+# --- glue model ----------------------------------------------------------------------------------
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    return asyncio.run(_model(args))
+
+
+async def _model(args: argparse.Namespace) -> int:
+    edits = [_model_assignment(text) for text in args.set]
+    async with AsyncEndpointManager.from_env() as endpoint:
+        settings = endpoint.settings
+        model = endpoint.model(args.name)
+        timeout = args.timeout
+        if timeout is None:
+            timeout = settings.discovery_rate_s * settings.discovery_rate_timeout_multiplier
+        try:
+            synced = await model.wait_synced(timeout=timeout, peers=args.peers)
+        except TimeoutError as exc:
+            print(f"glue model: {exc}", file=sys.stderr)
+            return 1
+        if edits or args.delete:
+            with model.transaction() as root:
+                for key, value in edits:
+                    root[key] = value
+                for key in args.delete:
+                    if key in root:
+                        del root[key]
+
+        def show(change: Any = None) -> None:
+            snapshot = model.snapshot()
+            if not args.json:
+                print(orjson.dumps(snapshot, option=orjson.OPT_SORT_KEYS).decode(), flush=True)
+                return
+            fields: dict[str, Any] = {
+                "name": args.name,
+                "id": endpoint.endpoint_id,
+                "synced": synced,
+                "digest": _digest(snapshot),
+                "snapshot": snapshot,
+            }
+            if change is not None:
+                fields.update(local=change.local, source_id=change.source_id, keys=change.keys)
+            _json_line("model", fields)
+
+        show()
+        if args.watch:
+            loop = asyncio.get_running_loop()
+            stop = asyncio.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            model.on_change(show)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.duration)
+        else:
+            with contextlib.suppress(GlueError, TimeoutError):
+                await model.flush(timeout=timeout)  # the edits reached the holders
+        model.close()
+        with contextlib.suppress(GlueError, TimeoutError):
+            await endpoint.flush(timeout=timeout)  # (its last announcement, say)
+    return 0
+
+
+def _model_assignment(text: str) -> tuple[str, Any]:
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise ConfigError(f"--set wants KEY=VALUE, not {text!r}")
+    try:
+        return key, orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return key, value
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
 # --- glue sub / glue pub -------------------------------------------------------------------------
@@ -506,21 +611,18 @@ async def _doctor(args: argparse.Namespace) -> int:
 class _Node:
     """One endpoint process of the demo, running ``glue peers --watch --json`` (+ topics)."""
 
-    def __init__(self, label: str, env: dict[str, str], board: _Board, *extra: str) -> None:
+    def __init__(
+        self,
+        label: str,
+        env: dict[str, str],
+        board: _Board,
+        *extra: str,
+        command: Sequence[str] = ("peers", "--watch", "--json"),
+    ) -> None:
         self.label = label
         self.endpoint_id = int(env["GLUE_ENDPOINT_ID"])
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "glue",
-                "--log-level",
-                "WARNING",
-                "peers",
-                "--watch",
-                "--json",
-                *extra,
-            ],
+            [sys.executable, "-m", "glue", "--log-level", "WARNING", *command, *extra],
             env=env,
             stdout=subprocess.PIPE,
             text=True,
@@ -548,6 +650,7 @@ class _Board:
         self.labels = labels
         self.seen: dict[str, set[int]] = {}
         self.received: dict[str, list[dict[str, Any]]] = {}
+        self.models: dict[str, dict[str, Any]] = {}  # each model node's last state
         self.changed = threading.Condition()
         self.started = time.monotonic()
         self.quiet = False
@@ -563,6 +666,13 @@ class _Board:
             elif event == "removed":
                 seen.discard(message["id"])
                 self._say(f"{node.label:12} lost       {other} ({message.get('reason')})")
+            elif event == "model":
+                self.models[node.label] = message
+                change = "" if "keys" not in message else f" after a change of {message['keys']}"
+                self._say(
+                    f"{node.label:12} model {message['name']} {message['digest']}{change}: "
+                    f"{orjson.dumps(message['snapshot'], option=orjson.OPT_SORT_KEYS).decode()}"
+                )
             elif event == "message":
                 got = self.received.setdefault(node.label, [])
                 got.append(message)
@@ -580,6 +690,9 @@ class _Board:
 
     def knows(self, label: str, ids: set[int]) -> bool:
         return ids <= self.seen.get(label, set())
+
+    def model_digests(self, labels: list[str]) -> set[str | None]:
+        return {self.models.get(label, {}).get("digest") for label in labels}
 
     def count(self, label: str) -> int:
         return len(self.received.get(label, []))
@@ -613,6 +726,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         1: "rendezvous",
         **{100 + n: f"node-{n}" for n in range(1, args.nodes + 1)},
         999: "late-joiner",
+        **{200 + n: f"model-{n}" for n in range(1, 5)},
     }
     board = _Board(sys.stdout, labels)
     print(
@@ -621,10 +735,15 @@ def _run_demo(args: argparse.Namespace) -> int:
         "others subscribe to demo/#.\nAll traffic stays on 127.0.0.1 (unicast only).\n"
     )
 
-    def start(endpoint_id: int, *extra: str, **glue: str) -> _Node:
+    def start(
+        endpoint_id: int,
+        *extra: str,
+        command: Sequence[str] = ("peers", "--watch", "--json"),
+        **glue: str,
+    ) -> _Node:
         env = {**common, "GLUE_ENDPOINT_ID": str(endpoint_id), **glue}
         env["GLUE_ENDPOINT_NAME"] = labels[endpoint_id]
-        return _Node(labels[endpoint_id], env, board, *extra)
+        return _Node(labels[endpoint_id], env, board, *extra, command=command)
 
     rendezvous = start(
         1, GLUE_DISCOVERY_TARGET_ADDRESS="0", GLUE_DISCOVERY_LISTEN_ADDRESS=f"127.0.0.1:{port}"
@@ -683,6 +802,9 @@ def _run_demo(args: argparse.Namespace) -> int:
             print("\nglue demo: FAILED, the late joiner received nothing")
             return 1
 
+        if not _demo_model(start, board, node_env):
+            return 1
+
         print(
             "\n==> stop the rendezvous: the remaining endpoints announce to each other directly\n"
         )
@@ -705,6 +827,57 @@ def _run_demo(args: argparse.Namespace) -> int:
     finally:
         board.quiet = True
         for node in everyone:
+            node.stop()
+
+
+def _demo_model(start: Callable[..., _Node], board: _Board, node_env: dict[str, str]) -> bool:
+    """Three processes edit one model at once and converge; a fourth, started later, too."""
+    print(
+        "\n==> a shared model (docs/model.md): three new endpoints open demo/config at once; "
+        "each adds a key of its own and sets 'mode', all three concurrently\n"
+    )
+    editors = [
+        start(
+            200 + n,
+            "--set",
+            f'model-{n}={{"rate": {n * 5}}}',
+            "--set",
+            f"mode=set by model-{n}",
+            command=("model", "demo/config", "--watch", "--json", "--peers", "2"),
+            **node_env,
+        )
+        for n in range(1, 4)
+    ]
+    labels = [node.label for node in editors]
+    t0 = time.monotonic()
+    try:
+
+        def agreed(labels: list[str]) -> bool:
+            digests = board.model_digests(labels)
+            snapshot = board.models.get(labels[0], {}).get("snapshot", {})
+            return len(digests) == 1 and None not in digests and len(snapshot) == 4
+
+        if not board.wait(lambda: agreed(labels), timeout=15):
+            print("\nglue demo: FAILED, the model replicas did not converge")
+            return False
+        winner = board.models[labels[0]]["snapshot"]["mode"]
+        print(
+            f"\n==> the three replicas agree ({time.monotonic() - t0:.2f} s after they started, "
+            f"imports included): every key is there, and the concurrent writes of 'mode' ended "
+            f"with the same winner everywhere ({winner!r})\n"
+        )
+        print("==> a fourth endpoint opens the model later: it pulls the state, once\n")
+        late = start(
+            204, command=("model", "demo/config", "--watch", "--json", "--peers", "3"), **node_env
+        )
+        editors.append(late)
+        if not board.wait(lambda: agreed([*labels, late.label]), timeout=15):
+            print("\nglue demo: FAILED, the late model replica did not converge")
+            return False
+        print("\n==> the fourth replica holds the same state\n")
+        return True
+    finally:
+        for node in editors:
             node.stop()
 
 

@@ -138,6 +138,10 @@ class _ModelBase:
         self._callbacks: list[Callable[[ModelChange], object]] = []
         self._closed = False
         self._failed = 0  # messages that could not be published
+        # Runner steps begun and completed (what it took from the sync machine is published):
+        # flush() waits for a step begun after it was called.
+        self._steps_begun = 0
+        self._steps_done = 0
         self._doc.observe(self._on_commit)
 
     @property
@@ -368,6 +372,29 @@ class Model(_ModelBase):
             with self._synced:
                 self._synced.wait(min(remaining, self._config.announce_s))
 
+    def flush(self, *, timeout: float) -> None:
+        """Block until the edits made so far are published and acknowledged by the peers they
+        went to (``EndpointManager.flush``): call before exiting after an edit.
+
+        Raises:
+            TimeoutError: not within ``timeout`` seconds.
+            DeliveryError: a peer went away with some unacknowledged (see ``flush``).
+            UsageError: the model is closed; a bad ``timeout``.
+        """
+        timeout = check_timeout(timeout)
+        deadline = time.monotonic() + timeout
+        target = self._steps_begun + 1
+        self._event.set()
+        with self._synced:
+            while self._steps_done < target:
+                if self._closed:
+                    raise UsageError(f"model {self.name} is closed")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"model {self.name}: edits not published in {timeout} s")
+                self._synced.wait(min(remaining, _CHECK_S))
+        self._blocking.flush(timeout=max(0.0, deadline - time.monotonic()))
+
     def changes(self, *, timeout: float | None = None) -> Iterator[ModelChange]:
         """Iterate over changes (local and remote) from this call on; ends when the model
         closes or after ``timeout`` s without one. Up to 100,000 wait; beyond, dropped."""
@@ -401,13 +428,15 @@ class Model(_ModelBase):
                 if any(s.closed for s in self._subscriptions):
                     break  # the endpoint stopped
                 now = time.monotonic()
+                self._steps_begun += 1
                 outgoing, changes, deadline = self._step(now)
                 for out in outgoing:
                     if not self._send(out):
                         return
-                self._deliver(changes)
+                self._steps_done += 1
                 with self._synced:
                     self._synced.notify_all()
+                self._deliver(changes)
                 wait = _CHECK_S if deadline is None else min(_CHECK_S, deadline - now)
                 if wait > 0:
                     self._event.wait(wait)
@@ -540,6 +569,24 @@ class AsyncModel(_ModelBase):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._synced.wait(), min(remaining, self._config.announce_s))
 
+    async def flush(self, *, timeout: float) -> None:  # noqa: ASYNC109
+        """Wait until the edits made so far are published and acknowledged: see
+        :meth:`Model.flush`."""
+        timeout = check_timeout(timeout)
+        deadline = self._loop.time() + timeout
+        target = self._steps_begun + 1
+        self._event.set()
+        while self._steps_done < target:
+            if self._closed:
+                raise UsageError(f"model {self.name} is closed")
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"model {self.name}: edits not published in {timeout} s")
+            self._synced.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._synced.wait(), min(remaining, _CHECK_S))
+        await self._asynchronous.flush(timeout=max(0.0, deadline - self._loop.time()))
+
     async def changes(self) -> AsyncIterator[ModelChange]:
         """``async for change in model.changes()``: changes from this call on, until the model
         closes. Up to 100,000 wait; beyond, they are dropped for this iteration."""
@@ -560,12 +607,14 @@ class AsyncModel(_ModelBase):
                 if any(s.closed for s in self._subscriptions):
                     break
                 now = time.monotonic()
+                self._steps_begun += 1
                 outgoing, changes, deadline = self._step(now)
                 for out in outgoing:
                     if not await self._send(out):
                         return
-                await self._deliver(changes)
+                self._steps_done += 1
                 self._synced.set()
+                await self._deliver(changes)
                 wait = _CHECK_S if deadline is None else min(_CHECK_S, deadline - now)
                 if wait > 0:
                     with contextlib.suppress(TimeoutError):

@@ -101,6 +101,21 @@ def test_changes_iterate_and_the_model_thread_ends_with_its_endpoint(
     assert wait_until(lambda: model_a.closed and model_b.closed, timeout=5)
 
 
+def test_flush_returns_once_the_edits_are_acknowledged(settings: dict[str, Any]) -> None:
+    with EndpointManager.from_env(**settings) as a, EndpointManager.from_env(**settings) as b:
+        model_a, model_b = a.model(NAME), b.model(NAME)
+        model_b.wait_synced(timeout=10, peers=1)
+        with model_a.transaction() as root:
+            root["x"] = 1
+        model_a.flush(timeout=10)
+        assert model_a.counters()["updates_sent"] == 1
+        # Acknowledged means received: b's model thread applies it at once.
+        assert wait_until(lambda: model_b.snapshot() == {"x": 1.0}, timeout=5)
+        model_a.close()
+        with pytest.raises(UsageError, match="closed"):
+            model_a.flush(timeout=1)
+
+
 def test_an_edit_outside_a_transaction_is_sent_and_warned_about(
     settings: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
