@@ -353,6 +353,7 @@ class Model(_ModelBase):
         """
         timeout = check_timeout(timeout)
         peers = check_int(peers, "peers", minimum=0)
+        self._refuse_on_own_thread("wait_synced")
         deadline = time.monotonic() + timeout
         while True:
             if self._closed:
@@ -382,6 +383,7 @@ class Model(_ModelBase):
             UsageError: the model is closed; a bad ``timeout``.
         """
         timeout = check_timeout(timeout)
+        self._refuse_on_own_thread("flush")
         deadline = time.monotonic() + timeout
         target = self._steps_begun + 1
         self._event.set()
@@ -421,6 +423,13 @@ class Model(_ModelBase):
 
     def _wake(self) -> None:
         self._event.set()
+
+    def _refuse_on_own_thread(self, method: str) -> None:
+        if threading.current_thread() is self._thread:
+            raise UsageError(
+                f"{method}() from an on_change callback would wait for the model's own thread, "
+                "which runs the callback"
+            )
 
     def _run(self) -> None:
         try:

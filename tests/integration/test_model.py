@@ -116,6 +116,26 @@ def test_flush_returns_once_the_edits_are_acknowledged(settings: dict[str, Any])
             model_a.flush(timeout=1)
 
 
+def test_waiting_from_an_on_change_callback_is_refused(settings: dict[str, Any]) -> None:
+    with EndpointManager.from_env(**settings) as a:
+        model = a.model(NAME)
+        refused: list[str] = []
+
+        def on_change(change: ModelChange) -> None:
+            for wait in (model.flush, model.wait_synced):
+                try:
+                    wait(timeout=1)
+                except UsageError as exc:
+                    refused.append(str(exc))
+
+        model.on_change(on_change)
+        with model.transaction() as root:
+            root["x"] = 1
+        assert wait_until(lambda: len(refused) == 2, timeout=5)
+        assert "flush() from an on_change callback" in refused[0]
+        model.close()
+
+
 def test_an_edit_outside_a_transaction_is_sent_and_warned_about(
     settings: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
