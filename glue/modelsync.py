@@ -171,7 +171,8 @@ class ModelConfig:
 class ModelChange:
     """One transaction applied to a model: made here (``local``) or received from a peer.
 
-    ``keys`` are the keys of the root map that changed, directly or inside (sorted);
+    ``keys`` are the keys of the root map that changed, directly or inside (sorted; None in the
+    rare case pycrdt could not tell, counted as ``change_keys_unknown``);
     ``source_id`` is the endpoint id of the peer whose message brought it (this endpoint's
     own for a local change); ``update`` is the transaction as a Yjs update (v1), which
     ``pycrdt.Doc.apply_update`` accepts (to persist a model, say).
@@ -179,7 +180,7 @@ class ModelChange:
 
     local: bool
     source_id: int
-    keys: tuple[str, ...]
+    keys: tuple[str, ...] | None
     update: bytes
 
 
@@ -235,7 +236,12 @@ class ModelSync:
         self._source = 0  # the peer whose update is being applied; 0: a local transaction
         self._announce_at = now
         self._closed = False
-        self._subscriptions = [doc.observe(self._on_update), self.root.observe_deep(self._on_deep)]
+        self._keys_unknown = False
+        self._doc_subscription = doc.observe(self._on_update)
+        # Yrs's own events, not pycrdt's wrapper of them: the wrapper converts every event in
+        # full (old and new values, deltas) and lets a panic of Yrs while doing so (seen when a
+        # root key's previous value is gone) unwind through the commit.
+        self._deep_subscription = self.root.integrated.observe_deep(self._on_deep)
         self.handle_timer(now=now)  # the first announcement, at once
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -300,9 +306,8 @@ class ModelSync:
         if self._closed:
             return
         self._closed = True
-        doc_subscription, deep_subscription = self._subscriptions
-        self.doc.unobserve(doc_subscription)
-        self.root.unobserve(deep_subscription)
+        self.doc.unobserve(self._doc_subscription)
+        self._deep_subscription.drop()
 
     # --- outputs --------------------------------------------------------------------------------
 
@@ -433,27 +438,34 @@ class ModelSync:
         finally:
             self._source = 0
             self._keys.clear()
+            self._keys_unknown = False
         self.counters["updates_applied"] += 1
         return True
 
     def _on_deep(self, events: list[Any]) -> None:
         """Root observer (during a commit, before :meth:`_on_update`): which keys changed."""
         for event in events:
-            path = event.path
-            if path:
-                self._keys.add(str(path[0]))
-            else:
-                keys = getattr(event, "keys", None)
-                if keys:
-                    self._keys.update(keys)
+            try:
+                path = event.path
+                if path:
+                    self._keys.add(str(path[0]))
+                elif hasattr(event, "keys"):
+                    self._keys.update(event.keys)
+            except BaseException as exc:  # a PanicException of Yrs: never into the commit
+                if isinstance(exc, KeyboardInterrupt | SystemExit):
+                    raise
+                self._keys_unknown = True
+                self.counters["change_keys_unknown"] += 1
+                logger.debug("model %s: which keys changed is unknown: %r", self.name, exc)
 
     def _on_update(self, event: pycrdt.TransactionEvent) -> None:
         """Document observer (during a commit): a transaction changed the document."""
         update = event.update
         if update == _EMPTY_UPDATE or self._closed:
             return
-        keys = tuple(sorted(self._keys))
+        keys = None if self._keys_unknown else tuple(sorted(self._keys))
         self._keys.clear()
+        self._keys_unknown = False
         source = self._source
         if not source:
             self._local.append(update)

@@ -1,5 +1,6 @@
 """Models in the simulator: replicas editing at random over a network that loses, duplicates and
-reorders datagrams, with partitions that open and heal, all converge to one state.
+reorders datagrams, with partitions that open and heal, all converge to one state; so does a
+fifth replica started afterwards.
 
 Each node's :class:`~glue.modelsync.ModelSync` is driven here as the runtimes drive it: its
 messages published on its node's topics, the node's topic deliveries and peer removals fed back,
@@ -182,7 +183,15 @@ def test_replicas_converge_under_loss_duplication_reordering_and_partitions(
         run(sim, models, RATE_S / 5)
         waited += RATE_S / 5
     assert synced(), f"seed {model_seed}: a replica not synced with every other ({profile})"
-    SETTLED.append(settle)
 
-
-SETTLED: list[float] = []
+    late = SimModel(sim.add_node("late"), client_id=2000)  # started afterwards, empty
+    models.append(late)
+    nodes.append(late.node)
+    holders.append(late.node.endpoint_id)
+    joined = 0.0
+    while not (converged(models) and synced()) and joined < 30.0:
+        run(sim, models, RATE_S / 5)
+        joined += RATE_S / 5
+    assert converged(models), f"seed {model_seed}: the late joiner did not converge ({profile})"
+    assert late.root.to_py() == states[0]
+    assert synced(), f"seed {model_seed}: the late joiner not synced with every other"

@@ -358,3 +358,30 @@ def test_a_newcomer_pulls_from_one_holder_at_a_time_and_gets_the_document_once()
     assert newcomer.unsynced([1, 2, 3]) == []
     assert newcomer.root.to_py() == holders[0].root.to_py()
     assert 5000 < newcomer.counters["reply_bytes_received"] < 6000
+
+
+class PanicException(BaseException):
+    """What pyo3 raises when Rust panics (it derives from BaseException)."""
+
+
+class PanickingEvent:
+    @property
+    def path(self) -> list[str]:
+        return []
+
+    @property
+    def keys(self) -> dict[str, object]:
+        raise PanicException("called `Option::unwrap()` on a `None` value")
+
+
+def test_a_panic_of_yrs_while_reading_an_event_leaves_keys_unknown() -> None:
+    a = replica(1)
+    a.messages_to_send()
+    a._on_deep([PanickingEvent()])  # as Yrs would call it during the next commit
+    a.root["x"] = 1
+    (change,) = changes(a)
+    assert change.keys is None
+    assert a.counters["change_keys_unknown"] == 1
+    assert [o.topic for o in a.messages_to_send()] == [update_topic(NAME)]  # still sent
+    a.root["y"] = 2
+    assert changes(a)[0].keys == ("y",)
