@@ -1,6 +1,6 @@
 """Models across real processes (issue 16): three processes each make 1,000 random edits while an
 iptables partition separates one of them; after healing, their snapshots converge, and so does a
-fourth process started afterwards.
+fourth process started afterwards. One of the three runs on the asyncio API.
 
 The processes find each other by unicast announcements to fixed data ports on 127.0.0.1 (no
 multicast), so dropping every datagram to or from one process's port cuts it off from the others
@@ -10,6 +10,7 @@ process (``main``): one endpoint with one model, driven by JSON lines on stdin.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import random
@@ -55,14 +56,24 @@ def digest(snapshot: Any) -> str:
     return hashlib.sha256(orjson.dumps(snapshot, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
-def main() -> None:
+def say(**event: Any) -> None:
+    sys.stdout.write(orjson.dumps({**event, "t": time.monotonic()}).decode() + "\n")
+    sys.stdout.flush()
+
+
+def init(root: Any) -> None:
     import pycrdt
 
-    from glue import EndpointManager
+    root["config"] = pycrdt.Map()
+    root["items"] = pycrdt.Array()
+    root["notes"] = pycrdt.Text()
 
-    def say(**event: Any) -> None:
-        sys.stdout.write(orjson.dumps({**event, "t": time.monotonic()}).decode() + "\n")
-        sys.stdout.flush()
+
+def main() -> None:
+    if sys.argv[1:] == ["async"]:
+        asyncio.run(main_async())
+        return
+    from glue import EndpointManager
 
     with EndpointManager.from_env() as endpoint:
         model = endpoint.model(NAME)
@@ -73,9 +84,7 @@ def main() -> None:
             try:
                 if op == "init":
                     with model.transaction() as root:
-                        root["config"] = pycrdt.Map()
-                        root["items"] = pycrdt.Array()
-                        root["notes"] = pycrdt.Text()
+                        init(root)
                     say(reply=op)
                 elif op == "wait_synced":
                     synced = model.wait_synced(timeout=command["timeout"], peers=command["peers"])
@@ -100,13 +109,56 @@ def main() -> None:
         model.close()
 
 
+async def main_async() -> None:
+    """The same process on the asyncio API: the model is edited on the loop's thread."""
+    from glue import AsyncEndpointManager
+
+    loop = asyncio.get_running_loop()
+    async with AsyncEndpointManager.from_env() as endpoint:
+        model = endpoint.model(NAME)
+        say(event="ready", id=endpoint.endpoint_id)
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            command = orjson.loads(line)
+            op = command["op"]
+            try:
+                if op == "init":
+                    with model.transaction() as root:
+                        init(root)
+                    say(reply=op)
+                elif op == "wait_synced":
+                    synced = await model.wait_synced(
+                        timeout=command["timeout"], peers=command["peers"]
+                    )
+                    say(reply=op, synced=synced)
+                elif op == "edit":
+                    rng = random.Random(command["seed"])
+                    for n in range(command["count"]):
+                        with model.transaction() as root:
+                            random_edit(rng, root)
+                        if n % 10 == 9:
+                            await asyncio.sleep(0)  # let the network and the model run
+                    say(reply=op)
+                elif op == "digest":
+                    snapshot = model.snapshot()
+                    say(reply=op, digest=digest(snapshot), size=len(orjson.dumps(snapshot)))
+                elif op == "peers":
+                    say(reply=op, peers=[p.endpoint_id for p in await endpoint.peers()])
+                elif op == "counters":
+                    say(reply=op, counters=model.counters(), state=len(model.doc.get_update()))
+                elif op == "stop":
+                    break
+            except Exception as exc:
+                say(reply=op, error=repr(exc))
+        model.close()
+
+
 # --- the test -----------------------------------------------------------------------------------
 
 
 class ModelProcess:
     """One model process; ``request`` sends a command and waits for its reply."""
 
-    def __init__(self, port: int, targets: list[int]) -> None:
+    def __init__(self, port: int, targets: list[int], *, api: str = "sync") -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GLUE_")}
         env.update(
             PYTHONPATH=str(REPO),
@@ -121,7 +173,7 @@ class ModelProcess:
         self.port = port
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(
-            [sys.executable, __file__],
+            [sys.executable, __file__, *(["async"] if api == "async" else [])],
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -195,7 +247,11 @@ def test_three_processes_editing_through_a_partition_converge_and_so_does_a_four
 
     period = RATE_MS / 1000
     ports = [free_udp_port() for _ in range(4)]
-    a, b, c = (ModelProcess(port, [p for p in ports[:3] if p != port]) for port in ports[:3])
+    # b runs on the asyncio API, the others on the blocking one.
+    a, b, c = (
+        ModelProcess(port, [p for p in ports[:3] if p != port], api=api)
+        for port, api in zip(ports[:3], ("sync", "async", "sync"), strict=True)
+    )
     everyone = [a, b, c]
     try:
         a.request("init")
