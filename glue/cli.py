@@ -836,6 +836,8 @@ def _demo_model(start: Callable[..., _Node], board: _Board, node_env: dict[str, 
         "\n==> a shared model (docs/model.md): three new endpoints open demo/config at once; "
         "each adds a key of its own and sets 'mode', all three concurrently\n"
     )
+    # (--timeout: the processes start at once and take a while to import, find each other)
+    watch = ("model", "demo/config", "--watch", "--json", "--timeout", "10")
     editors = [
         start(
             200 + n,
@@ -843,7 +845,7 @@ def _demo_model(start: Callable[..., _Node], board: _Board, node_env: dict[str, 
             f'model-{n}={{"rate": {n * 5}}}',
             "--set",
             f"mode=set by model-{n}",
-            command=("model", "demo/config", "--watch", "--json", "--peers", "2"),
+            command=(*watch, "--peers", "2"),
             **node_env,
         )
         for n in range(1, 4)
@@ -867,9 +869,7 @@ def _demo_model(start: Callable[..., _Node], board: _Board, node_env: dict[str, 
             f"with the same winner everywhere ({winner!r})\n"
         )
         print("==> a fourth endpoint opens the model later: it pulls the state, once\n")
-        late = start(
-            204, command=("model", "demo/config", "--watch", "--json", "--peers", "3"), **node_env
-        )
+        late = start(204, command=(*watch, "--peers", "3"), **node_env)
         editors.append(late)
         if not board.wait(lambda: agreed([*labels, late.label]), timeout=15):
             print("\nglue demo: FAILED, the late model replica did not converge")

@@ -27,6 +27,7 @@ import contextlib
 import inspect
 import logging
 import queue
+import random
 import threading
 import time
 import weakref
@@ -132,6 +133,7 @@ class _ModelBase:
             doc=self._doc,
             config=self._config,
             now=time.monotonic(),
+            rng=random.Random(),
         )
         self._inbox: deque[tuple[str, int, bytes]] = deque()
         self._removed: deque[int] = deque()
@@ -142,6 +144,7 @@ class _ModelBase:
         # flush() waits for a step begun after it was called.
         self._steps_begun = 0
         self._steps_done = 0
+        self._first_seen: dict[int, float] = {}  # subscribers of the state topic, since when
         self._doc.observe(self._on_commit)
 
     @property
@@ -242,14 +245,20 @@ class _ModelBase:
 
     def _step(self, now: float) -> tuple[list[Outgoing], list[ModelChange], float | None]:
         """Feed what arrived to the sync machine; what to publish, the changes, the deadline."""
+        arrived = []
+        while self._inbox:  # (filled by other threads: popleft is atomic, iterating is not)
+            arrived.append(self._inbox.popleft())
+        state = state_topic(self.name)
+        holders = self._holders() if any(topic == state for topic, _, _ in arrived) else None
         with self._lock:
             owner, self._owner = self._owner, threading.get_ident()
             try:
                 sync = self._sync
                 while self._removed:
                     sync.peer_removed(self._removed.popleft())
-                while self._inbox:
-                    topic, source, payload = self._inbox.popleft()
+                if holders is not None:
+                    sync.set_holders(holders)
+                for topic, source, payload in arrived:
                     sync.receive(topic, source, payload, now=now)
                 deadline = sync.next_deadline()
                 if deadline is not None and deadline <= now:
@@ -263,9 +272,27 @@ class _ModelBase:
                 self._owner = owner
         return outgoing, changes, deadline
 
-    def _unsynced(self, holders: list[int]) -> list[int]:
+    def _holders(self) -> list[int]:
+        """The peers subscribed to the model's state topic now."""
+        return [p.endpoint_id for p in self._manager.subscribers(state_topic(self.name))]
+
+    def _sync_status(self, now: float) -> tuple[list[int], list[int]]:
+        """(not yet synced with, synced with): of the peers that announced the model, and of
+        its topic's subscribers seen for less than 3 announcement periods (one that never
+        announces holds no model: a keeper or a '#' subscriber, say)."""
+        subscribers = self._holders()
+        seen = self._first_seen
+        for peer in subscribers:
+            seen.setdefault(peer, now)
+        for peer in set(seen) - set(subscribers):
+            del seen[peer]
+        grace = 3 * self._config.announce_s
         with self._lock:
-            return self._sync.unsynced(holders)
+            met = self._sync.met()
+            waited = [p for p in subscribers if p in met or now - seen[p] < grace]
+            missing = self._sync.unsynced(waited)
+            synced = [p for p in self._sync.synced() if p not in missing]
+        return missing, synced
 
     def _publish_failed(self, out: Outgoing, exc: Exception) -> None:
         self._failed += 1
@@ -345,7 +372,9 @@ class Model(_ModelBase):
     def wait_synced(self, *, timeout: float, peers: int = 0) -> list[int]:
         """Block until the model has exchanged state with every peer holding it (and with at
         least ``peers`` of them): each answered a pull of ours since it appeared, so this
-        replica holds everything they held then. Returns their endpoint ids.
+        replica holds everything they held then. Returns their endpoint ids. A subscriber of
+        the model's topics that does not announce it within 3 announcement periods (a history
+        keeper of ``#``, say) is not waited for.
 
         Raises:
             TimeoutError: not within ``timeout`` seconds (the message names who is missing).
@@ -358,13 +387,7 @@ class Model(_ModelBase):
         while True:
             if self._closed:
                 raise UsageError(f"model {self.name} is closed")
-            holders = [p.endpoint_id for p in self._blocking.subscribers(state_topic(self.name))]
-            with self._lock:
-                missing = self._sync.unsynced(holders)
-                synced = sorted(
-                    set(holders) | {p for p, h in self._sync._holders.items() if h.synced}
-                )
-            synced = [p for p in synced if p not in missing]
+            missing, synced = self._sync_status(time.monotonic())
             if not missing and len(synced) >= peers:
                 return synced
             remaining = deadline - time.monotonic()
@@ -561,14 +584,7 @@ class AsyncModel(_ModelBase):
         while True:
             if self._closed:
                 raise UsageError(f"model {self.name} is closed")
-            holders = [
-                p.endpoint_id for p in self._asynchronous.subscribers(state_topic(self.name))
-            ]
-            missing = self._sync.unsynced(holders)
-            synced = sorted(
-                (set(holders) | {p for p, h in self._sync._holders.items() if h.synced})
-                - set(missing)
-            )
+            missing, synced = self._sync_status(time.monotonic())
             if not missing and len(synced) >= peers:
                 return synced
             remaining = deadline - self._loop.time()

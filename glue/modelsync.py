@@ -27,10 +27,10 @@ an expired message missed.
 State: the document; per holder (by endpoint id) whether we met it, the pull awaiting an
 answer (its number and when it times out) and whether one was answered since it appeared
 (*synced*); local updates not yet sent. Inputs: ``receive`` (a message from a holder),
-``peer_removed``, ``handle_timer`` and local transactions, seen through the document's
-observers. Outputs: ``messages_to_send`` (topic messages), ``next_event`` (a
-:class:`ModelChange` per transaction, local or remote), ``next_deadline`` (the next
-announcement or pull timeout).
+``peer_removed``, ``set_holders`` (who holds the model now, when the runtime knows),
+``handle_timer`` and local transactions, seen through the document's observers. Outputs:
+``messages_to_send`` (topic messages), ``next_event`` (a :class:`ModelChange` per transaction,
+local or remote), ``next_deadline`` (the next announcement or pull timeout).
 
 Bounds: local updates waiting are merged into messages of at most ``max_update_bytes`` each;
 one pull awaited at a time; changes waiting are at most ``max_changes`` (the oldest are
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -216,6 +217,7 @@ class ModelSync:
         doc: pycrdt.Doc[Any],
         config: ModelConfig,
         now: float,
+        rng: random.Random | None = None,
     ) -> None:
         self.name = validate_model_name(name)
         self.endpoint_id = endpoint_id
@@ -228,7 +230,10 @@ class ModelSync:
         self.inbox = inbox_topic(name, endpoint_id)
         self._holders: dict[int, _Holder] = {}
         self._deferred: dict[int, None] = {}  # holders to pull from once the awaited reply came
-        self._pulls = 0
+        # Pull numbers start at random: a reply replayed from history (by a keeper) to a
+        # restarted endpoint with the same id must not answer one of its new pulls.
+        self._pulls = rng.getrandbits(31) if rng is not None else 0
+        self._present: frozenset[int] | None = None  # holders discovered now, if known
         self._local: list[bytes] = []
         self._out: list[Outgoing] = []
         self._changes: deque[ModelChange] = deque()
@@ -277,6 +282,11 @@ class ModelSync:
             self._answer(source_id, head, body)
         else:
             self._replied(source_id, head, body, now)
+
+    def set_holders(self, holders: Iterable[int]) -> None:
+        """The peers that hold the model now (subscribed to its state topic): an announcement
+        from anyone else (replayed from history by a keeper, its publisher gone) is ignored."""
+        self._present = frozenset(holders)
 
     def peer_removed(self, peer_id: int) -> None:
         """``peer_id`` went away (or restarted): meet it again when it is back."""
@@ -344,6 +354,14 @@ class ModelSync:
         wanted.discard(self.endpoint_id)
         return sorted(p for p in wanted if p not in known or not known[p].synced)
 
+    def met(self) -> set[int]:
+        """The holders heard from (an announcement) since they appeared."""
+        return {peer for peer, holder in self._holders.items() if holder.met}
+
+    def synced(self) -> list[int]:
+        """The holders synced with since they appeared, sorted."""
+        return sorted(peer for peer, holder in self._holders.items() if holder.synced)
+
     def has_work(self) -> bool:
         """Whether messages or changes are waiting."""
         return bool(self._out or self._local or self._changes)
@@ -359,6 +377,9 @@ class ModelSync:
         except ValueError as exc:
             self._drop("bad_announce", peer, f"a malformed announcement ({exc})")
             return
+        if self._present is not None and peer not in self._present:
+            self.counters["announcements_from_absent_holders"] += 1
+            return  # nobody to pull from: its pulls would wait for a reply that never comes
         holder = self._holder(peer)
         if holder.pull:
             return  # a reply is on its way; the next announcement tells what is left

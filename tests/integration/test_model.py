@@ -166,6 +166,32 @@ def test_malformed_messages_from_a_peer_are_dropped_and_counted(settings: dict[s
         model.close()
 
 
+def test_a_history_keeper_of_the_model_topics_is_not_taken_for_a_holder(
+    settings: dict[str, Any],
+) -> None:
+    with EndpointManager.from_env(**settings) as keeper:
+        keeper.keep_history("_model/#", depth=10)
+        with EndpointManager.from_env(**settings) as a:
+            model_a = a.model(NAME)
+            with model_a.transaction() as root:
+                root["x"] = 1
+            a.wait_for_subscribers(update_topic(NAME), timeout=10)
+            assert wait_until(lambda: model_a.counters().get("announced", 0) >= 2, timeout=10)
+            model_a.flush(timeout=10)
+            model_a.close()
+        with EndpointManager.from_env(**settings) as c:
+            model_c = c.model(NAME)
+            # The keeper subscribes (its keep pattern is interest) but never announces, and
+            # the announcement it replays is a's, who is gone: nobody to wait for, no pull.
+            assert model_c.wait_synced(timeout=10) == []
+            assert wait_until(
+                lambda: model_c.counters().get("announcements_from_absent_holders", 0) >= 1,
+                timeout=10,
+            ), model_c.counters()
+            assert model_c.counters().get("pulls_sent", 0) == 0
+            model_c.close()
+
+
 def test_bad_names_are_refused(settings: dict[str, Any]) -> None:
     with EndpointManager.from_env(**settings) as a:
         with pytest.raises(UsageValueError):

@@ -385,3 +385,28 @@ def test_a_panic_of_yrs_while_reading_an_event_leaves_keys_unknown() -> None:
     assert [o.topic for o in a.messages_to_send()] == [update_topic(NAME)]  # still sent
     a.root["y"] = 2
     assert changes(a)[0].keys == ("y",)
+
+
+def test_announcements_of_absent_holders_are_ignored() -> None:
+    a, gone = replica(1), replica(2)
+    announcement = gone.messages_to_send()[0]
+    a.set_holders([3])  # replayed by a keeper: its publisher, 2, holds nothing any more
+    a.receive(announcement.topic, 2, announcement.payload, now=0.0)
+    assert a.counters["announcements_from_absent_holders"] == 1
+    assert [o.topic for o in a.messages_to_send()] == [state_topic(NAME)]  # no pull
+    assert a.unsynced([3]) == [3]
+    a.set_holders([2, 3])
+    a.receive(announcement.topic, 2, announcement.payload, now=0.0)
+    assert a.counters["pulls_sent"] == 1
+
+
+def test_pull_numbers_start_at_random_when_given_a_generator() -> None:
+    a = ModelSync(
+        NAME, endpoint_id=1, doc=pycrdt.Doc(), config=CONFIG, now=0.0, rng=random.Random(3)
+    )
+    b = replica(2)
+    for out in b.messages_to_send():
+        a.receive(out.topic, 2, out.payload, now=0.0)
+    pull = next(o for o in a.messages_to_send() if o.topic == inbox_topic(NAME, 2))
+    first = random.Random(3).getrandbits(31) + 1
+    assert pull.payload.startswith(b'{"k":"p","n":%d}' % first)
