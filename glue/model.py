@@ -114,6 +114,10 @@ def open_async_model(manager: AsyncEndpointManager, name: str) -> AsyncModel:
 class _ModelBase:
     """What both runtimes share: the document, the sync machine, the lock, the inbox."""
 
+    #: Whether other threads than the model's may edit (then an edit outside transaction()
+    #: is warned about).
+    _threaded = True
+
     def __init__(self, manager: EndpointManager | AsyncEndpointManager, name: str) -> None:
         self.name = name
         self._manager = manager
@@ -140,6 +144,7 @@ class _ModelBase:
         self._callbacks: list[Callable[[ModelChange], object]] = []
         self._closed = False
         self._failed = 0  # messages that could not be published
+        self._changes_dropped = 0  # by changes() iterations that fell behind
         # Runner steps begun and completed (what it took from the sync machine is published):
         # flush() waits for a step begun after it was called.
         self._steps_begun = 0
@@ -207,6 +212,8 @@ class _ModelBase:
             counters = dict(self._sync.counters)
         if self._failed:
             counters["publish_failed"] = self._failed
+        if self._changes_dropped:
+            counters["changes_dropped_slow_iterator"] = self._changes_dropped
         return counters
 
     # --- internals ------------------------------------------------------------------------------
@@ -229,7 +236,7 @@ class _ModelBase:
 
     def _on_commit(self, event: pycrdt.TransactionEvent) -> None:
         """Document observer, after the sync machine's: wake the runner for a local edit."""
-        if self._sync._source:
+        if self._sync.applying:
             return  # a remote update being applied by the runner
         if self._owner != threading.get_ident() and not self._warned and self._threaded:
             self._warned = True
@@ -241,15 +248,16 @@ class _ModelBase:
             )
         self._wake()
 
-    _threaded = True
-
     def _step(self, now: float) -> tuple[list[Outgoing], list[ModelChange], float | None]:
         """Feed what arrived to the sync machine; what to publish, the changes, the deadline."""
         arrived = []
         while self._inbox:  # (filled by other threads: popleft is atomic, iterating is not)
             arrived.append(self._inbox.popleft())
         state = state_topic(self.name)
-        holders = self._holders() if any(topic == state for topic, _, _ in arrived) else None
+        holders = None
+        if any(topic == state for topic, _, _ in arrived):
+            with contextlib.suppress(UsageError):  # the endpoint is stopping
+                holders = self._holders()
         with self._lock:
             owner, self._owner = self._owner, threading.get_ident()
             try:
@@ -313,6 +321,17 @@ class _ModelBase:
             self._sync.close()
 
 
+def _end(stream: queue.Queue[ModelChange | None] | asyncio.Queue[ModelChange | None]) -> None:
+    """End a ``changes()`` iteration: its end marker always fits (the oldest change makes room)."""
+    while True:
+        try:
+            stream.put_nowait(None)
+            return
+        except (queue.Full, asyncio.QueueFull):
+            with contextlib.suppress(queue.Empty, asyncio.QueueEmpty):
+                stream.get_nowait()
+
+
 def _synced_error(name: str, missing: list[int], holders: int, peers: int, timeout: float) -> str:
     if missing:
         return f"model {name}: not synced with peers {missing} after {timeout} s"
@@ -356,7 +375,7 @@ class Model(_ModelBase):
         for subscription in self._subscriptions:
             subscription.close()
         for stream in tuple(self._streams):
-            stream.put(None)
+            _end(stream)
         with self._synced:
             self._synced.notify_all()
         self._forget()
@@ -422,7 +441,8 @@ class Model(_ModelBase):
 
     def changes(self, *, timeout: float | None = None) -> Iterator[ModelChange]:
         """Iterate over changes (local and remote) from this call on; ends when the model
-        closes or after ``timeout`` s without one. Up to 100,000 wait; beyond, dropped."""
+        closes or after ``timeout`` s without one. Up to 100,000 wait; beyond, they are dropped
+        for this iteration and counted (``changes_dropped_slow_iterator``)."""
         if timeout is not None:
             timeout = check_timeout(timeout)
         stream: queue.Queue[ModelChange | None] = queue.Queue(CHANGE_QUEUE_SIZE)
@@ -478,8 +498,7 @@ class Model(_ModelBase):
         finally:
             self._closed = True
             for stream in tuple(self._streams):
-                with contextlib.suppress(queue.Full):
-                    stream.put_nowait(None)
+                _end(stream)
             with self._synced:
                 self._synced.notify_all()
 
@@ -508,8 +527,10 @@ class Model(_ModelBase):
             callbacks = list(self._callbacks)
         for change in changes:
             for stream in tuple(self._streams):
-                with contextlib.suppress(queue.Full):
+                try:
                     stream.put_nowait(change)
+                except queue.Full:
+                    self._changes_dropped += 1
             for callback in callbacks:
                 try:
                     callback(change)
@@ -556,7 +577,7 @@ class AsyncModel(_ModelBase):
         for subscription in self._subscriptions:
             subscription.close()
         for stream in tuple(self._streams):
-            stream.put_nowait(None)
+            _end(stream)
         self._synced.set()
         self._forget()
 
@@ -614,7 +635,8 @@ class AsyncModel(_ModelBase):
 
     async def changes(self) -> AsyncIterator[ModelChange]:
         """``async for change in model.changes()``: changes from this call on, until the model
-        closes. Up to 100,000 wait; beyond, they are dropped for this iteration."""
+        closes. Up to 100,000 wait; beyond, they are dropped for this iteration and counted
+        (``changes_dropped_slow_iterator``)."""
         stream: asyncio.Queue[ModelChange | None] = asyncio.Queue(CHANGE_QUEUE_SIZE)
         self._streams.add(stream)
         try:
@@ -652,8 +674,7 @@ class AsyncModel(_ModelBase):
         finally:
             self._closed = True
             for stream in tuple(self._streams):
-                with contextlib.suppress(asyncio.QueueFull):
-                    stream.put_nowait(None)
+                _end(stream)
             self._synced.set()
 
     async def _send(self, out: Outgoing) -> bool:
@@ -680,8 +701,10 @@ class AsyncModel(_ModelBase):
         callbacks = list(self._callbacks)
         for change in changes:
             for stream in tuple(self._streams):
-                with contextlib.suppress(asyncio.QueueFull):
+                try:
                     stream.put_nowait(change)
+                except asyncio.QueueFull:
+                    self._changes_dropped += 1
             for callback in callbacks:
                 try:
                     result = callback(change)

@@ -362,6 +362,12 @@ class ModelSync:
         """The holders synced with since they appeared, sorted."""
         return sorted(peer for peer, holder in self._holders.items() if holder.synced)
 
+    @property
+    def applying(self) -> bool:
+        """Whether a peer's update is being applied now (the document's observers are called
+        for it): a transaction seen now is not a local edit."""
+        return bool(self._source)
+
     def has_work(self) -> bool:
         """Whether messages or changes are waiting."""
         return bool(self._out or self._local or self._changes)
