@@ -179,7 +179,8 @@ def _parser() -> argparse.ArgumentParser:
         "model",
         help="show or edit a shared model (docs/model.md)",
         description="Open the model NAME, wait until it has exchanged state with the peers "
-        "holding it (at least --peers of them), apply --set and --delete in one transaction, "
+        "holding it (at least --peers of them; without --peers, those found within one "
+        "discovery timeout), apply --set and --delete in one transaction, "
         "print the model as JSON and exit; with --watch, print it again after every change "
         "(--json: one JSON object per line with the change and a digest of the state).",
     )
@@ -385,6 +386,8 @@ def _run_model(args: argparse.Namespace) -> int:
 
 
 async def _model(args: argparse.Namespace) -> int:
+    from glue.modelsync import state_topic  # pycrdt only for this command
+
     edits = [_model_assignment(text) for text in args.set]
     async with AsyncEndpointManager.from_env() as endpoint:
         settings = endpoint.settings
@@ -392,6 +395,9 @@ async def _model(args: argparse.Namespace) -> int:
         timeout = args.timeout
         if timeout is None:
             timeout = settings.discovery_rate_s * settings.discovery_rate_timeout_multiplier
+        if not args.peers:  # holders, if any, are known once discovery has found them
+            with contextlib.suppress(TimeoutError):
+                await endpoint.wait_for_subscribers(state_topic(args.name), timeout=timeout)
         try:
             synced = await model.wait_synced(timeout=timeout, peers=args.peers)
         except TimeoutError as exc:

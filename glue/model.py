@@ -304,7 +304,10 @@ class _ModelBase:
 
     def _publish_failed(self, out: Outgoing, exc: Exception) -> None:
         self._failed += 1
-        logger.warning(
+        # Once as a warning, then at debug: a reply too large for GLUE_MAX_MESSAGE_BYTES
+        # fails again at every pull.
+        log = logger.warning if self._failed == 1 else logger.debug
+        log(
             "model %s: could not publish %d bytes on %s (%s); the next announcements repair it",
             self.name,
             len(out.payload),

@@ -242,6 +242,7 @@ class ModelSync:
         self._announce_at = now
         self._closed = False
         self._keys_unknown = False
+        self._cached: tuple[bytes, dict[int, int], str] | None = None
         self._doc_subscription = doc.observe(self._on_update)
         # Yrs's own events, not pycrdt's wrapper of them: the wrapper converts every event in
         # full (old and new values, deltas) and lets a panic of Yrs while doing so (seen when a
@@ -304,8 +305,8 @@ class ModelSync:
         self._pull_deferred(now)
         if now >= self._announce_at:
             self._announce_at = now + self.config.announce_s
-            state = self.doc.get_state()
-            head = orjson.dumps({"k": "a", "d": self.digest()})
+            state, _, digest = self._summary()
+            head = orjson.dumps({"k": "a", "d": digest})
             self._out.append(
                 Outgoing(self.state_topic, head + b"\n" + state, True, 3 * self.config.announce_s)
             )
@@ -343,8 +344,17 @@ class ModelSync:
 
     def digest(self) -> str:
         """A digest of the delete set (what state vectors do not show), 16 hex digits."""
-        deletions = self.doc.get_update(self.doc.get_state())
-        return hashlib.blake2b(deletions, digest_size=8).hexdigest()
+        return self._summary()[2]
+
+    def _summary(self) -> tuple[bytes, dict[int, int], str]:
+        """The state vector, decoded, and the delete-set digest: computed once per change of
+        the document (every announcement received compares them)."""
+        if self._cached is None:
+            state = self.doc.get_state()
+            deletions = self.doc.get_update(state)
+            digest = hashlib.blake2b(deletions, digest_size=8).hexdigest()
+            self._cached = (state, decode_state_vector(state), digest)
+        return self._cached
 
     def unsynced(self, holders: Iterable[int]) -> list[int]:
         """Those of ``holders`` (and of the holders heard from) not synced with since they
@@ -389,9 +399,9 @@ class ModelSync:
         holder = self._holder(peer)
         if holder.pull:
             return  # a reply is on its way; the next announcement tells what is left
-        ours = decode_state_vector(self.doc.get_state())
+        _, ours, our_digest = self._summary()
         lacking = any(clock > ours.get(client, 0) for client, clock in theirs.items())
-        if holder.synced and not lacking and digest == self.digest():
+        if holder.synced and not lacking and digest == our_digest:
             return  # in step (a first pull, or one that timed out, goes out regardless)
         holder.met = True
         if any(h.pull for h in self._holders.values()):
@@ -408,7 +418,7 @@ class ModelSync:
         holder.pull = self._pulls
         holder.pull_until = now + self.config.pull_timeout_s
         head = orjson.dumps({"k": "p", "n": self._pulls})
-        state = self.doc.get_state()
+        state = self._summary()[0]
         self._out.append(
             Outgoing(inbox_topic(self.name, peer), head + b"\n" + state, False, self._expiry)
         )
@@ -466,6 +476,7 @@ class ModelSync:
             self._source = 0
             self._keys.clear()
             self._keys_unknown = False
+            self._cached = None  # (also when nothing was integrated: pending structs count)
         self.counters["updates_applied"] += 1
         return True
 
@@ -490,6 +501,7 @@ class ModelSync:
         update = event.update
         if update == _EMPTY_UPDATE or self._closed:
             return
+        self._cached = None
         keys = None if self._keys_unknown else tuple(sorted(self._keys))
         self._keys.clear()
         self._keys_unknown = False

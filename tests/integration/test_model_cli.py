@@ -57,6 +57,10 @@ def test_glue_model_edits_and_a_watcher_sees_each_change() -> None:
         assert delete.returncode == 0, delete.stderr
         assert "mode" not in orjson.loads(delete.stdout)
         changes = [orjson.loads(watcher.stdout.readline()) for _ in range(2)]
+        # Without --peers it shows what the holders found within a discovery timeout hold.
+        show = glue("model", "site/config", **settings)
+        assert show.returncode == 0, show.stderr
+        assert orjson.loads(show.stdout) == {"limits": {"max": 3.0}, "note": "plain text"}
     finally:
         watcher.terminate()
         watcher.wait(timeout=10)
