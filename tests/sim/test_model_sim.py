@@ -62,7 +62,12 @@ class SimModel:
             if isinstance(event, PeerRemoved):
                 sync.peer_removed(event.peer.endpoint_id)
         self._events = len(node.events)
-        for message in node.topic_messages[self._messages :]:
+        arrived = node.topic_messages[self._messages :]
+        state = state_topic(NAME)
+        if any(message.topic_name == state for message in arrived):
+            # As the runtimes do: who holds the model now, by the topics layer's interest.
+            sync.set_holders(node.stack.topics.subscribers(state))
+        for message in arrived:
             sync.receive(message.topic_name, message.source_id, message.payload, now=now)
         self._messages = len(node.topic_messages)
         deadline = sync.next_deadline()
