@@ -18,8 +18,9 @@ it sends a *pull* (its own state vector: Yjs sync step 1) to that holder's inbox
 to it was answered since it appeared, when the holder's state vector shows something it lacks,
 or when their delete-set digests differ (deletions do not move state vectors); the holder
 answers with a *reply*, ``doc.get_update(state_vector)`` (sync step 2): what the puller lacks
-and the whole delete set. One pull is awaited at a time; the others wait for its reply and then
-carry the state it brought, so a newcomer meeting n holders receives the document once.
+and the whole delete set. One pull is awaited at a time; the others wait for its reply (for 2
+announcement periods at most) and then carry the state it brought, so a newcomer meeting n
+holders receives the document once.
 Updates merge with Yjs semantics in any order and any number of times, so loss, duplication and
 reordering only delay convergence; the periodic announcements repair whatever a removed peer or
 an expired message missed.
@@ -197,11 +198,12 @@ class Outgoing:
 
 
 class _Holder:
-    __slots__ = ("met", "pull", "pull_until", "synced")
+    __slots__ = ("met", "pull", "pull_at", "pull_until", "synced")
 
     def __init__(self) -> None:
         self.met = False
         self.pull = 0  # the number of the pull awaiting a reply, 0 if none
+        self.pull_at = 0.0
         self.pull_until = 0.0
         self.synced = False
 
@@ -404,7 +406,7 @@ class ModelSync:
         if holder.synced and not lacking and digest == our_digest:
             return  # in step (a first pull, or one that timed out, goes out regardless)
         holder.met = True
-        if any(h.pull for h in self._holders.values()):
+        if self._awaiting(now):
             # One pull at a time: the next one, sent with the state its reply brought, asks
             # only for what is still missing (a newcomer meeting n holders at once would
             # otherwise receive the whole document n times).
@@ -412,10 +414,17 @@ class ModelSync:
             return
         self._pull(peer, holder, now)
 
+    def _awaiting(self, now: float) -> bool:
+        """Whether a pull awaits its reply, sent less than 2 announcement periods ago: one
+        overdue (its holder unreachable one way, say) holds up no other pull longer."""
+        patience = 2 * self.config.announce_s
+        return any(h.pull and now < h.pull_at + patience for h in self._holders.values())
+
     def _pull(self, peer: int, holder: _Holder, now: float) -> None:
         self._deferred.pop(peer, None)
         self._pulls += 1
         holder.pull = self._pulls
+        holder.pull_at = now
         holder.pull_until = now + self.config.pull_timeout_s
         head = orjson.dumps({"k": "p", "n": self._pulls})
         state = self._summary()[0]
@@ -426,7 +435,7 @@ class ModelSync:
 
     def _pull_deferred(self, now: float) -> None:
         """Send the next deferred pull, if no pull is awaited."""
-        while self._deferred and not any(h.pull for h in self._holders.values()):
+        while self._deferred and not self._awaiting(now):
             peer = next(iter(self._deferred))
             holder = self._holders.get(peer)
             if holder is None:

@@ -410,3 +410,24 @@ def test_pull_numbers_start_at_random_when_given_a_generator() -> None:
     pull = next(o for o in a.messages_to_send() if o.topic == inbox_topic(NAME, 2))
     first = random.Random(3).getrandbits(31) + 1
     assert pull.payload.startswith(b'{"k":"p","n":%d}' % first)
+
+
+def test_an_overdue_pull_holds_up_the_others_for_two_announcement_periods_only() -> None:
+    one, two, newcomer = replica(1), replica(2), replica(4)
+    two.root["from-two"] = True
+    announcements = {r.endpoint_id: r.messages_to_send()[0] for r in (one, two)}
+    newcomer.messages_to_send()
+    first = announcements[1]
+    newcomer.receive(first.topic, 1, first.payload, now=0.0)
+    assert newcomer.counters["pulls_sent"] == 1
+    newcomer.messages_to_send()  # the pull to 1 is lost (one way cut, say)
+    second = announcements[2]
+    newcomer.receive(second.topic, 2, second.payload, now=0.5)
+    assert newcomer.counters["pulls_sent"] == 1  # deferred behind the pull to 1
+    newcomer.handle_timer(now=1.0)
+    assert newcomer.counters["pulls_sent"] == 1
+    newcomer.handle_timer(now=2.0)  # two periods after the pull to 1: 2 is pulled
+    assert newcomer.counters["pulls_sent"] == 2
+    transfer([two, newcomer], now=2.0)
+    assert newcomer.root.to_py() == {"from-two": True}
+    assert newcomer.unsynced([1, 2]) == [1]
