@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "plant/state"
@@ -222,12 +223,11 @@ class ModelProcess:
 
 
 @contextmanager
-def cut_off(port: int) -> Iterator[None]:
-    """Drop every UDP datagram to or from ``port`` (in this test's private namespace)."""
-    rules = [
-        ["INPUT", "-p", "udp", "--dport", str(port), "-j", "DROP"],
-        ["INPUT", "-p", "udp", "--sport", str(port), "-j", "DROP"],
-    ]
+def cut_off(port: int, cut: str) -> Iterator[None]:
+    """Drop every UDP datagram to ``port``, and from it unless ``cut`` is ``deaf`` (in this
+    test's private namespace)."""
+    directions = ["--dport"] if cut == "deaf" else ["--dport", "--sport"]
+    rules = [["INPUT", "-p", "udp", way, str(port), "-j", "DROP"] for way in directions]
     for rule in rules:
         subprocess.run(["iptables", "-A", *rule], check=True)
     try:
@@ -242,7 +242,12 @@ def all_equal(processes: list[ModelProcess]) -> bool:
     return len(digests) == 1
 
 
-def test_three_processes_editing_through_a_partition_converge_and_so_does_a_fourth() -> None:
+@pytest.mark.parametrize("cut", ["both-ways", "deaf"])
+def test_three_processes_editing_through_a_partition_converge_and_so_does_a_fourth(
+    cut: str,
+) -> None:
+    """``both-ways``: c and the others lose each other. ``deaf``: c hears nothing, so it loses
+    the others, while they still hear it (and keep sending to it, unacknowledged)."""
     from tests.helpers import free_udp_port, wait_until
 
     period = RATE_MS / 1000
@@ -259,11 +264,12 @@ def test_three_processes_editing_through_a_partition_converge_and_so_does_a_four
             process.request("wait_synced", peers=2, timeout=20)
         assert wait_until(lambda: all_equal(everyone), timeout=10)
 
-        with cut_off(c.port):
-            assert wait_until(
-                lambda: c.endpoint_id not in a.peers() | b.peers() and not c.peers(),
-                timeout=10 * period,
-            ), "the partition did not separate c"
+        def separated() -> bool:
+            others_lost_c = cut == "deaf" or c.endpoint_id not in a.peers() | b.peers()
+            return others_lost_c and not c.peers()
+
+        with cut_off(c.port, cut):
+            assert wait_until(separated, timeout=10 * period), "the partition did not separate c"
             editing = [
                 threading.Thread(target=p.request, args=("edit",), kwargs={"count": EDITS,
                                  "seed": i}) for i, p in enumerate(everyone)
@@ -274,7 +280,7 @@ def test_three_processes_editing_through_a_partition_converge_and_so_does_a_four
                 thread.join()
             assert wait_until(lambda: all_equal([a, b]), timeout=30)
             assert not all_equal(everyone)
-            assert c.endpoint_id not in a.peers()
+            assert separated()
             healed_at = time.monotonic()
         converged = wait_until(lambda: all_equal(everyone), timeout=60, interval=0.02)
         converged_after = time.monotonic() - healed_at
@@ -294,7 +300,7 @@ def test_three_processes_editing_through_a_partition_converge_and_so_does_a_four
 
     figures = counters[a.endpoint_id]["counters"]
     print(
-        f"\n3 x {EDITS} edits, c cut off: converged {converged_after:.2f} s after healing "
+        f"\n3 x {EDITS} edits, c cut off ({cut}): converged {converged_after:.2f} s after healing "
         f"({converged_after / period:.1f} announcement periods of {period} s; measured by "
         f"polling every 20 ms); a fourth process synced {joined_after:.2f} s after it was "
         "started (Python and glue imported, endpoint started, peers found, state pulled).\n"
