@@ -192,6 +192,15 @@ def test_a_history_keeper_of_the_model_topics_is_not_taken_for_a_holder(
             model_c.close()
 
 
+def test_wait_synced_says_what_is_missing(settings: dict[str, Any]) -> None:
+    with EndpointManager.from_env(**settings) as a:
+        model = a.model(NAME)
+        assert model.wait_synced(timeout=1) == []  # nobody holds it: nothing to wait for
+        with pytest.raises(TimeoutError, match="0 of 1 peers holding it"):
+            model.wait_synced(timeout=0.3, peers=1)
+        model.close()
+
+
 def test_bad_names_are_refused(settings: dict[str, Any]) -> None:
     with EndpointManager.from_env(**settings) as a:
         with pytest.raises(UsageValueError):
@@ -225,6 +234,7 @@ async def test_async_models_converge_and_report_changes(settings: dict[str, Any]
             lambda: model_a.snapshot() == model_b.snapshot() and len(got) >= 2, timeout=10
         ), (model_a.snapshot(), model_b.snapshot(), got)
         assert model_a.snapshot() == {"items": [1.0, 2.0, 3.0], "name": "pump", "from_b": True}
+        await model_a.flush(timeout=10)
         # a's two transactions went out as one update (merged before the model's task ran)
         assert [c.local for c in got].count(True) == 1
         assert {k for c in got for k in c.keys} == {"items", "name", "from_b"}
