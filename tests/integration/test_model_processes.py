@@ -102,7 +102,9 @@ def main() -> None:
                 elif op == "peers":
                     say(reply=op, peers=[p.endpoint_id for p in endpoint.peers()])
                 elif op == "counters":
-                    say(reply=op, counters=model.counters(), state=len(model.doc.get_update()))
+                    with model.transaction():  # the model's thread may be applying updates
+                        state = len(model.doc.get_update())
+                    say(reply=op, counters=model.counters(), state=state)
                 elif op == "stop":
                     break
             except Exception as exc:
