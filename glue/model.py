@@ -70,6 +70,8 @@ _CHECK_S: Final = 1.0
 #: Changes that may wait in one ``changes()`` iterator; beyond, they are dropped for it.
 CHANGE_QUEUE_SIZE: Final = 100_000
 _PUBLISH_TIMEOUT_S: Final = 5.0
+#: Messages from peers waiting for the model's thread (or task); beyond, dropped and counted.
+INBOX_SIZE: Final = 100_000
 
 _open: weakref.WeakKeyDictionary[object, dict[str, _ModelBase]] = weakref.WeakKeyDictionary()
 _open_lock = threading.Lock()
@@ -145,6 +147,7 @@ class _ModelBase:
         self._closed = False
         self._failed = 0  # messages that could not be published
         self._changes_dropped = 0  # by changes() iterations that fell behind
+        self._inbox_dropped = 0  # messages dropped because the runner fell behind
         # Runner steps begun and completed (what it took from the sync machine is published):
         # flush() waits for a step begun after it was called.
         self._steps_begun = 0
@@ -214,6 +217,8 @@ class _ModelBase:
             counters["publish_failed"] = self._failed
         if self._changes_dropped:
             counters["changes_dropped_slow_iterator"] = self._changes_dropped
+        if self._inbox_dropped:
+            counters["dropped_inbox_full"] = self._inbox_dropped
         return counters
 
     # --- internals ------------------------------------------------------------------------------
@@ -224,6 +229,11 @@ class _ModelBase:
 
     def _received(self, message: Message) -> None:
         """A subscription callback: queue the message for the model's runner."""
+        if len(self._inbox) >= INBOX_SIZE:
+            # The runner is stuck (publishing against back-pressure, say): what is dropped
+            # here is pulled again after the next announcements.
+            self._inbox_dropped += 1
+            return
         self._inbox.append((message.topic_name, message.source_id, message.payload))
         self._wake()
 

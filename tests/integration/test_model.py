@@ -201,6 +201,24 @@ def test_wait_synced_says_what_is_missing(settings: dict[str, Any]) -> None:
         model.close()
 
 
+def test_a_full_inbox_drops_and_counts(
+    settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import glue.model
+
+    with EndpointManager.from_env(**settings) as a, EndpointManager.from_env(**settings) as b:
+        model_a, model_b = a.model(NAME), b.model(NAME)
+        model_b.wait_synced(timeout=10, peers=1)
+        monkeypatch.setattr(glue.model, "INBOX_SIZE", 0)  # as if the model's thread were stuck
+        with model_a.transaction() as root:
+            root["x"] = 1
+        assert wait_until(lambda: model_b.counters().get("dropped_inbox_full", 0) >= 1, timeout=5)
+        monkeypatch.undo()  # the next announcement shows b what it lacks; it pulls it
+        assert wait_until(lambda: model_b.snapshot() == {"x": 1.0}, timeout=10)
+        model_a.close()
+        model_b.close()
+
+
 def test_bad_names_are_refused(settings: dict[str, Any]) -> None:
     with EndpointManager.from_env(**settings) as a:
         with pytest.raises(UsageValueError):
