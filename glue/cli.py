@@ -704,8 +704,13 @@ class _Board:
         return len(self.received.get(label, []))
 
     def in_order(self, label: str) -> bool:
-        sequences = [m["seq"] for m in self.received.get(label, [])]
-        return all(b == a + 1 for a, b in itertools.pairwise(sequences))
+        """Whether each publisher's messages on each topic came in order, with no gap."""
+        streams: dict[tuple[str, str], list[int]] = {}
+        for message in self.received.get(label, []):
+            streams.setdefault((message["topic"], message["source"]), []).append(message["seq"])
+        return all(
+            b == a + 1 for sequences in streams.values() for a, b in itertools.pairwise(sequences)
+        )
 
     def _say(self, text: str) -> None:
         if self.quiet:
@@ -733,6 +738,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         **{100 + n: f"node-{n}" for n in range(1, args.nodes + 1)},
         999: "late-joiner",
         **{200 + n: f"model-{n}" for n in range(1, 5)},
+        300: "keeper",
+        301: "sensor",
+        302: "reader",
     }
     board = _Board(sys.stdout, labels)
     print(
@@ -808,6 +816,10 @@ def _run_demo(args: argparse.Namespace) -> int:
             print("\nglue demo: FAILED, the late joiner received nothing")
             return 1
 
+        # Every demo/# subscriber so far (survivors and the late joiner), and the keeper.
+        if not _demo_keeper(start, board, node_env, subscribers=len(survivors) + 2):
+            return 1
+
         if not _demo_model(start, board, node_env):
             return 1
 
@@ -833,6 +845,63 @@ def _run_demo(args: argparse.Namespace) -> int:
     finally:
         board.quiet = True
         for node in everyone:
+            node.stop()
+
+
+def _demo_keeper(
+    start: Callable[..., _Node], board: _Board, node_env: dict[str, str], *, subscribers: int
+) -> bool:
+    """A sensor publishes a retained reading and exits; a keeper serves it to a later reader.
+    ``subscribers``: the endpoints taking demo/status, keeper included, that the sensor waits for.
+    """
+    print(
+        "\n==> a history keeper (docs/history.md): 'keeper' keeps demo/status "
+        "(GLUE_HISTORY_KEEP); 'sensor' publishes one reading there and exits\n"
+    )
+    keeper = start(300, GLUE_HISTORY_KEEP="demo/status=5", **node_env)
+    started = [keeper]
+    try:
+        sensor = start(
+            301,
+            "demo/status",
+            "boiler at 71.5 C",
+            "--type",
+            "demo",
+            "--expiry",
+            "600",
+            "--history-depth",
+            "5",
+            "--wait-for-subscribers",
+            str(subscribers),
+            "--timeout",
+            "10",
+            command=("pub",),
+            **node_env,
+        )
+        started.append(sensor)
+        try:
+            sensor.process.wait(timeout=15)  # published, acknowledged, gone
+        except subprocess.TimeoutExpired:
+            print("\nglue demo: FAILED, the sensor did not publish within 15 s")
+            return False
+        if sensor.process.returncode != 0:
+            print(f"\nglue demo: FAILED, glue pub exited with {sensor.process.returncode}")
+            return False
+        print("==> the sensor has exited; a new reader subscribes to demo/status\n")
+        reader = start(302, "--subscribe", "demo/status", **node_env)
+        started.append(reader)
+        if not board.wait(lambda: board.count(reader.label) >= 1, timeout=10):
+            print("\nglue demo: FAILED, the reader got nothing from the keeper")
+            return False
+        got = board.received[reader.label][0]
+        print(
+            f"\n==> the reader got the reading the exited sensor published ({got['topic']} "
+            f"#{got['seq']} from {got['source']}: {got.get('payload', '')!r}), served by the "
+            "keeper under the sensor's name\n"
+        )
+        return bool(got["source"] == "sensor")
+    finally:
+        for node in reversed(started):  # the reader first: the keeper owes it nothing then
             node.stop()
 
 
