@@ -159,3 +159,17 @@ def test_pieces_sealed_into_the_reused_buffer_open_like_the_whole() -> None:
     assert _open(opener, second) == b"again"
     big = [bytes(70_000)]  # larger than the reused buffer: sealed whole
     assert _open(opener, bytes(sealer.seal_pieces(big, NOW))) == big[0]
+
+
+def test_pieces_seal_like_the_whole_datagram_and_the_buffer_is_reused() -> None:
+    keys = _keys(KEY)
+    one, two = Sealer(keys, salt=bytes(16)), Sealer(keys, salt=bytes(16))
+    pieces = [b'{"v":1}\n', memoryview(bytes(range(256)) * 200)]
+    first = one.seal_pieces(pieces, NOW)
+    whole = two.seal(b"".join(pieces), NOW)
+    assert bytes(first) == whole  # the same bytes (same salt, same counter)
+    assert bytes(one.seal_pieces([DATAGRAM], NOW)) == two.seal(DATAGRAM, NOW)
+    assert bytes(first[:38]) != whole[:38]  # the buffer is reused: valid until the next call
+    opener = Opener(keys)
+    for big in ([bytes(70_000)], [b"{", bytes(65_535), b"}"]):  # past the reused buffer
+        assert _open(opener, bytes(one.seal_pieces(big, NOW))) == b"".join(big)
