@@ -56,14 +56,22 @@ __all__ = [
 KEY_BYTES: Final = 32
 SEAL_MAGIC: Final = b"\xc7\x01"  # a plain glue datagram starts with "{": the two never mix
 _HEADER: Final = struct.Struct(">2s4s16sQQ")  # magic, key id, salt, counter, sent at (ms)
+# The same header as read by the opener: the key id and salt together name the sender.
+_READ: Final = struct.Struct(">2s20sQQ")
 _STAMP: Final = struct.Struct(">QQ")  # what changes per datagram: counter, sent at
 _STAMP_AT: Final = 22
 _TAG_BYTES: Final = 16
 #: Bytes a sealed datagram has beyond the glue datagram it carries.
 SEAL_OVERHEAD: Final = _HEADER.size + _TAG_BYTES
 _WINDOW: Final = 4096  # counters remembered per sender, below the highest seen
+# The window's bitmap is a ring of bytes (RFC 6479): counter c is bit c % 8 of byte c // 8 (mod
+# its length), so accepting a counter sets one bit and clears the bytes it moves past, instead of
+# shifting a 4096-bit integer. 4096 counters span at most 513 bytes (they need not start on a
+# byte boundary): with 513, no two counters in the window share a bit.
+_RING_BYTES: Final = _WINDOW // 8 + 1
 _HKDF_SALT: Final = b"glue sealed datagrams v1"
 _REUSED_BYTES: Final = 65_536  # the largest datagram, and then some
+_PLAIN_FIRST: Final = ord("{")
 
 
 class Rejected(Exception):
@@ -192,12 +200,48 @@ class Sealer:
 
 
 class _Sender:
+    """What is remembered of a sender that authenticated: its key and its replay window."""
+
     __slots__ = ("aead", "highest", "seen")
 
     def __init__(self, aead: AESGCM) -> None:
         self.aead = aead
         self.highest = 0
-        self.seen = 0  # bit i: counter highest - i was accepted
+        self.seen = bytearray(_RING_BYTES)  # bit c % 8 of byte c // 8 % _RING_BYTES: c accepted
+
+    def refuses(self, counter: int) -> bool:
+        """Whether ``counter`` is a replay: seen, or too far below the highest to tell."""
+        highest = self.highest
+        if counter > highest:
+            return False
+        return (
+            counter <= highest - _WINDOW
+            or self.seen[(counter >> 3) % _RING_BYTES] >> (counter & 7) & 1 == 1
+        )
+
+    def accept(self, counter: int) -> None:
+        """Record ``counter`` (authentic and not a replay)."""
+        byte = counter >> 3
+        passed = byte - (self.highest >> 3)
+        if passed > 0:  # the window moves past bytes whose bits were counters long gone
+            self._clear(byte, passed)
+        if counter > self.highest:
+            self.highest = counter
+        self.seen[byte % _RING_BYTES] |= 1 << (counter & 7)
+
+    def _clear(self, last: int, count: int) -> None:
+        """Zero the ``count`` bytes of the ring up to ``last`` (a byte number, not wrapped)."""
+        seen = self.seen
+        if count == 1:
+            seen[last % _RING_BYTES] = 0
+        elif count >= _RING_BYTES:
+            seen[:] = bytes(_RING_BYTES)
+        else:
+            first = (last - count + 1) % _RING_BYTES
+            end = first + count
+            seen[first:end] = bytes(min(end, _RING_BYTES) - first)
+            if end > _RING_BYTES:  # wrapped around
+                seen[: end - _RING_BYTES] = bytes(end - _RING_BYTES)
 
 
 class Opener:
@@ -219,51 +263,47 @@ class Opener:
                 ``auth`` (forged or corrupted), ``replay`` or ``stale``.
         """
         size = len(sealed) - SEAL_OVERHEAD
-        if size < 0 or bytes(sealed[:2]) != SEAL_MAGIC:
-            raise Rejected("unsealed" if size < 0 or sealed[:1] == b"{" else "truncated")
-        header = bytes(sealed[: _HEADER.size])
-        _, key_id, salt, counter, sent_at = _HEADER.unpack(header)
-        sender_id = key_id + salt
+        if size < 0:
+            raise Rejected("unsealed")
+        magic, sender_id, counter, sent_at = _READ.unpack_from(sealed)
+        if magic != SEAL_MAGIC:
+            raise Rejected("unsealed" if sealed[0] == _PLAIN_FIRST else "truncated")
         sender = self._senders.get(sender_id)
+        known = sender is not None
         if sender is None:
-            network_key = self._keys.get(key_id)
+            network_key = self._keys.get(sender_id[:4])
             if network_key is None:
                 raise Rejected("key")
-            sender = _Sender(_sender_key(network_key, salt))
-        elif counter <= sender.highest - _WINDOW or (
-            counter <= sender.highest and sender.seen >> (sender.highest - counter) & 1
-        ):
-            raise Rejected("replay")  # checked again below, after it is known to be authentic
-        # Views, each released before return: ``out`` may be a buffer the caller resizes.
-        with (
-            memoryview(sealed) as whole,
-            whole[_HEADER.size :] as body,
-            memoryview(out) as target,
-            target[:size] as plain,
-        ):
-            try:
-                sender.aead.decrypt_into(counter.to_bytes(12, "big"), body, header, plain)
-            except InvalidTag:
-                raise Rejected("auth") from None
+            sender = _Sender(_sender_key(network_key, sender_id[4:]))
+        elif sender.refuses(counter):
+            raise Rejected("replay")  # before the tag: a replay costs no decryption
+        # Views released before return: ``out`` may be a buffer the caller resizes (the slices
+        # passed to decrypt_into are gone once it returns or raises).
+        view = sealed if type(sealed) is memoryview else memoryview(sealed)
+        target = memoryview(out)
+        try:
+            sender.aead.decrypt_into(
+                counter.to_bytes(12, "big"),
+                view[_HEADER.size :],
+                view[: _HEADER.size],
+                target[:size],
+            )
+        except InvalidTag:
+            raise Rejected("auth") from None
+        finally:
+            target.release()
+            if view is not sealed:
+                view.release()
         if abs(now_ms - sent_at) > self._freshness_ms:
             raise Rejected("stale")
-        self._accept(sender_id, sender, counter)
-        return size
-
-    def _accept(self, sender_id: bytes, sender: _Sender, counter: int) -> None:
-        if counter > sender.highest:
-            shift = counter - sender.highest
-            sender.seen = ((sender.seen << shift) | 1) & ((1 << _WINDOW) - 1)
-            sender.highest = counter
-        else:
-            bit = 1 << (sender.highest - counter)
-            if counter <= sender.highest - _WINDOW or sender.seen & bit:
-                raise Rejected("replay")
-            sender.seen |= bit
+        # Authentic and fresh: recorded (its counter was checked against the window before the
+        # tag, and nothing has changed the window since).
         senders = self._senders
-        if sender_id in senders:
+        if known:
             senders.move_to_end(sender_id)
         else:
             senders[sender_id] = sender
             if len(senders) > self._max_senders:
                 senders.popitem(last=False)  # the least recently heard
+        sender.accept(counter)
+        return size

@@ -161,6 +161,35 @@ def test_pieces_sealed_into_the_reused_buffer_open_like_the_whole() -> None:
     assert _open(opener, bytes(sealer.seal_pieces(big, NOW))) == big[0]
 
 
+def test_the_replay_window_matches_its_definition_under_jumps_and_wraps() -> None:
+    """Accepted exactly when above highest - 4096 and not accepted before, whatever the jumps
+    (the window is a ring of bytes: jumps of about its length and of a byte are the edges)."""
+    keys = _keys(KEY)
+    sealer = Sealer(keys)
+    opener = Opener(keys)
+    rng = random.Random(11)
+    accepted: set[int] = set()
+    highest = 0
+    for _ in range(20_000):
+        kind = rng.random()
+        if kind < 0.5:
+            counter = highest + 1
+        elif kind < 0.6:
+            counter = highest + rng.choice([8, 9, 4095, 4096, 4097, 4104, 4105, 8192, 10_000])
+        elif kind < 0.7:
+            counter = highest + rng.randrange(1, 600)
+        else:  # behind: within the window, at its edge, or beyond it
+            counter = max(1, highest - rng.choice([0, 1, 7, 8, 4095, 4096, rng.randrange(5000)]))
+        sealer._counter = counter - 1
+        sealed = sealer.seal(b"x", NOW)
+        if counter > highest - 4096 and counter not in accepted:
+            assert _open(opener, sealed) == b"x", counter
+            accepted.add(counter)
+            highest = max(highest, counter)
+        else:
+            assert _reason(opener, sealed) == "replay", counter
+
+
 def test_pieces_seal_like_the_whole_datagram_and_the_buffer_is_reused() -> None:
     keys = _keys(KEY)
     one, two = Sealer(keys, salt=bytes(16)), Sealer(keys, salt=bytes(16))
@@ -173,3 +202,20 @@ def test_pieces_seal_like_the_whole_datagram_and_the_buffer_is_reused() -> None:
     opener = Opener(keys)
     for big in ([bytes(70_000)], [b"{", bytes(65_535), b"}"]):  # past the reused buffer
         assert _open(opener, bytes(one.seal_pieces(big, NOW))) == b"".join(big)
+
+
+def test_opening_leaves_the_output_buffer_free_to_resize() -> None:
+    """The endpoint shrinks and regrows its receive buffers: no view may outlive open_into."""
+    keys = _keys(KEY)
+    sealer, opener = Sealer(keys), Opener(keys)
+    out = bytearray(1000)
+    sealed = bytearray(sealer.seal(DATAGRAM, NOW))
+    assert opener.open_into(memoryview(sealed), NOW, out) == len(DATAGRAM)
+    del out[len(DATAGRAM) :]
+    out.extend(bytes(1000))
+    sealed.extend(b"!")  # nor of the sealed datagram, when it was not a view already
+    sealed[-20] ^= 1
+    with pytest.raises(Rejected):
+        opener.open_into(sealed, NOW, out)
+    del out[10:]
+    sealed.extend(b"!")
