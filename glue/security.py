@@ -254,6 +254,12 @@ class Opener:
         self._senders: OrderedDict[bytes, _Sender] = OrderedDict()
         self._max_senders = max_senders
         self._freshness_ms = int(freshness_s * 1000)
+        #: Where the runtime reads a sealed datagram (``recv_into``) to open it with
+        #: :meth:`open_received`: as large as any datagram. Never resized, so the views of it
+        #: made here serve every datagram.
+        self.buffer = bytearray(_REUSED_BYTES)
+        self._received = memoryview(self.buffer)
+        self._received_header = self._received[: _HEADER.size]
 
     def open_into(self, sealed: bytes | bytearray | memoryview, now_ms: int, out: bytearray) -> int:
         """Open ``sealed`` into the start of ``out`` (at least as long); the plaintext length.
@@ -262,12 +268,28 @@ class Opener:
             Rejected: ``unsealed``, ``truncated``, ``key`` (no such key id: another network key),
                 ``auth`` (forged or corrupted), ``replay`` or ``stale``.
         """
-        size = len(sealed) - SEAL_OVERHEAD
-        if size < 0:
+        if len(sealed) < SEAL_OVERHEAD:
             raise Rejected("unsealed")
-        magic, sender_id, counter, sent_at = _READ.unpack_from(sealed)
+        # Views released before return, even when it raises (the traceback keeps the frames
+        # that hold them): the caller may resize ``sealed``, like ``out``.
+        with (
+            memoryview(sealed) as view,
+            view[: _HEADER.size] as header,
+            view[_HEADER.size :] as body,
+        ):
+            return self._open(header, body, now_ms, out)
+
+    def open_received(self, size: int, now_ms: int, out: bytearray) -> int:
+        """:meth:`open_into` for the datagram of ``size`` bytes read into :attr:`buffer`."""
+        if size < SEAL_OVERHEAD:
+            raise Rejected("unsealed")
+        return self._open(self._received_header, self._received[_HEADER.size : size], now_ms, out)
+
+    def _open(self, header: memoryview, body: memoryview, now_ms: int, out: bytearray) -> int:
+        """Open a datagram given as its header and the rest (a view of each)."""
+        magic, sender_id, counter, sent_at = _READ.unpack_from(header)
         if magic != SEAL_MAGIC:
-            raise Rejected("unsealed" if sealed[0] == _PLAIN_FIRST else "truncated")
+            raise Rejected("unsealed" if header[0] == _PLAIN_FIRST else "truncated")
         sender = self._senders.get(sender_id)
         known = sender is not None
         if sender is None:
@@ -277,23 +299,14 @@ class Opener:
             sender = _Sender(_sender_key(network_key, sender_id[4:]))
         elif sender.refuses(counter):
             raise Rejected("replay")  # before the tag: a replay costs no decryption
-        # Views released before return: ``out`` may be a buffer the caller resizes (the slices
-        # passed to decrypt_into are gone once it returns or raises).
-        view = sealed if type(sealed) is memoryview else memoryview(sealed)
-        target = memoryview(out)
-        try:
-            sender.aead.decrypt_into(
-                counter.to_bytes(12, "big"),
-                view[_HEADER.size :],
-                view[: _HEADER.size],
-                target[:size],
-            )
-        except InvalidTag:
-            raise Rejected("auth") from None
-        finally:
-            target.release()
-            if view is not sealed:
-                view.release()
+        size = len(body) - _TAG_BYTES
+        # Released before return: ``out`` may be a buffer the caller resizes (the slice passed
+        # to decrypt_into is gone once it returns or raises).
+        with memoryview(out) as target:
+            try:
+                sender.aead.decrypt_into(counter.to_bytes(12, "big"), body, header, target[:size])
+            except InvalidTag:
+                raise Rejected("auth") from None
         if abs(now_ms - sent_at) > self._freshness_ms:
             raise Rejected("stale")
         # Authentic and fresh: recorded (its counter was checked against the window before the

@@ -213,9 +213,46 @@ def test_opening_leaves_the_output_buffer_free_to_resize() -> None:
     assert opener.open_into(memoryview(sealed), NOW, out) == len(DATAGRAM)
     del out[len(DATAGRAM) :]
     out.extend(bytes(1000))
-    sealed.extend(b"!")  # nor of the sealed datagram, when it was not a view already
+    sealed = bytearray(sealer.seal(DATAGRAM, NOW))
     sealed[-20] ^= 1
-    with pytest.raises(Rejected):
+    with pytest.raises(Rejected) as caught:
         opener.open_into(sealed, NOW, out)
-    del out[10:]
-    sealed.extend(b"!")
+    del out[10:]  # (while the exception, and the frames it holds, are still alive)
+    sealed.extend(b"!")  # nor of the sealed datagram, when it was not a view already
+    assert caught.value.reason == "auth"
+
+
+def test_open_received_opens_what_was_read_into_the_openers_buffer_like_open_into() -> None:
+    keys = _keys(KEY)
+    sealer = Sealer(keys)
+    good = sealer.seal(DATAGRAM, NOW)
+    forged = bytearray(sealer.seal(DATAGRAM, NOW))
+    forged[-1] ^= 1
+    cases = [
+        good,
+        good,
+        bytes(forged),
+        DATAGRAM,
+        b"\x00" * 80,
+        good[:20],
+        Sealer(_keys(OTHER)).seal(DATAGRAM, NOW),
+    ]
+    by_view, by_buffer = Opener(keys), Opener(keys)
+
+    def received(datagram: bytes) -> bytes | str:
+        """The plaintext, or the refusal, of ``datagram`` read into the opener's buffer."""
+        out = bytearray(100)
+        by_buffer.buffer[: len(datagram)] = datagram  # as recv_into leaves it
+        try:
+            return bytes(out[: by_buffer.open_received(len(datagram), NOW, out)])
+        except Rejected as exc:
+            return exc.reason
+
+    results = [received(datagram) for datagram in cases]
+    assert results == [DATAGRAM, "replay", "auth", "unsealed", "truncated", "unsealed", "key"]
+    for datagram, result in zip(cases, results, strict=True):  # open_into: the same
+        if result == DATAGRAM:
+            assert _open(by_view, datagram) == result
+        else:
+            assert _reason(by_view, datagram) == result
+    assert len(by_buffer.buffer) == 65_536  # the largest datagram fits
