@@ -149,17 +149,15 @@ class Endpoint:
         self.metrics: MetricsServer | None = None
         # The network key: every datagram sealed on its way out and opened on its way in.
         self._sealer: Sealer | None = None
-        self._opener: Opener | None = None
+        self._opener: Opener | None = None  # sealed datagrams are read into its buffer
         #: Kept history on disk, when GLUE_HISTORY_PATH is set (see glue.history).
         self._history: history.HistoryStore | None = None
-        self._scratch = bytearray()  # sealed datagrams are read here, opened into _buffers
         self.key_ids: list[str] = []
         keys = settings.network_keys()
         if keys:
             network_keys = NetworkKeys(keys, settings.network_id)
             self._sealer = Sealer(network_keys)
             self._opener = Opener(network_keys, max_senders=4 * settings.max_peers)
-            self._scratch = bytearray(_RECV_BYTES)
             self.key_ids = network_keys.key_ids  # logged at start; they reveal nothing
         # Read on every send (plain attributes are cheaper than the settings model's).
         self._max_message_bytes = settings.max_message_bytes
@@ -783,8 +781,8 @@ class Endpoint:
             if len(buffer) != _RECV_BYTES:
                 buffer = self._receive_buffer()
             try:
-                # Sealed: read into the scratch buffer, open into the receive buffer.
-                n, source = recvfrom_into(buffer if opener is None else self._scratch)
+                # Sealed: read into the opener's buffer, open into the receive buffer.
+                n, source = recvfrom_into(buffer if opener is None else opener.buffer)
             except BlockingIOError:
                 drained = True
                 break
@@ -824,12 +822,11 @@ class Endpoint:
             self._service(now, dispatch=False)
 
     def _open(self, n: int, source: Address, buffer: bytearray) -> int:
-        """Open the sealed datagram of ``n`` bytes in the scratch buffer into ``buffer``; its
+        """Open the sealed datagram of ``n`` bytes in the opener's buffer into ``buffer``; its
         length, or -1 when it was refused (counted, logged once per source and reason)."""
         assert self._opener is not None
         try:
-            with memoryview(self._scratch) as view, view[:n] as sealed:
-                return self._opener.open_into(sealed, int(time.time() * 1000), buffer)
+            return self._opener.open_received(n, int(time.time() * 1000), buffer)
         except Rejected as exc:
             self._refused(exc.reason, source)
             return -1
