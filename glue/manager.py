@@ -1,15 +1,21 @@
 """The public API: ``EndpointManager`` (blocking) and ``AsyncEndpointManager`` (asyncio).
 
-Both are thin: one :class:`~glue.endpoint.Endpoint` does the work underneath. The asyncio manager
-runs it in the caller's loop; the blocking manager runs that same asyncio manager in one background
-thread and hands calls to it thread-safely. User callbacks never run inside the network handlers.
-Subscriptions (:mod:`glue.subscription`) each have a queue bounded in messages and bytes: the
-blocking manager runs their callbacks on a pool of ``GLUE_CALLBACK_THREADS`` threads (one
-subscription on one thread at a time, in order), the asyncio manager in one task per subscription
-on the caller's loop (which is also the network's: a callback that blocks that loop stalls acks,
-so make it ``async`` or quick). Direct-message and peer callbacks run on one delivery thread
-(blocking) or each on one task of its own, in order, from a bounded queue (asyncio). Overflow is
-counted and reported, never silent.
+Both are thin, and share what does not depend on how they wait (:class:`_Manager`: settings,
+identity; module functions: argument checks, the routing of a burst's events to subscriptions).
+Underneath, one runtime drives the sans-IO stack: the asyncio manager runs
+:class:`~glue.endpoint.Endpoint` in the caller's loop; the blocking manager runs
+:class:`~glue.runtime_thread.ThreadRuntime`, with no event loop: a publish places the message under
+the stack's lock and, on an idle endpoint, sends it from the caller's thread; one network thread
+receives, runs the timers and hands events over. User callbacks never run inside the network
+handlers unless asked: subscriptions (:mod:`glue.subscription`) each have a queue bounded in
+messages and bytes; the blocking manager runs their callbacks on a pool of
+``GLUE_CALLBACK_THREADS`` threads (one subscription on one thread at a time, in order), or inline
+on the network thread for ``subscribe(..., inline=True)`` (no queue, no thread switch; such a
+callback must not block); the asyncio manager runs them in one task per subscription on the
+caller's loop (which is also the network's: a callback that blocks that loop stalls acks, so make
+it ``async`` or quick). Direct-message and peer callbacks run on one delivery thread (blocking) or
+each on one task of its own, in order, from a bounded queue (asyncio). Overflow is counted and
+reported, never silent.
 
 Every public method checks its arguments before anything happens: a wrong type raises
 :class:`~glue.errors.UsageTypeError` (a ``TypeError``), a bad value
@@ -26,8 +32,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Protocol, Self, TypeVar
 
@@ -59,6 +64,8 @@ from glue.events import (
     TopicDelivery,
     TopicGap,
 )
+from glue.runtime import RuntimeCore
+from glue.runtime_thread import ThreadRuntime
 from glue.settings import GlueSettings, load_settings
 from glue.subscription import (
     DEFAULT_QUEUE_BYTES,
@@ -77,6 +84,7 @@ from glue.subscription import (
     crossed_power_of_ten,
 )
 from glue.topics import validate_pattern, validate_topic_name, validate_topic_type
+from glue.wire import EndpointId
 
 if TYPE_CHECKING:
     from glue.model import AsyncModel, Model
@@ -219,31 +227,29 @@ def _left_behind(name: str, report: StopReport) -> StopReport:
     return report
 
 
-class AsyncEndpointManager:
-    """A glue endpoint for asyncio code.
+def _checked_settings(settings: object) -> GlueSettings:
+    if settings is None:
+        return load_settings()
+    if not isinstance(settings, GlueSettings):
+        raise UsageTypeError(
+            f"settings must be GlueSettings or None, not {type(settings).__name__} "
+            "(keyword settings go to from_env(**settings))",
+            argument="settings",
+        )
+    return settings
 
-    ``async with AsyncEndpointManager.from_env() as endpoint:`` starts it in the running loop and
-    stops it (saying goodbye to peers) on exit.
-    """
 
-    def __init__(self, settings: GlueSettings | None = None) -> None:
-        if settings is not None and not isinstance(settings, GlueSettings):
-            raise UsageTypeError(
-                f"settings must be GlueSettings or None, not {type(settings).__name__} "
-                "(keyword settings go to from_env(**settings))",
-                argument="settings",
-            )
-        self.settings = settings if settings is not None else load_settings()
+class _Manager:
+    """What both managers share: the settings, the identity and the runtime underneath (the
+    asyncio :class:`~glue.endpoint.Endpoint` or the :class:`~glue.runtime_thread.ThreadRuntime`,
+    both a :class:`~glue.runtime.RuntimeCore`). The argument checks and the routing of events
+    to subscriptions are module functions both use."""
+
+    _endpoint: RuntimeCore
+
+    def __init__(self, settings: GlueSettings | None) -> None:
+        self.settings = _checked_settings(settings)
         self._max_message_bytes = self.settings.max_message_bytes
-        self._endpoint = Endpoint(self.settings)
-        self._peers: dict[int, Peer] = {}
-        self._runners: list[tuple[type[StackEvent], CallbackRunner]] = []
-        self._peer_streams: set[AsyncEventQueue[PeerEvent]] = set()
-        self._message_streams: set[AsyncEventQueue[MessageReceived]] = set()
-        self._subscriptions: dict[int, AsyncSubscription] = {}
-        self._changed: asyncio.Future[None] | None = None
-        self._stopped = False
-        self._endpoint.add_listener(self._on_events)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Self:
@@ -253,6 +259,47 @@ class AsyncEndpointManager:
             ConfigError: a variable has a bad value (the message names it).
         """
         return cls(load_settings(**overrides))
+
+    @property
+    def endpoint_id(self) -> int:
+        """This endpoint's id (``GLUE_ENDPOINT_ID`` or random)."""
+        return self._endpoint.endpoint_id
+
+    @property
+    def name(self) -> str:
+        """This endpoint's unique name."""
+        return self._endpoint.name
+
+    @property
+    def data_address(self) -> tuple[str, int]:
+        """The ``host:port`` the data socket is bound to (after start)."""
+        return self._endpoint.data_address
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where Prometheus metrics are served (``GLUE_METRICS_ADDRESS``, port resolved), if."""
+        metrics = self._endpoint.metrics
+        return metrics.address if metrics is not None else None
+
+
+class AsyncEndpointManager(_Manager):
+    """A glue endpoint for asyncio code.
+
+    ``async with AsyncEndpointManager.from_env() as endpoint:`` starts it in the running loop and
+    stops it (saying goodbye to peers) on exit.
+    """
+
+    def __init__(self, settings: GlueSettings | None = None) -> None:
+        super().__init__(settings)
+        self._endpoint: Endpoint = Endpoint(self.settings)
+        self._peers: dict[int, Peer] = {}
+        self._runners: list[tuple[type[StackEvent], CallbackRunner]] = []
+        self._peer_streams: set[AsyncEventQueue[PeerEvent]] = set()
+        self._message_streams: set[AsyncEventQueue[MessageReceived]] = set()
+        self._subscriptions: dict[int, AsyncSubscription] = {}
+        self._changed: asyncio.Future[None] | None = None
+        self._stopped = False
+        self._endpoint.add_listener(self._on_events)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -337,27 +384,6 @@ class AsyncEndpointManager:
         await self.stop()
 
     # --- identity and state -------------------------------------------------------------------
-
-    @property
-    def endpoint_id(self) -> int:
-        """This endpoint's id (``GLUE_ENDPOINT_ID`` or random)."""
-        return self._endpoint.endpoint_id
-
-    @property
-    def name(self) -> str:
-        """This endpoint's unique name."""
-        return self._endpoint.name
-
-    @property
-    def data_address(self) -> tuple[str, int]:
-        """The ``host:port`` the data socket is bound to (after start)."""
-        return self._endpoint.data_address
-
-    @property
-    def metrics_address(self) -> tuple[str, int] | None:
-        """Where Prometheus metrics are served (``GLUE_METRICS_ADDRESS``, port resolved), if."""
-        metrics = self._endpoint.metrics
-        return metrics.address if metrics is not None else None
 
     async def peers(self) -> list[Peer]:
         """The peers known now, ordered by name."""
@@ -765,9 +791,12 @@ class AsyncEndpointManager:
             for kind, runner in runners:
                 if isinstance(event, kind) and not runner.offer(peer):
                     dropped += 1
-        _hand_over(per_subscription, self._subscriptions, self._endpoint)
+        lost = _hand_over(per_subscription, self._subscriptions)
+        counters = self._endpoint.counters
+        if lost:
+            counters["subscription_messages_dropped"] += lost
         if dropped:
-            self._endpoint.counters["events_dropped_slow_consumer"] += dropped
+            counters["events_dropped_slow_consumer"] += dropped
         if changed:
             self._notify()
 
@@ -793,8 +822,9 @@ class AsyncEndpointManager:
         return open_async_model(self, name)
 
 
-def _unacknowledged(endpoint: Endpoint) -> dict[int, int]:
-    """Per peer id, the frames queued or unacknowledged now (on the loop thread)."""
+def _unacknowledged(endpoint: RuntimeCore) -> dict[int, int]:
+    """Per peer id, the frames queued or unacknowledged now (on the network thread, or under
+    the runtime's lock)."""
     found: dict[int, int] = {}
     for peer in endpoint.metrics_snapshot().peers:
         frames = int(peer.gauges.get("unacknowledged_frames", 0))
@@ -825,36 +855,33 @@ def _collect(per_subscription: dict[int, list[Message]], delivery: TopicDelivery
 
 
 def _hand_over(
-    per_subscription: dict[int, list[Message]],
-    subscriptions: Mapping[int, _Queued],
-    endpoint: Endpoint,
-) -> None:
-    """Queue each subscription's burst in one call; count what full queues dropped."""
+    per_subscription: dict[int, list[Message]], subscriptions: Mapping[int, _Queued]
+) -> int:
+    """Queue each subscription's burst in one call; how many messages full queues dropped."""
+    lost = 0
     for subscription_id, delivered in per_subscription.items():
         entry = subscriptions.get(subscription_id)
         if entry is not None:
-            lost = entry._put_many(delivered)
-            if lost:
-                endpoint.counters["subscription_messages_dropped"] += lost
+            lost += entry._put_many(delivered)
+    return lost
 
 
-class EndpointManager:
-    """A glue endpoint for blocking code: the asyncio runtime runs in one background thread.
+class EndpointManager(_Manager):
+    """A glue endpoint for blocking code, driven by the thread runtime (no event loop).
 
-    ``with EndpointManager.from_env() as endpoint:`` starts it and stops it on exit. Callbacks run
-    on a delivery thread, never on the network thread, in the order the events happened.
+    ``with EndpointManager.from_env() as endpoint:`` starts it and stops it on exit. A publish
+    sends from the caller's thread when nothing is in flight; one network thread receives, runs
+    the timers and hands events over. Callbacks run on a pool of callback threads (subscriptions)
+    or a delivery thread (peers, direct messages), in the order the events happened; a
+    subscription made with ``inline=True`` runs its callback on the network thread itself.
     """
 
     def __init__(self, settings: GlueSettings | None = None) -> None:
-        self._async = AsyncEndpointManager(settings)
-        self.settings = self._async.settings
-        self._max_message_bytes = self.settings.max_message_bytes
-        self._endpoint = self._async._endpoint
-        # Each hand-over to the delivery thread costs thread switches: under load, fewer and
-        # larger ones (see Endpoint.coalesce_events).
-        self._endpoint.coalesce_events = True
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__(settings)
+        self._endpoint: ThreadRuntime = ThreadRuntime(self.settings)
+        self._peers: dict[int, Peer] = {}
+        # Notified when peers or their interest change (wait_for_peers, wait_for_subscribers).
+        self._changed = threading.Condition()
         # Batches of (callbacks, items) for the delivery thread; ``_pending`` and
         # ``_pending_bytes`` bound the items and their payload bytes.
         self._deliveries: queue.SimpleQueue[
@@ -869,43 +896,32 @@ class EndpointManager:
         self._callbacks: list[tuple[type[StackEvent], _Callback]] = []
         self._peer_streams: set[EventQueue[PeerEvent]] = set()
         self._message_streams: set[EventQueue[MessageReceived]] = set()
-        self._subscriptions: dict[int, Subscription] = {}  # touched on the network thread only
-        self._pool = CallbackPool(self.settings.callback_threads, self._async.name)
+        self._subscriptions: dict[int, Subscription] = {}
+        self._pool = CallbackPool(self.settings.callback_threads, self._endpoint.name)
         self._lock = threading.Lock()
+        self._started = False
         self._stopped = False
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> Self:
-        """Build from ``GLUE_*`` variables and ``.env``; keyword arguments override them.
-
-        Raises:
-            ConfigError: a variable has a bad value (the message names it).
-        """
-        return cls(load_settings(**overrides))
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the network thread and the endpoint.
+        """Start the endpoint and its network thread.
 
         Raises:
             ConfigError: an interface or address in the settings cannot be used.
             UsageError: already started.
         """
-        if self._thread is not None:
-            raise UsageError("this EndpointManager was already started")
-        loop = self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=loop.run_forever, name=f"glue-net-{self._async.name}", daemon=True
-        )
-        self._thread.start()
+        with self._lock:
+            if self._started:
+                raise UsageError("this EndpointManager was already started")
+            self._started = True
         self._delivery_thread = threading.Thread(
-            target=self._deliver, name=f"glue-callbacks-{self._async.name}", daemon=True
+            target=self._deliver, name=f"glue-callbacks-{self.name}", daemon=True
         )
         self._delivery_thread.start()
         self._endpoint.add_listener(self._on_events)
         try:
-            self._call(self._async.start(), timeout=_START_TIMEOUT_S)
+            self._endpoint.start()
         except BaseException:
             self.stop()
             raise
@@ -916,7 +932,8 @@ class EndpointManager:
         Returns within about ``timeout`` seconds, whatever callbacks do: callbacks already
         queued run until then; after it, a callback still running (blocked, say) is left to
         finish on its thread (a daemon) and no other callback starts. It does not wait for peers
-        to acknowledge (call :meth:`flush` first for that). Safe to call from a callback.
+        to acknowledge (call :meth:`flush` first for that). Safe to call from a callback, an
+        inline one included.
 
         Returns:
             What was left behind (also logged as a warning when anything was): frames not
@@ -936,12 +953,25 @@ class EndpointManager:
         def remaining() -> float:
             return max(0.0, deadline - time.monotonic())
 
-        report = StopReport()
+        endpoint = self._endpoint
+        unacknowledged: dict[int, int] = {}
+        errors: list[Exception] = []
         running: list[str] = []
-        loop, thread = self._loop, self._thread
-        if loop is not None and thread is not None and thread.is_alive():
-            report, left = _stop_loop(self._async, loop, thread, remaining)
+        unsent = 0
+        try:
+            if endpoint.running:
+                with endpoint.locked():
+                    unacknowledged = _unacknowledged(endpoint)
+            inline = [s for s in self._subscriptions.values() if s.in_inline_callback()]
+            unsent, left = endpoint.stop(remaining() + _STOP_GRACE_S)
+            if left and inline:
+                left = [f"{s.describe()} on the network thread" for s in inline]
             running.extend(left)
+        except Exception as exc:  # a bug: reported, and the rest of the stop goes on
+            logger.exception("stopping endpoint %s failed", self.name)
+            errors.append(exc)
+        with self._changed:
+            self._changed.notify_all()
         for peer_stream in tuple(self._peer_streams):
             peer_stream.end()
         for message_stream in tuple(self._message_streams):
@@ -953,10 +983,7 @@ class EndpointManager:
         running.extend(self._pool.stop(remaining()))
         running.extend(self._stop_deliveries(remaining()))
         return _left_behind(
-            self.name,
-            StopReport(
-                report.unacknowledged, report.unsent, (*report.running, *running), report.errors
-            ),
+            self.name, StopReport(unacknowledged, unsent, tuple(running), tuple(errors))
         )
 
     def _stop_deliveries(self, timeout: float) -> list[str]:
@@ -988,38 +1015,24 @@ class EndpointManager:
 
     # --- identity and state -------------------------------------------------------------------
 
-    @property
-    def endpoint_id(self) -> int:
-        """This endpoint's id (``GLUE_ENDPOINT_ID`` or random)."""
-        return self._async.endpoint_id
-
-    @property
-    def name(self) -> str:
-        """This endpoint's unique name."""
-        return self._async.name
-
-    @property
-    def data_address(self) -> tuple[str, int]:
-        """The ``host:port`` the data socket is bound to (after start)."""
-        return self._async.data_address
-
-    @property
-    def metrics_address(self) -> tuple[str, int] | None:
-        """Where Prometheus metrics are served (``GLUE_METRICS_ADDRESS``, port resolved), if."""
-        return self._async.metrics_address
-
     def peers(self) -> list[Peer]:
         """The peers known now, ordered by name."""
-        return self._call(self._async.peers())
+        self._check_running()
+        with self._changed:
+            return sorted(self._peers.values(), key=lambda p: p.name)
 
     def counters(self) -> dict[str, int]:
         """Datagrams, bytes, drops by reason, and every layer's counters, in total."""
-        return self._call(_as_coroutine(self._async.counters))
+        self._check_running()
+        with self._endpoint.locked():
+            return self._endpoint.all_counters()
 
     def peer_counters(self) -> dict[int, dict[str, int]]:
         """For each peer id: frames sent, resent, acked, delivered, duplicates dropped, expired,
         data datagrams and bytes sent and received."""
-        return self._call(_as_coroutine(self._async.peer_counters))
+        self._check_running()
+        with self._endpoint.locked():
+            return self._endpoint.peer_counters()
 
     def wait_for_peers(
         self, count: int, *, timeout: float, where: Callable[[Peer], bool] | None = None
@@ -1031,10 +1044,21 @@ class EndpointManager:
             UsageTypeError, UsageValueError: ``count`` is not an int >= 0, ``timeout`` not a
                 number of seconds >= 0, or ``where`` not callable.
         """
-        _check_wait(count, timeout)
+        count, timeout = _check_wait(count, timeout)
         if where is not None:
             _check_callback(where, "where")
-        return self._call(self._async.wait_for_peers(count, timeout=timeout, where=where))
+        self._check_running()
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = [p for p in self._peers.values() if where is None or where(p)]
+                if len(found) >= count:
+                    return sorted(found, key=lambda p: p.name)
+                self._check_running()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{len(found)} of {count} peers after {timeout} s")
+                self._changed.wait(remaining)
 
     def subscribers(self, topic_name: str) -> list[Peer]:
         """The peers subscribed to ``topic_name`` now (a publish on it goes to them), by name.
@@ -1043,7 +1067,15 @@ class EndpointManager:
             UsageTypeError, UsageValueError: the name is not valid.
         """
         validate_topic_name(topic_name)
-        return self._call(_as_coroutine(lambda: self._async.subscribers(topic_name)))
+        self._check_running()
+        with self._endpoint.locked():
+            ids = self._endpoint.subscribers(topic_name)
+        with self._changed:
+            return self._subscribers(ids)
+
+    def _subscribers(self, ids: list[EndpointId]) -> list[Peer]:
+        peers = self._peers
+        return sorted((peers[i] for i in ids if i in peers), key=lambda p: p.name)
 
     def wait_for_subscribers(
         self, topic_name: str, count: int = 1, *, timeout: float
@@ -1056,8 +1088,26 @@ class EndpointManager:
             TimeoutError: fewer subscribers within ``timeout`` seconds.
         """
         validate_topic_name(topic_name)
-        _check_wait(count, timeout)
-        return self._call(self._async.wait_for_subscribers(topic_name, count, timeout=timeout))
+        count, timeout = _check_wait(count, timeout)
+        self._check_running()
+        deadline = time.monotonic() + timeout
+        endpoint = self._endpoint
+        with self._changed:
+            while True:
+                # (the runtime's lock inside the condition's: the network thread takes them
+                # one after the other, never nested)
+                with endpoint.locked():
+                    ids = endpoint.subscribers(topic_name)
+                found = self._subscribers(ids)
+                if len(found) >= count:
+                    return found
+                self._check_running()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"{len(found)} of {count} subscribers to {topic_name!r} after {timeout} s"
+                    )
+                self._changed.wait(remaining)
 
     def flush(self, *, timeout: float) -> None:
         """Block until everything published or sent so far is acknowledged by the peers it went
@@ -1071,8 +1121,9 @@ class EndpointManager:
             TimeoutError: still unacknowledged after ``timeout`` seconds.
             UsageTypeError, UsageValueError: ``timeout`` is not a number of seconds >= 0.
         """
-        check_timeout(timeout)
-        self._call(self._async.flush(timeout=timeout))
+        timeout = check_timeout(timeout)
+        self._check_running()
+        self._endpoint.flush(timeout)
 
     # --- topics ---------------------------------------------------------------------------------
 
@@ -1124,9 +1175,9 @@ class EndpointManager:
             payload, expiry, timeout, history_depth = _checked_message(
                 payload, expiry, timeout, history_depth, self._max_message_bytes, json_hint=True
             )
-        if self._loop is None or self._stopped:
+        if not self._started or self._stopped:
             raise UsageError("the endpoint is not running (call start() or use `with`)")
-        self._endpoint.publish_threadsafe(
+        self._endpoint.publish(
             topic_name,
             topic_type,
             payload,
@@ -1168,6 +1219,7 @@ class EndpointManager:
         *,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        inline: bool = False,
     ) -> Subscription:
         """Receive messages published on topics matching ``topic_name`` with type ``topic_type``.
 
@@ -1179,6 +1231,20 @@ class EndpointManager:
         empty queue) wait for a slow subscriber; beyond, they are dropped for it, counted and
         reported.
 
+        With ``inline=True`` the callback runs on the network thread as each burst of messages
+        arrives: no queue and no thread switch, the lowest latency. It must not block: while it
+        runs, this endpoint reads nothing, sends no acks and no announcements, and other
+        subscriptions wait. It may publish, send, subscribe, close subscriptions and stop the
+        endpoint. An exception it raises is logged and the next message comes.
+
+        Args:
+            topic_name: a pattern (see docs/topics.md).
+            topic_type: the type of the messages wanted.
+            callback: called with each :class:`~glue.events.Message`; None to iterate.
+            queue_size: messages that may wait (ints >= 1; unused when inline).
+            queue_bytes: payload bytes that may wait (unused when inline).
+            inline: run ``callback`` on the network thread (a callback is needed).
+
         Raises:
             UsageError: the pattern, type, callback or a bound is not valid (as
                 ``UsageTypeError``/``UsageValueError``), or the endpoint is not running.
@@ -1188,6 +1254,13 @@ class EndpointManager:
         if callback is not None:
             _check_callback(callback)
         queue_size, queue_bytes = check_queue_bounds(queue_size, queue_bytes)
+        if type(inline) is not bool:
+            raise UsageTypeError(
+                f"inline must be True or False, not {type(inline).__name__}", argument="inline"
+            )
+        if inline and callback is None:
+            raise UsageValueError("inline=True needs a callback to run", argument="inline")
+        self._check_running()
         subscription = Subscription(
             topic_name,
             topic_type,
@@ -1196,14 +1269,19 @@ class EndpointManager:
             queue_bytes=queue_bytes,
             pool=self._pool,
             unsubscribe=self._remove_subscription,
+            inline=inline,
         )
 
-        def register() -> None:
-            # On the network thread, so no message can arrive before it is registered.
-            subscription.id = self._endpoint.subscribe(topic_name, topic_type)
-            self._subscriptions[subscription.id] = subscription
+        def register(subscription_id: int) -> None:
+            # Under the runtime's lock, so no message for it can be pulled before this.
+            subscription.id = subscription_id
+            self._subscriptions[subscription_id] = subscription
 
-        self._call(_as_coroutine(register))
+        try:
+            self._endpoint.subscribe(topic_name, topic_type, register)
+        except BaseException:
+            subscription._end()
+            raise
         return subscription
 
     def keep_history(self, pattern: str, *, depth: int | None = None) -> None:
@@ -1219,7 +1297,8 @@ class EndpointManager:
                 ``UsageValueError``), or the endpoint is not running.
         """
         validate_pattern(pattern, "pattern")
-        self._call(_as_coroutine(lambda: self._endpoint.keep_history(pattern, depth)))
+        self._check_running()
+        self._endpoint.keep_history(pattern, depth)
 
     def unsubscribe(self, subscription: Subscription | str) -> None:
         """Close one subscription, or every subscription to the pattern given as a string.
@@ -1231,12 +1310,8 @@ class EndpointManager:
         """
         if isinstance(subscription, str):
             validate_pattern(subscription, "subscription")
-            subscriptions = self._subscriptions
-            found = self._call(
-                _as_coroutine(
-                    lambda: [s for s in subscriptions.values() if s.topic_name == subscription]
-                )
-            )
+            self._check_running()
+            found = [s for s in list(self._subscriptions.values()) if s.topic_name == subscription]
             for entry in found:
                 entry.close()
         elif isinstance(subscription, Subscription):
@@ -1245,13 +1320,8 @@ class EndpointManager:
             raise _not_a_subscription(subscription, "Subscription")
 
     def _remove_subscription(self, subscription: Subscription) -> None:
-        def remove() -> None:
-            if self._subscriptions.pop(subscription.id, None) is not None:
-                self._endpoint.unsubscribe(subscription.id)
-
-        if self._loop is not None and not self._stopped:
-            with contextlib.suppress(UsageError):
-                self._call(_as_coroutine(remove))
+        if self._subscriptions.pop(subscription.id, None) is not None and not self._stopped:
+            self._endpoint.unsubscribe(subscription.id)
 
     # --- messages -------------------------------------------------------------------------------
 
@@ -1295,9 +1365,9 @@ class EndpointManager:
             )
         if to is not None and not _one_id(to):
             to = _check_targets(to)
-        if self._loop is None or self._stopped:
+        if not self._started or self._stopped:
             raise UsageError("the endpoint is not running (call start() or use `with`)")
-        self._endpoint.send_threadsafe(payload, to=to, expiry_s=expiry, timeout=timeout)
+        self._endpoint.send(payload, to=to, expiry_s=expiry, timeout=timeout)
 
     def on_message(self, callback: Callable[[MessageReceived], object]) -> Callable[[], None]:
         """Call ``callback(message)`` on the delivery thread for each message; returns a remover.
@@ -1404,13 +1474,17 @@ class EndpointManager:
         messages: list[MessageReceived] = []
         dropped = 0
         size = 0  # payload bytes of the messages going to callbacks
+        changed = False  # peers or their interest
         # Each subscription's messages of the burst go to it in one call (one lock, one wake-up).
         per_subscription: dict[int, list[Message]] = {}
         for event in events:
             if isinstance(event, TopicDelivery):
                 _collect(per_subscription, event)
                 continue
-            if isinstance(event, InterestChanged | TopicGap):  # (no subscription asks for gaps)
+            if isinstance(event, InterestChanged):
+                changed = True
+                continue
+            if isinstance(event, TopicGap):  # (no subscription asks for gaps yet)
                 continue
             if isinstance(event, MessageReceived):
                 messages.append(event)
@@ -1418,6 +1492,12 @@ class EndpointManager:
                     if not message_stream.offer(event):
                         dropped += 1
                 continue
+            changed = True
+            with self._changed:
+                if isinstance(event, PeerAdded):
+                    self._peers[event.peer.endpoint_id] = event.peer
+                else:
+                    self._peers.pop(event.peer.endpoint_id, None)
             if messages:  # keep the order of messages and peer events
                 if message_callbacks:
                     size += sum([len(m.payload) for m in messages])
@@ -1432,7 +1512,11 @@ class EndpointManager:
             if message_callbacks:
                 size += sum([len(m.payload) for m in messages])
             batch.append((message_callbacks, messages))
-        _hand_over(per_subscription, self._subscriptions, self._endpoint)
+        if changed:
+            with self._changed:
+                self._changed.notify_all()
+        # (inline callbacks run here, on this thread, the runtime's lock free)
+        lost = _hand_over(per_subscription, self._subscriptions)
         batch = [(cbs, items) for cbs, items in batch if cbs]
         if batch:
             count = sum(len(items) for _, items in batch)
@@ -1459,8 +1543,13 @@ class EndpointManager:
                     )
             else:
                 self._deliveries.put(batch)
-        if dropped:
-            self._endpoint.counters["events_dropped_slow_consumer"] += dropped
+        if dropped or lost:
+            with self._endpoint.locked():  # (counters are read under it)
+                counters = self._endpoint.counters
+                if lost:
+                    counters["subscription_messages_dropped"] += lost
+                if dropped:
+                    counters["events_dropped_slow_consumer"] += dropped
 
     def _deliver(self) -> None:
         while (batch := self._deliveries.get()) is not None:
@@ -1484,14 +1573,6 @@ class EndpointManager:
                 self._pending -= count
                 self._pending_bytes -= size
 
-    def _call(self, coroutine: Coroutine[Any, Any, T], *, timeout: float | None = None) -> T:
-        loop = self._loop
-        if loop is None or self._stopped:
-            coroutine.close()
-            raise UsageError("the endpoint is not running (call start() or use `with`)")
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, loop)
-        return future.result(timeout)
-
     # --- models ---------------------------------------------------------------------------------
 
     def model(self, name: str) -> Model:
@@ -1508,38 +1589,6 @@ class EndpointManager:
 
         return open_model(self, name)
 
-
-def _stop_loop(
-    manager: AsyncEndpointManager,
-    loop: asyncio.AbstractEventLoop,
-    thread: threading.Thread,
-    remaining: Callable[[], float],
-) -> tuple[StopReport, list[str]]:
-    """Stop ``manager`` on ``loop``, then the loop and its ``thread``, within ``remaining()``."""
-    report = StopReport()
-    running: list[str] = []
-    stopping = asyncio.run_coroutine_threadsafe(manager._stop(remaining()), loop)
-    try:
-        report = stopping.result(remaining() + _STOP_GRACE_S)
-    except TimeoutError:
-        running.append(f"the network thread {thread.name} (stopping the endpoint)")
-    except Exception as exc:  # a bug: reported, and the rest of the stop goes on
-        logger.exception("stopping endpoint %s failed", manager.name)
-        report = StopReport(errors=(exc,))
-    # DNS lookups ran on the loop's default executor: join its threads too.
-    drained = asyncio.run_coroutine_threadsafe(loop.shutdown_default_executor(), loop)
-    try:
-        drained.result(remaining() + _STOP_GRACE_S)
-    except TimeoutError:
-        running.append(f"an address lookup of {manager.name}")
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(remaining() + _STOP_GRACE_S)
-    if thread.is_alive():
-        running.append(f"the network thread {thread.name}")
-    else:
-        loop.close()
-    return report, running
-
-
-async def _as_coroutine(function: Callable[[], T]) -> T:
-    return function()
+    def _check_running(self) -> None:
+        if not self._started or self._stopped:
+            raise UsageError("the endpoint is not running (call start() or use `with`)")

@@ -540,6 +540,10 @@ class Stack:
         """The oldest event not yet pulled, or ``None``."""
         return self._events.popleft() if self._events else None
 
+    def has_events(self) -> bool:
+        """Whether events wait to be pulled (cheap)."""
+        return bool(self._events)
+
     def take_events(self) -> tuple[list[StackOutput], bool]:
         """Every event not yet pulled, and whether any is not a ``MessageReceived`` (bulk pull)."""
         events = list(self._events)

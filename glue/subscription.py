@@ -1,17 +1,20 @@
 """Subscriptions: what ``subscribe`` returns, and how messages and events reach user code.
 
-The network loop never runs user code. It puts each message in the subscription's own bounded
-queue and moves on; when a queue is full the message is dropped for that subscription only,
-counted (``Subscription.dropped`` and the endpoint counter ``subscription_messages_dropped``) and
-reported with a warning, so a slow subscriber never stalls acks, discovery or other subscribers.
-Every queue here is bounded twice: in messages (``queue_size``, default 100,000) and in payload
-bytes (``queue_bytes``, default 64 MiB; one message larger than that still passes an empty
-queue), so a slow subscriber of large messages holds at most tens of MiB, not gigabytes.
+The network thread (or loop) runs no user code unless asked (``inline=True``, below). It puts
+each message in the subscription's own bounded queue and moves on; when a queue is full the
+message is dropped for that subscription only, counted (``Subscription.dropped`` and the endpoint
+counter ``subscription_messages_dropped``) and reported with a warning, so a slow subscriber
+never stalls acks, discovery or other subscribers. Every queue here is bounded twice: in
+messages (``queue_size``, default 100,000) and in payload bytes (``queue_bytes``, default 64 MiB;
+one message larger than that still passes an empty queue), so a slow subscriber of large
+messages holds at most tens of MiB, not gigabytes.
 
 - Blocking API (:class:`Subscription`): with a callback, the subscription is run by a small pool
   of callback threads (``GLUE_CALLBACK_THREADS``), one batch at a time, so its callbacks run one
   after another in message order while other subscriptions' callbacks run on other threads.
-  Without a callback it is an iterator: ``for message in subscription``.
+  Without a callback it is an iterator: ``for message in subscription``. With ``inline=True`` the
+  callback runs on the endpoint's network thread as each burst arrives: no queue and no thread
+  switch, so it must not block (the endpoint reads and acknowledges nothing meanwhile).
 - asyncio API (:class:`AsyncSubscription`): with a callback (plain or ``async``), one task per
   subscription calls it in order; without, ``async for message in subscription``.
 
@@ -226,12 +229,16 @@ class Subscription:
         pool: CallbackPool,
         unsubscribe: Callable[[Subscription], None],
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        inline: bool = False,
     ) -> None:
         self.topic_name = topic_name
         self.topic_type = topic_type
         self.callback = callback
         self.queue_size = queue_size
         self.queue_bytes = queue_bytes
+        #: Whether the callback runs on the network thread (no queue; see ``subscribe``).
+        self.inline = inline
+        self._inline_thread: int | None = None  # the thread in the inline callback now
         #: Messages dropped because this subscription's queue was full.
         self.dropped = 0
         self.id = 0  # set when the endpoint has registered it
@@ -266,7 +273,7 @@ class Subscription:
         if not self._end():
             return
         self._unsubscribe(self)
-        if not self._pool.on_pool_thread():
+        if not self._pool.on_pool_thread() and self._inline_thread != threading.get_ident():
             with self._running:
                 pass
 
@@ -339,8 +346,20 @@ class Subscription:
 
     # --- called by the manager ------------------------------------------------------------------
 
+    def in_inline_callback(self) -> bool:
+        """Whether an inline callback of this subscription is running now."""
+        return self._inline_thread is not None
+
+    def describe(self) -> str:
+        """The callback and the subscription, for people (stop reports)."""
+        return f"callback {self.callback!r} of subscription {self.topic_name!r} ({self.topic_type})"
+
     def _put_many(self, messages: list[Message]) -> int:
-        """On the network thread: queue ``messages``; returns how many were dropped (full)."""
+        """On the network thread: queue ``messages`` (or call an inline callback with each);
+        returns how many were dropped (full)."""
+        if self.inline:
+            self._call_inline(messages)
+            return 0
         schedule = False
         lost = 0
         size = sum([len(m.payload) for m in messages])
@@ -367,6 +386,23 @@ class Subscription:
         if schedule:
             self._pool.schedule(self)
         return lost
+
+    def _call_inline(self, messages: list[Message]) -> None:
+        """On the network thread: the callback for each message, in order, unless closed."""
+        callback = self.callback
+        assert callback is not None
+        with self._running:
+            self._inline_thread = threading.get_ident()
+            try:
+                for message in messages:
+                    if self._closed:
+                        break
+                    try:
+                        callback(message)
+                    except Exception:
+                        logger.exception("callback of subscription %r failed", self.topic_name)
+            finally:
+                self._inline_thread = None
 
     def _run_batch(self) -> bool:
         """On a pool thread: run callbacks for up to a batch; True if more are waiting."""

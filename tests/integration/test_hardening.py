@@ -24,7 +24,7 @@ def test_transport_frames_from_another_address_than_the_peers_are_refused() -> N
         inbox = Inbox()
         rx.subscribe("k/#", "t", inbox)
         tx.wait_for_subscribers("k/a", timeout=5)
-        skip_and_data = _forged_datagrams(tx, rx._async._endpoint.incarnation)[0]
+        skip_and_data = _forged_datagrams(tx, rx._endpoint.incarnation)[0]
         sent = _stream(300)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
             for index, payload in enumerate(sent):
@@ -52,7 +52,7 @@ def test_fake_peers_flooding_fragments_and_gaps_do_not_stop_real_large_messages(
         rx.subscribe("k/#", "t", inbox)
         tx.wait_for_subscribers("k/a", timeout=5)
         target = ("127.0.0.1", rx.data_address[1])
-        destination = rx._async._endpoint.incarnation
+        destination = rx._endpoint.incarnation
         rss_before = _rss_bytes()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
             attacker.bind(("127.0.0.1", 0))
@@ -63,7 +63,7 @@ def test_fake_peers_flooding_fragments_and_gaps_do_not_stop_real_large_messages(
                 attacker.sendto(wire.encode(wire.Header(1, fake, 1), [announce]), target)
             assert wait_until(lambda: len(rx.peers()) == 5, timeout=5)
             chunk = b"f" * 60_000
-            reassembler = rx._async._endpoint._stack.reassembler  # read only, to see it full
+            reassembler = rx._endpoint._stack.reassembler  # read only, to see it full
             for k in range(69):  # 4.14 MB each, under the 4 MiB (+ envelope) maximum; 16.6 MB
                 for fake in fakes:  # fragments of never-finished 1000-part messages
                     header = wire.Header(1, fake, 1, destination=destination)

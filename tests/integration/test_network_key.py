@@ -107,7 +107,7 @@ def _forged_datagrams(publisher: EndpointManager, subscriber_incarnation: int) -
     """What an attacker without the key builds from what announcements reveal: a Skip far
     ahead and a data frame in the publisher's name, and an announcement taking its place."""
     header = wire.Header(
-        1, wire.EndpointId(publisher.endpoint_id), publisher._async._endpoint.incarnation,
+        1, wire.EndpointId(publisher.endpoint_id), publisher._endpoint.incarnation,
         destination=subscriber_incarnation,
     )  # fmt: skip
     envelope = b'{"t":"k/a","y":"t","s":999999,"w":1.0}\n'
@@ -135,7 +135,7 @@ def test_with_a_key_forged_datagrams_change_nothing(group: str) -> None:
         tx.wait_for_subscribers("k/a", timeout=5)
         target = ("127.0.0.1", rx.data_address[1])
         group_address = (group.split(":")[0], int(group.split(":")[1]))
-        forged = _forged_datagrams(tx, rx._async._endpoint.incarnation)
+        forged = _forged_datagrams(tx, rx._endpoint.incarnation)
         sent = _stream(300)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
             attacker.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)

@@ -344,9 +344,8 @@ def test_a_backlog_is_read_in_bounded_bites_and_delivered_in_order(group: str) -
         got, changed = _collect(rx)
         [peer] = tx.wait_for_peers(1, timeout=5)
         payloads = [b"%04d" % n + os.urandom(65536) for n in range(40)]  # 2.6 MB
-        loop = rx._loop  # the receiver's network loop: stall it while the backlog builds
-        assert loop is not None
-        loop.call_soon_threadsafe(time.sleep, 0.3)
+        # The receiver's network thread: stall it while the backlog builds.
+        rx._endpoint.call_soon(lambda: time.sleep(0.3))
         for payload in payloads:
             tx.send(payload, to=[peer.endpoint_id])
         with changed:

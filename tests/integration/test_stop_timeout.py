@@ -135,9 +135,7 @@ def test_stop_names_the_frames_a_peer_did_not_acknowledge(
             publisher.wait_for_subscribers("unacked", timeout=5)
             # The subscriber's network thread is held, so nothing it is sent is acknowledged.
             held = threading.Event()
-            loop = subscriber._loop
-            assert loop is not None
-            loop.call_soon_threadsafe(lambda: (held.set(), release.wait(10)))
+            subscriber._endpoint.call_soon(lambda: (held.set(), release.wait(10)))
             assert held.wait(5)
             for n in range(5):
                 publisher.publish("unacked", KIND, b"%d" % n)

@@ -98,7 +98,9 @@ def test_a_known_peer_that_subscribes_later_gets_the_history_once(
         # subscriber recognises (same publisher incarnation, same sequences) and drops.
         subscription.close()
         late.subscribe(TOPIC, KIND, second)
-        assert wait_until(lambda: publisher.counters()["topics_history_sent"] == 10, timeout=5)
+        assert wait_until(
+            lambda: publisher.counters().get("topics_history_sent", 0) == 10, timeout=5
+        )
         assert wait_until(
             lambda: late.counters().get("topics_duplicates_suppressed", 0) == 5, timeout=5
         )
@@ -141,7 +143,9 @@ def test_history_of_a_message_no_subscription_took_reaches_a_later_subscription(
         subscription.close()
         assert _interest_from(publisher, 2)
         subscriber.subscribe(TOPIC, "kind.y", right_type)  # interest grows: history replayed
-        assert wait_until(lambda: publisher.counters()["topics_history_sent"] == 1, timeout=5)
+        assert wait_until(
+            lambda: publisher.counters().get("topics_history_sent", 0) == 1, timeout=5
+        )
         publisher.publish(TOPIC, "kind.y", b"marker", expiry=60.0)
         assert wait_until(lambda: b"marker" in right_type.payloads(), timeout=5)
     assert wrong_type.payloads() == []

@@ -122,10 +122,8 @@ def test_flush_returns_once_subscribers_acknowledged_and_times_out_when_they_can
         assert counters["frames_acked"] == counters["frames_sent"], counters
         assert inbox.wait_for_count(100, timeout=5)
         # A subscriber that cannot acknowledge (its network loop is stopped): flush times out.
-        loop = subscriber._loop
-        assert loop is not None
         gate = threading.Event()
-        loop.call_soon_threadsafe(gate.wait, 10)  # blocks the subscriber's network thread
+        subscriber._endpoint.call_soon(lambda: gate.wait(10))  # blocks its network thread
         try:
             publisher.publish("flush/me", KIND, b"stuck")
             with pytest.raises(TimeoutError):

@@ -1,0 +1,507 @@
+"""The thread runtime: the blocking API's stack, driven without an event loop.
+
+``ThreadRuntime`` drives one sans-IO :class:`~glue.stack.Stack` (through the same entry points as
+the asyncio runtime and the simulator) with plain threads, so that a message costs no event-loop
+hop on its way:
+
+- *Callers send their own datagrams.* ``publish`` and ``send`` take the stack's lock, place the
+  message (``Stack.submit``) and, when nothing is in flight (the stack is idle) or the message
+  fills datagrams of its own (larger than a bundle), pull the datagrams and ``sendto`` them on the
+  caller's thread: a publish on an idle endpoint costs one system call. While frames are in
+  flight, small messages wait in the stack to be bundled, and the network thread flushes them
+  (woken once per batch), so a stream packs many messages per datagram as the asyncio runtime
+  does. What the congestion window holds back goes out as acks open it, from the network thread.
+- *One network thread* (``glue-net-NAME``) blocks in ``poll`` on the sockets with a timeout taken
+  from the stack's next deadline. Each wake-up reads every datagram waiting (bounded, as in
+  :mod:`glue.runtime`), runs the timers that are due, sends what the stack returns, and hands the
+  events to the listeners *after releasing the lock*: the manager queues them for callbacks, or
+  runs inline callbacks right there (they may publish: the lock is free).
+- A wake-up socket pair interrupts the poll when a caller leaves work for the network thread
+  (small messages to flush, local deliveries to dispatch, an earlier deadline than the one it
+  sleeps towards, a ``flush`` waiting) or at stop. While the thread is awake, callers do not
+  write to it: it looks for that work before it sleeps again.
+
+Bounds are those of the asyncio runtime: what the outbox holds for full peers is counted, and a
+sender waits (``timeout``) while it would exceed ``GLUE_SEND_QUEUE_BYTES``, then raises
+:class:`~glue.errors.BackpressureError`. ``stop`` sends the last acks and goodbyes, closes the
+sockets, wakes waiting senders and flushes, and joins the threads within its timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import select
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from glue.discovery import Target
+from glue.errors import DeliveryError, UsageError
+from glue.events import StackEvent
+from glue.metrics import MetricsServer, MetricsSnapshot
+from glue.outbox import Outgoing
+from glue.runtime import RuntimeCore, literal_address
+from glue.settings import GlueSettings
+from glue.stack import BUNDLE_MAX_MESSAGE_BYTES
+
+__all__ = ["ThreadRuntime"]
+
+logger = logging.getLogger(__name__)
+
+_AWAKE: Final = -math.inf  # _sleep_until while the network thread is not in poll
+_POLL_IN: Final = select.POLLIN | select.POLLERR
+
+
+class _FlushWaiter:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: Exception | None = None
+
+
+class ThreadRuntime(RuntimeCore):
+    """One glue endpoint driven by a network thread and its callers (see the module docstring)."""
+
+    def __init__(self, settings: GlueSettings) -> None:
+        super().__init__(settings)
+        # Guards the stack and everything below; senders and flushes wait on the condition.
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._waiting = 0  # threads waiting on _room (a notify costs even when none do)
+        self._held_bytes = 0  # of messages the outbox holds for full peers
+        self._flush_owed = False  # small messages placed, for the network thread to flush
+        self._sleep_until = _AWAKE  # the deadline the network thread's poll ends at
+        self._wake_pending = False
+        self._calls: deque[Callable[[], object]] = deque()  # to run on the network thread
+        self._flushes: list[_FlushWaiter] = []
+        self._thread: threading.Thread | None = None
+        self._resolver: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.coalesce_events = True  # each hand-over to a callback thread costs a switch
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the sockets, start discovery and the network thread.
+
+        Raises:
+            ConfigError: an interface, address or group from the settings cannot be used.
+            UsageError: the endpoint was already started.
+        """
+        if self._state != "new":
+            raise UsageError(f"endpoint {self.name} was already started")
+        self._state = "starting"
+        settings = self.settings
+        entries = settings.discovery_target_address
+        resolved = [self._resolve(entry.host) for entry in entries]
+        hints = [host for hosts in resolved for host in hosts]
+        try:
+            self._open_sockets(*self._interface_for(hints), time.monotonic())
+        except BaseException:
+            self._state = "stopped"
+            self._close_wakers()
+            raise
+        assert self._stack is not None
+        if entries:
+            self._stack.set_targets(self._targets(resolved))
+        if settings.metrics_address is not None:
+            metrics = MetricsServer(self._locked_snapshot)
+            try:
+                metrics.start(*settings.metrics_address)
+            except BaseException:
+                self._state = "stopped"
+                self._close_sockets()
+                self._close_wakers()
+                raise
+            self.metrics = metrics
+        self._state = "running"
+        self._log_started()
+        self._thread = threading.Thread(target=self._run, name=f"glue-net-{self.name}", daemon=True)
+        self._thread.start()
+        if any(literal_address(entry.host) is None for entry in entries):
+            self._resolver = threading.Thread(
+                target=self._resolve_forever, name=f"glue-dns-{self.name}", daemon=True
+            )
+            self._resolver.start()
+
+    def stop(self, timeout: float) -> tuple[int, list[str]]:
+        """Say goodbye to peers, close the sockets, fail waiting senders; join the threads
+        within ``timeout`` s. Idempotent. Returns the messages dropped (never handed to the
+        network) and what still runs."""
+        with self._lock:
+            if self._state != "running":  # never started, failed to, or stopped already
+                self._state = "stopped"
+                return 0, []
+            self._state = "stopped"
+            stack = self._stack
+            assert stack is not None
+            stack.leave()
+            self._send_datagrams(stack.datagrams_to_send(now=time.monotonic(), gather=True))
+            dropped = stack.outbox.clear()
+            self._held_bytes = 0
+            for waiter in self._flushes:
+                waiter.done = True
+                waiter.error = UsageError("the endpoint stopped before everything was acknowledged")
+            self._flushes.clear()
+            self._room.notify_all()
+            self._wake(force=True)
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        running = []
+        current = threading.current_thread()
+        for thread in (self._thread, self._resolver):
+            if thread is not None and thread is not current:
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    running.append(f"the network thread {thread.name}")
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
+        with self._lock:  # (a network thread left running looks at the state before reading)
+            self._close_history()
+            self._close_sockets()
+        if self._thread is None:
+            self._close_wakers()  # (else the network thread closes them as it ends)
+        if dropped:
+            self.counters["messages_dropped_at_stop"] += dropped
+            logger.warning("stopped with %d messages not yet handed to the network", dropped)
+        logger.info("endpoint %s (%d) stopped", self.name, self.endpoint_id)
+        return dropped, running
+
+    # --- sending --------------------------------------------------------------------------------
+
+    def publish(
+        self,
+        topic: str,
+        topic_type: str,
+        payload: bytes,
+        *,
+        expiry_s: float,
+        history_depth: int | None,
+        timeout: float,
+    ) -> None:
+        """Place a publication on ``topic`` (see :meth:`send`)."""
+        self._submit(
+            self._publication(topic, topic_type, payload, expiry_s, history_depth), timeout
+        )
+
+    def send(
+        self, payload: bytes, *, to: Sequence[int] | None, expiry_s: float, timeout: float
+    ) -> None:
+        """Place ``payload`` for ``to`` (every peer when ``None``), sending it from this thread
+        when nothing is in flight; blocks at most ``timeout`` s while the queue is full.
+
+        Raises:
+            BackpressureError: the queue stayed full for ``timeout`` seconds.
+            UsageError: the endpoint is not running, or the payload is too large.
+        """
+        self._submit(self._outgoing(payload, to, expiry_s), timeout)
+
+    def _submit(self, item: Outgoing, timeout: float) -> None:
+        with self._lock:
+            stack = self._stack
+            if self._state != "running" or stack is None:
+                raise UsageError("the endpoint is not running")
+            if stack.outbox.holding and self._held_bytes + item.size > self._send_queue_bytes:
+                self._wait_for_room(item, timeout)
+            now = time.monotonic()
+            # Decided before placing: an idle stack sends at once (the latency path); a busy one
+            # lets small messages gather for the network thread to bundle.
+            at_once = item.size > BUNDLE_MAX_MESSAGE_BYTES or stack.idle()
+            if not stack.submit(item, now):
+                self._held_bytes += item.size
+            if at_once:
+                self._flush_owed = False
+                self._send_datagrams(stack.datagrams_to_send(now=now, gather=True))
+                deadline = stack.next_deadline()
+                wake = deadline is not None and deadline < self._sleep_until
+            else:
+                wake = not self._flush_owed
+                self._flush_owed = True
+            if wake or stack.has_events():  # (local deliveries go out from the network thread)
+                self._wake()
+
+    def _wait_for_room(self, item: Outgoing, timeout: float) -> None:
+        """Under the lock: wait until the held messages leave room for ``item``.
+
+        Raises:
+            BackpressureError: no room within ``timeout`` s (or the endpoint stopped).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            stack = self._stack
+            if self._state != "running" or stack is None:
+                raise self._backpressure(timeout, item.size)
+            if not stack.outbox.holding or self._held_bytes + item.size <= self._send_queue_bytes:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._backpressure(timeout, item.size)
+            self._waiting += 1
+            try:
+                self._room.wait(remaining)
+            finally:
+                self._waiting -= 1
+
+    def flush(self, timeout: float) -> None:
+        """Wait until everything sent so far is acknowledged (or expired, unacknowledged, while
+        its peer was present): see :meth:`glue.endpoint.Endpoint.flush`.
+
+        Raises:
+            DeliveryError: messages to a peer were not acknowledged and it is gone.
+            TimeoutError: still unacknowledged after ``timeout`` seconds.
+        """
+        with self._lock:
+            if self._state != "running" or self._stack is None:
+                return
+            failure = self._delivery_failure(time.monotonic())
+            if failure is not None:
+                raise failure
+            if self._stack.idle():
+                return
+            waiter = _FlushWaiter()
+            self._flushes.append(waiter)
+            self._wake()  # it watches silent peers' timeouts for the waiters
+            deadline = time.monotonic() + timeout
+            try:
+                while not waiter.done:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(f"messages still unacknowledged after {timeout} s")
+                    self._waiting += 1
+                    try:
+                        self._room.wait(remaining)
+                    finally:
+                        self._waiting -= 1
+            finally:
+                if waiter in self._flushes:
+                    self._flushes.remove(waiter)
+        if waiter.error is not None:
+            raise waiter.error
+
+    def subscribe(self, pattern: str, topic_type: str, register: Callable[[int], object]) -> int:
+        """Add a subscription; ``register(id)`` runs under the lock, before any message for it
+        can be pulled. Peers hear of it at once. Returns its id.
+
+        Raises:
+            UsageError: the pattern or type is not valid, or the endpoint is not running.
+        """
+        with self._lock:
+            stack = self._stack
+            if self._state != "running" or stack is None:
+                raise UsageError("the endpoint is not running")
+            subscription = stack.subscribe(pattern, topic_type)
+            register(subscription)
+            self._send_datagrams(stack.datagrams_to_send(now=time.monotonic(), gather=True))
+        return subscription
+
+    def keep_history(self, pattern: str, depth: int | None) -> None:
+        """Keep (depth 0: stop keeping) the history of topics matching ``pattern`` (see
+        ``Topics.keep``); ``None``: GLUE_HISTORY_DEPTH. Peers hear of it at once.
+
+        Raises:
+            UsageError: the pattern or depth is not valid, or the endpoint is not running.
+        """
+        with self._lock:
+            self._keep_history(pattern, depth)
+            assert self._stack is not None
+            now = time.monotonic()
+            self._send_datagrams(self._stack.datagrams_to_send(now=now, gather=True))
+
+    def unsubscribe(self, subscription: int) -> None:
+        """Remove a subscription; peers hear of it at once."""
+        with self._lock:
+            if self._stack is not None:
+                self._stack.unsubscribe(subscription)
+                if self._state == "running":
+                    now = time.monotonic()
+                    self._send_datagrams(self._stack.datagrams_to_send(now=now, gather=True))
+
+    def call_soon(self, function: Callable[[], object]) -> None:
+        """Run ``function()`` on the network thread, between wake-ups, without the lock (how a
+        test holds that thread, as a stalled process would be)."""
+        with self._lock:
+            self._calls.append(function)
+            self._wake()
+
+    def locked(self) -> threading.Lock:
+        """The lock the stack is used under (queries: peers, counters, subscribers)."""
+        return self._lock
+
+    # --- the network thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._close_wakers()
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        sockets = {}
+        with self._lock:
+            for sock, multicast in self._sockets():
+                poller.register(sock.fileno(), _POLL_IN)
+                sockets[sock.fileno()] = (sock, multicast)
+        waker = self._wake_r.fileno()
+        poller.register(waker, _POLL_IN)
+        ready: list[tuple[int, int]] = []
+        while True:
+            events, calls = self._turn(ready, sockets, waker)
+            if events:
+                self._notify_listeners(events)
+            for call in calls:
+                try:
+                    call()
+                except Exception:
+                    logger.exception("call %r on the network thread failed", call)
+            with self._lock:
+                if self._state != "running":
+                    return
+                timeout_ms = self._poll_timeout()
+            try:
+                ready = poller.poll(timeout_ms)
+            except InterruptedError:  # (retried by Python; kept for other platforms)
+                ready = []
+
+    def _turn(
+        self,
+        ready: list[tuple[int, int]],
+        sockets: dict[int, tuple[socket.socket, bool]],
+        waker: int,
+    ) -> tuple[list[StackEvent], list[Callable[[], object]]]:
+        """One wake-up, under the lock: read, run timers, send; the events for the listeners and
+        the calls to run (both after the lock is released)."""
+        with self._lock:
+            self._sleep_until = _AWAKE
+            stack = self._stack
+            if self._state != "running" or stack is None:
+                return [], []
+            now = time.monotonic()
+            read = False
+            drained = True
+            for fd, _ in ready:
+                if fd == waker:
+                    self._drain_waker()
+                    continue
+                sock, multicast = sockets[fd]
+                read = True
+                drained = self._read(sock, multicast, now) and drained
+            deadline = stack.next_deadline()
+            if deadline is not None and deadline <= now:
+                if stack.expiry_due(now):
+                    # A peer is about to be taken for gone: first read what waits in the
+                    # sockets, since any datagram from it there proves it alive.
+                    for sock, multicast in self._sockets():
+                        self._read(sock, multicast, now)
+                # Follow wall-clock steps (NTP) for the timestamps of messages; once per timer.
+                stack.topics.wall_offset = time.time() - now
+                stack.handle_timer(now=now)
+            self._flush_owed = False
+            self._send_datagrams(stack.datagrams_to_send(now=now, gather=True))
+            events: list[StackEvent] = []
+            if not read or self._dispatch_now(drained):
+                events, freed = self._pull_events()
+                if freed:
+                    self._held_bytes -= freed
+                    if self._waiting:
+                        self._room.notify_all()
+            if self._flushes:
+                self._settle_flushes(now)
+            self._sync_history()
+            calls = list(self._calls)
+            self._calls.clear()
+            return events, calls
+
+    def _poll_timeout(self) -> int:
+        """Under the lock, before sleeping: milliseconds until the next deadline (0 when work
+        is waiting, -1 for none); callers wake the thread for anything earlier."""
+        stack = self._stack
+        assert stack is not None
+        if self._flush_owed or self._calls or stack.has_events():
+            return 0
+        deadline = stack.next_deadline()
+        if self._flushes:
+            silent_at = stack.next_silent_at(time.monotonic())
+            if silent_at is not None and (deadline is None or silent_at < deadline):
+                deadline = silent_at
+        if deadline is None:
+            self._sleep_until = math.inf
+            return -1
+        self._sleep_until = deadline
+        return max(0, math.ceil((deadline - time.monotonic()) * 1000))
+
+    def _settle_flushes(self, now: float) -> None:
+        """Answer waiting ``flush`` calls that can be answered now."""
+        stack = self._stack
+        assert stack is not None
+        failure: DeliveryError | None = self._delivery_failure(now)
+        if failure is None and not stack.idle():
+            return
+        for waiter in self._flushes:
+            waiter.done = True
+            waiter.error = failure
+        self._flushes.clear()
+        self._room.notify_all()
+
+    def _wake(self, *, force: bool = False) -> None:
+        """Under the lock: interrupt the network thread's poll (if it is in one)."""
+        if self._wake_pending or (self._sleep_until == _AWAKE and not force):
+            return
+        self._wake_pending = True
+        with contextlib.suppress(OSError):  # full (it is awake anyway) or closed (stopping)
+            self._wake_w.send(b"\0")
+
+    def _drain_waker(self) -> None:
+        self._wake_pending = False
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _close_wakers(self) -> None:
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def _queued_bytes(self) -> int:
+        return self._held_bytes
+
+    def _locked_snapshot(self) -> MetricsSnapshot:
+        with self._lock:
+            return self.metrics_snapshot()
+
+    # --- discovery targets ----------------------------------------------------------------------
+
+    def _resolve_forever(self) -> None:
+        """On a thread of its own (DNS names only): resolve the targets every discovery period,
+        so DNS changes are followed."""
+        entries = self.settings.discovery_target_address
+        while not self._stopping.wait(self.settings.discovery_rate_s):
+            targets: list[Target] = self._targets([self._resolve(e.host) for e in entries])
+            with self._lock:
+                if self._state != "running" or self._stack is None:
+                    return
+                self._stack.set_targets(targets)
+
+    def _resolve(self, host: str) -> list[str]:
+        literal = literal_address(host)
+        if literal is not None:
+            return literal
+        try:
+            infos = socket.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            self._resolve_failed(host, exc)
+            return []
+        return sorted({str(info[4][0]) for info in infos})
