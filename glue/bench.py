@@ -3,14 +3,20 @@
 Every figure is measured at the receiving process: raw UDP counts the datagrams that arrived
 (the sender blasts one datagram per message, as fast as Python can, so this is the ceiling of
 one-datagram-per-message in Python), glue counts whole messages delivered through the transport
-(exactly once, in order), first sent to the peer directly (``send``, the transport's figure),
-then published on a topic the receiver subscribes to (``publish``/``subscribe``, end to end
-through the topics layer; the ratio to the direct figure is printed). The round trip is a
-64-byte ping answered by the other process, direct and through topics.
+(exactly once, in order, checked). Each glue case runs with the blocking API
+(``EndpointManager``, the thread runtime) and with the asyncio API (``AsyncEndpointManager`` at
+both ends): messages sent to the peer directly (``send``), and published on a topic the receiver
+subscribes to (``publish``/``subscribe``, callbacks on the callback pool or on a task); and
+publish/subscribe with a network key (``sealed``). The round trip is a 64-byte ping answered by
+the other process, the same ways, plus the blocking API with the answering callback inline
+(``subscribe(..., inline=True)``); its median and 99th percentile are kept per round.
+
+The machine's speed drifts between rounds, so every round measures raw UDP next to each case and
+every ratio is taken within its round; the table shows the median of the rounds' ratios and their
+range. ``--json`` prints all of it (each round's figures too) as one JSON document.
 
 Everything runs on 127.0.0.1 with a unicast rendezvous (no multicast), so it is safe anywhere;
-still, run it inside ``tools/isolated-net`` like every test. Printed: messages/s and MB/s for 64 B,
-64 KiB and 1 MiB messages, glue / raw ratios, and median round trips.
+still, run it inside ``tools/isolated-net`` like every test.
 """
 
 from __future__ import annotations
@@ -65,10 +71,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "network namespace (tools/isolated-net)",
     )
     parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the results as one JSON document on standard output (progress goes to "
+        "standard error)",
+    )
+    parser.add_argument(
         "--role",
         choices=["raw-receiver", "glue-receiver", "glue-async-receiver", "glue-async-echo"],
         help=argparse.SUPPRESS,
     )
+    parser.add_argument("--inline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
@@ -78,11 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.role == "raw-receiver":
         return _raw_receiver(args.count, args.echo)
     if args.role == "glue-receiver":
-        return _glue_receiver(args.port, args.count, args.echo, args.pubsub, args.key)
+        return _glue_receiver(
+            args.port, args.count, args.echo, args.pubsub, args.key, inline=args.inline
+        )
     if args.role == "glue-async-receiver":
-        return asyncio.run(_glue_async_receiver(args.port, args.count))
+        return asyncio.run(_glue_async_receiver(args.port, args.count, args.pubsub))
     if args.role == "glue-async-echo":
-        return asyncio.run(_glue_async_echo(args.port))
+        return asyncio.run(_glue_async_echo(args.port, args.pubsub))
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -97,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"glue bench --loss: {problem}", file=sys.stderr)
             return 2
         return _run_loss(args.seconds, args.repeat, sizes, args.loss)
-    return _run(args.seconds, args.repeat, sizes)
+    return _run(args.seconds, args.repeat, sizes, as_json=args.json)
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -105,8 +120,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 #: One measurement: messages/s, MB/s, and CPU seconds per message of the sending and the
 #: receiving process (``nan`` where not measured).
 _Figures = tuple[float, float, float, float]
-_VARIANTS = ("raw UDP", "glue", "glue asyncio", "glue pub/sub", "glue sealed")
-#: A network key for the "glue sealed" variant (both ends), made once per run.
+#: Throughput variants, each measured in every round next to raw UDP. "send": direct messages
+#: to one peer; "pub/sub": publish on a topic the receiver subscribes to (callbacks on the
+#: callback pool for the blocking API, on a task for asyncio); "sealed": with a network key.
+_VARIANTS = (
+    "raw UDP",
+    "blocking send",
+    "blocking pub/sub",
+    "asyncio send",
+    "asyncio pub/sub",
+    "blocking sealed",
+)
+#: Round-trip variants: a 64-byte ping answered by the other process. "inline": the answering
+#: subscription's callback runs on the network thread (``subscribe(..., inline=True)``).
+_TRIP_VARIANTS = (
+    "raw UDP",
+    "blocking send",
+    "blocking pub/sub",
+    "blocking inline",
+    "asyncio send",
+    "asyncio pub/sub",
+    "blocking sealed",
+)
+#: A network key for the sealed variants (both ends), made once per run.
 _KEY = ""
 
 
@@ -117,11 +153,35 @@ def _label(size: int) -> str:
     return f"{size} B"
 
 
-def _run(seconds: float, repeat: int, sizes: Sequence[int]) -> int:
+def _measure(variant: str, size: int, count: int, seconds: float) -> _Figures:
+    if variant == "raw UDP":
+        return _raw_throughput(size, count, seconds)
+    if variant.startswith("asyncio"):
+        pubsub = variant.endswith("pub/sub")
+        return asyncio.run(_glue_async_throughput(size, count, seconds, pubsub=pubsub))
+    key = _KEY if variant.endswith("sealed") else None
+    return _glue_throughput(size, count, seconds, pubsub=variant != "blocking send", key=key)
+
+
+def _trip(variant: str) -> tuple[float, float]:
+    if variant == "raw UDP":
+        return _raw_round_trip()
+    if variant.startswith("asyncio"):
+        return asyncio.run(_glue_async_round_trip(pubsub=variant.endswith("pub/sub")))
+    return _glue_round_trip(
+        pubsub=variant != "blocking send",
+        key=_KEY if variant.endswith("sealed") else None,
+        inline=variant.endswith("inline"),
+    )
+
+
+def _run(seconds: float, repeat: int, sizes: Sequence[int], *, as_json: bool = False) -> int:
+    progress = sys.stderr if as_json else sys.stdout
     print(
         f"glue benchmark: two processes on 127.0.0.1, Python {sys.version.split()[0]}, "
         f"{os.cpu_count()} CPUs; {repeat} round(s), each measuring every case once with raw "
         f"UDP next to glue, {seconds:g} s per measurement",
+        file=progress,
         flush=True,
     )
     global _KEY
@@ -129,42 +189,148 @@ def _run(seconds: float, repeat: int, sizes: Sequence[int]) -> int:
 
     _KEY = generate_key()
     figures: dict[tuple[int, str], list[_Figures]] = {}
-    round_trips: dict[str, list[float]] = {}
+    round_trips: dict[str, list[tuple[float, float]]] = {}
     for round_number in range(1, repeat + 1):
         for size in sizes:
             # Enough messages that every measurement runs for its whole time budget.
             count = max(100, int(min(600_000 * seconds, 6e9 * seconds / size)))
-            measured = {
-                "raw UDP": _raw_throughput(size, count, seconds),
-                "glue": _glue_throughput(size, count, seconds),
-                "glue asyncio": asyncio.run(_glue_async_throughput(size, count, seconds)),
-                "glue pub/sub": _glue_throughput(size, count, seconds, pubsub=True),
-                "glue sealed": _glue_throughput(size, count, seconds, key=_KEY),
-            }
+            measured = {v: _measure(v, size, count, seconds) for v in _VARIANTS}
             for variant, result in measured.items():
                 figures.setdefault((size, variant), []).append(result)
             print(
                 f"round {round_number}/{repeat} {_label(size):>7}: "
                 + ", ".join(f"{v} {r[0]:,.0f} msg/s" for v, r in measured.items()),
+                file=progress,
                 flush=True,
             )
-        trips = {
-            "raw UDP": _raw_round_trip(),
-            "glue": _glue_round_trip(),
-            "glue asyncio": asyncio.run(_glue_async_round_trip()),
-            "glue pub/sub": _glue_round_trip(pubsub=True),
-            "glue sealed": _glue_round_trip(key=_KEY),
-        }
-        for variant, seconds_taken in trips.items():
-            round_trips.setdefault(variant, []).append(seconds_taken)
+        trips = {v: _trip(v) for v in _TRIP_VARIANTS}
+        for variant, taken in trips.items():
+            round_trips.setdefault(variant, []).append(taken)
         print(
-            f"round {round_number}/{repeat} round trip: "
-            + ", ".join(f"{v} {s * 1e6:.0f} us" for v, s in trips.items()),
+            f"round {round_number}/{repeat} round trip p50: "
+            + ", ".join(f"{v} {s[0] * 1e6:.0f} us" for v, s in trips.items()),
+            file=progress,
             flush=True,
         )
-    print()
-    print(_table(figures, round_trips, sizes, repeat))
+    if as_json:
+        print(orjson.dumps(_summary(figures, round_trips, sizes, seconds)).decode())
+    else:
+        print()
+        print(_table(figures, round_trips, sizes, repeat))
     return 0
+
+
+def _ratios(values: Sequence[float], bases: Sequence[float]) -> list[float]:
+    """Per-round ratios (the machine drifts between rounds; within one, both saw the same)."""
+    return [v / b if b else float("nan") for v, b in zip(values, bases, strict=True)]
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def _summary(
+    figures: dict[tuple[int, str], list[_Figures]],
+    round_trips: dict[str, list[tuple[float, float]]],
+    sizes: Sequence[int],
+    seconds: float,
+) -> dict[str, Any]:
+    """Everything the table shows, and each round's figures, for ``--json``."""
+    throughput = []
+    for size in sizes:
+        raw = [r[0] for r in figures[(size, "raw UDP")]]
+        for variant in _VARIANTS:
+            runs = figures[(size, variant)]
+            rates = [r[0] for r in runs]
+            throughput.append(
+                {
+                    "size_bytes": size,
+                    "variant": variant,
+                    "messages_per_s": _spread(rates),
+                    "mb_per_s": _spread([r[1] for r in runs]),
+                    "ratio_to_raw": _spread(_ratios(rates, raw)),
+                    "cpu_us_per_message_sender": statistics.median(r[2] for r in runs) * 1e6,
+                    "cpu_us_per_message_receiver": statistics.median(r[3] for r in runs) * 1e6,
+                    "rounds": [list(r) for r in runs],
+                }
+            )
+    raw_p50 = [p50 for p50, _ in round_trips["raw UDP"]]
+    trips = []
+    for variant, samples in round_trips.items():
+        p50s = [p50 for p50, _ in samples]
+        trips.append(
+            {
+                "variant": variant,
+                "p50_us": _spread([s * 1e6 for s in p50s]),
+                "p99_us": _spread([p99 * 1e6 for _, p99 in samples]),
+                "ratio_to_raw": _spread(_ratios(p50s, raw_p50)),
+            }
+        )
+    return {
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "seconds_per_measurement": seconds,
+        "rounds": len(raw_p50),
+        "throughput": throughput,
+        "round_trip": trips,
+    }
+
+
+def _table(
+    figures: dict[tuple[int, str], list[_Figures]],
+    round_trips: dict[str, list[tuple[float, float]]],
+    sizes: Sequence[int],
+    repeat: int,
+) -> str:
+    """Medians over the rounds; ratios are taken within each round, then their median (and
+    range) is shown, so the machine's drift between rounds does not enter a ratio."""
+    spread = " (range)" if repeat > 1 else ""
+
+    def ratio(values: Sequence[float], bases: Sequence[float]) -> str:
+        ratios = _ratios(values, bases)
+        text = f"{statistics.median(ratios):.2f} x raw"
+        if repeat > 1:
+            text += f" ({min(ratios):.2f}-{max(ratios):.2f})"
+        return text
+
+    lines = [
+        f"{'size':>7}  {'variant':<17} {'msg/s':>11} {'MB/s':>9}  {'ratio' + spread:<24}"
+        f" CPU us/msg sender / receiver",
+    ]
+    for size in sizes:
+        raw = [r[0] for r in figures[(size, "raw UDP")]]
+        for variant in _VARIANTS:
+            runs = figures[(size, variant)]
+            rates = [r[0] for r in runs]
+            rate = statistics.median(rates)
+            mb = statistics.median(r[1] for r in runs)
+            shown = "" if variant == "raw UDP" else ratio(rates, raw)
+            cpu = ""
+            if variant != "raw UDP":
+                send = statistics.median(r[2] for r in runs) * 1e6
+                receive = statistics.median(r[3] for r in runs) * 1e6
+                cpu = f"{send:8.1f} / {receive:.1f}"
+            lines.append(
+                f"{_label(size):>7}  {variant:<17} {rate:>11,.0f} {mb:>9.1f}  {shown:<24} {cpu}"
+            )
+    lines.append("")
+    lines.append(
+        f"round trip, 64 B (per round: median and 99th percentile of {_RTT_SAMPLES}; "
+        "medians of rounds shown)"
+    )
+    lines.append(f"{'variant':<17} {'p50 us':>8} {'p99 us':>8}  ratio of p50{spread}")
+    raw_p50 = [p50 for p50, _ in round_trips["raw UDP"]]
+    for variant, samples in round_trips.items():
+        p50s = [p50 for p50, _ in samples]
+        p50 = statistics.median(p50s) * 1e6
+        p99 = statistics.median(p99 for _, p99 in samples) * 1e6
+        shown = "" if variant == "raw UDP" else ratio(p50s, raw_p50)
+        lines.append(f"{variant:<17} {p50:>8.0f} {p99:>8.0f}  {shown}")
+    return "\n".join(lines)
 
 
 # --- under loss ----------------------------------------------------------------------------------
@@ -250,54 +416,6 @@ def _run_loss(seconds: float, repeat: int, sizes: Sequence[int], loss: float) ->
         lossy_mb = statistics.median(lossy[1] for _, lossy in runs)
         print(f"{_label(size):>7}  {clean_mb:>12.1f}  {lossy_mb:>14.1f}  {ratio}")
     return 0
-
-
-def _table(
-    figures: dict[tuple[int, str], list[_Figures]],
-    round_trips: dict[str, list[float]],
-    sizes: Sequence[int],
-    repeat: int,
-) -> str:
-    """Medians over the rounds; ratios are taken within each round, then their median (and
-    range) is shown, so the machine's drift between rounds does not enter a ratio."""
-    spread = " (range)" if repeat > 1 else ""
-    lines = [
-        f"{'size':>7}  {'variant':<13} {'msg/s':>11} {'MB/s':>9}  {'ratio' + spread:<28}"
-        f" CPU us/msg sender / receiver",
-    ]
-    for size in sizes:
-        raw = figures[(size, "raw UDP")]
-        direct = figures[(size, "glue")]
-        for variant in _VARIANTS:
-            runs = figures[(size, variant)]
-            rate = statistics.median(r[0] for r in runs)
-            mb = statistics.median(r[1] for r in runs)
-            if variant == "raw UDP":
-                ratio = ""
-            else:
-                compared = variant in ("glue pub/sub", "glue sealed")  # with glue unsealed
-                base, name = (direct, "glue") if compared else (raw, "raw")
-                ratios = [
-                    r[0] / b[0] if b[0] else float("nan") for r, b in zip(runs, base, strict=True)
-                ]
-                ratio = f"{statistics.median(ratios):.2f} x {name}"
-                if repeat > 1:
-                    ratio += f" ({min(ratios):.2f}-{max(ratios):.2f})"
-            cpu = ""
-            if variant != "raw UDP":
-                send = statistics.median(r[2] for r in runs) * 1e6
-                receive = statistics.median(r[3] for r in runs) * 1e6
-                cpu = f"{send:8.1f} / {receive:.1f}"
-            lines.append(
-                f"{_label(size):>7}  {variant:<13} {rate:>11,.0f} {mb:>9.1f}  {ratio:<28} {cpu}"
-            )
-    trips = ", ".join(
-        f"{variant} {statistics.median(samples) * 1e6:.0f} us"
-        + (f" ({min(samples) * 1e6:.0f}-{max(samples) * 1e6:.0f})" if repeat > 1 else "")
-        for variant, samples in round_trips.items()
-    )
-    lines.append(f"round trip (64 B, median of {_RTT_SAMPLES} per round): {trips}")
-    return "\n".join(lines)
 
 
 def _spawn(*args: str) -> subprocess.Popen[str]:
@@ -405,7 +523,13 @@ def _raw_receiver(count: int, echo: bool) -> int:
     return 0
 
 
-def _raw_round_trip() -> float:
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    """The median and the 99th percentile of the samples after the warm-up."""
+    kept = sorted(samples[_RTT_WARMUP:])
+    return statistics.median(kept), kept[min(len(kept) - 1, int(len(kept) * 0.99))]
+
+
+def _raw_round_trip() -> tuple[float, float]:
     echo = _spawn("--role", "raw-receiver", "--echo")
     port = _read_json(echo)["port"]
     samples = []
@@ -419,7 +543,7 @@ def _raw_round_trip() -> float:
             samples.append(time.perf_counter() - started)
         sock.send(b"")
     echo.wait(timeout=30)
-    return statistics.median(samples[_RTT_WARMUP:])
+    return _percentiles(samples)
 
 
 # --- glue ----------------------------------------------------------------------------------------
@@ -475,7 +599,13 @@ def _glue_throughput(
 
 
 def _glue_receiver(
-    port: int, count: int, echo: bool, pubsub: bool = False, key: str | None = None
+    port: int,
+    count: int,
+    echo: bool,
+    pubsub: bool = False,
+    key: str | None = None,
+    *,
+    inline: bool = False,
 ) -> int:
     from glue.manager import EndpointManager
 
@@ -491,7 +621,8 @@ def _glue_receiver(
             endpoint.subscribe(
                 "bench/ping",
                 "bench",
-                lambda m: endpoint.publish("bench/pong", "bench", m.payload, expiry=10),
+                lambda m: endpoint.publish("bench/pong", "bench", m.payload, expiry=10.0),
+                inline=inline,
             )
         elif echo:
             endpoint.on_message(
@@ -560,11 +691,17 @@ class _Tally:
         }
 
 
-def _glue_round_trip(*, pubsub: bool = False, key: str | None = None) -> float:
+def _glue_round_trip(
+    *, pubsub: bool = False, key: str | None = None, inline: bool = False
+) -> tuple[float, float]:
     from glue.manager import EndpointManager
 
     port = _free_port()
-    mode = (*(("--pubsub",) if pubsub else ()), *(("--key", key) if key else ()))
+    mode = (
+        *(("--pubsub",) if pubsub else ()),
+        *(("--key", key) if key else ()),
+        *(("--inline",) if inline else ()),
+    )
     echo = _spawn("--role", "glue-receiver", "--port", str(port), "--echo", *mode)
     _read_json(echo)
     settings = _glue_settings(
@@ -581,27 +718,29 @@ def _glue_round_trip(*, pubsub: bool = False, key: str | None = None) -> float:
             pinger.wait_for_subscribers("bench/ping", timeout=10)
             for _ in range(_RTT_WARMUP + _RTT_SAMPLES):
                 started = time.perf_counter()
-                pinger.publish("bench/ping", "bench", payload, expiry=5)
+                pinger.publish("bench/ping", "bench", payload, expiry=5.0)
                 pongs.get(timeout=5)
                 samples.append(time.perf_counter() - started)
         else:
             replies = pinger.messages(timeout=5)
             for _ in range(_RTT_WARMUP + _RTT_SAMPLES):
                 started = time.perf_counter()
-                pinger.send(payload, to=[peer.endpoint_id], expiry=5)
+                pinger.send(payload, to=[peer.endpoint_id], expiry=5.0)
                 next(replies)
                 samples.append(time.perf_counter() - started)
         _tell(echo, "0\n")
     echo.wait(timeout=30)
-    return statistics.median(samples[_RTT_WARMUP:])
+    return _percentiles(samples)
 
 
-async def _glue_async_round_trip() -> float:
+async def _glue_async_round_trip(*, pubsub: bool = False) -> tuple[float, float]:
     """The same ping-pong with ``AsyncEndpointManager`` at both ends (no threads involved)."""
     from glue.manager import AsyncEndpointManager
 
     port = _free_port()
-    echo = _spawn("--role", "glue-async-echo", "--port", str(port))
+    echo = _spawn(
+        "--role", "glue-async-echo", "--port", str(port), *(("--pubsub",) if pubsub else ())
+    )
     _read_json(echo)
     settings = _glue_settings(
         discovery_target_address=f"127.0.0.1:{port}", discovery_listen_address="0"
@@ -609,25 +748,43 @@ async def _glue_async_round_trip() -> float:
     samples = []
     async with AsyncEndpointManager(settings) as pinger:
         [peer] = await pinger.wait_for_peers(1, timeout=10)
-        replies = pinger.messages()
         payload = b"x" * 64
+        if pubsub:
+            pongs = pinger.subscribe("bench/pong", "bench")
+            await pinger.wait_for_subscribers("bench/ping", timeout=10)
+            replies: Any = aiter(pongs)
+        else:
+            replies = pinger.messages()
         for _ in range(_RTT_WARMUP + _RTT_SAMPLES):
             started = time.perf_counter()
-            await pinger.send(payload, to=[peer.endpoint_id], expiry=5)
+            if pubsub:
+                await pinger.publish("bench/ping", "bench", payload, expiry=5.0)
+            else:
+                await pinger.send(payload, to=[peer.endpoint_id], expiry=5.0)
             async with asyncio.timeout(5):  # (wait_for would start a task per reply)
                 await anext(replies)
             samples.append(time.perf_counter() - started)
         _tell(echo, "0\n")
     echo.wait(timeout=30)
-    return statistics.median(samples[_RTT_WARMUP:])
+    return _percentiles(samples)
 
 
-async def _glue_async_throughput(size: int, count: int, seconds: float) -> _Figures:
+async def _glue_async_throughput(
+    size: int, count: int, seconds: float, *, pubsub: bool = False
+) -> _Figures:
     """``_glue_throughput`` with ``AsyncEndpointManager`` at both ends (no threads involved)."""
     from glue.manager import AsyncEndpointManager
 
     port = _free_port()
-    receiver = _spawn("--role", "glue-async-receiver", "--port", str(port), "--count", str(count))
+    receiver = _spawn(
+        "--role",
+        "glue-async-receiver",
+        "--port",
+        str(port),
+        "--count",
+        str(count),
+        *(("--pubsub",) if pubsub else ()),
+    )
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, _read_json, receiver)  # ready
     settings = _glue_settings(
@@ -636,20 +793,29 @@ async def _glue_async_throughput(size: int, count: int, seconds: float) -> _Figu
     payload = os.urandom(size)
     async with AsyncEndpointManager(settings) as sender:
         [peer] = await sender.wait_for_peers(1, timeout=10)
+        if pubsub:
+            await sender.wait_for_subscribers("bench/data", timeout=10)
         to = [peer.endpoint_id]
         cpu = time.process_time()
         deadline = time.perf_counter() + seconds
         sent = 0
         while sent < count and time.perf_counter() < deadline:
-            await sender.send(payload, to=to, expiry=60.0, timeout=30.0)
+            if pubsub:
+                await sender.publish("bench/data", "bench", payload, expiry=60.0, timeout=30.0)
+            else:
+                await sender.send(payload, to=to, expiry=60.0, timeout=30.0)
             sent += 1
         _tell(receiver, f"{sent}\n")
         result = await loop.run_in_executor(None, _finish, receiver)
         cpu = time.process_time() - cpu
+    if not result["in_order"]:
+        raise RuntimeError("glue delivered messages out of order")
+    if result["count"] != sent:
+        raise RuntimeError(f"glue delivered {result['count']} of {sent} messages")
     return _rates(result, size, cpu)
 
 
-async def _glue_async_receiver(port: int, count: int) -> int:
+async def _glue_async_receiver(port: int, count: int, pubsub: bool = False) -> int:
     from glue.manager import AsyncEndpointManager
 
     settings = _glue_settings(
@@ -659,7 +825,10 @@ async def _glue_async_receiver(port: int, count: int) -> int:
     done = asyncio.Event()
     tally = _Tally(count, done.set)
     async with AsyncEndpointManager(settings) as endpoint:
-        endpoint.on_message(lambda m: tally.arrived())
+        if pubsub:
+            endpoint.subscribe("bench/data", "bench", lambda m: tally.arrived(m.sequence))
+        else:
+            endpoint.on_message(lambda m: tally.arrived())
         print(orjson.dumps({"ready": True}).decode(), flush=True)
         # The sender says how many it sent, then waits for the result.
         sent = int(await loop.run_in_executor(None, sys.stdin.readline) or 0)
@@ -671,7 +840,7 @@ async def _glue_async_receiver(port: int, count: int) -> int:
     return 0
 
 
-async def _glue_async_echo(port: int) -> int:
+async def _glue_async_echo(port: int, pubsub: bool = False) -> int:
     from glue.manager import AsyncEndpointManager
 
     settings = _glue_settings(
@@ -681,8 +850,12 @@ async def _glue_async_echo(port: int) -> int:
     async with AsyncEndpointManager(settings) as endpoint:
 
         async def answer() -> None:
+            if pubsub:
+                async for ping in endpoint.subscribe("bench/ping", "bench"):
+                    await endpoint.publish("bench/pong", "bench", ping.payload, expiry=10.0)
+                return
             async for message in endpoint.messages():
-                await endpoint.send(message.payload, to=[message.source.endpoint_id], expiry=10)
+                await endpoint.send(message.payload, to=[message.source.endpoint_id], expiry=10.0)
 
         answering = loop.create_task(answer())
         print(orjson.dumps({"ready": True}).decode(), flush=True)

@@ -244,8 +244,9 @@ def _parser() -> argparse.ArgumentParser:
         "bench",
         help="glue against raw UDP between two processes (run it in tools/isolated-net)",
         description="Measure glue's throughput (64 B, 64 KiB, 1 MiB messages) and round trip "
-        "between two processes on 127.0.0.1, next to raw UDP in the same rounds, and print the "
-        "ratios with their range and the CPU time per message on each side.",
+        "between two processes on 127.0.0.1, with the blocking and the asyncio API, direct sends "
+        "and publish/subscribe, with and without a network key, next to raw UDP in the same "
+        "rounds, and print the ratios with their range and the CPU time per message on each side.",
     )
     bench.add_argument(
         "--seconds", type=float, default=2.0, help="time budget of each throughput measurement"
@@ -262,6 +263,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="P",
         help="instead: publish/subscribe goodput with a fraction P (e.g. 0.1) of datagrams "
         "dropped at random, next to none (iptables; only in a private network namespace)",
+    )
+    bench.add_argument(
+        "--json",
+        action="store_true",
+        help="print the results as one JSON document (progress goes to standard error)",
     )
     bench.set_defaults(run=_run_bench)
     return parser
@@ -287,9 +293,19 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     if args.log_level is None:  # the benchmark's endpoints starting and stopping is noise here
         logging.getLogger("glue").setLevel(logging.WARNING)
-    loss = [] if args.loss is None else ["--loss", str(args.loss)]
+    extra = [] if args.loss is None else ["--loss", str(args.loss)]
+    if args.json:
+        extra.append("--json")
     return bench.main(
-        ["--seconds", str(args.seconds), "--repeat", str(args.repeat), "--sizes", args.sizes, *loss]
+        [
+            "--seconds",
+            str(args.seconds),
+            "--repeat",
+            str(args.repeat),
+            "--sizes",
+            args.sizes,
+            *extra,
+        ]
     )
 
 

@@ -165,11 +165,40 @@ def test_bench_runs_and_prints_every_figure() -> None:
     table = result.stdout[result.stdout.index("variant") :]
     for label in ("64 B", "64 KiB", "1 MiB"):
         rows = [line.split() for line in table.splitlines() if line.lstrip().startswith(label)]
-        assert len(rows) == 5, table  # raw UDP, glue, glue asyncio, glue pub/sub, glue sealed
-    assert table.count("x raw (") == 6  # the blocking and the asyncio API, with their range
-    assert table.count("x glue (") == 6  # publish/subscribe and sealed against direct sends
-    assert "glue sealed" in table
+        # raw UDP; send and pub/sub with both APIs; sealed pub/sub
+        assert len(rows) == 6, table
+    # Every glue row, throughput and round trip, against raw UDP with its range.
+    assert table.count("x raw (") == 3 * 5 + 6
+    for variant in ("blocking pub/sub", "asyncio pub/sub", "blocking sealed", "blocking inline"):
+        assert variant in table
     assert "nan" not in table  # CPU per message measured on both sides of every glue case
-    assert "round trip (64 B" in table
+    assert "round trip, 64 B" in table
     assert result.stdout.count("round 2/2") == 4  # three sizes and the round trip, twice
     assert "INFO" not in result.stderr  # the endpoints' start and stop are not logged
+
+
+def test_bench_json_holds_every_row_with_its_range() -> None:
+    result = _glue(
+        "bench", "--seconds", "0.2", "--repeat", "2", "--sizes", "64", "--json", timeout=180
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = orjson.loads(result.stdout)
+    assert summary["rounds"] == 2
+    rows = {row["variant"]: row for row in summary["throughput"]}
+    assert set(rows) == {
+        "raw UDP",
+        "blocking send",
+        "blocking pub/sub",
+        "asyncio send",
+        "asyncio pub/sub",
+        "blocking sealed",
+    }
+    for row in rows.values():
+        assert row["size_bytes"] == 64
+        assert len(row["rounds"]) == 2
+        spread = row["ratio_to_raw"]
+        assert spread["min"] <= spread["median"] <= spread["max"]
+    trips = {row["variant"]: row for row in summary["round_trip"]}
+    assert "blocking inline" in trips
+    assert all(t["p50_us"]["median"] <= t["p99_us"]["median"] for t in trips.values())
+    assert "round 2/2" in result.stderr  # progress goes to standard error
