@@ -216,7 +216,10 @@ class ThreadRuntime(RuntimeCore):
             now = time.monotonic()
             # Decided before placing: an idle stack sends at once (the latency path); a busy one
             # lets small messages gather for the network thread to bundle.
-            at_once = item.size > BUNDLE_MAX_MESSAGE_BYTES or stack.idle()
+            # (Small messages owed a flush mean it is not idle: no need to ask.)
+            at_once = item.size > BUNDLE_MAX_MESSAGE_BYTES or (
+                not self._flush_owed and stack.idle()
+            )
             if not stack.submit(item, now):
                 self._held_bytes += item.size
             if at_once:
