@@ -41,6 +41,10 @@ __all__ = ["main"]
 _MB = 1_000_000
 _RAW_MAX_DATAGRAM = 65507
 _RTT_WARMUP = 200
+#: Receivers' queues: large enough that nothing is dropped for a consumer that lags behind a
+#: burst (the figures count messages delivered; glue's default bounds would drop beyond them).
+_QUEUE_SIZE = 10_000_000
+_QUEUE_BYTES = 1 << 34
 _RTT_SAMPLES = 2000
 
 
@@ -630,17 +634,31 @@ def _glue_receiver(
             )
         elif pubsub:
             # Every one, once, in order: the n-th message is the publisher's n-th on the topic.
-            endpoint.subscribe("bench/data", "bench", lambda m: tally.arrived(m.sequence))
+            endpoint.subscribe(
+                "bench/data",
+                "bench",
+                lambda m: tally.arrived(m.sequence),
+                queue_size=_QUEUE_SIZE,
+                queue_bytes=_QUEUE_BYTES,
+            )
         else:
-            endpoint.on_message(lambda m: tally.arrived())
+            stream = endpoint.messages(queue_size=_QUEUE_SIZE, queue_bytes=_QUEUE_BYTES)
+            threading.Thread(target=_count, args=(stream, tally), daemon=True).start()
         print(orjson.dumps({"ready": True}).decode(), flush=True)
         sent = int(sys.stdin.readline() or 0)  # the sender says how many it sent, then waits
         if echo:
+            with contextlib.suppress(Exception):  # (the last answer's ack, before the goodbye)
+                endpoint.flush(timeout=2.0)
             return 0
         if not tally.expect(sent):
             done.wait(timeout=120)
     print(orjson.dumps(tally.result()).decode(), flush=True)
     return 0
+
+
+def _count(stream: Any, tally: _Tally) -> None:
+    for _ in stream:
+        tally.arrived()
 
 
 class _Tally:
@@ -728,6 +746,8 @@ def _glue_round_trip(
                 pinger.send(payload, to=[peer.endpoint_id], expiry=5.0)
                 next(replies)
                 samples.append(time.perf_counter() - started)
+        with contextlib.suppress(Exception):  # (the last ping's ack, before the goodbye)
+            pinger.flush(timeout=2.0)
         _tell(echo, "0\n")
     echo.wait(timeout=30)
     return _percentiles(samples)
@@ -764,6 +784,8 @@ async def _glue_async_round_trip(*, pubsub: bool = False) -> tuple[float, float]
             async with asyncio.timeout(5):  # (wait_for would start a task per reply)
                 await anext(replies)
             samples.append(time.perf_counter() - started)
+        with contextlib.suppress(Exception):  # (the last ping's ack, before the goodbye)
+            await pinger.flush(timeout=2.0)
         _tell(echo, "0\n")
     echo.wait(timeout=30)
     return _percentiles(samples)
@@ -825,10 +847,23 @@ async def _glue_async_receiver(port: int, count: int, pubsub: bool = False) -> i
     done = asyncio.Event()
     tally = _Tally(count, done.set)
     async with AsyncEndpointManager(settings) as endpoint:
+        counting = None
         if pubsub:
-            endpoint.subscribe("bench/data", "bench", lambda m: tally.arrived(m.sequence))
+            endpoint.subscribe(
+                "bench/data",
+                "bench",
+                lambda m: tally.arrived(m.sequence),
+                queue_size=_QUEUE_SIZE,
+                queue_bytes=_QUEUE_BYTES,
+            )
         else:
-            endpoint.on_message(lambda m: tally.arrived())
+            stream = endpoint.messages(queue_size=_QUEUE_SIZE, queue_bytes=_QUEUE_BYTES)
+
+            async def tally_stream() -> None:
+                async for _ in stream:
+                    tally.arrived()
+
+            counting = loop.create_task(tally_stream())
         print(orjson.dumps({"ready": True}).decode(), flush=True)
         # The sender says how many it sent, then waits for the result.
         sent = int(await loop.run_in_executor(None, sys.stdin.readline) or 0)
@@ -836,6 +871,9 @@ async def _glue_async_receiver(port: int, count: int, pubsub: bool = False) -> i
             done.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), 120)
+        if counting is not None:
+            counting.cancel()
+            await asyncio.gather(counting, return_exceptions=True)
     print(orjson.dumps(tally.result()).decode(), flush=True)
     return 0
 
@@ -860,6 +898,8 @@ async def _glue_async_echo(port: int, pubsub: bool = False) -> int:
         answering = loop.create_task(answer())
         print(orjson.dumps({"ready": True}).decode(), flush=True)
         await loop.run_in_executor(None, sys.stdin.readline)  # the pinger says when it is done
+        with contextlib.suppress(Exception):  # (the last answer's ack, before the goodbye)
+            await endpoint.flush(timeout=2.0)
         answering.cancel()
         await asyncio.gather(answering, return_exceptions=True)
     return 0

@@ -47,12 +47,16 @@ from glue.metrics import MetricsServer, MetricsSnapshot
 from glue.outbox import Outgoing
 from glue.runtime import RuntimeCore, literal_address
 from glue.settings import GlueSettings
-from glue.stack import BUNDLE_MAX_MESSAGE_BYTES
+from glue.stack import BUNDLE_MAX_MESSAGE_BYTES, Stack
 
 __all__ = ["ThreadRuntime"]
 
 logger = logging.getLogger(__name__)
 
+#: Messages placed per wake-up at most (reads, acks and timers interleave with a long queue).
+_MAX_DRAIN_PER_TURN: Final = 4096
+#: Messages in the hand-off queue beyond which senders wait for the network thread.
+_HANDOFF_SOFT_ITEMS: Final = 8192
 _AWAKE: Final = -math.inf  # _sleep_until while the network thread is not in poll
 _POLL_IN: Final = select.POLLIN | select.POLLERR
 
@@ -72,12 +76,21 @@ class ThreadRuntime(RuntimeCore):
         super().__init__(settings)
         # Guards the stack and everything below; senders and flushes wait on the condition.
         self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
+        self._settled = threading.Condition(self._lock)  # flushes wait on it
+        # The hand-off queue: while frames are in flight, callers only append here (under a mutex
+        # of its own, never held for long) and the network thread places the queue in the stack
+        # in bulk; senders wait on ``_room`` for space. Lock order: _lock, then _mutex.
+        self._mutex = threading.Lock()
+        self._room = threading.Condition(self._mutex)
+        self._handoff: deque[Outgoing] = deque()
+        # Of the hand-off queue, and of the messages the outbox holds for full peers (counted
+        # until every target has them: see glue.outbox).
+        self._handoff_bytes = 0
         self._waiting = 0  # threads waiting on _room (a notify costs even when none do)
-        self._held_bytes = 0  # of messages the outbox holds for full peers
+        self._busy = False  # frames may be in flight (as last seen): new messages queue
         self._flush_owed = False  # small messages placed, for the network thread to flush
-        self._sleep_until = _AWAKE  # the deadline the network thread's poll ends at
-        self._wake_pending = False
+        self._sleep_until = _AWAKE  # the deadline the network thread's poll ends at (_mutex)
+        self._wake_pending = False  # (_mutex)
         self._calls: deque[Callable[[], object]] = deque()  # to run on the network thread
         self._flushes: list[_FlushWaiter] = []
         self._thread: threading.Thread | None = None
@@ -146,14 +159,17 @@ class ThreadRuntime(RuntimeCore):
             assert stack is not None
             stack.leave()
             self._send_datagrams(stack.datagrams_to_send(now=time.monotonic(), gather=True))
-            dropped = stack.outbox.clear()
-            self._held_bytes = 0
             for waiter in self._flushes:
                 waiter.done = True
                 waiter.error = UsageError("the endpoint stopped before everything was acknowledged")
             self._flushes.clear()
-            self._room.notify_all()
-            self._wake(force=True)
+            self._settled.notify_all()
+            with self._mutex:
+                dropped = stack.outbox.clear() + len(self._handoff)
+                self._handoff.clear()
+                self._handoff_bytes = 0
+                self._room.notify_all()
+                self._wake(force=True)
         self._stopping.set()
         deadline = time.monotonic() + timeout
         running = []
@@ -207,44 +223,73 @@ class ThreadRuntime(RuntimeCore):
         self._submit(self._outgoing(payload, to, expiry_s), timeout)
 
     def _submit(self, item: Outgoing, timeout: float) -> None:
+        # (a large message fills datagrams of its own: it goes from here whenever it can)
+        if (not self._busy or item.size > BUNDLE_MAX_MESSAGE_BYTES) and self._send_now(item):
+            return
+        with self._mutex:
+            if self._state != "running":
+                raise UsageError("the endpoint is not running")
+            if not self._has_room(item.size):
+                self._wait_for_room(item, timeout)
+            self._queue(item)
+
+    def _send_now(self, item: Outgoing) -> bool:
+        """Place ``item`` and send what is due from this thread, if nothing is in flight or
+        queued (else False: it goes to the hand-off queue, to keep the order)."""
         with self._lock:
             stack = self._stack
             if self._state != "running" or stack is None:
                 raise UsageError("the endpoint is not running")
-            if stack.outbox.holding and self._held_bytes + item.size > self._send_queue_bytes:
-                self._wait_for_room(item, timeout)
+            with self._mutex:
+                if self._handoff or stack.outbox.holding:
+                    return False
             now = time.monotonic()
-            # Decided before placing: an idle stack sends at once (the latency path); a busy one
-            # lets small messages gather for the network thread to bundle.
-            # (Small messages owed a flush mean it is not idle: no need to ask.)
-            at_once = item.size > BUNDLE_MAX_MESSAGE_BYTES or (
-                not self._flush_owed and stack.idle()
-            )
+            # An idle stack sends at once (the latency path); a large message fills datagrams
+            # of its own, so nothing is gained by waiting either.
+            if item.size <= BUNDLE_MAX_MESSAGE_BYTES and not stack.idle():
+                self._busy = True
+                return False
             if not stack.submit(item, now):
-                self._held_bytes += item.size
-            if at_once:
-                self._flush_owed = False
-                self._send_datagrams(stack.datagrams_to_send(now=now, gather=True))
-                deadline = stack.next_deadline()
-                wake = deadline is not None and deadline < self._sleep_until
-            else:
-                wake = not self._flush_owed
-                self._flush_owed = True
-            if wake or stack.has_events():  # (local deliveries go out from the network thread)
-                self._wake()
+                with self._mutex:
+                    self._handoff_bytes += item.size  # held for a full peer
+            self._flush_owed = False
+            self._send_datagrams(stack.datagrams_to_send(now=now, gather=True))
+            self._busy = not stack.idle()
+            deadline = stack.next_deadline()
+            with self._mutex:
+                # (local deliveries go out from the network thread)
+                if (deadline is not None and deadline < self._sleep_until) or stack.has_events():
+                    self._wake()
+        return True
+
+    def _has_room(self, size: int) -> bool:
+        """Under the mutex: whether ``size`` more bytes may be queued now."""
+        if len(self._handoff) >= _HANDOFF_SOFT_ITEMS:
+            return False  # the network thread is behind: wait (releasing the GIL) for it
+        if self._handoff_bytes + size <= self._send_queue_bytes:
+            return True
+        stack = self._stack  # (one message passes an empty queue whatever its size)
+        return not self._handoff and not (stack is not None and stack.outbox.holding)
+
+    def _queue(self, item: Outgoing) -> None:
+        """Under the mutex: append ``item`` to the hand-off queue; wake the network thread when
+        the queue was empty."""
+        self._handoff.append(item)
+        self._handoff_bytes += item.size
+        if len(self._handoff) == 1:
+            self._wake()
 
     def _wait_for_room(self, item: Outgoing, timeout: float) -> None:
-        """Under the lock: wait until the held messages leave room for ``item``.
+        """Under the mutex: wait until the hand-off queue has room for ``item``.
 
         Raises:
             BackpressureError: no room within ``timeout`` s (or the endpoint stopped).
         """
         deadline = time.monotonic() + timeout
         while True:
-            stack = self._stack
-            if self._state != "running" or stack is None:
+            if self._state != "running":
                 raise self._backpressure(timeout, item.size)
-            if not stack.outbox.holding or self._held_bytes + item.size <= self._send_queue_bytes:
+            if self._has_room(item.size):
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -269,22 +314,19 @@ class ThreadRuntime(RuntimeCore):
             failure = self._delivery_failure(time.monotonic())
             if failure is not None:
                 raise failure
-            if self._stack.idle():
+            if self._all_sent():
                 return
             waiter = _FlushWaiter()
             self._flushes.append(waiter)
-            self._wake()  # it watches silent peers' timeouts for the waiters
+            with self._mutex:
+                self._wake()  # it watches silent peers' timeouts for the waiters
             deadline = time.monotonic() + timeout
             try:
                 while not waiter.done:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise TimeoutError(f"messages still unacknowledged after {timeout} s")
-                    self._waiting += 1
-                    try:
-                        self._room.wait(remaining)
-                    finally:
-                        self._waiting -= 1
+                    self._settled.wait(remaining)
             finally:
                 if waiter in self._flushes:
                     self._flushes.remove(waiter)
@@ -332,7 +374,7 @@ class ThreadRuntime(RuntimeCore):
     def call_soon(self, function: Callable[[], object]) -> None:
         """Run ``function()`` on the network thread, between wake-ups, without the lock (how a
         test holds that thread, as a stalled process would be)."""
-        with self._lock:
+        with self._lock, self._mutex:
             self._calls.append(function)
             self._wake()
 
@@ -385,7 +427,8 @@ class ThreadRuntime(RuntimeCore):
         """One wake-up, under the lock: read, run timers, send; the events for the listeners and
         the calls to run (both after the lock is released)."""
         with self._lock:
-            self._sleep_until = _AWAKE
+            with self._mutex:
+                self._sleep_until = _AWAKE
             stack = self._stack
             if self._state != "running" or stack is None:
                 return [], []
@@ -409,15 +452,18 @@ class ThreadRuntime(RuntimeCore):
                 # Follow wall-clock steps (NTP) for the timestamps of messages; once per timer.
                 stack.topics.wall_offset = time.time() - now
                 stack.handle_timer(now=now)
+            self._drain_handoff(stack, now)
             self._flush_owed = False
             self._send_datagrams(stack.datagrams_to_send(now=now, gather=True))
+            self._busy = not stack.idle()
             events: list[StackEvent] = []
             if not read or self._dispatch_now(drained):
                 events, freed = self._pull_events()
                 if freed:
-                    self._held_bytes -= freed
-                    if self._waiting:
-                        self._room.notify_all()
+                    with self._mutex:
+                        self._handoff_bytes -= freed
+                        if self._waiting:
+                            self._room.notify_all()
             if self._flushes:
                 self._settle_flushes(now)
             self._sync_history()
@@ -437,27 +483,56 @@ class ThreadRuntime(RuntimeCore):
             silent_at = stack.next_silent_at(time.monotonic())
             if silent_at is not None and (deadline is None or silent_at < deadline):
                 deadline = silent_at
+        with self._mutex:
+            if self._handoff:
+                return 0
+            self._sleep_until = math.inf if deadline is None else deadline
         if deadline is None:
-            self._sleep_until = math.inf
             return -1
-        self._sleep_until = deadline
         return max(0, math.ceil((deadline - time.monotonic()) * 1000))
+
+    def _drain_handoff(self, stack: Stack, now: float) -> None:
+        """Under the lock: place the queued messages in the stack, in order, a bounded number
+        per wake-up (what the outbox holds for full peers stays counted)."""
+        with self._mutex:
+            if not self._handoff:
+                return
+            queued = self._handoff
+            if len(queued) <= _MAX_DRAIN_PER_TURN:
+                self._handoff = deque()
+            else:
+                queued = deque(queued.popleft() for _ in range(_MAX_DRAIN_PER_TURN))
+        everyone = stack.recipients()
+        submit = stack.submit
+        placed = 0
+        for item in queued:
+            if submit(item, now, everyone):
+                placed += item.size
+        with self._mutex:
+            self._handoff_bytes -= placed
+            # Waiting senders are woken once half the queue is free, not per message: each
+            # wake-up costs a thread switch, and one that finds no room costs two.
+            if self._waiting and (
+                self._handoff_bytes <= self._send_queue_bytes // 2
+                or len(self._handoff) < _HANDOFF_SOFT_ITEMS
+            ):
+                self._room.notify_all()
 
     def _settle_flushes(self, now: float) -> None:
         """Answer waiting ``flush`` calls that can be answered now."""
         stack = self._stack
         assert stack is not None
         failure: DeliveryError | None = self._delivery_failure(now)
-        if failure is None and not stack.idle():
+        if failure is None and not self._all_sent():
             return
         for waiter in self._flushes:
             waiter.done = True
             waiter.error = failure
         self._flushes.clear()
-        self._room.notify_all()
+        self._settled.notify_all()
 
     def _wake(self, *, force: bool = False) -> None:
-        """Under the lock: interrupt the network thread's poll (if it is in one)."""
+        """Under the mutex: interrupt the network thread's poll (if it is in one)."""
         if self._wake_pending or (self._sleep_until == _AWAKE and not force):
             return
         self._wake_pending = True
@@ -465,7 +540,8 @@ class ThreadRuntime(RuntimeCore):
             self._wake_w.send(b"\0")
 
     def _drain_waker(self) -> None:
-        self._wake_pending = False
+        with self._mutex:
+            self._wake_pending = False
         try:
             while self._wake_r.recv(4096):
                 pass
@@ -479,7 +555,15 @@ class ThreadRuntime(RuntimeCore):
     # --- queries --------------------------------------------------------------------------------
 
     def _queued_bytes(self) -> int:
-        return self._held_bytes
+        with self._mutex:
+            return self._handoff_bytes
+
+    def _all_sent(self) -> bool:
+        """Under the lock: nothing queued, held, or unacknowledged."""
+        stack = self._stack
+        with self._mutex:
+            queued = bool(self._handoff)
+        return not queued and (stack is None or stack.idle())
 
     def _locked_snapshot(self) -> MetricsSnapshot:
         with self._lock:

@@ -260,7 +260,8 @@ def test_a_blocked_callback_holds_up_neither_other_subscriptions_nor_other_endpo
             blocked.subscribe("load/data", KIND, fast)
             other.subscribe("load/#", KIND, elsewhere)
             publisher.wait_for_peers(2, timeout=5)
-            _interest_known(publisher, 2)
+            # Both subscribing endpoints, not just two interest messages (blocked sends two).
+            publisher.wait_for_subscribers("load/data", 2, timeout=5)
             for number in range(count):
                 publisher.publish("load/data", KIND, b"%d:" % number + b"x" * 1024, timeout=10)
             assert fast.wait_for_count(count, timeout=20)
