@@ -4,25 +4,29 @@
 the asyncio runtime and the simulator) with plain threads, so that a message costs no event-loop
 hop on its way:
 
-- *Callers send their own datagrams.* ``publish`` and ``send`` take the stack's lock, place the
-  message (``Stack.submit``) and, when nothing is in flight (the stack is idle) or the message
-  fills datagrams of its own (larger than a bundle), pull the datagrams and ``sendto`` them on the
-  caller's thread: a publish on an idle endpoint costs one system call. While frames are in
-  flight, small messages wait in the stack to be bundled, and the network thread flushes them
-  (woken once per batch), so a stream packs many messages per datagram as the asyncio runtime
-  does. What the congestion window holds back goes out as acks open it, from the network thread.
+- *Callers send their own datagrams when nothing is in flight.* ``publish`` and ``send`` take
+  the stack's lock, place the message (``Stack.submit``) and pull and ``sendto`` the datagrams on
+  the caller's thread: a publish on an idle endpoint costs one system call, no thread switch. A
+  large message (more than a bundle) goes the same way whenever nothing is queued before it.
+- *While frames are in flight, callers hand messages over in bulk.* They append to a hand-off
+  queue under a mutex of its own (never held for long) and wake the network thread only when the
+  queue was empty; it places the whole queue in the stack at once and sends it packed, many
+  small messages per datagram. Measured on a 64 B stream: placing each message on the caller's
+  thread instead made the caller and the network thread fight over the lock (0.52-0.67 x raw
+  UDP against 0.79-0.91 with the queue).
 - *One network thread* (``glue-net-NAME``) blocks in ``poll`` on the sockets with a timeout taken
   from the stack's next deadline. Each wake-up reads every datagram waiting (bounded, as in
   :mod:`glue.runtime`), runs the timers that are due, sends what the stack returns, and hands the
   events to the listeners *after releasing the lock*: the manager queues them for callbacks, or
   runs inline callbacks right there (they may publish: the lock is free).
 - A wake-up socket pair interrupts the poll when a caller leaves work for the network thread
-  (small messages to flush, local deliveries to dispatch, an earlier deadline than the one it
-  sleeps towards, a ``flush`` waiting) or at stop. While the thread is awake, callers do not
+  (messages queued, local deliveries to dispatch, an earlier deadline than the one it sleeps
+  towards, a ``flush`` waiting) or at stop. While the thread is awake, callers do not
   write to it: it looks for that work before it sleeps again.
 
-Bounds are those of the asyncio runtime: what the outbox holds for full peers is counted, and a
-sender waits (``timeout``) while it would exceed ``GLUE_SEND_QUEUE_BYTES``, then raises
+Bounds are those of the asyncio runtime: the hand-off queue and what the outbox holds for full
+peers are counted, and a sender waits (``timeout``) while they would exceed
+``GLUE_SEND_QUEUE_BYTES``, then raises
 :class:`~glue.errors.BackpressureError`. ``stop`` sends the last acks and goodbyes, closes the
 sockets, wakes waiting senders and flushes, and joins the threads within its timeout.
 """
@@ -88,7 +92,6 @@ class ThreadRuntime(RuntimeCore):
         self._handoff_bytes = 0
         self._waiting = 0  # threads waiting on _room (a notify costs even when none do)
         self._busy = False  # frames may be in flight (as last seen): new messages queue
-        self._flush_owed = False  # small messages placed, for the network thread to flush
         self._sleep_until = _AWAKE  # the deadline the network thread's poll ends at (_mutex)
         self._wake_pending = False  # (_mutex)
         self._calls: deque[Callable[[], object]] = deque()  # to run on the network thread
@@ -252,7 +255,6 @@ class ThreadRuntime(RuntimeCore):
             if not stack.submit(item, now):
                 with self._mutex:
                     self._handoff_bytes += item.size  # held for a full peer
-            self._flush_owed = False
             self._send_datagrams(stack.datagrams_to_send(now=now, gather=True))
             self._busy = not stack.idle()
             deadline = stack.next_deadline()
@@ -453,7 +455,6 @@ class ThreadRuntime(RuntimeCore):
                 stack.topics.wall_offset = time.time() - now
                 stack.handle_timer(now=now)
             self._drain_handoff(stack, now)
-            self._flush_owed = False
             self._send_datagrams(stack.datagrams_to_send(now=now, gather=True))
             self._busy = not stack.idle()
             events: list[StackEvent] = []
@@ -476,7 +477,7 @@ class ThreadRuntime(RuntimeCore):
         is waiting, -1 for none); callers wake the thread for anything earlier."""
         stack = self._stack
         assert stack is not None
-        if self._flush_owed or self._calls or stack.has_events():
+        if self._calls or stack.has_events():
             return 0
         deadline = stack.next_deadline()
         if self._flushes:
