@@ -10,8 +10,8 @@ from glue import wire
 from glue.events import Gap, TopicGap
 from glue.transport import FramesSkipped
 from glue.wire import Ack, Data, Skip
-from tests.unit.test_history_keepers import _apart, _keeper
 from tests.unit.test_topics import Node, _joined, _meet, _publish
+from tests.unit.test_topics_keepers import _apart, _keeper
 from tests.unit.test_transport import A, B, Pair
 
 
