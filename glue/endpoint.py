@@ -202,7 +202,7 @@ class Endpoint(RuntimeCore):
         if item is not None:
             await self.wait_to_queue(item, timeout)
 
-    def subscribe(self, pattern: str, topic_type: str) -> int:
+    def subscribe(self, pattern: str, topic_type: str, *, gaps: bool = False) -> int:
         """Add a subscription (on the loop thread); peers hear of it at once. Returns its id.
 
         Raises:
@@ -210,7 +210,7 @@ class Endpoint(RuntimeCore):
         """
         if not self.running or self._stack is None:
             raise UsageError("the endpoint is not running")
-        subscription = self._stack.subscribe(pattern, topic_type)
+        subscription = self._stack.subscribe(pattern, topic_type, gaps=gaps)
         self._flush()
         return subscription
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import orjson
 
@@ -151,6 +151,8 @@ class Gap:
     first_sequence: int
     count: int
     reason: GapReason
+    #: None: a gap carries no payload (b"": a subscription's queue counts it as 0 bytes).
+    payload: ClassVar[bytes] = b""
 
     @property
     def last_sequence(self) -> int:

@@ -52,6 +52,7 @@ from glue.errors import (
     check_timeout,
 )
 from glue.events import (
+    Gap,
     InterestChanged,
     Message,
     MessageReceived,
@@ -72,12 +73,14 @@ from glue.subscription import (
     DEFAULT_QUEUE_SIZE,
     AsyncEventIterator,
     AsyncEventQueue,
+    AsyncGapCallback,
     AsyncMessageCallback,
     AsyncSubscription,
     CallbackPool,
     CallbackRunner,
     EventIterator,
     EventQueue,
+    GapCallback,
     MessageCallback,
     Subscription,
     check_queue_bounds,
@@ -550,6 +553,8 @@ class AsyncEndpointManager(_Manager):
         *,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        gaps: bool = False,
+        on_gap: AsyncGapCallback | None = None,
     ) -> AsyncSubscription:
         """Receive messages published on topics matching ``topic_name`` with type ``topic_type``.
 
@@ -560,6 +565,10 @@ class AsyncEndpointManager(_Manager):
         ``queue_size`` messages and ``queue_bytes`` bytes of payload wait for a slow subscriber;
         beyond, they are dropped for it, counted and reported.
 
+        Gaps (docs/history.md): with ``gaps=True`` (iteration) a :class:`~glue.events.Gap`
+        comes in order among the messages for each run of messages that will never arrive;
+        with a callback, ``on_gap`` (plain or ``async``) is called with each instead.
+
         Raises:
             UsageError: the pattern, type, callback or a bound is not valid (as
                 ``UsageTypeError``/``UsageValueError``), or the endpoint is not running.
@@ -569,6 +578,7 @@ class AsyncEndpointManager(_Manager):
         if callback is not None:
             _check_callback(callback)
         queue_size, queue_bytes = check_queue_bounds(queue_size, queue_bytes)
+        _check_gaps(callback, gaps, on_gap)
         subscription = AsyncSubscription(
             topic_name,
             topic_type,
@@ -576,9 +586,12 @@ class AsyncEndpointManager(_Manager):
             queue_size=queue_size,
             queue_bytes=queue_bytes,
             unsubscribe=self._remove_subscription,
+            on_gap=on_gap,
         )
         try:
-            subscription.id = self._endpoint.subscribe(topic_name, topic_type)
+            subscription.id = self._endpoint.subscribe(
+                topic_name, topic_type, gaps=gaps or on_gap is not None
+            )
         except BaseException:
             subscription._end()
             raise
@@ -759,7 +772,7 @@ class AsyncEndpointManager(_Manager):
         message_streams = tuple(self._message_streams)
         wants_messages = bool(message_runners or message_streams)
         # Each subscription's messages of the burst go to it in one call (one lock, one wake-up).
-        per_subscription: dict[int, list[Message]] = {}
+        per_subscription: dict[int, list[Message | Gap]] = {}
         for event in events:
             if isinstance(event, MessageReceived):  # the most common first (Python pays per check)
                 if not wants_messages:
@@ -777,7 +790,8 @@ class AsyncEndpointManager(_Manager):
             if isinstance(event, InterestChanged):
                 changed = True
                 continue
-            if isinstance(event, TopicGap):  # (no subscription asks for gaps yet)
+            if isinstance(event, TopicGap):  # in order with the messages around it
+                _collect_gap(per_subscription, event)
                 continue
             changed = True
             peer = event.peer
@@ -833,6 +847,26 @@ def _unacknowledged(endpoint: RuntimeCore) -> dict[int, int]:
     return found
 
 
+def _check_gaps(callback: object, gaps: object, on_gap: object) -> None:
+    """``gaps`` goes with iteration, ``on_gap`` with a callback."""
+    if type(gaps) is not bool:
+        raise UsageTypeError(
+            f"gaps must be True or False, not {type(gaps).__name__}", argument="gaps"
+        )
+    if on_gap is not None:
+        _check_callback(on_gap, "on_gap")
+        if callback is None:
+            raise UsageValueError(
+                "on_gap goes with a callback; to iterate over gaps, pass gaps=True",
+                argument="on_gap",
+            )
+    if gaps and callback is not None:
+        raise UsageValueError(
+            "gaps=True is for iteration; with a callback, pass on_gap= to get gaps",
+            argument="gaps",
+        )
+
+
 def _not_a_subscription(value: object, kind: str) -> UsageTypeError:
     return UsageTypeError(
         f"subscription must be a {kind} or a pattern (str), not {type(value).__name__}",
@@ -841,10 +875,10 @@ def _not_a_subscription(value: object, kind: str) -> UsageTypeError:
 
 
 class _Queued(Protocol):
-    def _put_many(self, messages: list[Message]) -> int: ...
+    def _put_many(self, messages: list[Message | Gap]) -> int: ...
 
 
-def _collect(per_subscription: dict[int, list[Message]], delivery: TopicDelivery) -> None:
+def _collect(per_subscription: dict[int, list[Message | Gap]], delivery: TopicDelivery) -> None:
     """Add ``delivery``'s messages to the burst of each subscription it is for."""
     for subscription_id in delivery.subscriptions:
         found = per_subscription.get(subscription_id)
@@ -854,8 +888,14 @@ def _collect(per_subscription: dict[int, list[Message]], delivery: TopicDelivery
             found.extend(delivery.messages)
 
 
+def _collect_gap(per_subscription: dict[int, list[Message | Gap]], event: TopicGap) -> None:
+    """Add a gap to the burst of each subscription that asked for it."""
+    for subscription_id in event.subscriptions:
+        per_subscription.setdefault(subscription_id, []).append(event.gap)
+
+
 def _hand_over(
-    per_subscription: dict[int, list[Message]], subscriptions: Mapping[int, _Queued]
+    per_subscription: dict[int, list[Message | Gap]], subscriptions: Mapping[int, _Queued]
 ) -> int:
     """Queue each subscription's burst in one call; how many messages full queues dropped."""
     lost = 0
@@ -1220,6 +1260,8 @@ class EndpointManager(_Manager):
         queue_size: int = DEFAULT_QUEUE_SIZE,
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         inline: bool = False,
+        gaps: bool = False,
+        on_gap: GapCallback | None = None,
     ) -> Subscription:
         """Receive messages published on topics matching ``topic_name`` with type ``topic_type``.
 
@@ -1244,6 +1286,10 @@ class EndpointManager(_Manager):
             queue_size: messages that may wait (ints >= 1; unused when inline).
             queue_bytes: payload bytes that may wait (unused when inline).
             inline: run ``callback`` on the network thread (a callback is needed).
+            gaps: iteration yields a :class:`~glue.events.Gap`, in order among the messages,
+                for each run of messages that will never arrive (docs/history.md).
+            on_gap: with a callback, called with each Gap instead (on the callback's thread,
+                in order with its messages).
 
         Raises:
             UsageError: the pattern, type, callback or a bound is not valid (as
@@ -1260,6 +1306,7 @@ class EndpointManager(_Manager):
             )
         if inline and callback is None:
             raise UsageValueError("inline=True needs a callback to run", argument="inline")
+        _check_gaps(callback, gaps, on_gap)
         self._check_running()
         subscription = Subscription(
             topic_name,
@@ -1270,6 +1317,7 @@ class EndpointManager(_Manager):
             pool=self._pool,
             unsubscribe=self._remove_subscription,
             inline=inline,
+            on_gap=on_gap,
         )
 
         def register(subscription_id: int) -> None:
@@ -1278,7 +1326,9 @@ class EndpointManager(_Manager):
             self._subscriptions[subscription_id] = subscription
 
         try:
-            self._endpoint.subscribe(topic_name, topic_type, register)
+            self._endpoint.subscribe(
+                topic_name, topic_type, register, gaps=gaps or on_gap is not None
+            )
         except BaseException:
             subscription._end()
             raise
@@ -1476,7 +1526,7 @@ class EndpointManager(_Manager):
         size = 0  # payload bytes of the messages going to callbacks
         changed = False  # peers or their interest
         # Each subscription's messages of the burst go to it in one call (one lock, one wake-up).
-        per_subscription: dict[int, list[Message]] = {}
+        per_subscription: dict[int, list[Message | Gap]] = {}
         for event in events:
             if isinstance(event, TopicDelivery):
                 _collect(per_subscription, event)
@@ -1484,7 +1534,8 @@ class EndpointManager(_Manager):
             if isinstance(event, InterestChanged):
                 changed = True
                 continue
-            if isinstance(event, TopicGap):  # (no subscription asks for gaps yet)
+            if isinstance(event, TopicGap):  # in order with the messages around it
+                _collect_gap(per_subscription, event)
                 continue
             if isinstance(event, MessageReceived):
                 messages.append(event)

@@ -335,7 +335,14 @@ class ThreadRuntime(RuntimeCore):
         if waiter.error is not None:
             raise waiter.error
 
-    def subscribe(self, pattern: str, topic_type: str, register: Callable[[int], object]) -> int:
+    def subscribe(
+        self,
+        pattern: str,
+        topic_type: str,
+        register: Callable[[int], object],
+        *,
+        gaps: bool = False,
+    ) -> int:
         """Add a subscription; ``register(id)`` runs under the lock, before any message for it
         can be pulled. Peers hear of it at once. Returns its id.
 
@@ -346,7 +353,7 @@ class ThreadRuntime(RuntimeCore):
             stack = self._stack
             if self._state != "running" or stack is None:
                 raise UsageError("the endpoint is not running")
-            subscription = stack.subscribe(pattern, topic_type)
+            subscription = stack.subscribe(pattern, topic_type, gaps=gaps)
             register(subscription)
             self._send_datagrams(stack.datagrams_to_send(now=time.monotonic(), gather=True))
         return subscription

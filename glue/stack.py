@@ -435,13 +435,13 @@ class Stack:
         parked = self._parked.get(peer)
         return parked[2] if parked is not None else None
 
-    def subscribe(self, pattern: str, topic_type: str) -> int:
+    def subscribe(self, pattern: str, topic_type: str, *, gaps: bool = False) -> int:
         """Add a local subscription (its id); peers learn it at the next flush.
 
         Raises:
             UsageError: the pattern or type is not valid.
         """
-        return self.topics.subscribe(pattern, topic_type)
+        return self.topics.subscribe(pattern, topic_type, gaps=gaps)
 
     def unsubscribe(self, subscription: int) -> None:
         """Remove a local subscription; peers learn it at the next flush."""

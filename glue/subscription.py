@@ -41,22 +41,24 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import Any, Final, Generic, Self, TypeVar
+from typing import Any, Final, Generic, Self, TypeVar, cast
 
 from glue.errors import UsageError, check_int, check_timeout
-from glue.events import Message
+from glue.events import Gap, Message
 
 __all__ = [
     "DEFAULT_QUEUE_BYTES",
     "DEFAULT_QUEUE_SIZE",
     "AsyncEventIterator",
     "AsyncEventQueue",
+    "AsyncGapCallback",
     "AsyncMessageCallback",
     "AsyncSubscription",
     "CallbackPool",
     "CallbackRunner",
     "EventIterator",
     "EventQueue",
+    "GapCallback",
     "MessageCallback",
     "Subscription",
 ]
@@ -72,6 +74,10 @@ _BATCH: Final = 256
 T = TypeVar("T")
 MessageCallback = Callable[[Message], object]
 AsyncMessageCallback = Callable[[Message], object | Awaitable[object]]
+#: Called with each :class:`~glue.events.Gap` of a subscription (``on_gap``), in order with its
+#: messages; the asyncio API's may be ``async``.
+GapCallback = Callable[[Gap], object]
+AsyncGapCallback = Callable[[Gap], object | Awaitable[object]]
 #: The size an event counts for against a byte bound (its payload's length).
 Sizer = Callable[[Any], int]
 
@@ -117,7 +123,7 @@ def _warn_dropped(what: str, dropped: int, queue_size: int, queue_bytes: int) ->
     )
 
 
-def _fitting(messages: list[Message], room: int, room_bytes: int, empty: bool) -> int:
+def _fitting(messages: list[Message | Gap], room: int, room_bytes: int, empty: bool) -> int:
     """How many of ``messages``, from the first, fit in ``room`` items and ``room_bytes`` bytes;
     into an ``empty`` queue the first always fits (one message may exceed the byte bound)."""
     count = 0
@@ -230,10 +236,13 @@ class Subscription:
         unsubscribe: Callable[[Subscription], None],
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         inline: bool = False,
+        on_gap: GapCallback | None = None,
     ) -> None:
         self.topic_name = topic_name
         self.topic_type = topic_type
         self.callback = callback
+        #: Called with each Gap, in order with the messages (see ``subscribe(on_gap=)``).
+        self.on_gap = on_gap
         self.queue_size = queue_size
         self.queue_bytes = queue_bytes
         #: Whether the callback runs on the network thread (no queue; see ``subscribe``).
@@ -244,7 +253,8 @@ class Subscription:
         self.id = 0  # set when the endpoint has registered it
         self._pool = pool
         self._unsubscribe = unsubscribe
-        self._items: deque[Message] = deque()
+        # Messages, and gaps when asked for (``subscribe(gaps=True)``), in order.
+        self._items: deque[Message | Gap] = deque()
         self._bytes = 0  # payload bytes in ``_items``
         # Messages a pool thread took for its batch and has not yet started to call back for:
         # still waiting, so they count against queue_size and queue_bytes (a stuck callback
@@ -321,7 +331,8 @@ class Subscription:
                 batch = list(items)
                 items.clear()
                 self._bytes = 0
-            yield from batch
+            # (a Gap among them only for a subscription made with gaps=True)
+            yield from cast(list[Message], batch)
 
     def get(self, timeout: float | None = None) -> Message:
         """The next message (iterator subscriptions).
@@ -342,7 +353,7 @@ class Subscription:
                 raise EOFError(f"subscription to {self.topic_name!r} is closed")
             message = self._items.popleft()
             self._bytes -= len(message.payload)
-            return message
+            return cast(Message, message)  # (or a Gap: gaps=True)
 
     # --- called by the manager ------------------------------------------------------------------
 
@@ -354,9 +365,9 @@ class Subscription:
         """The callback and the subscription, for people (stop reports)."""
         return f"callback {self.callback!r} of subscription {self.topic_name!r} ({self.topic_type})"
 
-    def _put_many(self, messages: list[Message]) -> int:
-        """On the network thread: queue ``messages`` (or call an inline callback with each);
-        returns how many were dropped (full)."""
+    def _put_many(self, messages: list[Message | Gap]) -> int:
+        """On the network thread: queue ``messages`` (and gaps; or call an inline callback with
+        each); returns how many were dropped (full)."""
         if self.inline:
             self._call_inline(messages)
             return 0
@@ -387,7 +398,7 @@ class Subscription:
             self._pool.schedule(self)
         return lost
 
-    def _call_inline(self, messages: list[Message]) -> None:
+    def _call_inline(self, messages: list[Message | Gap]) -> None:
         """On the network thread: the callback for each message, in order, unless closed."""
         callback = self.callback
         assert callback is not None
@@ -398,7 +409,11 @@ class Subscription:
                     if self._closed:
                         break
                     try:
-                        callback(message)
+                        if type(message) is Gap:
+                            if self.on_gap is not None:
+                                self.on_gap(message)
+                            continue
+                        callback(cast(Message, message))
                     except Exception:
                         logger.exception("callback of subscription %r failed", self.topic_name)
             finally:
@@ -428,7 +443,11 @@ class Subscription:
                 self._taken -= 1
                 self._taken_bytes -= len(message.payload)
                 try:
-                    callback(message)
+                    if type(message) is Gap:
+                        if self.on_gap is not None:
+                            self.on_gap(message)
+                        continue
+                    callback(cast(Message, message))
                 except Exception:
                     logger.exception("callback of subscription %r failed", self.topic_name)
             with self._mutex:
@@ -456,17 +475,20 @@ class AsyncSubscription:
         queue_size: int,
         unsubscribe: Callable[[AsyncSubscription], None],
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        on_gap: AsyncGapCallback | None = None,
     ) -> None:
         self.topic_name = topic_name
         self.topic_type = topic_type
         self.callback = callback
+        #: Called with each Gap, in order with the messages (see ``subscribe(on_gap=)``).
+        self.on_gap = on_gap
         self.queue_size = queue_size
         self.queue_bytes = queue_bytes
         #: Messages dropped because this subscription's queue was full.
         self.dropped = 0
         self.id = 0
         self._unsubscribe = unsubscribe
-        self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[Message | Gap | None] = asyncio.Queue()
         self._bytes = 0  # payload bytes waiting in ``_queue``
         self._closed = False
         self._task: asyncio.Task[None] | None = None
@@ -538,6 +560,9 @@ class AsyncSubscription:
         return message
 
     async def _take(self) -> Message | None:
+        return cast(Message | None, await self._take_item())  # (or a Gap: gaps=True)
+
+    async def _take_item(self) -> Message | Gap | None:
         message = await self._queue.get()
         if message is not None:
             self._bytes -= len(message.payload)
@@ -545,7 +570,7 @@ class AsyncSubscription:
 
     # --- called by the manager ------------------------------------------------------------------
 
-    def _put_many(self, messages: list[Message]) -> int:
+    def _put_many(self, messages: list[Message | Gap]) -> int:
         if self._closed:
             return 0
         size = sum([len(m.payload) for m in messages])
@@ -567,9 +592,12 @@ class AsyncSubscription:
         return lost
 
     async def _call_back(self, callback: AsyncMessageCallback) -> None:
-        while (message := await self._take()) is not None:
+        while (message := await self._take_item()) is not None:
             try:
-                result = callback(message)
+                if isinstance(message, Gap):
+                    result = self.on_gap(message) if self.on_gap is not None else None
+                else:
+                    result = callback(message)
                 if inspect.isawaitable(result):
                     await result
             except asyncio.CancelledError:

@@ -28,8 +28,9 @@ name`` run on that thread. One ``publish`` per topic, and one ``send``, at a tim
 that raised replies ``{"event": "error", "error": repr}``, unknown fields included.
 
 - ``subscribe`` ``pattern``, ``type`` (default ``test``), ``report`` (``each`` or ``summary``),
-  ``delay`` (s the callback takes per message: a slow consumer) -> ``subscribed``,
-  ``"subscription": k``; ``unsubscribe`` ``subscription`` -> ``unsubscribed``
+  ``delay`` (s the callback takes per message: a slow consumer), ``gaps`` (true: report each
+  Gap as ``{"event": "gap", "subscription", "topic", "source", "first", "count", "reason"}``)
+  -> ``subscribed``, ``"subscription": k``; ``unsubscribe`` ``subscription`` -> ``unsubscribed``
 - ``receive`` ``report``: direct messages (``send``) too -> ``receiving``
 - ``publish`` ``topic``, ``type``, ``count`` (1), ``size`` (200) or ``sizes`` (cycled), ``rate``
   (messages/s, paced from the start; none: as fast as it can), ``offset`` (s before the first),
@@ -253,7 +254,7 @@ class _Stop(Exception):
 #: The fields each command takes (besides ``op`` and ``id``): another one is an error, not
 #: silently ignored.
 FIELDS = {
-    "subscribe": {"pattern", "type", "report", "delay"},
+    "subscribe": {"pattern", "type", "report", "delay", "gaps"},
     "unsubscribe": {"subscription"},
     "receive": {"report", "delay"},
     "publish": {"topic", "type", "count", "size", "sizes", "rate", "offset", "expiry",
@@ -388,8 +389,21 @@ class Runner:
     def _op_subscribe(self, command: dict[str, Any]) -> dict[str, Any]:
         number = next(self._numbers)
         callback = self._callback(number, command)
+        options: dict[str, Any] = {}
+        if command.get("gaps"):
+
+            def gap(gap: Any) -> None:
+                self.write(
+                    {
+                        "event": "gap", "subscription": number, "topic": gap.topic_name,
+                        "source": gap.source_id, "first": gap.first_sequence,
+                        "count": gap.count, "reason": gap.reason,
+                    }
+                )  # fmt: skip
+
+            options["on_gap"] = gap
         self._subscriptions[number] = self.endpoint.subscribe(
-            command["pattern"], command.get("type", TOPIC_TYPE), callback
+            command["pattern"], command.get("type", TOPIC_TYPE), callback, **options
         )
         return {"event": "subscribed", "subscription": number}
 

@@ -61,7 +61,7 @@ def trio(request: pytest.FixtureRequest) -> Iterator[tuple[EndpointProcess, ...]
     try:
         healthy.request("subscribe", pattern="shared", report="summary")
         healthy.request("subscribe", pattern="other", report="summary")
-        stuck.request("subscribe", pattern="shared", report="summary")
+        stuck.request("subscribe", pattern="shared", report="summary", gaps=True)
         publisher.request("subscribers", topic="shared", count=2, timeout=20)
         publisher.request("subscribers", topic="other", count=1, timeout=20)
         yield processes
@@ -120,6 +120,9 @@ def test_with_slow_peer_drop_a_stuck_peer_loses_its_backlog_and_nobody_waits(
     trio: tuple[EndpointProcess, ...],
 ) -> None:
     publisher, healthy, stuck = trio
+    # One message before it is stuck: what it then misses is a gap in a stream it had.
+    publisher.request("publish", topic="shared", count=1, size=SIZE)
+    assert wait_until(lambda: received(stuck, "shared") == 1, timeout=10, interval=0.05)
     with dropped_to(data_port(stuck)):
         # Paced, so that the healthy subscriber keeps up (an unpaced burst larger than its
         # queue would have its backlog dropped too: that is what "drop" does).
@@ -130,9 +133,9 @@ def test_with_slow_peer_drop_a_stuck_peer_loses_its_backlog_and_nobody_waits(
             result = publisher.result(command, timeout=60)
             assert result["event"] == "published", result  # never blocked out
             assert result["count"] == PACED
-        for topic in ("shared", "other"):
+        for topic, count in (("shared", PACED + 1), ("other", PACED)):
             arrived = wait_until(
-                lambda t=topic: received(healthy, t) == PACED, timeout=60, interval=0.2
+                lambda t=topic, c=count: received(healthy, t) == c, timeout=60, interval=0.2
             )  # type: ignore[misc]
             assert arrived, (
                 topic,
@@ -146,10 +149,16 @@ def test_with_slow_peer_drop_a_stuck_peer_loses_its_backlog_and_nobody_waits(
     publisher.request("flush", timeout=60)
     assert wait_until(lambda: received(stuck, "shared") > 0, timeout=30, interval=0.1)
     [stream] = [s for s in stuck.summary() if s["topic"] == "shared"]
-    [(first, last)] = stream["ranges"]
-    assert last == PACED
-    assert first > 1
-    assert first - 1 <= dropped  # the gap is what was dropped for it
+    warm, (first, last) = stream["ranges"]
+    assert warm == [1, 1]
+    assert last == PACED + 1
+    assert first > 2
+    assert first - 2 <= dropped  # the gap is what was dropped for it
+    # ...and the subscriber was told, once, with the count and why (gaps=True).
+    assert stuck.wait_for(lambda: bool(stuck.events("gap")), 10)
+    [gap] = stuck.events("gap")
+    assert (gap["topic"], gap["first"], gap["count"]) == ("shared", 2, first - 2)
+    assert gap["reason"] == "dropped"
     assert in_order_once(stuck, "shared")
     assert in_order_once(healthy, "shared")
     assert in_order_once(healthy, "other")
