@@ -570,7 +570,7 @@ def _glue_throughput(
     from glue.manager import EndpointManager
 
     port = _free_port()
-    mode = (*(("--pubsub",) if pubsub else ()), *(("--key", key) if key else ()))
+    mode = (*(("--pubsub",) if pubsub else ()), *((f"--key={key}",) if key else ()))
     receiver = _spawn("--role", "glue-receiver", "--port", str(port), "--count", str(count), *mode)
     _read_json(receiver)  # ready
     settings = _glue_settings(
@@ -717,7 +717,7 @@ def _glue_round_trip(
     port = _free_port()
     mode = (
         *(("--pubsub",) if pubsub else ()),
-        *(("--key", key) if key else ()),
+        *((f"--key={key}",) if key else ()),
         *(("--inline",) if inline else ()),
     )
     echo = _spawn("--role", "glue-receiver", "--port", str(port), "--echo", *mode)
