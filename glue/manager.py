@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -105,6 +106,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The signals ``run_forever`` ends on: Ctrl-C and what ``docker stop``/Kubernetes send.
+STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
 #: Events that may wait in each event queue between the network loop and user code (peer and
 #: direct-message callbacks, ``messages()``, ``peer_events()``).
@@ -314,6 +318,54 @@ class AsyncEndpointManager(_Manager):
         """
         self._changed = asyncio.get_running_loop().create_future()
         await self._endpoint.start()
+
+    async def run_forever(
+        self,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - as its blocking twin
+        signals: Sequence[int] = STOP_SIGNALS,
+    ) -> int | None:
+        """Serve until SIGINT or SIGTERM (or ``timeout`` seconds), then :meth:`stop`: peers are
+        told goodbye at once, so a stopped container is seen gone by everyone right away.
+
+        Returns the signal's number, or None when ``timeout`` passed first. The signals are
+        handled by the running loop (``loop.add_signal_handler``) only while this runs: the
+        loop must run in the main thread.
+
+        Raises:
+            UsageError: not in the main thread's loop, or the endpoint is not running.
+            UsageTypeError, UsageValueError: ``timeout`` is not None or a number >= 0.
+        """
+        timeout = _check_optional_timeout(timeout)
+        if self._stopped:
+            raise UsageError("the endpoint is not running")
+        loop = asyncio.get_running_loop()
+        caught: asyncio.Future[int] = loop.create_future()
+
+        def on_signal(number: int) -> None:
+            if not caught.done():
+                caught.set_result(number)
+
+        added: list[int] = []
+        try:
+            for number in signals:
+                loop.add_signal_handler(number, on_signal, int(number))
+                added.append(number)
+        except (RuntimeError, ValueError) as exc:
+            for number in added:
+                loop.remove_signal_handler(number)
+            raise UsageError(f"run_forever needs the main thread's event loop: {exc}") from None
+        try:
+            received: int | None = await asyncio.wait_for(caught, timeout)
+        except TimeoutError:
+            received = None
+        finally:
+            for number in added:
+                loop.remove_signal_handler(number)
+        if received is not None:
+            logger.info("endpoint %s: signal %d, stopping", self.name, received)
+        await self.stop()
+        return received
 
     async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopReport:  # noqa: ASYNC109
         """Say goodbye, close sockets, end every event iteration and callback. Idempotent.
@@ -847,6 +899,18 @@ def _unacknowledged(endpoint: RuntimeCore) -> dict[int, int]:
     return found
 
 
+def _check_optional_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool):
+        raise UsageTypeError(
+            f"timeout must be a number or None, not {type(timeout).__name__}", argument="timeout"
+        )
+    if not timeout >= 0:  # (NaN too)
+        raise UsageValueError(f"timeout must be 0 or more, not {timeout}", argument="timeout")
+    return float(timeout)
+
+
 def _check_gaps(callback: object, gaps: object, on_gap: object) -> None:
     """``gaps`` goes with iteration, ``on_gap`` with a callback."""
     if type(gaps) is not bool:
@@ -965,6 +1029,43 @@ class EndpointManager(_Manager):
         except BaseException:
             self.stop()
             raise
+
+    def run_forever(
+        self, *, timeout: float | None = None, signals: Sequence[int] = STOP_SIGNALS
+    ) -> int | None:
+        """Serve until SIGINT or SIGTERM (or ``timeout`` seconds), then :meth:`stop`: peers are
+        told goodbye at once, so a stopped container is seen gone by everyone right away.
+
+        The end of a service's main: ``with EndpointManager.from_env() as endpoint: ...;
+        endpoint.run_forever()``. Returns the signal's number, or None when ``timeout`` passed
+        first. Python runs signal handlers in the main thread, so call it there; the previous
+        handlers are back when it returns.
+
+        Raises:
+            UsageError: not in the main thread, or the endpoint is not running.
+            UsageTypeError, UsageValueError: ``timeout`` is not None or a number >= 0.
+        """
+        timeout = _check_optional_timeout(timeout)
+        if threading.current_thread() is not threading.main_thread():
+            raise UsageError("run_forever must be called from the main thread (signal handlers)")
+        self._check_running()
+        caught: list[int] = []
+        done = threading.Event()
+
+        def on_signal(number: int, frame: object) -> None:
+            caught.append(number)
+            done.set()
+
+        previous = {number: signal.signal(number, on_signal) for number in signals}
+        try:
+            done.wait(timeout)  # (a signal interrupts the wait: its handler runs, sets it)
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+        if caught:
+            logger.info("endpoint %s: signal %d, stopping", self.name, caught[0])
+        self.stop()
+        return caught[0] if caught else None
 
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopReport:
         """Say goodbye to peers, close sockets, end iterations, join the threads. Idempotent.

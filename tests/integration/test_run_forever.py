@@ -1,0 +1,102 @@
+"""run_forever: a service's main ends on SIGTERM or SIGINT with the goodbye sent, so its peers
+see it leave at once (reason "left", not an expiry), on both APIs; a timeout ends it too."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from glue import EndpointManager, UsageError
+from tests.endpoint_process import REPO, EndpointProcess, base_env
+from tests.helpers import free_udp_port, multicast_settings
+
+SERVICES = {
+    "sync": """
+        from glue import EndpointManager
+        with EndpointManager.from_env() as endpoint:
+            print("ready", endpoint.endpoint_id, flush=True)
+            print("stopped", endpoint.run_forever(), flush=True)
+    """,
+    "async": """
+        import asyncio
+        from glue import AsyncEndpointManager
+        async def main():
+            async with AsyncEndpointManager.from_env() as endpoint:
+                print("ready", endpoint.endpoint_id, flush=True)
+                print("stopped", await endpoint.run_forever(), flush=True)
+        asyncio.run(main())
+    """,
+}
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_service_stopped_by_a_signal_says_goodbye(api: str, signum: signal.Signals) -> None:
+    group = f"239.192.137.17:{free_udp_port()}"
+    # A long timeout: the observer would take 20 s to expire the service; "left" is the goodbye.
+    glue = multicast_settings(group, discovery_rate_timeout_multiplier=100)
+    observer = EndpointProcess(label="observer", **glue)
+    service = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SERVICES[api])],
+        cwd=REPO,
+        env=base_env(**glue),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert service.stdout is not None
+        word, number = service.stdout.readline().split()
+        assert word == "ready", service.stderr.read() if service.stderr else ""
+        service_id = int(number)
+        assert observer.wait_for(lambda: service_id in observer.known, 10)
+        service.send_signal(signum)
+        out, err = service.communicate(timeout=10)
+        assert service.returncode == 0, err
+        assert out.strip() == f"stopped {int(signum)}"
+
+        def removals() -> list[str]:
+            return [e["reason"] for e in observer.events("peer_removed", peer=service_id)]
+
+        assert observer.wait_for(lambda: bool(removals()), 5)
+        assert removals() == ["left"]
+    finally:
+        if service.poll() is None:
+            service.kill()
+        observer.close()
+
+
+def test_run_forever_ends_after_its_timeout_and_stops_the_endpoint() -> None:
+    settings = multicast_settings(f"239.192.137.18:{free_udp_port()}")
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with EndpointManager.from_env(**settings) as endpoint:
+        assert endpoint.run_forever(timeout=0.05) is None
+        with pytest.raises(UsageError):
+            endpoint.publish("a", "t", b"x")  # stopped
+    # The handlers it set are gone again.
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_run_forever_needs_the_main_thread() -> None:
+    settings = multicast_settings(f"239.192.137.19:{free_udp_port()}")
+    with EndpointManager.from_env(**settings) as endpoint:
+        errors: list[BaseException] = []
+
+        def elsewhere() -> None:
+            try:
+                endpoint.run_forever(timeout=0)
+            except UsageError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join(10)
+        assert len(errors) == 1
+        assert "main thread" in str(errors[0])
+        with pytest.raises(UsageError):
+            endpoint.run_forever(timeout=-1)
