@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -110,6 +111,10 @@ class Message:
     sequence: int
     sent_at: float
     received_at: float
+    #: When it expires, on the same wall clock as ``received_at`` (its ``expiry`` at publish,
+    #: counted down on the way): a subscription whose queue held it past then does not hand
+    #: it to its callback or iterator (counted; a Gap where gaps are asked for). ``inf``: never.
+    expires_at: float = math.inf
 
     def json(self) -> Any:
         """The payload decoded as JSON (see ``publish_json``).

@@ -639,6 +639,7 @@ class AsyncEndpointManager(_Manager):
             queue_bytes=queue_bytes,
             unsubscribe=self._remove_subscription,
             on_gap=on_gap,
+            gaps=gaps,
         )
         try:
             subscription.id = self._endpoint.subscribe(
@@ -1419,6 +1420,7 @@ class EndpointManager(_Manager):
             unsubscribe=self._remove_subscription,
             inline=inline,
             on_gap=on_gap,
+            gaps=gaps,
         )
 
         def register(subscription_id: int) -> None:

@@ -108,6 +108,52 @@ def _report_drop(subscription: Subscription | AsyncSubscription, count: int) -> 
         )
 
 
+def _without_expired(
+    subscription: Subscription | AsyncSubscription, items: list[Message | Gap], gaps: bool
+) -> list[Message | Gap]:
+    """``items`` less the messages whose expiry passed while they waited (counted in
+    ``subscription.expired``), each run of them from one publisher on one topic replaced by a
+    Gap when ``gaps``."""
+    now = time.time()
+    if all(item.expires_at > now for item in items if type(item) is Message):
+        return items  # (the usual case: one pass, nothing built)
+    kept: list[Message | Gap] = []
+    expired = 0
+    for item in items:
+        if type(item) is not Message or item.expires_at > now:
+            kept.append(item)
+            continue
+        expired += 1
+        if not gaps:
+            continue
+        last = kept[-1] if kept else None
+        if (
+            type(last) is Gap
+            and last.reason == "expired"
+            and (last.topic_name, last.source_id) == (item.topic_name, item.source_id)
+            and last.first_sequence + last.count == item.sequence
+        ):
+            kept[-1] = Gap(
+                last.topic_name, last.source_id, last.source_name, last.first_sequence,
+                last.count + 1, "expired",
+            )  # fmt: skip
+        else:
+            kept.append(
+                Gap(item.topic_name, item.source_id, item.source_name, item.sequence, 1, "expired")
+            )
+    before = subscription.expired
+    subscription.expired += expired
+    if crossed_power_of_ten(before, subscription.expired):
+        logger.warning(
+            "subscription %r (%s): %d messages expired while they waited in its queue, not "
+            "handed over (a callback or reader too slow for the messages' expiry)",
+            subscription.topic_name,
+            subscription.topic_type,
+            subscription.expired,
+        )
+    return kept
+
+
 def crossed_power_of_ten(before: int, after: int) -> bool:
     """Warn when a drop count first reaches 1, 10, 100...: visible, without flooding the log."""
     return before == 0 or len(str(after)) > len(str(before))
@@ -237,12 +283,17 @@ class Subscription:
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         inline: bool = False,
         on_gap: GapCallback | None = None,
+        gaps: bool = False,
     ) -> None:
         self.topic_name = topic_name
         self.topic_type = topic_type
         self.callback = callback
         #: Called with each Gap, in order with the messages (see ``subscribe(on_gap=)``).
         self.on_gap = on_gap
+        #: Iteration yields Gaps too (``subscribe(gaps=True)``).
+        self.gaps = gaps
+        #: Messages not handed over because their expiry passed while they waited in the queue.
+        self.expired = 0
         self.queue_size = queue_size
         self.queue_bytes = queue_bytes
         #: Whether the callback runs on the network thread (no queue; see ``subscribe``).
@@ -331,6 +382,7 @@ class Subscription:
                 batch = list(items)
                 items.clear()
                 self._bytes = 0
+            batch = _without_expired(self, batch, self.gaps)
             # (a Gap among them only for a subscription made with gaps=True)
             yield from cast(list[Message], batch)
 
@@ -351,9 +403,16 @@ class Subscription:
                 raise TimeoutError(f"no message on {self.topic_name!r} within {timeout} s")
             if self._closed:
                 raise EOFError(f"subscription to {self.topic_name!r} is closed")
-            message = self._items.popleft()
-            self._bytes -= len(message.payload)
-            return cast(Message, message)  # (or a Gap: gaps=True)
+            while True:
+                message = self._items.popleft()
+                self._bytes -= len(message.payload)
+                found = _without_expired(self, [message], self.gaps)
+                if found:
+                    return cast(Message, found[0])  # (or a Gap: gaps=True)
+                if not self._lock.wait_for(lambda: self._items or self._closed, timeout):
+                    raise TimeoutError(f"no message on {self.topic_name!r} within {timeout} s")
+                if self._closed:
+                    raise EOFError(f"subscription to {self.topic_name!r} is closed")
 
     # --- called by the manager ------------------------------------------------------------------
 
@@ -436,6 +495,12 @@ class Subscription:
                 self._bytes -= size
                 self._taken = len(batch)
                 self._taken_bytes = size
+            taken = len(batch)
+            batch = _without_expired(self, batch, self.on_gap is not None)
+            if len(batch) != taken:  # (the expired are no longer waiting)
+                with self._mutex:
+                    self._taken = len(batch)
+                    self._taken_bytes = sum([len(m.payload) for m in batch])
             for message in batch:
                 if self._closed:
                     break
@@ -476,12 +541,17 @@ class AsyncSubscription:
         unsubscribe: Callable[[AsyncSubscription], None],
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         on_gap: AsyncGapCallback | None = None,
+        gaps: bool = False,
     ) -> None:
         self.topic_name = topic_name
         self.topic_type = topic_type
         self.callback = callback
         #: Called with each Gap, in order with the messages (see ``subscribe(on_gap=)``).
         self.on_gap = on_gap
+        #: Iteration yields Gaps too (``subscribe(gaps=True)``).
+        self.gaps = gaps
+        #: Messages not handed over because their expiry passed while they waited in the queue.
+        self.expired = 0
         self.queue_size = queue_size
         self.queue_bytes = queue_bytes
         #: Messages dropped because this subscription's queue was full.
@@ -563,10 +633,14 @@ class AsyncSubscription:
         return cast(Message | None, await self._take_item())  # (or a Gap: gaps=True)
 
     async def _take_item(self) -> Message | Gap | None:
-        message = await self._queue.get()
-        if message is not None:
+        while True:
+            message = await self._queue.get()
+            if message is None:
+                return None
             self._bytes -= len(message.payload)
-        return message
+            found = _without_expired(self, [message], self.gaps or self.on_gap is not None)
+            if found:
+                return found[0]
 
     # --- called by the manager ------------------------------------------------------------------
 

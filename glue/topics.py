@@ -671,7 +671,15 @@ class Topics:
             local = self._local_matches(topic, topic_type)
         if local:
             message = Message(
-                topic, topic_type, payload, self.endpoint_id, self.name, sequence, wall, wall
+                topic,
+                topic_type,
+                payload,
+                self.endpoint_id,
+                self.name,
+                sequence,
+                wall,
+                wall,
+                expires_at + self.wall_offset,
             )
             self._emit(TopicDelivery([message], local))
             self.counters["delivered_locally"] += 1
@@ -935,6 +943,7 @@ class Topics:
                 sequence,
                 sent_at,
                 received_at,
+                math.inf if expiries is None else expiries[index] + self.wall_offset,
             )
             if run is not None and local is run_local:
                 run.append(message)

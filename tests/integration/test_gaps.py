@@ -5,6 +5,8 @@ them (the slow-peer "dropped" case is in test_slow_peer.py)."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -162,3 +164,38 @@ async def test_on_gap_on_the_asyncio_api_comes_between_the_messages() -> None:
     assert (first, last) == (1, 5)
     assert isinstance(gap, Gap)
     assert (gap.first_sequence, gap.count, gap.reason) == (2, 3, "expired")
+
+
+def test_a_message_that_expired_in_a_busy_callback_queue_never_reaches_the_callback() -> None:
+    settings = multicast_settings(f"239.192.137.20:{free_udp_port()}")
+    seen: list[object] = []
+    busy = threading.Event()
+    release = threading.Event()
+
+    def on_message(message: Message) -> None:
+        seen.append(message.sequence)
+        if message.sequence == 1:
+            busy.set()
+            release.wait(30)  # a slow handler: the next messages wait in the queue
+
+    with (
+        EndpointManager.from_env(**settings) as publisher,
+        EndpointManager.from_env(**settings) as subscriber,
+    ):
+        subscription = subscriber.subscribe("robot/#", "command", on_message, on_gap=seen.append)
+        publisher.wait_for_subscribers("robot/arm", count=1, timeout=10)
+        publisher.publish("robot/arm", "command", b"1", expiry=30)
+        assert busy.wait(10)
+        sent_at = time.time()
+        for _ in range(3):  # 2..4: they expire while the callback is busy
+            publisher.publish("robot/arm", "command", b"stale", expiry=0.3)
+        publisher.publish("robot/arm", "command", b"5", expiry=30)
+        assert wait_until(lambda: subscriber.counters().get("topics_received", 0) >= 5, timeout=10)
+        assert wait_until(lambda: time.time() > sent_at + 0.3, timeout=5)  # their expiry
+        release.set()
+        assert wait_until(lambda: 5 in seen, timeout=10)
+    first, gap, last = seen
+    assert (first, last) == (1, 5)
+    assert isinstance(gap, Gap)
+    assert (gap.first_sequence, gap.count, gap.reason) == (2, 3, "expired")
+    assert subscription.expired == 3
