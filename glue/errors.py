@@ -33,6 +33,7 @@ __all__ = [
     "DeliveryError",
     "GlueError",
     "ProtocolError",
+    "UnknownPeerError",
     "UsageError",
     "UsageTypeError",
     "UsageValueError",
@@ -95,6 +96,14 @@ class DeliveryError(GlueError):
         super().__init__(message)
         self.peers = peers
         self.unacknowledged: dict[int, int] = dict(unacknowledged or {})
+
+
+class UnknownPeerError(GlueError, LookupError):
+    """``send(to=[...])`` named a peer this endpoint does not know now (``name``)."""
+
+    def __init__(self, message: str, *, name: str) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 class BackpressureError(DeliveryError):

@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, Self, TypeVar, cast
 
 import orjson
 
@@ -43,6 +43,7 @@ from glue import wire
 from glue.endpoint import Endpoint
 from glue.errors import (
     MAX_TIMEOUT_S,
+    UnknownPeerError,
     UsageError,
     UsageTypeError,
     UsageValueError,
@@ -179,8 +180,8 @@ def _checked_message(
     return data, _check_expiry(expiry), check_timeout(timeout), depth
 
 
-def _check_targets(to: object) -> tuple[int, ...] | None:
-    """``to`` as a tuple of endpoint ids, or None (every peer)."""
+def _check_targets(to: object) -> tuple[int | str, ...] | None:
+    """``to`` as a tuple of endpoint ids and peer names, or None (every peer)."""
     if to is None:
         return None
     if type(to) is not list and type(to) is not tuple:
@@ -193,11 +194,14 @@ def _check_targets(to: object) -> tuple[int, ...] | None:
             to, Iterable
         ):
             raise UsageTypeError(
-                f"to must be a list of endpoint ids or None, not {type(to).__name__}",
+                f"to must be a list of endpoint ids (or peer names) or None, not "
+                f"{type(to).__name__}",
                 argument="to",
             )
     ids = tuple(to)
     for peer_id in ids:
+        if type(peer_id) is str:
+            continue  # a peer's name, resolved when sending (_resolve_names)
         if type(peer_id) is not int or not 0 < peer_id <= wire.MAX_ID:
             if isinstance(peer_id, Peer):
                 raise UsageTypeError(
@@ -206,6 +210,30 @@ def _check_targets(to: object) -> tuple[int, ...] | None:
                 )
             check_int(peer_id, "an id in to", minimum=1, maximum=wire.MAX_ID)
     return ids
+
+
+def _resolve_names(to: tuple[int | str, ...], peers: Iterable[Peer]) -> tuple[int, ...]:
+    """``to`` with each peer name replaced by that peer's id (the peers known now).
+
+    Raises:
+        UnknownPeerError: no peer known now has one of the names.
+    """
+    if all(type(target) is int for target in to):
+        return cast(tuple[int, ...], to)
+    by_name = {peer.name: peer.endpoint_id for peer in peers}
+    ids: list[int] = []
+    for target in to:
+        if type(target) is int:
+            ids.append(target)
+            continue
+        found = by_name.get(cast(str, target))
+        if found is None:
+            known = ", ".join(sorted(by_name)) or "none"
+            raise UnknownPeerError(
+                f"no peer named {target!r} is known now (known: {known})", name=cast(str, target)
+            )
+        ids.append(found)
+    return tuple(ids)
 
 
 def _one_id(to: object) -> bool:
@@ -692,7 +720,7 @@ class AsyncEndpointManager(_Manager):
         self,
         payload: bytes,
         *,
-        to: Sequence[int] | None = None,
+        to: Sequence[int | str] | None = None,
         expiry: float = DEFAULT_EXPIRY_S,
         timeout: float = DEFAULT_SEND_TIMEOUT_S,  # noqa: ASYNC109 - same as the blocking twin
     ) -> None:
@@ -715,10 +743,11 @@ class AsyncEndpointManager(_Manager):
             payload, expiry, timeout, _ = _checked_message(
                 payload, expiry, timeout, None, self._max_message_bytes, json_hint=False
             )
+        targets = cast("Sequence[int] | None", to)  # (checked below unless the usual [id])
         if to is not None and not _one_id(to):
-            to = _check_targets(to)
+            targets = _resolve_names(_check_targets(to) or (), self._peers.values())
         # The usual path queues at once, without a coroutine more per message.
-        waiting = self._endpoint.try_send(payload, to=to, expiry_s=expiry)
+        waiting = self._endpoint.try_send(payload, to=targets, expiry_s=expiry)
         if waiting is not None:
             await self._endpoint.wait_to_queue(waiting, timeout)
 
@@ -1482,7 +1511,7 @@ class EndpointManager(_Manager):
         self,
         payload: bytes,
         *,
-        to: Sequence[int] | None = None,
+        to: Sequence[int | str] | None = None,
         expiry: float = DEFAULT_EXPIRY_S,
         timeout: float = DEFAULT_SEND_TIMEOUT_S,
     ) -> None:
@@ -1494,7 +1523,8 @@ class EndpointManager(_Manager):
 
         Args:
             payload: ``bytes``, ``bytearray`` or ``memoryview`` (copied).
-            to: endpoint ids (``peer.endpoint_id``), a list or other iterable; None: every peer.
+            to: endpoint ids (``peer.endpoint_id``) or peer names (resolved among the peers
+                known now), a list or other iterable; None: every peer.
             expiry: seconds, more than 0 and at most ``MAX_EXPIRY_S`` (one day).
             timeout: seconds (>= 0) to wait for room in the send queue.
 
@@ -1503,6 +1533,7 @@ class EndpointManager(_Manager):
             UsageValueError: a bad value (a ``ValueError``): payload over
                 ``GLUE_MAX_MESSAGE_BYTES``, expiry not in (0, one day], an id out of range...
             UsageError: the endpoint is not running.
+            UnknownPeerError: a name in ``to`` is no peer known now (a ``LookupError``).
             BackpressureError: peers acknowledge too slowly and the queue stayed full ``timeout`` s.
         """
         if not (
@@ -1516,11 +1547,14 @@ class EndpointManager(_Manager):
             payload, expiry, timeout, _ = _checked_message(
                 payload, expiry, timeout, None, self._max_message_bytes, json_hint=False
             )
+        targets = cast("Sequence[int] | None", to)  # (checked below unless the usual [id])
         if to is not None and not _one_id(to):
-            to = _check_targets(to)
+            with self._changed:
+                peers = list(self._peers.values())
+            targets = _resolve_names(_check_targets(to) or (), peers)
         if not self._started or self._stopped:
             raise UsageError("the endpoint is not running (call start() or use `with`)")
-        self._endpoint.send(payload, to=to, expiry_s=expiry, timeout=timeout)
+        self._endpoint.send(payload, to=targets, expiry_s=expiry, timeout=timeout)
 
     def on_message(self, callback: Callable[[MessageReceived], object]) -> Callable[[], None]:
         """Call ``callback(message)`` on the delivery thread for each message; returns a remover.

@@ -111,13 +111,13 @@ def test_targets_are_endpoint_ids() -> None:
     assert _check_targets({7}) == (7,)
     assert _check_targets(range(1, 3)) == (1, 2)
     assert _check_targets([]) == ()
+    assert _check_targets(["robot-7", 3]) == ("robot-7", 3)  # names, resolved when sending
     for bad, kind, pattern in [
         (5, UsageTypeError, r"to=\[id\]"),
         ("12", UsageTypeError, "list of endpoint ids"),
         (b"12", UsageTypeError, "list of endpoint ids"),
         ({1: 2}, UsageTypeError, "list of endpoint ids"),
         ([True], UsageTypeError, "an id in to"),
-        (["1"], UsageTypeError, "an id in to"),
         ([0], UsageValueError, "an id in to"),
         ([2**53], UsageValueError, "an id in to"),
     ]:
