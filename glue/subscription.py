@@ -467,16 +467,20 @@ class Subscription:
                 for message in messages:
                     if self._closed:
                         break
-                    try:
-                        if type(message) is Gap:
-                            if self.on_gap is not None:
-                                self.on_gap(message)
-                            continue
-                        callback(cast(Message, message))
-                    except Exception:
-                        logger.exception("callback of subscription %r failed", self.topic_name)
+                    self._hand(callback, message)
             finally:
                 self._inline_thread = None
+
+    def _hand(self, callback: MessageCallback, item: Message | Gap) -> None:
+        """Give one message to ``callback`` (a Gap to ``on_gap``, if any); log what it raises."""
+        try:
+            if type(item) is Gap:
+                if self.on_gap is not None:
+                    self.on_gap(item)
+            else:
+                callback(cast(Message, item))
+        except Exception:
+            logger.exception("callback of subscription %r failed", self.topic_name)
 
     def _run_batch(self) -> bool:
         """On a pool thread: run callbacks for up to a batch; True if more are waiting."""
@@ -507,14 +511,7 @@ class Subscription:
                 # (one writer, this thread; a reader may see them one message late)
                 self._taken -= 1
                 self._taken_bytes -= len(message.payload)
-                try:
-                    if type(message) is Gap:
-                        if self.on_gap is not None:
-                            self.on_gap(message)
-                        continue
-                    callback(cast(Message, message))
-                except Exception:
-                    logger.exception("callback of subscription %r failed", self.topic_name)
+                self._hand(callback, message)
             with self._mutex:
                 self._taken = 0
                 self._taken_bytes = 0
