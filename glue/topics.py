@@ -293,6 +293,69 @@ KeptMessage = tuple[str, EndpointId, int, str, int, bytes, bytes, float]
 KeptChange = tuple[str, Any]
 
 
+#: How many separate runs of relayed sequences a stream may hold ahead of its publisher's own
+#: messages (see ``_Ahead``); a relay that would start one more is refused.
+_RELAY_SPANS: Final = 16
+
+
+class _Ahead:
+    """What keepers' relays delivered of one stream beyond the messages its publisher sent us
+    itself, so that a relay never hides the publisher's own messages.
+
+    Relays of a publisher that is a peer now are ignored (it serves its own history); this is
+    for those that come while it is not (before we learn of it, or while it is expired). Without
+    it, one relay (from a keeper, or forged by anyone on the network without a key) with a huge
+    sequence would move the stream's dedup watermark past everything the publisher will ever
+    send, and each of its real messages would be dropped as a repeat. Here the
+    publisher's own messages are dropped only when they are at or below ``direct`` or were
+    relayed exactly; the relayed sequences are held as a few runs, pruned as the publisher's own
+    stream passes them, so a real keeper's replay costs one run, and a forged one cannot cost
+    more than ``_RELAY_SPANS``.
+    """
+
+    __slots__ = ("direct", "spans")
+
+    def __init__(self, direct: int) -> None:
+        self.direct = direct  # the highest of the publisher's own sequences handled
+        self.spans: list[list[int]] = []  # relayed sequences above it: sorted [first, last] runs
+
+    def covers(self, sequence: int) -> bool:
+        return any(first <= sequence <= last for first, last in self.spans)
+
+    def below(self, sequence: int) -> int:
+        """The highest sequence under ``sequence`` up to which nothing is missing."""
+        top = self.direct
+        for first, last in self.spans:
+            if first > top + 1 or first >= sequence:
+                break
+            top = max(top, min(last, sequence - 1))
+        return top
+
+    def fits(self, sequence: int) -> bool:
+        spans = self.spans
+        return len(spans) < _RELAY_SPANS or spans[-1][1] + 1 == sequence
+
+    def add(self, sequence: int) -> None:
+        """A relayed ``sequence``, above every sequence held (relays are taken in order)."""
+        spans = self.spans
+        if spans and spans[-1][1] + 1 == sequence:
+            spans[-1][1] = sequence
+        else:
+            spans.append([sequence, sequence])
+
+    def advance(self, sequence: int) -> bool:
+        """The publisher's own ``sequence`` was handled: prune what it passed; True when no
+        relayed sequence is left ahead of it."""
+        if sequence > self.direct:
+            self.direct = sequence
+        spans = self.spans
+        while spans and spans[0][1] <= sequence:
+            del spans[0]
+        if spans and spans[0][0] <= sequence:
+            spans[0][0] = sequence + 1
+        return not spans
+
+
 class _Interest:
     __slots__ = ("asked", "fresh", "patterns", "version")
 
@@ -341,6 +404,8 @@ class Topics:
         self._sequence_floor = 0  # the highest sequence of a forgotten dormant topic
         self._prune_at = math.inf  # no retained message expires before this
         self._seen: dict[tuple[int, int, str], int] = {}
+        # Streams where keepers' relays went ahead of the publisher's own messages.
+        self._ahead: dict[tuple[int, int, str], _Ahead] = {}
         self._local_cache: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {}
         self._target_cache: dict[str, tuple[EndpointId, ...]] = {}
         self._prefix_cache: dict[tuple[str, str], bytes] = {}
@@ -812,6 +877,7 @@ class Topics:
         emit = self._emit
         loads = orjson.loads
         seen = self._seen
+        aheads = self._ahead
         valid = self._valid_names
         peer_id, incarnation = peer.endpoint_id, peer.incarnation
         received_at = now + self.wall_offset
@@ -883,7 +949,34 @@ class Topics:
                 source_id, source_incarnation, source_name = found
                 stream = (source_id, source_incarnation, topic)
                 self.counters["received_from_keepers"] += 1
+                if source_id in self._peers:
+                    # A live publisher serves its own history; a relay of it (any incarnation)
+                    # is stale at best, and may be forged.
+                    self.counters["relays_ignored"] += 1
+                    continue
             last = seen.get(stream)
+            ahead = aheads.get(stream) if aheads else None
+            if ahead is not None and origin is None:
+                # Relays went ahead of the publisher: its own message is a repeat only if it
+                # was handled or relayed exactly.
+                if sequence <= ahead.direct or ahead.covers(sequence):
+                    if ahead.advance(sequence):
+                        del aheads[stream]
+                    self.counters["duplicates_suppressed"] += 1
+                    continue
+                last = ahead.below(sequence)
+            elif (
+                ahead is not None and (last is None or sequence > last) and not ahead.fits(sequence)
+            ):
+                self.counters["relays_refused"] += 1
+                logger.debug(
+                    "relay of %s's %r #%d from %s refused: too many runs ahead of the publisher",
+                    source_name,
+                    topic,
+                    sequence,
+                    peer.name,
+                )
+                continue
             if last is not None and sequence <= last + 1:
                 if sequence <= last:
                     self.counters["duplicates_suppressed"] += 1
@@ -931,9 +1024,22 @@ class Topics:
                     self._passed[stream] = sequence
                 continue
             if last is None and len(seen) >= self.config.max_streams:
-                del seen[next(iter(seen))]
+                forgotten = next(iter(seen))
+                del seen[forgotten]
+                aheads.pop(forgotten, None)
                 self.counters["streams_forgotten"] += 1
-            seen[stream] = sequence
+            if origin is not None:
+                if ahead is None:
+                    ahead = aheads[stream] = _Ahead(last or 0)
+                ahead.add(sequence)
+                seen[stream] = sequence
+            elif ahead is not None:
+                if ahead.advance(sequence):
+                    del aheads[stream]
+                if sequence > seen[stream]:
+                    seen[stream] = sequence
+            else:
+                seen[stream] = sequence
             message = Message(
                 topic,
                 topic_type,

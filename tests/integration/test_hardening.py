@@ -11,6 +11,8 @@ from __future__ import annotations
 import socket
 import time
 
+import orjson
+
 from glue import EndpointManager, wire
 from tests.helpers import Inbox, free_udp_port, multicast_settings, wait_until
 from tests.integration.test_network_key import _forged_datagrams, _stream
@@ -36,6 +38,43 @@ def test_transport_frames_from_another_address_than_the_peers_are_refused() -> N
         counters = rx.counters()
     assert inbox.payloads() == sent  # nothing forged delivered, nothing skipped
     assert counters["dropped_wrong_address"] >= 10
+
+
+def test_a_forged_kept_message_does_not_silence_a_live_publisher() -> None:
+    # A fake peer (announced from the attacker's socket, so the transport takes its frames)
+    # relays a "kept" message in the real publisher's name, id and incarnation (all read from
+    # its announcements) with a huge sequence. Before the fix it moved the stream's dedup
+    # watermark past everything the publisher would send: every real message was dropped as a
+    # repeat, and acknowledged.
+    group = f"239.192.137.1:{free_udp_port()}"
+    settings = multicast_settings(group, discovery_rate_milliseconds=100)
+    with EndpointManager.from_env(**settings) as tx, EndpointManager.from_env(**settings) as rx:
+        inbox = Inbox()
+        rx.subscribe("k/#", "t", inbox)
+        tx.wait_for_subscribers("k/a", timeout=5)
+        target = ("127.0.0.1", rx.data_address[1])
+        origin = [tx.endpoint_id, tx._endpoint.incarnation, tx.name]
+        sent = _stream(300)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+            attacker.bind(("127.0.0.1", 0))
+            fake = wire.EndpointId(10**12 + 7)
+            announce = wire.Announce(fake, 1, "keeper", "", attacker.getsockname()[1], 1000)
+            attacker.sendto(wire.encode(wire.Header(1, fake, 1), [announce]), target)
+            assert wait_until(lambda: len(rx.peers()) == 2, timeout=5)
+            header = wire.Header(1, fake, 1, destination=rx._endpoint.incarnation)
+            for index, payload in enumerate(sent):
+                tx.publish("k/a", "t", payload, expiry=30)
+                if index % 30 == 0:
+                    sequence = 10**15 + index  # each one a run of its own
+                    line = {"t": "k/a", "y": "t", "s": sequence, "w": 1.0, "o": origin}
+                    frame = wire.Data(index // 30 + 1, orjson.dumps(line) + b"\nforged")
+                    attacker.sendto(wire.encode(header, [frame]), target)
+            tx.flush(timeout=20)
+            assert inbox.wait_for_count(300, timeout=10), (len(inbox.payloads()), rx.counters())
+        counters = rx.counters()
+    assert inbox.payloads() == sent  # every real message, once, in order; nothing forged
+    assert counters["topics_relays_ignored"] == 10  # the publisher is a peer: it serves itself
+    assert counters.get("topics_gaps", 0) == 0
 
 
 def test_fake_peers_flooding_fragments_and_gaps_do_not_stop_real_large_messages() -> None:

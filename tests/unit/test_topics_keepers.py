@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from glue.errors import ConfigError, UsageError
+from glue.events import TopicGap
 from glue.history import HistoryStore, open_store
 from tests.unit.test_topics import Node, _exchange, _joined, _meet, _peer, _publish
 
@@ -54,7 +55,8 @@ def test_a_late_joiner_served_by_the_publisher_and_two_keepers_gets_each_message
     sub.topics.subscribe("a/#", "t")
     _meet(pub, k1, k2, sub)
     assert [m.sequence for m in sub.delivered()] == list(range(1, 11))
-    assert sub.topics.counters["duplicates_suppressed"] == 20
+    # The publisher is a peer: it serves its own history, and the keepers' copies are ignored.
+    assert sub.topics.counters["relays_ignored"] == 20
     # And the live stream goes on after the kept history, once.
     _publish(pub, k1, k2, sub, payload=b"live")
     assert [(m.sequence, m.payload) for m in sub.delivered()] == [(11, b"live")]
@@ -264,3 +266,90 @@ def test_a_file_that_is_not_sqlite_is_a_config_error(tmp_path: Path) -> None:
     path.write_bytes(b"not a database" * 100)
     with pytest.raises(ConfigError, match="GLUE_HISTORY_PATH"):
         HistoryStore(path)
+
+
+def _relay(node: Node, relay: Node, origin: Node, sequence: int, **head: object) -> None:
+    """``relay`` hands ``node`` a kept message of ``origin`` (a keeper's, or a forged one)."""
+    line = {"t": "a/b", "y": "t", "s": sequence, "w": 1.0, "o": [*_origin_of(origin)], **head}
+    node.topics.receive(relay.peer, orjson.dumps(line) + b"\nrelayed", 0.0)
+
+
+def _origin_of(node: Node) -> tuple[int, int, str]:
+    return (node.peer.endpoint_id, node.peer.incarnation, node.peer.name)
+
+
+def test_relays_of_a_live_publisher_are_ignored_even_forged_with_a_huge_sequence() -> None:
+    pub, attacker, sub = Node(1), Node(9), Node(3)
+    sub.topics.subscribe("a/#", "t", gaps=True)
+    _meet(pub, sub)
+    for _ in range(3):
+        _publish(pub, sub)
+    assert [m.sequence for m in sub.delivered()] == [1, 2, 3]
+    _relay(sub, attacker, pub, 10**15)
+    _relay(sub, attacker, pub, 4, o=[1, 2, "p1"])  # a "newer incarnation" of it: the same
+    assert sub.delivered() == []
+    assert sub.topics.counters["relays_ignored"] == 2
+    for _ in range(100):
+        _publish(pub, sub)
+    got = list(sub.events)
+    assert [m.sequence for m in sub.delivered()] == list(range(4, 104))
+    assert not [e for e in got if isinstance(e, TopicGap)]
+
+
+def test_a_forged_relay_before_the_publisher_is_known_does_not_silence_it() -> None:
+    pub, attacker, sub = Node(1), Node(9), Node(3)
+    sub.topics.subscribe("a/#", "t")
+    _relay(sub, attacker, pub, 2**53)  # sub has never heard of pub: nothing to check it by
+    assert [m.sequence for m in sub.delivered()] == [2**53]
+    _meet(pub, sub)
+    for _ in range(5):
+        _publish(pub, sub)
+    assert [m.sequence for m in sub.delivered()] == [1, 2, 3, 4, 5]
+
+
+def test_relays_that_went_ahead_of_the_publisher_are_not_delivered_again() -> None:
+    pub, keeper, sub = Node(1), _keeper(2), Node(3)
+    _meet(pub, keeper)
+    for _ in range(10):
+        _publish(pub, keeper, history_depth=10)
+    sub.topics.subscribe("a/#", "t")
+    _meet(keeper, sub)  # the keeper's replay comes before the publisher is known
+    assert [m.sequence for m in sub.delivered()] == list(range(1, 11))
+    _meet(pub, keeper, sub)  # now the publisher's own history: every one a repeat
+    assert sub.delivered() == []
+    for _ in range(3):
+        _publish(pub, keeper, sub)
+    assert [m.sequence for m in sub.delivered()] == [11, 12, 13]
+    assert not sub.topics._ahead  # the publisher's stream passed what was relayed: pruned
+
+
+def test_relays_ahead_of_a_publisher_are_bounded_in_runs() -> None:
+    pub, attacker, sub = Node(1), Node(9), Node(3)
+    sub.topics.subscribe("a/#", "t")
+    for index in range(100):
+        _relay(sub, attacker, pub, 1000 + 2 * index)  # each one a run of its own
+    assert len(sub.delivered()) == 16
+    assert sub.topics.counters["relays_refused"] == 100 - 16
+    assert sub.topics.counters["received_from_keepers"] == 100
+    _meet(pub, sub)
+    for _ in range(5):
+        _publish(pub, sub)
+    assert [m.sequence for m in sub.delivered()] == [1, 2, 3, 4, 5]
+
+
+def test_a_keeper_does_not_keep_relays_of_a_live_publisher() -> None:
+    pub, keeper, attacker = Node(1), _keeper(2), Node(9)
+    _meet(pub, keeper)
+    for _ in range(3):
+        _publish(pub, keeper, history_depth=10)
+    # A forged relay with a newer incarnation would replace the real stream, one with a huge
+    # sequence would make every real message look kept already: neither is kept.
+    _relay(keeper, attacker, pub, 5, o=[1, 2**53 - 1, "p1"])
+    _relay(keeper, attacker, pub, 10**15)
+    for _ in range(3):
+        _publish(pub, keeper, history_depth=10)
+    sub = Node(3)
+    sub.topics.subscribe("a/#", "t")
+    _apart(pub, keeper)
+    _meet(keeper, sub)
+    assert [(m.sequence, m.payload) for m in sub.delivered()] == [(s, b"x") for s in range(1, 7)]
