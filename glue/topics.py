@@ -955,28 +955,31 @@ class Topics:
                     self.counters["relays_ignored"] += 1
                     continue
             last = seen.get(stream)
-            ahead = aheads.get(stream) if aheads else None
-            if ahead is not None and origin is None:
-                # Relays went ahead of the publisher: its own message is a repeat only if it
-                # was handled or relayed exactly.
-                if sequence <= ahead.direct or ahead.covers(sequence):
-                    if ahead.advance(sequence):
-                        del aheads[stream]
-                    self.counters["duplicates_suppressed"] += 1
+            ahead = None
+            if origin is not None or aheads:  # (the common case skips this: nothing relayed)
+                ahead = aheads.get(stream)
+                if ahead is None:
+                    pass
+                elif origin is None:
+                    # Relays went ahead of the publisher: its own message is a repeat only if
+                    # it was handled or relayed exactly.
+                    if sequence <= ahead.direct or ahead.covers(sequence):
+                        if ahead.advance(sequence):
+                            del aheads[stream]
+                        self.counters["duplicates_suppressed"] += 1
+                        continue
+                    last = ahead.below(sequence)
+                elif (last is None or sequence > last) and not ahead.fits(sequence):
+                    self.counters["relays_refused"] += 1
+                    logger.debug(
+                        "relay of %s's %r #%d from %s refused: too many runs ahead of the "
+                        "publisher",
+                        source_name,
+                        topic,
+                        sequence,
+                        peer.name,
+                    )
                     continue
-                last = ahead.below(sequence)
-            elif (
-                ahead is not None and (last is None or sequence > last) and not ahead.fits(sequence)
-            ):
-                self.counters["relays_refused"] += 1
-                logger.debug(
-                    "relay of %s's %r #%d from %s refused: too many runs ahead of the publisher",
-                    source_name,
-                    topic,
-                    sequence,
-                    peer.name,
-                )
-                continue
             if last is not None and sequence <= last + 1:
                 if sequence <= last:
                     self.counters["duplicates_suppressed"] += 1
@@ -1028,18 +1031,19 @@ class Topics:
                 del seen[forgotten]
                 aheads.pop(forgotten, None)
                 self.counters["streams_forgotten"] += 1
-            if origin is not None:
+            if ahead is None and origin is None:
+                seen[stream] = sequence
+            elif origin is not None:
                 if ahead is None:
                     ahead = aheads[stream] = _Ahead(last or 0)
                 ahead.add(sequence)
                 seen[stream] = sequence
-            elif ahead is not None:
+            else:
+                assert ahead is not None  # (for the type checker)
                 if ahead.advance(sequence):
                     del aheads[stream]
                 if sequence > seen[stream]:
                     seen[stream] = sequence
-            else:
-                seen[stream] = sequence
             message = Message(
                 topic,
                 topic_type,
