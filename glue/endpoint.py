@@ -180,9 +180,10 @@ class Endpoint(RuntimeCore):
         *,
         expiry_s: float,
         history_depth: int | None,
+        retain: bool = False,
     ) -> Outgoing | None:
         """:meth:`publish` without waiting (see :meth:`try_send`)."""
-        item = self._publication(topic, topic_type, payload, expiry_s, history_depth)
+        item = self._publication(topic, topic_type, payload, expiry_s, history_depth, retain)
         return None if self._queue_now(item) else item
 
     async def publish(
@@ -194,10 +195,16 @@ class Endpoint(RuntimeCore):
         expiry_s: float,
         history_depth: int | None,
         timeout: float,  # noqa: ASYNC109 - the same signature as the blocking twin
+        retain: bool = False,
     ) -> None:
         """Queue a publication on ``topic``, from the loop thread (see :meth:`send`)."""
         item = self.try_publish(
-            topic, topic_type, payload, expiry_s=expiry_s, history_depth=history_depth
+            topic,
+            topic_type,
+            payload,
+            expiry_s=expiry_s,
+            history_depth=history_depth,
+            retain=retain,
         )
         if item is not None:
             await self.wait_to_queue(item, timeout)

@@ -101,7 +101,7 @@ class HistoryStore:
                 sequence,
                 bytes(envelope),
                 bytes(payload),
-                expires - wall_offset,
+                expires - wall_offset if expires < 1e308 else math.inf,  # (retained: never)
             )
 
     def forget(self, topic: str, publisher: EndpointId, sequence: int) -> None:

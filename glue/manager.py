@@ -580,6 +580,7 @@ class AsyncEndpointManager(_Manager):
         expiry: float = DEFAULT_EXPIRY_S,
         history_depth: int | None = None,
         timeout: float = DEFAULT_SEND_TIMEOUT_S,  # noqa: ASYNC109 - same as the blocking twin
+        retain: bool = False,
     ) -> None:
         """Publish ``payload`` on ``topic_name``: see :meth:`EndpointManager.publish`."""
         if not (
@@ -594,8 +595,15 @@ class AsyncEndpointManager(_Manager):
             payload, expiry, timeout, history_depth = _checked_message(
                 payload, expiry, timeout, history_depth, self._max_message_bytes, json_hint=True
             )
+        if retain is not False:
+            _check_retain(retain)
         waiting = self._endpoint.try_publish(
-            topic_name, topic_type, payload, expiry_s=expiry, history_depth=history_depth
+            topic_name,
+            topic_type,
+            payload,
+            expiry_s=expiry,
+            history_depth=history_depth,
+            retain=retain,
         )
         if waiting is not None:
             await self._endpoint.wait_to_queue(waiting, timeout)
@@ -609,6 +617,7 @@ class AsyncEndpointManager(_Manager):
         expiry: float = DEFAULT_EXPIRY_S,
         history_depth: int | None = None,
         timeout: float = DEFAULT_SEND_TIMEOUT_S,  # noqa: ASYNC109 - same as the blocking twin
+        retain: bool = False,
     ) -> None:
         """Publish ``value`` encoded with orjson (read it back with ``message.json()``).
 
@@ -623,6 +632,7 @@ class AsyncEndpointManager(_Manager):
             expiry=expiry,
             history_depth=history_depth,
             timeout=timeout,
+            retain=retain,
         )
 
     def subscribe(
@@ -939,6 +949,13 @@ def _check_optional_timeout(timeout: object) -> float | None:
     if not timeout >= 0:  # (NaN too)
         raise UsageValueError(f"timeout must be 0 or more, not {timeout}", argument="timeout")
     return float(timeout)
+
+
+def _check_retain(retain: object) -> None:
+    if type(retain) is not bool:
+        raise UsageTypeError(
+            f"retain must be True or False, not {type(retain).__name__}", argument="retain"
+        )
 
 
 def _check_gaps(callback: object, gaps: object, on_gap: object) -> None:
@@ -1307,6 +1324,7 @@ class EndpointManager(_Manager):
         expiry: float = DEFAULT_EXPIRY_S,
         history_depth: int | None = None,
         timeout: float = DEFAULT_SEND_TIMEOUT_S,
+        retain: bool = False,
     ) -> None:
         """Publish ``payload`` on ``topic_name`` with type ``topic_type``.
 
@@ -1315,7 +1333,9 @@ class EndpointManager(_Manager):
         Matching subscriptions of this endpoint get it too, without the network. The last
         ``history_depth`` messages of the topic (default ``GLUE_HISTORY_DEPTH``; the value given
         applies to the topic from now on) are kept until they expire, for subscribers that
-        appear later. Returns once queued; waits only while the queue is full.
+        appear later; with ``retain=True``, until later messages of the topic replace them
+        (a quiet sensor's last reading stays for late joiners; see docs/late-joiners.md).
+        Returns once queued; waits only while the queue is full.
 
         Args:
             topic_name: a topic name (see docs/topics.md).
@@ -1325,6 +1345,7 @@ class EndpointManager(_Manager):
             expiry: seconds, more than 0 and at most ``MAX_EXPIRY_S`` (one day).
             history_depth: an int from 0 to ``MAX_HISTORY_DEPTH``, or None.
             timeout: seconds (>= 0) to wait for room in the send queue.
+            retain: keep it in history until replaced, not only until it expires.
 
         Raises:
             UsageTypeError: an argument of the wrong type (a ``TypeError``; ``argument`` names it).
@@ -1346,6 +1367,8 @@ class EndpointManager(_Manager):
             payload, expiry, timeout, history_depth = _checked_message(
                 payload, expiry, timeout, history_depth, self._max_message_bytes, json_hint=True
             )
+        if retain is not False:
+            _check_retain(retain)
         if not self._started or self._stopped:
             raise UsageError("the endpoint is not running (call start() or use `with`)")
         self._endpoint.publish(
@@ -1355,6 +1378,7 @@ class EndpointManager(_Manager):
             expiry_s=expiry,
             history_depth=history_depth,
             timeout=timeout,
+            retain=retain,
         )
 
     def publish_json(
@@ -1366,6 +1390,7 @@ class EndpointManager(_Manager):
         expiry: float = DEFAULT_EXPIRY_S,
         history_depth: int | None = None,
         timeout: float = DEFAULT_SEND_TIMEOUT_S,
+        retain: bool = False,
     ) -> None:
         """Publish ``value`` encoded with orjson (read it back with ``message.json()``).
 
@@ -1380,6 +1405,7 @@ class EndpointManager(_Manager):
             expiry=expiry,
             history_depth=history_depth,
             timeout=timeout,
+            retain=retain,
         )
 
     def subscribe(

@@ -55,7 +55,7 @@ class Outgoing:
         payload: Outbound,
         targets: Sequence[EndpointId] | None,
         expires_at: float,
-        topic: tuple[str, str, int | None] | None = None,
+        topic: tuple[str, str, int | None, bool] | None = None,
     ):
         self.payload = payload
         # As counted in a runtime's hand-off queue (outbound_size, inline: made per message).
@@ -111,7 +111,7 @@ class Outbox:
             self.counters["messages_expired_before_sending"] += 1
             return True
         if item.topic is not None:
-            topic, topic_type, depth = item.topic
+            topic, topic_type, depth, retain = item.topic
             item.topic = None
             item.payload, item.targets = stack.publish(
                 topic,
@@ -120,6 +120,7 @@ class Outbox:
                 expires_at=item.expires_at,
                 now=now,
                 history_depth=depth,
+                retain=retain,
             )
         targets = everyone if item.targets is None else item.targets
         offer = stack.offer

@@ -315,6 +315,7 @@ class RuntimeCore:
         payload: bytes,
         expiry_s: float,
         history_depth: int | None,
+        retain: bool = False,
     ) -> Outgoing:
         if (topic, topic_type) not in self._valid_names:  # validated once per pair (bounded)
             validate_topic_name(topic)
@@ -329,7 +330,7 @@ class RuntimeCore:
         if type(payload) is not bytes:
             payload = bytes(payload)  # a caller's bytearray must not change under us
         return Outgoing(
-            payload, (), time.monotonic() + expiry_s, (topic, topic_type, history_depth)
+            payload, (), time.monotonic() + expiry_s, (topic, topic_type, history_depth, retain)
         )
 
     def _outgoing(self, payload: bytes, to: Sequence[int] | None, expiry_s: float) -> Outgoing:

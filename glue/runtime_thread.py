@@ -207,10 +207,12 @@ class ThreadRuntime(RuntimeCore):
         expiry_s: float,
         history_depth: int | None,
         timeout: float,
+        retain: bool = False,
     ) -> None:
         """Place a publication on ``topic`` (see :meth:`send`)."""
         self._submit(
-            self._publication(topic, topic_type, payload, expiry_s, history_depth), timeout
+            self._publication(topic, topic_type, payload, expiry_s, history_depth, retain),
+            timeout,
         )
 
     def send(

@@ -87,10 +87,11 @@ class SimNode:
         *,
         expiry: float,
         history_depth: int | None = None,
+        retain: bool = False,
     ) -> int:
         """Publish on ``topic`` to every interested peer; returns how many peers it went to."""
         now = self.sim.now
-        item = Outgoing(payload, None, now + expiry, (topic, topic_type, history_depth))
+        item = Outgoing(payload, None, now + expiry, (topic, topic_type, history_depth, retain))
         self.stack.submit(item, now)  # numbered by the topics layer, as the runtimes do
         self.sim._touched[self] = None
         return len(item.targets or ())

@@ -392,6 +392,7 @@ class Stack:
         expires_at: float,
         now: float,
         history_depth: int | None = None,
+        retain: bool = False,
     ) -> tuple[Outbound, tuple[EndpointId, ...]]:
         """Number, keep and locally deliver a topic message; returns what to send, and to whom.
 
@@ -404,6 +405,7 @@ class Stack:
             expires_at=expires_at,
             now=now,
             history_depth=history_depth,
+            retain=retain,
         )
         if self._parked_interest or self._returning:
             extra = [p for p in self._parked_subscribers(topic) if p not in targets]

@@ -41,6 +41,7 @@ peer's interest by ``max_peer_patterns``, and the match caches by entry count.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -95,6 +96,8 @@ MAX_ENVELOPE_BYTES: Final = 1024
 #: The envelope of a direct message (not on a topic).
 DIRECT_ENVELOPE: Final = b"{}\n"
 _CACHE_ENTRIES: Final = 65536
+#: The longest time to live a retained message may carry (``MAX_EXPIRY_S``, one day).
+_MAX_RETAIN_S: Final = 86400.0
 _NO_MISMATCH: Final = ((), 0)
 _MAX_WARNED: Final = 256
 
@@ -268,8 +271,10 @@ class _History:
     def __init__(self, depth: int) -> None:
         self.sequence = 0
         self.depth = depth  # the configured default until a publish sets it for the topic
-        # (sequence, message, expires_at, its size)
-        self.entries: deque[tuple[int, Outbound, float, int]] = deque()
+        # (sequence, message, expires_at, its size, refresh): ``refresh`` (seconds) > 0 for a
+        # retained message: kept until replaced (``expires_at`` inf), sent again with that
+        # time to live
+        self.entries: deque[tuple[int, Outbound, float, int, float]] = deque()
 
 
 class _Kept:
@@ -281,8 +286,9 @@ class _Kept:
         self.incarnation = incarnation
         self.name = name
         self.depth = depth
-        # (sequence, envelope with its origin, expires_at, size), in sequence order
-        self.entries: deque[tuple[int, Outbound, float, int]] = deque()
+        # (sequence, envelope with its origin, expires_at, size, refresh: as _History's), in
+        # sequence order
+        self.entries: deque[tuple[int, Outbound, float, int, float]] = deque()
 
 
 #: One kept message as persisted (``glue.history``): topic, publisher id, incarnation and name,
@@ -538,8 +544,22 @@ class Topics:
         depth = self._keep_depth(topic)
         if not depth:
             return False
+        refresh = 0.0
+        if expires_at == math.inf:  # retained: sent again with the time to live it names
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                refresh = _retained(orjson.loads(line).get("r"))
         return self._keep_message(
-            topic, publisher, incarnation, name, sequence, line, body, expires_at, depth, put=False
+            topic,
+            publisher,
+            incarnation,
+            name,
+            sequence,
+            line,
+            body,
+            expires_at,
+            depth,
+            put=False,
+            refresh=refresh,
         )  # (it is in the store already: only what it displaces is journaled)
 
     def _journal_drop(self, topic: str, publisher: EndpointId, up_to: int) -> None:
@@ -620,9 +640,11 @@ class Topics:
         depth: int,
         *,
         put: bool = True,
+        refresh: float = 0.0,
     ) -> bool:
         """Keep one message of ``publisher`` (``line``: its envelope line, with its origin);
-        ``put``: journal it (see ``journal_kept``)."""
+        ``put``: journal it (see ``journal_kept``); ``refresh``: it is retained (see
+        ``_History``)."""
         key = (topic, publisher)
         kept = self._kept.pop(key, None)
         if kept is not None and kept.incarnation != incarnation:
@@ -642,7 +664,7 @@ class Topics:
         apart = len(body) > APART_BYTES
         envelope: Outbound = (line + b"\n", body) if apart else line + b"\n" + body
         size = len(line) + 1 + len(body)
-        entries.append((sequence, envelope, expires_at, size))
+        entries.append((sequence, envelope, expires_at, size, refresh))
         self._kept_bytes += size
         if expires_at < self._kept_prune_at:
             self._kept_prune_at = expires_at
@@ -685,10 +707,15 @@ class Topics:
         expires_at: float,
         now: float,
         history_depth: int | None = None,
+        retain: bool = False,
     ) -> tuple[Outbound, tuple[EndpointId, ...]]:
         """Number, keep and locally deliver one message; returns it with its envelope (see
         :data:`Outbound`) and the peers to send it to. Names and types are validated by the
-        caller (the API) before queuing."""
+        caller (the API) before queuing.
+
+        ``retain``: its history entry stays until a later message replaces it (``depth``), not
+        only until it expires; late joiners get it with its whole time to live again, and
+        keepers keep it the same way (envelope field ``r``)."""
         history = self._history.pop(topic, None)
         if history is None:
             history = self._revive(topic)
@@ -708,19 +735,24 @@ class Topics:
             head = orjson.dumps({"t": topic, "y": topic_type})
             prefix = self._prefix_cache[key] = head[:-1] + b',"s":'
         envelope: Outbound
+        stamp = self._stamp
+        refresh = 0.0
+        if retain:
+            refresh = max(expires_at - now, 0.001)
+            stamp = b',"r":%r%s' % (refresh, stamp)
         if len(payload) > APART_BYTES:
-            line = b"%s%d%s" % (prefix, sequence, self._stamp)
+            line = b"%s%d%s" % (prefix, sequence, stamp)
             envelope = (line, payload)
             size = len(line) + len(payload)
         else:
-            envelope = b"%s%d%s%s" % (prefix, sequence, self._stamp, payload)
+            envelope = b"%s%d%s%s" % (prefix, sequence, stamp, payload)
             size = len(envelope)
         if history_depth is not None:
             history.depth = history_depth  # for this topic from now on
         depth = history.depth
         entries = history.entries
         if depth > 0:
-            entries.append((sequence, envelope, expires_at, size))
+            entries.append((sequence, envelope, math.inf if retain else expires_at, size, refresh))
             self._history_bytes += size
             if expires_at < self._prune_at:
                 self._prune_at = expires_at
@@ -996,6 +1028,9 @@ class Topics:
             if keeping and source_id != self.endpoint_id:
                 depth = self._keep_depth(topic)
                 expires_at = math.inf if expiries is None else expiries[index]
+                refresh = _retained(head.get("r"))
+                if refresh:
+                    expires_at = math.inf  # kept until replaced, as its publisher keeps it
                 if depth and expires_at > now:
                     payload = data[end + 1 :] if body is None else body
                     line = data[:end] if origin is not None else _with_origin(data[:end], peer)
@@ -1009,6 +1044,7 @@ class Topics:
                         payload,
                         expires_at,
                         depth,
+                        refresh=refresh,
                     )
             if not local:
                 # Not marked as seen: history may bring it again for a later subscription.
@@ -1230,14 +1266,18 @@ class Topics:
                 continue
             if any_matches(old, topic):
                 continue  # it has been getting this topic all along
-            for _, envelope, expires_at, _ in history.entries:
+            for _, envelope, expires_at, _, refresh in history.entries:
+                if refresh:  # retained: sent with its whole time to live again
+                    expires_at = now + refresh
                 if expires_at > now:  # expired history is never sent
                     self._outbox.append((peer, envelope, expires_at))
                     self.counters["history_sent"] += 1
         for (topic, publisher), kept in self._kept.items():
             if publisher == peer or not any_matches(added, topic) or any_matches(old, topic):
                 continue  # (its own messages, or a topic it has been getting all along)
-            for _, envelope, expires_at, _ in kept.entries:
+            for _, envelope, expires_at, _, refresh in kept.entries:
+                if refresh:
+                    expires_at = now + refresh
                 if expires_at > now:
                     self._outbox.append((peer, envelope, expires_at))
                     self.counters["kept_sent"] += 1
@@ -1322,6 +1362,14 @@ class Topics:
         if len(self._warned) < _MAX_WARNED:
             self._warned.add(key)
         logger.warning(message, *args)
+
+
+def _retained(raw: object) -> float:
+    """The time to live a retained message is sent again with (its ``r``), 0.0 if none (or not
+    a number of seconds in (0, one day])."""
+    if (type(raw) is float or type(raw) is int) and 0 < raw <= _MAX_RETAIN_S:
+        return float(raw)
+    return 0.0
 
 
 def _origin(raw: object) -> tuple[EndpointId, int, str] | None:
