@@ -88,6 +88,17 @@ def test_the_async_example_prints_what_it_received() -> None:
     ]
 
 
+def test_the_telemetry_example_gives_a_late_joiner_every_quiet_sensors_last_reading() -> None:
+    # Three sensor processes go quiet past their readings' expiry; the late alerting process
+    # still gets each room's last reading (retain=True), the dashboard counted all 60, and every
+    # process stops on SIGTERM through run_forever.
+    result = _run(["examples/telemetry.py", str(free_udp_port())], base_env())
+    lines = result.stdout.splitlines()
+    assert lines[0] == "alerting: kitchen 19.9, hall 20.9, attic 21.9", result.stdout
+    assert re.fullmatch(r"alerting had them \d+ ms after it started", lines[1]), lines
+    assert lines[2:] == ["dashboard: kitchen 20, hall 20, attic 20"], result.stdout
+
+
 # --- docs/ ---------------------------------------------------------------------------------------
 
 
