@@ -149,6 +149,7 @@ class Endpoint(RuntimeCore):
         to: Sequence[int] | None,
         expiry_s: float,
         timeout: float,  # noqa: ASYNC109 - the same signature as the blocking twin
+        message_type: str = "",
     ) -> None:
         """Queue ``payload`` for ``to`` (every peer when ``None``), from the loop thread.
 
@@ -156,12 +157,17 @@ class Endpoint(RuntimeCore):
             BackpressureError: the hand-off queue stayed full for ``timeout`` seconds.
             UsageError: the endpoint is not running, or the payload is too large.
         """
-        item = self.try_send(payload, to=to, expiry_s=expiry_s)
+        item = self.try_send(payload, to=to, expiry_s=expiry_s, message_type=message_type)
         if item is not None:
             await self.wait_to_queue(item, timeout)
 
     def try_send(
-        self, payload: bytes, *, to: Sequence[int] | None, expiry_s: float
+        self,
+        payload: bytes,
+        *,
+        to: Sequence[int] | None,
+        expiry_s: float,
+        message_type: str = "",
     ) -> Outgoing | None:
         """:meth:`send` without waiting: ``None`` once queued, else the message, for
         :meth:`wait_to_queue` (the hand-off queue is full). No coroutine on the usual path.
@@ -169,7 +175,7 @@ class Endpoint(RuntimeCore):
         Raises:
             UsageError: the endpoint is not running, or the payload is too large.
         """
-        item = self._outgoing(payload, to, expiry_s)
+        item = self._outgoing(payload, to, expiry_s, message_type)
         return None if self._queue_now(item) else item
 
     def try_publish(

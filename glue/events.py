@@ -71,21 +71,47 @@ PeerEvent = PeerAdded | PeerRemoved
 
 @dataclass(slots=True)
 class MessageReceived:
-    """A whole message from ``source``, delivered exactly once and in the order it was sent.
+    """A direct message (``send``) from ``source``, delivered exactly once and in the order it
+    was sent.
 
-    ``received_at`` is this endpoint's **monotonic** clock (``time.monotonic()``, the loop's
-    ``loop.time()``) when the datagram that completed it was read: good for measuring intervals
-    within this process (``time.monotonic() - message.received_at`` is how long it waited), not
-    a date, and not comparable between processes. (Topic messages, :class:`Message`, carry wall
-    clock times instead.)
+    The clocks are those of topic messages (:class:`Message`): ``sent_at`` is the sender's
+    **wall clock** when it sent it and ``received_at`` this endpoint's when the datagram that
+    completed it was read, both in seconds since the epoch (like ``time.time()``; the
+    difference is the latency when the clocks agree); ``expires_at`` is when it expires on the
+    same clock as ``received_at`` (its ``expiry`` at send, counted down on the way): an
+    ``on_message`` callback or ``messages()`` iterator whose queue held it past then does not
+    get it (counted in ``direct_messages_expired``). ``message_type`` is the type the sender
+    gave (``send(..., message_type=...)``), ``""`` if none. A sender older than these fields
+    gives neither type nor time: ``sent_at`` is then ``received_at``.
 
-    Treat it as read-only. It is the one event not frozen: one is built per message on the hot
-    path, and a frozen dataclass costs three times as much to build (measured: 500 vs 140 ns).
+    Treat it as read-only. It is not frozen: one is built per message on the hot path, and a
+    frozen dataclass costs three times as much to build (measured: 500 vs 140 ns).
     """
 
     source: Peer
     payload: bytes
     received_at: float
+    message_type: str = ""
+    sent_at: float = 0.0
+    expires_at: float = math.inf
+
+    @property
+    def source_id(self) -> int:
+        """The sender's endpoint id (``source.endpoint_id``)."""
+        return self.source.endpoint_id
+
+    @property
+    def source_name(self) -> str:
+        """The sender's endpoint name (``source.name``)."""
+        return self.source.name
+
+    def json(self) -> Any:
+        """The payload decoded as JSON (see ``send_json``).
+
+        Raises:
+            ValueError: the payload is not JSON.
+        """
+        return orjson.loads(self.payload)
 
 
 @dataclass(slots=True)

@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, Self, TypeVar, cast
 
 import orjson
 
@@ -84,9 +84,12 @@ from glue.subscription import (
     EventQueue,
     GapCallback,
     MessageCallback,
+    SenderLanes,
+    SenderRunners,
     Subscription,
     check_queue_bounds,
     crossed_power_of_ten,
+    expired_now,
 )
 from glue.topics import validate_pattern, validate_topic_name, validate_topic_type
 from glue.wire import EndpointId
@@ -328,7 +331,8 @@ class AsyncEndpointManager(_Manager):
         super().__init__(settings)
         self._endpoint: Endpoint = Endpoint(self.settings)
         self._peers: dict[int, Peer] = {}
-        self._runners: list[tuple[type[StackEvent], CallbackRunner]] = []
+        self._runners: list[tuple[type[StackEvent], CallbackRunner]] = []  # peer callbacks
+        self._message_runners: list[SenderRunners] = []  # on_message callbacks
         self._peer_streams: set[AsyncEventQueue[PeerEvent]] = set()
         self._message_streams: set[AsyncEventQueue[MessageReceived]] = set()
         self._subscriptions: dict[int, AsyncSubscription] = {}
@@ -440,8 +444,10 @@ class AsyncEndpointManager(_Manager):
         self._subscriptions.clear()
         for subscription in subscriptions:
             subscription._end()
-        runners = [runner for _, runner in self._runners]
+        runners: list[CallbackRunner | SenderRunners] = [runner for _, runner in self._runners]
+        runners.extend(self._message_runners)
         self._runners.clear()
+        self._message_runners.clear()
         for runner in runners:
             runner.close()
         for subscription in subscriptions:
@@ -733,10 +739,12 @@ class AsyncEndpointManager(_Manager):
         to: Sequence[int | str] | None = None,
         expiry: float = DEFAULT_EXPIRY_S,
         timeout: float = DEFAULT_SEND_TIMEOUT_S,  # noqa: ASYNC109 - same as the blocking twin
+        message_type: str = "",
     ) -> None:
         """Send ``payload`` to the peers ``to`` (ids; every peer known when it goes out if None).
 
         Delivered to each peer exactly once and in order, unless ``expiry`` seconds pass first.
+        See :meth:`EndpointManager.send`.
 
         Raises:
             BackpressureError: peers acknowledge too slowly and the queue stayed full ``timeout`` s.
@@ -757,17 +765,39 @@ class AsyncEndpointManager(_Manager):
         if to is not None and not _one_id(to):
             targets = _resolve_names(_check_targets(to) or (), self._peers.values())
         # The usual path queues at once, without a coroutine more per message.
-        waiting = self._endpoint.try_send(payload, to=targets, expiry_s=expiry)
+        if type(message_type) is not str:
+            _refuse_message_type(message_type)
+        waiting = self._endpoint.try_send(
+            payload, to=targets, expiry_s=expiry, message_type=message_type
+        )
         if waiting is not None:
             await self._endpoint.wait_to_queue(waiting, timeout)
 
-    def on_message(self, callback: Callable[[MessageReceived], object]) -> Callable[[], None]:
-        """Call ``callback(message)`` (plain or ``async``) for each message, in order (an
-        ``async`` one is awaited before the next call); returns a remover.
+    async def send_json(
+        self,
+        value: Any,
+        *,
+        to: Sequence[int | str] | None = None,
+        expiry: float = DEFAULT_EXPIRY_S,
+        timeout: float = DEFAULT_SEND_TIMEOUT_S,  # noqa: ASYNC109 - same as the blocking twin
+        message_type: str = "",
+    ) -> None:
+        """Send ``value`` encoded with orjson (read it back with ``message.json()``): see
+        :meth:`EndpointManager.send`."""
+        await self.send(
+            _encode_json(value), to=to, expiry=expiry, timeout=timeout, message_type=message_type
+        )
 
-        The messages wait in a queue of their own (``EVENT_QUEUE_SIZE`` messages,
-        ``EVENT_QUEUE_BYTES`` bytes); beyond, they are dropped for it, counted
-        (``events_dropped_slow_consumer``) and reported.
+    def on_message(self, callback: Callable[[MessageReceived], object]) -> Callable[[], None]:
+        """Call ``callback(message)`` (plain or ``async``) for each direct message; returns a
+        remover.
+
+        Each sender's messages come in order (an ``async`` callback is awaited before the next
+        call for that sender); different senders' run side by side, so a handler slow for one
+        does not hold up another's. Each sender's messages wait in a queue of their own
+        (``EVENT_QUEUE_SIZE`` messages, ``EVENT_QUEUE_BYTES`` bytes); beyond, they are dropped,
+        counted (``events_dropped_slow_consumer``) and reported. One that expired while it
+        waited is not handed over (``direct_messages_expired``).
 
         Raises:
             UsageTypeError: ``callback`` is not callable.
@@ -796,7 +826,12 @@ class AsyncEndpointManager(_Manager):
             queue_bytes=queue_bytes,
             sizer=_payload_size,
             ended=self._ended,
+            expired=expired_now,
+            on_expired=self._count_expired,
         )
+
+    def _count_expired(self, count: int) -> None:
+        self._endpoint.counters["direct_messages_expired"] += count
 
     # --- peer events ----------------------------------------------------------------------------
 
@@ -837,12 +872,28 @@ class AsyncEndpointManager(_Manager):
         self, kind: type[StackEvent], callback: _Callback, what: str
     ) -> Callable[[], None]:
         _check_callback(callback)
+        if kind is MessageReceived:
+            lanes = SenderRunners(
+                callback,
+                what=f"{what} of {self.name}",
+                queue_size=EVENT_QUEUE_SIZE,
+                queue_bytes=EVENT_QUEUE_BYTES,
+                on_expired=self._count_expired,
+            )
+            self._message_runners.append(lanes)
+
+            def remove_lanes() -> None:
+                if lanes in self._message_runners:
+                    self._message_runners.remove(lanes)
+                lanes.close()
+
+            return remove_lanes
         runner = CallbackRunner(
             callback,
             what=f"{what} of {self.name}",
             queue_size=EVENT_QUEUE_SIZE,
             queue_bytes=EVENT_QUEUE_BYTES,
-            sizer=_payload_size if kind is MessageReceived else None,
+            sizer=None,
         )
         entry = (kind, runner)
         self._runners.append(entry)
@@ -859,7 +910,7 @@ class AsyncEndpointManager(_Manager):
         changed = False
         dropped = 0
         runners = self._runners
-        message_runners = [r for kind, r in runners if kind is MessageReceived]
+        message_runners = self._message_runners
         # A copy: an iterator garbage-collected meanwhile leaves the set.
         message_streams = tuple(self._message_streams)
         wants_messages = bool(message_runners or message_streams)
@@ -872,8 +923,8 @@ class AsyncEndpointManager(_Manager):
                 for stream in message_streams:
                     if not stream.offer(event):
                         dropped += 1
-                for runner in message_runners:
-                    if not runner.offer(event):
+                for lanes in message_runners:
+                    if not lanes.offer(event):
                         dropped += 1
                 continue
             if isinstance(event, TopicDelivery):
@@ -897,6 +948,9 @@ class AsyncEndpointManager(_Manager):
             for kind, runner in runners:
                 if isinstance(event, kind) and not runner.offer(peer):
                     dropped += 1
+            if isinstance(event, PeerRemoved):
+                for lanes in message_runners:
+                    lanes.forget(peer.endpoint_id)
         lost = _hand_over(per_subscription, self._subscriptions)
         counters = self._endpoint.counters
         if lost:
@@ -949,6 +1003,12 @@ def _check_optional_timeout(timeout: object) -> float | None:
     if not timeout >= 0:  # (NaN too)
         raise UsageValueError(f"timeout must be 0 or more, not {timeout}", argument="timeout")
     return float(timeout)
+
+
+def _refuse_message_type(message_type: object) -> NoReturn:
+    raise UsageTypeError(
+        f"message_type must be a str, not {type(message_type).__name__}", argument="message_type"
+    )
 
 
 def _check_retain(retain: object) -> None:
@@ -1022,8 +1082,8 @@ class EndpointManager(_Manager):
 
     ``with EndpointManager.from_env() as endpoint:`` starts it and stops it on exit. A publish
     sends from the caller's thread when nothing is in flight; one network thread receives, runs
-    the timers and hands events over. Callbacks run on a pool of callback threads (subscriptions)
-    or a delivery thread (peers, direct messages), in the order the events happened; a
+    the timers and hands events over. Callbacks run on a pool of callback threads (subscriptions,
+    and direct messages by sender) or a delivery thread (peers), in the order the events happened; a
     subscription made with ``inline=True`` runs its callback on the network thread itself.
     """
 
@@ -1044,7 +1104,8 @@ class EndpointManager(_Manager):
         self._delivery_thread: threading.Thread | None = None
         self._delivering: _Callback | None = None  # the callback the delivery thread is in
         self._abandoned = False  # stop() gave up waiting: the delivery thread starts no more
-        self._callbacks: list[tuple[type[StackEvent], _Callback]] = []
+        self._callbacks: list[tuple[type[StackEvent], _Callback]] = []  # peer callbacks
+        self._message_lanes: list[SenderLanes] = []  # on_message callbacks
         self._peer_streams: set[EventQueue[PeerEvent]] = set()
         self._message_streams: set[EventQueue[MessageReceived]] = set()
         self._subscriptions: dict[int, Subscription] = {}
@@ -1168,6 +1229,10 @@ class EndpointManager(_Manager):
         self._subscriptions.clear()
         for subscription in subscriptions:
             subscription._end()
+        with self._lock:
+            lanes, self._message_lanes = self._message_lanes, []
+        for message_lanes in lanes:
+            message_lanes.close()
         running.extend(self._pool.stop(remaining()))
         running.extend(self._stop_deliveries(remaining()))
         return _left_behind(
@@ -1540,12 +1605,15 @@ class EndpointManager(_Manager):
         to: Sequence[int | str] | None = None,
         expiry: float = DEFAULT_EXPIRY_S,
         timeout: float = DEFAULT_SEND_TIMEOUT_S,
+        message_type: str = "",
     ) -> None:
         """Send ``payload`` to the peers ``to`` (ids; every peer known when it goes out if None).
 
         Returns as soon as the message is queued (it never waits for the network unless the
         queue is full). Delivered to each peer exactly once and in order, unless ``expiry``
-        seconds pass first.
+        seconds pass first: a receiver's ``on_message`` callback or ``messages()`` iterator
+        does not get it if it expired while waiting in their queue. Receivers see it as a
+        :class:`~glue.MessageReceived` with ``message_type``, ``sent_at`` and ``expires_at``.
 
         Args:
             payload: ``bytes``, ``bytearray`` or ``memoryview`` (copied).
@@ -1553,6 +1621,8 @@ class EndpointManager(_Manager):
                 known now), a list or other iterable; None: every peer.
             expiry: seconds, more than 0 and at most ``MAX_EXPIRY_S`` (one day).
             timeout: seconds (>= 0) to wait for room in the send queue.
+            message_type: what the receiver sees as ``message.message_type`` (the rules of a
+                topic type; ``""``, the default, for none).
 
         Raises:
             UsageTypeError: an argument of the wrong type (a ``TypeError``; ``argument`` names it).
@@ -1578,12 +1648,43 @@ class EndpointManager(_Manager):
             with self._changed:
                 peers = list(self._peers.values())
             targets = _resolve_names(_check_targets(to) or (), peers)
+        if type(message_type) is not str:
+            _refuse_message_type(message_type)
         if not self._started or self._stopped:
             raise UsageError("the endpoint is not running (call start() or use `with`)")
-        self._endpoint.send(payload, to=targets, expiry_s=expiry, timeout=timeout)
+        self._endpoint.send(
+            payload, to=targets, expiry_s=expiry, timeout=timeout, message_type=message_type
+        )
+
+    def send_json(
+        self,
+        value: Any,
+        *,
+        to: Sequence[int | str] | None = None,
+        expiry: float = DEFAULT_EXPIRY_S,
+        timeout: float = DEFAULT_SEND_TIMEOUT_S,
+        message_type: str = "",
+    ) -> None:
+        """Send ``value`` encoded with orjson (read it back with ``message.json()``).
+
+        Raises:
+            UsageTypeError: ``value`` cannot be encoded as JSON (a ``TypeError``); and as
+                :meth:`send`.
+        """
+        self.send(
+            _encode_json(value), to=to, expiry=expiry, timeout=timeout, message_type=message_type
+        )
 
     def on_message(self, callback: Callable[[MessageReceived], object]) -> Callable[[], None]:
-        """Call ``callback(message)`` on the delivery thread for each message; returns a remover.
+        """Call ``callback(message)`` for each direct message, on the callback threads; returns
+        a remover.
+
+        Each sender's messages come in order, one call at a time; different senders' run side
+        by side (up to ``GLUE_CALLBACK_THREADS``), so a handler slow for one sender does not
+        hold up another's. Messages wait in one queue (``EVENT_QUEUE_SIZE`` messages,
+        ``EVENT_QUEUE_BYTES`` bytes); beyond, they are dropped, counted
+        (``events_dropped_slow_consumer``) and reported. One that expired while it waited is
+        not handed over (``direct_messages_expired``).
 
         Raises:
             UsageTypeError: ``callback`` is not callable.
@@ -1620,7 +1721,13 @@ class EndpointManager(_Manager):
             queue_bytes=queue_bytes,
             sizer=_payload_size,
             ended=self._ended,
+            expired=expired_now,
+            on_expired=self._count_expired,
         )
+
+    def _count_expired(self, count: int) -> None:
+        with self._endpoint.locked():  # (counters are read under it)
+            self._endpoint.counters["direct_messages_expired"] += count
 
     # --- peer events ----------------------------------------------------------------------------
 
@@ -1664,6 +1771,25 @@ class EndpointManager(_Manager):
 
     def _add_callback(self, kind: type[StackEvent], callback: _Callback) -> Callable[[], None]:
         _check_callback(callback)
+        if kind is MessageReceived:
+            lanes = SenderLanes(
+                callback,
+                pool=self._pool,
+                what=f"on_message of {self.name}",
+                queue_size=EVENT_QUEUE_SIZE,
+                queue_bytes=EVENT_QUEUE_BYTES,
+                on_expired=self._count_expired,
+            )
+            with self._lock:
+                self._message_lanes.append(lanes)
+
+            def remove_lanes() -> None:
+                with self._lock:
+                    if lanes in self._message_lanes:
+                        self._message_lanes.remove(lanes)
+                lanes.close()
+
+            return remove_lanes
         entry = (kind, callback)
         with self._lock:
             self._callbacks.append(entry)
@@ -1679,14 +1805,15 @@ class EndpointManager(_Manager):
         """On the network thread: hand the burst's events over without blocking."""
         with self._lock:
             callbacks = list(self._callbacks)
-        message_callbacks = tuple(cb for kind, cb in callbacks if kind is MessageReceived)
+            message_lanes = tuple(self._message_lanes)
         # Copies: an iterator garbage-collected meanwhile leaves the set.
         message_streams = tuple(self._message_streams)
         peer_streams = tuple(self._peer_streams)
         batch: list[tuple[tuple[_Callback, ...], Sequence[object]]] = []
-        messages: list[MessageReceived] = []
+        messages: list[MessageReceived] = []  # for the on_message callbacks' lanes
+        removed: list[int] = []  # peers gone: their lanes go once empty
         dropped = 0
-        size = 0  # payload bytes of the messages going to callbacks
+        size = 0
         changed = False  # peers or their interest
         # Each subscription's messages of the burst go to it in one call (one lock, one wake-up).
         per_subscription: dict[int, list[Message | Gap]] = {}
@@ -1701,7 +1828,8 @@ class EndpointManager(_Manager):
                 _collect_gap(per_subscription, event)
                 continue
             if isinstance(event, MessageReceived):
-                messages.append(event)
+                if message_lanes:
+                    messages.append(event)
                 for message_stream in message_streams:
                     if not message_stream.offer(event):
                         dropped += 1
@@ -1712,20 +1840,18 @@ class EndpointManager(_Manager):
                     self._peers[event.peer.endpoint_id] = event.peer
                 else:
                     self._peers.pop(event.peer.endpoint_id, None)
-            if messages:  # keep the order of messages and peer events
-                if message_callbacks:
-                    size += sum([len(m.payload) for m in messages])
-                batch.append((message_callbacks, messages))
-                messages = []
+                    removed.append(event.peer.endpoint_id)
             peer_callbacks = tuple(cb for kind, cb in callbacks if isinstance(event, kind))
             batch.append((peer_callbacks, [event.peer]))
             for stream in peer_streams:
                 if not stream.offer(event):
                     dropped += 1
         if messages:
-            if message_callbacks:
-                size += sum([len(m.payload) for m in messages])
-            batch.append((message_callbacks, messages))
+            for lanes in message_lanes:
+                dropped += lanes.offer(messages)
+        for peer_id in removed:
+            for lanes in message_lanes:
+                lanes.forget(peer_id)
         if changed:
             with self._changed:
                 self._changed.notify_all()

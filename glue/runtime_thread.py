@@ -216,7 +216,13 @@ class ThreadRuntime(RuntimeCore):
         )
 
     def send(
-        self, payload: bytes, *, to: Sequence[int] | None, expiry_s: float, timeout: float
+        self,
+        payload: bytes,
+        *,
+        to: Sequence[int] | None,
+        expiry_s: float,
+        timeout: float,
+        message_type: str = "",
     ) -> None:
         """Place ``payload`` for ``to`` (every peer when ``None``), sending it from this thread
         when nothing is in flight; blocks at most ``timeout`` s while the queue is full.
@@ -225,7 +231,7 @@ class ThreadRuntime(RuntimeCore):
             BackpressureError: the queue stayed full for ``timeout`` seconds.
             UsageError: the endpoint is not running, or the payload is too large.
         """
-        self._submit(self._outgoing(payload, to, expiry_s), timeout)
+        self._submit(self._outgoing(payload, to, expiry_s, message_type), timeout)
 
     def _submit(self, item: Outgoing, timeout: float) -> None:
         # (a large message fills datagrams of its own: it goes from here whenever it can)

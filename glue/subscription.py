@@ -41,10 +41,10 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import Any, Final, Generic, Self, TypeVar, cast
+from typing import Any, Final, Generic, Protocol, Self, TypeVar, cast
 
 from glue.errors import UsageError, check_int, check_timeout
-from glue.events import Gap, Message
+from glue.events import Gap, Message, MessageReceived
 
 __all__ = [
     "DEFAULT_QUEUE_BYTES",
@@ -183,25 +183,37 @@ def _fitting(messages: list[Message | Gap], room: int, room_bytes: int, empty: b
     return count
 
 
+def expired_now(message: MessageReceived) -> bool:
+    """Whether a direct message's expiry passed (wall clock, as ``expires_at``)."""
+    return message.expires_at <= time.time()
+
+
+class _Runnable(Protocol):
+    """What the pool runs: a subscription, or one sender's lane of an ``on_message``."""
+
+    def _run_batch(self) -> bool: ...
+    def describe(self) -> str: ...
+
+
 class CallbackPool:
     """Threads that run subscriptions' callbacks; each subscription runs on one at a time."""
 
     def __init__(self, threads: int, name: str) -> None:
         self._max = threads
         self._name = name
-        self._ready: queue.SimpleQueue[Subscription | None] = queue.SimpleQueue()
+        self._ready: queue.SimpleQueue[_Runnable | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._idle = 0  # threads waiting for work
         self._queued = 0  # subscriptions put in ``_ready`` and not yet taken
         self._lock = threading.Lock()
         self._idents: set[int] = set()
-        self._current: dict[threading.Thread, Subscription] = {}  # what each thread runs now
+        self._current: dict[threading.Thread, _Runnable] = {}  # what each thread runs now
 
-    def schedule(self, subscription: Subscription) -> None:
+    def schedule(self, subscription: _Runnable) -> None:
         """Run ``subscription``'s waiting callbacks on a pool thread (starting one if needed)."""
         self._enqueue(subscription)
 
-    def _enqueue(self, subscription: Subscription) -> None:
+    def _enqueue(self, subscription: _Runnable) -> None:
         with self._lock:
             self._queued += 1
             # A thread for each queued subscription, as far as the limit allows: counting idle
@@ -237,11 +249,7 @@ class CallbackPool:
         for thread in threads:
             subscription = self._current.get(thread)
             if thread is not current and thread.is_alive() and subscription is not None:
-                still.append(
-                    f"callback {subscription.callback!r} of subscription "
-                    f"{subscription.topic_name!r} ({subscription.topic_type}) on thread "
-                    f"{thread.name}"
-                )
+                still.append(f"{subscription.describe()} on thread {thread.name}")
         return still
 
     def _work(self) -> None:
@@ -521,6 +529,223 @@ class Subscription:
                 return False
 
 
+class SenderLanes:
+    """One ``on_message`` callback of the blocking manager: each sender's messages wait in a
+    lane of their own and run in order on the callback pool, lanes side by side, so a handler
+    slow for one sender does not hold up another's.
+
+    The lanes share one bound (``queue_size`` messages, ``queue_bytes`` bytes of payload);
+    beyond, messages are dropped, counted and reported. A message whose expiry passed while it
+    waited is not handed over (``on_expired`` is told how many).
+    """
+
+    def __init__(
+        self,
+        callback: Callable[[MessageReceived], object],
+        *,
+        pool: CallbackPool,
+        what: str,
+        queue_size: int,
+        queue_bytes: int,
+        on_expired: Callable[[int], None],
+    ) -> None:
+        self.callback = callback
+        self.what = what
+        #: Messages dropped because the queue was full.
+        self.dropped = 0
+        #: Messages not handed over because they expired while they waited.
+        self.expired = 0
+        self._pool = pool
+        self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
+        self._on_expired = on_expired
+        self._lanes: dict[int, _Lane] = {}
+        self._waiting = 0  # messages in every lane, and their payload bytes
+        self._waiting_bytes = 0
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def offer(self, messages: list[MessageReceived]) -> int:
+        """On the network thread: queue ``messages`` (in order, of any senders) in their
+        senders' lanes; returns how many were dropped (full)."""
+        dropped = 0
+        schedule: list[_Lane] = []
+        with self._lock:
+            if self.closed:
+                return 0
+            for message in messages:
+                size = len(message.payload)
+                if self._waiting and (
+                    self._waiting >= self._queue_size
+                    or self._waiting_bytes + size > self._queue_bytes
+                ):
+                    dropped += 1
+                    continue
+                self._waiting += 1
+                self._waiting_bytes += size
+                sender = message.source.endpoint_id
+                lane = self._lanes.get(sender)
+                if lane is None:
+                    lane = self._lanes[sender] = _Lane(self, message.source.name)
+                lane.items.append(message)
+                if not lane.scheduled:
+                    lane.scheduled = True
+                    schedule.append(lane)
+        for lane in schedule:
+            self._pool.schedule(lane)
+        if dropped:
+            before = self.dropped
+            self.dropped += dropped
+            if crossed_power_of_ten(before, self.dropped):
+                _warn_dropped(self.what, self.dropped, self._queue_size, self._queue_bytes)
+        return dropped
+
+    def forget(self, sender: int) -> None:
+        """``sender`` left: its lane goes once nothing waits in it."""
+        with self._lock:
+            lane = self._lanes.get(sender)
+            if lane is not None and not lane.scheduled:
+                del self._lanes[sender]
+
+    def close(self) -> None:
+        """No callback starts after this (one running may finish). Idempotent."""
+        with self._lock:
+            self.closed = True
+            for lane in self._lanes.values():
+                lane.items.clear()
+            self._lanes.clear()
+            self._waiting = self._waiting_bytes = 0
+
+    def _take(self, lane: _Lane) -> list[MessageReceived]:
+        """On a pool thread: up to a batch of ``lane``'s messages, no longer counted waiting."""
+        with self._lock:
+            items = lane.items
+            batch = [items.popleft() for _ in range(min(len(items), _BATCH))]
+            self._waiting -= len(batch)
+            self._waiting_bytes -= sum([len(m.payload) for m in batch])
+            return batch
+
+    def _expired(self, count: int) -> None:
+        before = self.expired
+        self.expired += count
+        self._on_expired(count)
+        if crossed_power_of_ten(before, self.expired):
+            logger.warning(
+                "%s: %d direct messages expired while they waited in its queue, not handed "
+                "over (a callback too slow for the messages' expiry)",
+                self.what,
+                self.expired,
+            )
+
+
+class _Lane:
+    """The messages of one sender for one :class:`SenderLanes`, run by the pool in order."""
+
+    __slots__ = ("items", "owner", "scheduled", "sender")
+
+    def __init__(self, owner: SenderLanes, sender: str) -> None:
+        self.owner = owner
+        self.sender = sender
+        self.items: deque[MessageReceived] = deque()
+        self.scheduled = False  # in the pool's queue or running there (under owner._lock)
+
+    def describe(self) -> str:
+        return (
+            f"{self.owner.what} (callback {self.owner.callback!r}) for messages from {self.sender}"
+        )
+
+    def _run_batch(self) -> bool:
+        owner = self.owner
+        batch = owner._take(self)
+        now = time.time()
+        live = [m for m in batch if m.expires_at > now]
+        if len(live) != len(batch):
+            owner._expired(len(batch) - len(live))
+        callback = owner.callback
+        for message in live:
+            if owner.closed:
+                break
+            try:
+                callback(message)
+            except Exception:
+                logger.exception("%s: callback %r failed", owner.what, callback)
+        with owner._lock:
+            if self.items and not owner.closed:
+                return True  # more waiting: go round, others get a turn
+            self.scheduled = False
+            return False
+
+
+class SenderRunners:
+    """One ``on_message`` callback of the asyncio manager: a :class:`CallbackRunner` per
+    sender, so an ``async`` handler slow for one sender does not hold up another's; each
+    sender's messages in order. A message whose expiry passed while it waited is not handed
+    over (``on_expired`` is told)."""
+
+    def __init__(
+        self,
+        callback: Callable[[Any], object],
+        *,
+        what: str,
+        queue_size: int,
+        queue_bytes: int,
+        on_expired: Callable[[int], None],
+    ) -> None:
+        self.callback = callback
+        self.what = what
+        self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
+        self._on_expired = on_expired
+        self._runners: dict[int, CallbackRunner] = {}
+        self._closed = False
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because a sender's queue was full."""
+        return sum(runner.dropped for runner in self._runners.values())
+
+    def offer(self, message: MessageReceived) -> bool:
+        """On the loop: queue ``message`` in its sender's runner; False if dropped (full)."""
+        if self._closed:
+            return True
+        sender = message.source.endpoint_id
+        runner = self._runners.get(sender)
+        if runner is None:
+            runner = self._runners[sender] = CallbackRunner(
+                self.callback,
+                what=f"{self.what} for messages from {message.source.name}",
+                queue_size=self._queue_size,
+                queue_bytes=self._queue_bytes,
+                sizer=_payload_bytes,
+                expired=expired_now,
+                on_expired=self._on_expired,
+            )
+        return runner.offer(message)
+
+    def forget(self, sender: int) -> None:
+        """``sender`` left: its runner goes once nothing waits in it."""
+        runner = self._runners.get(sender)
+        if runner is not None and runner.idle():
+            runner.close()
+            del self._runners[sender]
+
+    def close(self) -> None:
+        self._closed = True
+        for runner in self._runners.values():
+            runner.close()
+
+    async def stop(self, timeout: float | None) -> str | None:  # noqa: ASYNC109
+        """As :meth:`CallbackRunner.stop`, for every sender's runner (``timeout`` each)."""
+        self._closed = True
+        still = [await runner.stop(timeout) for runner in list(self._runners.values())]
+        left = [what for what in still if what is not None]
+        return "; ".join(left) if left else None
+
+
+def _payload_bytes(message: MessageReceived) -> int:
+    return len(message.payload)
+
+
 class AsyncSubscription:
     """A subscription of :class:`~glue.manager.AsyncEndpointManager`.
 
@@ -757,6 +982,39 @@ class EventQueue(Generic[T]):
         return item
 
 
+class _ExpirySkip(Generic[T]):
+    """An iterator's check that an item did not expire while it waited (direct messages)."""
+
+    __slots__ = ("check", "count", "on_expired", "what")
+
+    def __init__(
+        self,
+        what: str,
+        check: Callable[[T], bool] | None,
+        on_expired: Callable[[int], None] | None,
+    ) -> None:
+        self.what = what
+        self.check = check
+        self.on_expired = on_expired
+        self.count = 0
+
+    def skips(self, item: T) -> bool:
+        """Whether ``item`` expired (then counted, and warned about at 1, 10, 100...)."""
+        if self.check is None or not self.check(item):
+            return False
+        self.count += 1
+        if self.on_expired is not None:
+            self.on_expired(1)
+        if crossed_power_of_ten(self.count - 1, self.count):
+            logger.warning(
+                "%s: %d messages expired while they waited in its queue, not handed over (a "
+                "reader too slow for the messages' expiry)",
+                self.what,
+                self.count,
+            )
+        return True
+
+
 class EventIterator(Generic[T]):
     """What ``EndpointManager.messages()`` and ``peer_events()`` return.
 
@@ -778,10 +1036,13 @@ class EventIterator(Generic[T]):
         queue_bytes: int,
         sizer: Sizer | None,
         ended: Callable[[], bool],
+        expired: Callable[[T], bool] | None = None,
+        on_expired: Callable[[int], None] | None = None,
     ) -> None:
         # The registry holds the queue, never this iterator: dropping it unregisters (__del__).
         self._streams = streams
         self._timeout = timeout
+        self._expiry = _ExpirySkip(what, expired, on_expired)
         self._queue: EventQueue[T] = EventQueue(what, queue_size, queue_bytes, sizer)
         self._open = True
         streams.add(self._queue)
@@ -801,10 +1062,17 @@ class EventIterator(Generic[T]):
         if not self._open:
             raise StopIteration
         item = self._queue.get(self._timeout)
+        while item is not None and self._expiry.skips(item):
+            item = self._queue.get(self._timeout)
         if item is None:
             self.close()
             raise StopIteration
         return item
+
+    @property
+    def expired(self) -> int:
+        """Messages not handed over because they expired while they waited."""
+        return self._expiry.count
 
     def close(self) -> None:
         """Stop receiving; iteration ends. Idempotent."""
@@ -911,8 +1179,11 @@ class AsyncEventIterator(Generic[T]):
         queue_bytes: int,
         sizer: Sizer | None,
         ended: Callable[[], bool],
+        expired: Callable[[T], bool] | None = None,
+        on_expired: Callable[[int], None] | None = None,
     ) -> None:
         self._streams = streams
+        self._expiry = _ExpirySkip(what, expired, on_expired)
         self._queue: AsyncEventQueue[T] = AsyncEventQueue(what, queue_size, queue_bytes, sizer)
         self._open = True
         streams.add(self._queue)
@@ -931,10 +1202,17 @@ class AsyncEventIterator(Generic[T]):
         if not self._open:
             raise StopAsyncIteration
         item = await self._queue.get()
+        while item is not None and self._expiry.skips(item):
+            item = await self._queue.get()
         if item is None:
             self.close()
             raise StopAsyncIteration
         return item
+
+    @property
+    def expired(self) -> int:
+        """Messages not handed over because they expired while they waited."""
+        return self._expiry.count
 
     def close(self) -> None:
         """Stop receiving; iteration ends (a waiting ``__anext__`` too). Idempotent."""
@@ -984,11 +1262,17 @@ class CallbackRunner:
         queue_size: int,
         queue_bytes: int,
         sizer: Sizer | None,
+        expired: Callable[[Any], bool] | None = None,
+        on_expired: Callable[[int], None] | None = None,
     ) -> None:
         self.callback = callback
         self.what = what
         #: Events dropped because the queue was full.
         self.dropped = 0
+        #: Events not handed over because ``expired`` said so when their turn came.
+        self.expired = 0
+        self._is_expired = expired
+        self._on_expired = on_expired
         self._queue_size = queue_size
         self._queue_bytes = queue_bytes
         self._sizer = sizer
@@ -1018,6 +1302,10 @@ class CallbackRunner:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
         return True
+
+    def idle(self) -> bool:
+        """Nothing waits and no call runs."""
+        return not self._items and (self._task is None or self._waiter is not None)
 
     def close(self) -> None:
         """No call starts after this; a call running now may finish. Idempotent."""
@@ -1062,6 +1350,9 @@ class CallbackRunner:
                 item = items.popleft()
                 if sizer is not None:
                     self._bytes -= sizer(item)
+                if self._is_expired is not None and self._is_expired(item):
+                    self._expire()
+                    continue
                 try:
                     result = callback(item)
                     if inspect.isawaitable(result):
@@ -1072,6 +1363,18 @@ class CallbackRunner:
                     logger.exception("%s: callback %r failed", self.what, callback)
             else:
                 await asyncio.sleep(0)
+
+    def _expire(self) -> None:
+        self.expired += 1
+        if self._on_expired is not None:
+            self._on_expired(1)
+        if crossed_power_of_ten(self.expired - 1, self.expired):
+            logger.warning(
+                "%s: %d messages expired while they waited in its queue, not handed over (a "
+                "callback too slow for the messages' expiry)",
+                self.what,
+                self.expired,
+            )
 
 
 def _is_current(task: asyncio.Task[Any]) -> bool:

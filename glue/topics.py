@@ -111,15 +111,19 @@ Outbound = bytes | tuple[bytes, bytes]
 Send = tuple[EndpointId, Outbound, float]
 
 
-def direct_message(payload: bytes) -> Outbound:
-    """A direct message (``send``, not on a topic): the direct envelope, then ``payload``.
+def direct_message(payload: bytes, message_type: str = "", sent_at: float = 0.0) -> Outbound:
+    """A direct message (``send``, not on a topic): its envelope (``{"w":SENT_AT}``, with
+    ``"y"`` first when typed; PROTOCOL.md), then ``payload``. The runtimes build the same bytes
+    with a cached stamp (``RuntimeCore._outgoing``).
 
     A large payload is kept apart, not copied (it must be ``bytes``, so it cannot change); a small
     one is copied once, after the envelope.
     """
+    head = {"y": message_type, "w": sent_at} if message_type else {"w": sent_at}
+    line = orjson.dumps(head) + b"\n"
     if len(payload) > APART_BYTES:
-        return (DIRECT_ENVELOPE, payload)
-    return DIRECT_ENVELOPE + payload
+        return (line, payload)
+    return line + payload
 
 
 def outbound_size(message: Outbound) -> int:
@@ -416,6 +420,7 @@ class Topics:
         self._target_cache: dict[str, tuple[EndpointId, ...]] = {}
         self._prefix_cache: dict[tuple[str, str], bytes] = {}
         self._valid_names: set[tuple[str, str]] = set()
+        self._valid_types: set[str] = set()  # of direct messages
         self._outbox: list[Send] = []
         self._warned: set[object] = set()
         self._published = 0
@@ -851,7 +856,11 @@ class Topics:
         """Take one whole message the transport delivered from ``peer`` (``expires_at``: when
         its time to live runs out, which a keeper keeps it until)."""
         if data.startswith(DIRECT_ENVELOPE):  # what _receive does with it, without its set-up
-            self._emit(MessageReceived(peer, data[len(DIRECT_ENVELOPE) :], now))
+            wall = now + self.wall_offset
+            payload = data[len(DIRECT_ENVELOPE) :]
+            self._emit(
+                MessageReceived(peer, payload, wall, "", wall, expires_at + self.wall_offset)
+            )
             return
         self._receive(peer, (data,), now, None, (expires_at,))
 
@@ -876,7 +885,8 @@ class Topics:
         rest = first[end + 1 :]
         body = bytes(rest) if len(pieces) == 1 else b"".join((rest, *pieces[1:]))
         if line.startswith(DIRECT_ENVELOPE):  # what _receive does with it, without its set-up
-            self._emit(MessageReceived(peer, body, now))
+            wall = now + self.wall_offset
+            self._emit(MessageReceived(peer, body, wall, "", wall, expires_at + self.wall_offset))
             return
         self._receive(peer, (line[: end + 1],), now, body, (expires_at,))
 
@@ -923,8 +933,10 @@ class Topics:
         run_local: tuple[int, ...] = ()
         keeping = bool(self._keep)
         for index, data in enumerate(messages):
-            if data.startswith(DIRECT_ENVELOPE):
-                emit(MessageReceived(peer, data[3:] if body is None else body, now))
+            if data.startswith(DIRECT_ENVELOPE):  # (from a sender older than direct envelopes)
+                expires_at = math.inf if expiries is None else expiries[index] + self.wall_offset
+                payload = data[3:] if body is None else body
+                emit(MessageReceived(peer, payload, received_at, "", received_at, expires_at))
                 run = None
                 continue
             end = data.find(b"\n")
@@ -940,7 +952,11 @@ class Topics:
                 if "i" in head:
                     self._receive_interest(peer, head, now)
                 else:
-                    emit(MessageReceived(peer, data[end + 1 :] if body is None else body, now))
+                    expires_at = (
+                        math.inf if expiries is None else expiries[index] + self.wall_offset
+                    )
+                    payload = data[end + 1 :] if body is None else body
+                    self._direct(peer, head, payload, received_at, expires_at)
                 run = None
                 continue
             topic_type = cast(str, head.get("y"))  # checked below, once per (topic, type)
@@ -1098,6 +1114,33 @@ class Topics:
                 emit(TopicDelivery(run, local))
             received += 1
         self._received += received
+
+    def _direct(
+        self,
+        peer: Peer,
+        head: dict[str, Any],
+        payload: bytes,
+        received_at: float,
+        expires_at: float,
+    ) -> None:
+        """A direct message: its envelope gives its type (``y``) and when it was sent (``w``)."""
+        message_type = head.get("y", "")
+        if type(message_type) is not str:
+            self._drop("bad_envelope", peer, "a direct message with a bad type")
+            return
+        if message_type and message_type not in self._valid_types:
+            try:
+                validate_topic_type(message_type, "message_type")
+            except UsageError:
+                self._drop("bad_envelope", peer, "a direct message with a bad type")
+                return
+            if len(self._valid_types) >= _CACHE_ENTRIES:
+                self._valid_types.clear()
+            self._valid_types.add(message_type)
+        sent_at = head.get("w", received_at)
+        if type(sent_at) is not float:
+            sent_at = float(sent_at) if type(sent_at) is int else received_at
+        self._emit(MessageReceived(peer, payload, received_at, message_type, sent_at, expires_at))
 
     def _gap(
         self,
