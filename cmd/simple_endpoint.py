@@ -20,6 +20,9 @@ to choose the interface; multicast needs one that carries it):
     GLUE_DISCOVERY_TARGET_ADDRESS=127.0.0.1:27320 GLUE_DISCOVERY_LISTEN_ADDRESS=0 \\
         python cmd/simple_endpoint.py        # x3, then once more with --send-messages
 
+It serves with ``endpoint.run_forever()``: SIGTERM or SIGINT (``docker stop``, Ctrl-C) stops it
+with a goodbye, so its peers see it leave at once, then it prints a last summary.
+
 Output lines are ``key=value`` pairs, easy to grep (the compose tests read them):
 ``event=received topic=... seq=... source=... bytes=... latency_ms=...``, ``event=gap ...``,
 ``event=peer_added ...``, ``event=published ...`` and a ``event=summary`` every 5 s.
@@ -30,13 +33,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 from typing import Any
 
-from glue import ConfigError, EndpointManager, GlueError, Message, Peer
+from glue import ConfigError, EndpointManager, GlueError, Message, Peer, UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -126,9 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"simple_endpoint: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     receiver = Receiver(args.quiet)
     # Before start: a rendezvous answers at once, so peers may be met during start itself.
     endpoint.on_peer_added(lambda p: _peer("peer_added", p))
@@ -138,40 +137,64 @@ def main(argv: list[str] | None = None) -> int:
     except GlueError as exc:
         print(f"simple_endpoint: {exc}", file=sys.stderr)
         return 2
+    _emit(
+        event="started",
+        name=endpoint.name,
+        id=endpoint.endpoint_id,
+        address="{}:{}".format(*endpoint.data_address),
+        topic=args.topic_name,
+        publisher=args.send_messages,
+    )
+    endpoint.subscribe(args.topic_name, args.topic_type, receiver)
+    done = threading.Event()
+    counts = {"sent": 0, "peers": 0}
+    worker = threading.Thread(
+        target=_work, args=(endpoint, args, receiver, counts, done), name="simple-endpoint"
+    )
+    worker.start()
     try:
-        _emit(
-            event="started",
-            name=endpoint.name,
-            id=endpoint.endpoint_id,
-            address="{}:{}".format(*endpoint.data_address),
-            topic=args.topic_name,
-            publisher=args.send_messages,
-        )
-        endpoint.subscribe(args.topic_name, args.topic_type, receiver)
-        started = time.monotonic()
-        next_summary = started + 5.0
-        next_send = started
-        sent = 0
-        while not stop.is_set():
-            now = time.monotonic()
-            if args.duration and now - started >= args.duration:
-                break
-            if args.send_messages and (not args.count or sent < args.count) and now >= next_send:
-                sent += _publish(endpoint, args)
+        # Until SIGTERM or SIGINT (or --duration): then stopped, goodbye sent, so peers see
+        # this endpoint leave at once.
+        endpoint.run_forever(timeout=args.duration or None)
+    finally:
+        done.set()
+        worker.join()
+        endpoint.stop()
+    _summary(counts, receiver)
+    return 0
+
+
+def _work(
+    endpoint: EndpointManager,
+    args: argparse.Namespace,
+    receiver: Receiver,
+    counts: dict[str, int],
+    done: threading.Event,
+) -> None:
+    """Publish at the configured pace (with --send-messages) and print a summary every 5 s,
+    until ``done``."""
+    started = time.monotonic()
+    next_summary = started + 5.0
+    next_send = started
+    while not done.is_set():
+        now = time.monotonic()
+        sending = args.send_messages and (not args.count or counts["sent"] < args.count)
+        try:
+            if sending and now >= next_send:
+                counts["sent"] += _publish(endpoint, args)
                 next_send += args.interval_ms / 1000.0
                 if next_send < now:  # fell behind (a slow machine): do not burst to catch up
                     next_send = now + args.interval_ms / 1000.0
             if now >= next_summary:
-                _summary(endpoint, receiver, sent)
+                counts["peers"] = len(endpoint.peers())
+                _summary(counts, receiver)
                 next_summary += 5.0
-            wait = next_summary - now
-            if args.send_messages and (not args.count or sent < args.count):
-                wait = min(wait, next_send - now)
-            stop.wait(max(0.0, wait))
-        _summary(endpoint, receiver, sent)
-    finally:
-        endpoint.stop()
-    return 0
+        except UsageError:  # stopped under us (a signal): the main thread reports the end
+            return
+        wait = next_summary - now
+        if sending:
+            wait = min(wait, next_send - now)
+        done.wait(max(0.0, wait))
 
 
 def _publish(endpoint: EndpointManager, args: argparse.Namespace) -> int:
@@ -185,6 +208,8 @@ def _publish(endpoint: EndpointManager, args: argparse.Namespace) -> int:
             history_depth=args.history_depth,
             timeout=args.interval_ms / 1000.0,
         )
+    except UsageError:
+        raise  # stopped (a signal): the caller ends
     except GlueError as exc:  # e.g. BackpressureError: a subscriber is not keeping up
         _emit(event="publish_failed", error=type(exc).__name__)
         return 0
@@ -196,11 +221,11 @@ def _peer(event: str, peer: Peer) -> None:
     _emit(event=event, name=peer.name, id=peer.endpoint_id, address=f"{peer.host}:{peer.port}")
 
 
-def _summary(endpoint: EndpointManager, receiver: Receiver, sent: int) -> None:
+def _summary(counts: dict[str, int], receiver: Receiver) -> None:
     _emit(
         event="summary",
-        peers=len(endpoint.peers()),
-        published=sent,
+        peers=counts["peers"],
+        published=counts["sent"],
         received=receiver.received,
         gaps=receiver.gaps,
         missed=receiver.missed,
