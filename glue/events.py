@@ -141,6 +141,14 @@ class Message:
     #: counted down on the way): a subscription whose queue held it past then does not hand
     #: it to its callback or iterator (counted; a Gap where gaps are asked for). ``inf``: never.
     expires_at: float = math.inf
+    #: The work-queue group it was given to this endpoint for (``subscribe(..., group=)``;
+    #: docs/work-queues.md), or None for a message every subscriber gets.
+    group: str | None = None
+    #: Whether it went to another member of its group first, which was removed (or left the
+    #: group) before its callback returned: it may have been done there too (at-least-once).
+    redelivered: bool = False
+    #: A grouped message's (publisher incarnation, job number): what its member's done names.
+    job: tuple[int, int] | None = None
 
     def json(self) -> Any:
         """The payload decoded as JSON (see ``publish_json``).

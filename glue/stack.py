@@ -437,13 +437,16 @@ class Stack:
         parked = self._parked.get(peer)
         return parked[2] if parked is not None else None
 
-    def subscribe(self, pattern: str, topic_type: str, *, gaps: bool = False) -> int:
-        """Add a local subscription (its id); peers learn it at the next flush.
+    def subscribe(
+        self, pattern: str, topic_type: str, *, gaps: bool = False, group: str | None = None
+    ) -> int:
+        """Add a local subscription (its id), a member of ``group`` if given; peers learn it at
+        the next flush.
 
         Raises:
-            UsageError: the pattern or type is not valid.
+            UsageError: the pattern, type or group is not valid.
         """
-        return self.topics.subscribe(pattern, topic_type, gaps=gaps)
+        return self.topics.subscribe(pattern, topic_type, gaps=gaps, group=group)
 
     def unsubscribe(self, subscription: int) -> None:
         """Remove a local subscription; peers learn it at the next flush."""

@@ -47,7 +47,7 @@ import math
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
 import orjson
@@ -63,6 +63,15 @@ from glue.events import (
     StackEvent,
     TopicDelivery,
     TopicGap,
+)
+from glue.groups import (
+    GroupsConfig,
+    GroupSender,
+    Job,
+    by_group,
+    group_pairs,
+    job_envelope,
+    validate_group,
 )
 from glue.wire import MAX_ID, MAX_NAME_CHARS, EndpointId
 
@@ -260,6 +269,8 @@ class TopicsConfig:
     kept_max_bytes: int = 64 * 1024 * 1024
     #: Patterns kept from the start, each with its depth (``GLUE_HISTORY_KEEP``).
     keep: tuple[tuple[str, int], ...] = ()
+    #: Bounds of this publisher's work queues (``glue.groups``).
+    groups: GroupsConfig = field(default_factory=GroupsConfig)
 
 
 @dataclass(slots=True)
@@ -267,6 +278,7 @@ class _Subscription:
     pattern: str
     topic_type: str
     gaps: bool = False  # it wants Gap events (TopicGap)
+    group: str | None = None  # a member of this work-queue group (grouped messages only)
 
 
 class _History:
@@ -367,11 +379,12 @@ class _Ahead:
 
 
 class _Interest:
-    __slots__ = ("asked", "fresh", "patterns", "version")
+    __slots__ = ("asked", "fresh", "groups", "patterns", "version")
 
     def __init__(self) -> None:
         self.version = 0  # what a peer without subscriptions announces
         self.patterns: frozenset[str] = frozenset()
+        self.groups: frozenset[tuple[str, str]] = frozenset()  # (group, pattern) memberships
         self.asked = False
         self.fresh = True  # its first announcement: it sends its interest by itself
 
@@ -440,25 +453,44 @@ class Topics:
         self._passed: dict[tuple[int, int, str], int] = {}
         # Why frames from a peer were last skipped (its next gap says so), per peer.
         self._skip_reasons: dict[EndpointId, GapReason] = {}
+        # Work queues (docs/work-queues.md): our memberships, as interest; as a publisher, the
+        # share-out among each group's members; as a member, the done (and refused) job numbers
+        # owed to each publisher, sent at the next take_sends.
+        self._group_counts: Counter[tuple[str, str]] = Counter()
+        self._groups_added: set[tuple[str, str]] = set()
+        self._groups_removed: set[tuple[str, str]] = set()
+        self._groups = GroupSender(config.groups, self.counters, any_matches)
+        self._done_out: dict[EndpointId, list[int]] = {}
+        self._refused_out: dict[EndpointId, list[int]] = {}
+        self._now = 0.0  # the latest now seen (for inputs that carry none, like subscribe)
         for pattern, depth in config.keep:
             self.keep(pattern, depth)
 
     # --- local subscriptions --------------------------------------------------------------------
 
-    def subscribe(self, pattern: str, topic_type: str, *, gaps: bool = False) -> int:
+    def subscribe(
+        self, pattern: str, topic_type: str, *, gaps: bool = False, group: str | None = None
+    ) -> int:
         """Add a local subscription; returns its id. With ``gaps``, it also gets a
-        :class:`TopicGap` for every run of messages that will never arrive.
+        :class:`TopicGap` for every run of messages that will never arrive. With ``group``, it
+        is a member of that work-queue group: it gets only the grouped messages publishers
+        give this endpoint (docs/work-queues.md), each to be reported :meth:`done`.
 
         Raises:
-            UsageError: the pattern or type is not valid.
+            UsageError: the pattern, type or group is not valid.
         """
         validate_pattern(pattern)
         validate_topic_type(topic_type)
+        if group is not None:
+            validate_group(group)
         subscription = self._next_subscription
         self._next_subscription += 1
-        self._subscriptions[subscription] = _Subscription(pattern, topic_type, gaps)
+        self._subscriptions[subscription] = _Subscription(pattern, topic_type, gaps, group)
         self._local_cache.clear()
-        self._want(pattern)
+        if group is None:
+            self._want(pattern)
+        else:
+            self._want_group(group, pattern)
         return subscription
 
     def unsubscribe(self, subscription: int) -> None:
@@ -467,7 +499,10 @@ class Topics:
         if entry is None:
             return
         self._local_cache.clear()
-        self._unwant(entry.pattern)
+        if entry.group is None:
+            self._unwant(entry.pattern)
+        else:
+            self._unwant_group(entry.group, entry.pattern)
 
     def _want(self, pattern: str) -> None:
         """One more subscription (or keeper) wants ``pattern``: a new one joins our interest."""
@@ -477,6 +512,35 @@ class Topics:
                 self._removed.discard(pattern)
             else:
                 self._added.add(pattern)
+
+    def _want_group(self, group: str, pattern: str) -> None:
+        """A subscription joins ``group`` for ``pattern``: in our interest, and as a member of
+        our own publications' groups."""
+        pair = (group, pattern)
+        self._group_counts[pair] += 1
+        if self._group_counts[pair] == 1:
+            if pair in self._groups_removed:
+                self._groups_removed.discard(pair)
+            else:
+                self._groups_added.add(pair)
+            self._local_member_changed()
+
+    def _unwant_group(self, group: str, pattern: str) -> None:
+        pair = (group, pattern)
+        self._group_counts[pair] -= 1
+        if self._group_counts[pair] == 0:
+            del self._group_counts[pair]
+            if pair in self._groups_added:
+                self._groups_added.discard(pair)
+            else:
+                self._groups_removed.add(pair)
+            self._local_member_changed()
+
+    def _local_member_changed(self) -> None:
+        self._send_jobs(
+            self._groups.set_member(self.endpoint_id, by_group(self._group_counts), self._now),
+            self._now,
+        )
 
     def _unwant(self, pattern: str) -> None:
         self._pattern_counts[pattern] -= 1
@@ -701,6 +765,177 @@ class Topics:
         found = self._target_cache.get(topic)
         return found if found is not None else self._targets(topic)
 
+    # --- work queues (docs/work-queues.md) -------------------------------------------------------
+
+    def members(self, topic: str, group: str) -> tuple[EndpointId, ...]:
+        """The peers (and this endpoint) in ``group`` whose patterns match ``topic``."""
+        return self._groups.members(group, topic)
+
+    def groups_idle(self) -> bool:
+        """Whether every message this endpoint published to a group is done (or expired)."""
+        return self._groups.idle()
+
+    def group_jobs(self) -> tuple[int, int]:
+        """This publisher's jobs unfinished at members, and held for want of one."""
+        return self._groups.unfinished(), self._groups.held()
+
+    def done(self, source: int, job: tuple[int, int], now: float) -> None:
+        """A member's callback returned for a grouped message (``Message.job`` from ``source``):
+        tell its publisher at the next ``take_sends`` (batched), or, our own, free its credit."""
+        self._now = now
+        incarnation, number = job
+        if source == self.endpoint_id and incarnation == self.incarnation:
+            self._send_jobs(self._groups.done(self.endpoint_id, (number,), now), now)
+            return
+        peer = self._peers.get(EndpointId(source))
+        if peer is None or peer.incarnation != incarnation:
+            self.counters["group_done_publisher_gone"] += 1  # it redelivers on its own
+            return
+        self._done_out.setdefault(peer.endpoint_id, []).append(number)
+
+    def _send_jobs(self, jobs: list[Job], now: float) -> None:
+        """Send each job to its member (ours: delivered here, without the network)."""
+        me = self.endpoint_id
+        for job in jobs:
+            if job.member != me:
+                assert job.member is not None
+                self._outbox.append((job.member, job_envelope(job, APART_BYTES), job.expires_at))
+                continue
+            local, _ = self._group_local(job.group, job.topic, job.topic_type)
+            wall = now + self.wall_offset
+            message = Message(
+                job.topic,
+                job.topic_type,
+                job.payload,
+                me,
+                self.name,
+                job.sequence,
+                job.sent_at,
+                wall,
+                job.expires_at + self.wall_offset,
+                job.group,
+                job.redelivered,
+                (self.incarnation, job.number),
+            )
+            if local:
+                self._emit(TopicDelivery([message], local))
+            else:  # (another type here: dropped, as for any subscription; done, not refused)
+                self._send_jobs(self._groups.done(me, (job.number,), now), now)
+
+    def _group_local(
+        self, group: str, topic: str, topic_type: str
+    ) -> tuple[tuple[int, ...], bool]:
+        """The local subscriptions in ``group`` that take ``(topic, type)``, and whether any in
+        ``group`` takes the topic at all (whatever the type)."""
+        found: list[int] = []
+        member = False
+        for number, entry in self._subscriptions.items():
+            if entry.group != group or not matches(entry.pattern, topic):
+                continue
+            member = True
+            if entry.topic_type == topic_type:
+                found.append(number)
+            else:
+                self.counters["type_mismatches"] += 1
+                self._warn_once(
+                    ("type", topic, topic_type, entry.topic_type),
+                    "a message on %r has type %r; subscription %r wants %r: not delivered",
+                    topic,
+                    topic_type,
+                    entry.pattern,
+                    entry.topic_type,
+                )
+        return tuple(found), member
+
+    def _receive_job(
+        self,
+        peer: Peer,
+        head: dict[str, Any],
+        payload: bytes,
+        now: float,
+        expires_at: float | None,
+    ) -> None:
+        """A grouped message a publisher gave this endpoint: to its group's subscriptions here.
+
+        No sequence bookkeeping: a member sees only some of a stream's sequences, so neither
+        dedup nor gap detection applies (the transport delivers it once; a redelivery comes from
+        the publisher, flagged ``r``).
+        """
+        self._now = now
+        number, sequence, sent_at = head.get("j"), head.get("s"), head.get("w")
+        try:
+            if (
+                type(number) is not int
+                or number < 1
+                or type(sequence) is not int
+                or (type(sent_at) is not float and type(sent_at) is not int)
+            ):
+                raise TypeError("job")
+            topic = validate_topic_name(head["t"])
+            topic_type = validate_topic_type(head.get("y"))  # type: ignore[arg-type]
+            group = validate_group(head["g"])
+        except (TypeError, UsageError):
+            self._drop("bad_envelope", peer, "a grouped message with a malformed envelope")
+            return
+        local, member = self._group_local(group, topic, topic_type)
+        if not local:
+            if member:  # another type: dropped, as for any subscription (no use elsewhere)
+                self._done_out.setdefault(peer.endpoint_id, []).append(number)
+            else:  # we left the group meanwhile: the publisher gives it to another member
+                self.counters["group_refused_sent"] += 1
+                self._refused_out.setdefault(peer.endpoint_id, []).append(number)
+            return
+        self.counters["group_received"] += 1
+        message = Message(
+            topic,
+            topic_type,
+            payload,
+            peer.endpoint_id,
+            peer.name,
+            sequence,
+            float(sent_at),
+            now + self.wall_offset,
+            math.inf if expires_at is None else expires_at + self.wall_offset,
+            group,
+            head.get("r") is True,
+            (peer.incarnation, number),
+        )
+        self._emit(TopicDelivery([message], local))
+
+    def _receive_done(self, peer: Peer, head: dict[str, Any], now: float) -> None:
+        """A member's done (``gd``) and refused (``gr``) job numbers."""
+        self._now = now
+        done, refused = head.get("gd", []), head.get("gr", [])
+        if (
+            type(done) is not list
+            or type(refused) is not list
+            or not all(type(n) is int for n in done)
+            or not all(type(n) is int for n in refused)
+        ):
+            self._drop("bad_done", peer, "a malformed done message")
+            return
+        member = peer.endpoint_id
+        if done:
+            self.counters["group_done_received"] += len(done)
+            self._send_jobs(self._groups.done(member, done, now), now)
+        if refused:
+            self._send_jobs(self._groups.refused(member, refused, now), now)
+
+    def _send_done(self) -> None:
+        """The done and refused job numbers owed to each publisher, one message each."""
+        for peer in self._done_out.keys() | self._refused_out.keys():
+            head: dict[str, Any] = {}
+            done = self._done_out.get(peer)
+            if done:
+                head["gd"] = done
+                self.counters["group_done_sent"] += len(done)
+            refused = self._refused_out.get(peer)
+            if refused:
+                head["gr"] = refused
+            self._outbox.append((peer, orjson.dumps(head) + b"\n", math.inf))
+        self._done_out.clear()
+        self._refused_out.clear()
+
     # --- publishing -----------------------------------------------------------------------------
 
     def publish(
@@ -785,6 +1020,10 @@ class Topics:
             )
             self._emit(TopicDelivery([message], local))
             self.counters["delivered_locally"] += 1
+        if self._groups.known:
+            jobs = self._groups.publish(topic, topic_type, sequence, wall, payload, expires_at)
+            if jobs:
+                self._send_jobs(jobs, now)
         targets = self._target_cache.get(topic)
         if targets is None:
             targets = self._targets(topic)
@@ -793,14 +1032,24 @@ class Topics:
 
     def take_sends(self) -> list[Send]:
         """Interest messages and history replays to send: (peer, envelope, expires_at)."""
-        if self._added or self._removed:
+        if self._added or self._removed or self._groups_added or self._groups_removed:
             self._send_delta()
+        if self._done_out or self._refused_out:
+            self._send_done()
         out, self._outbox = self._outbox, []
         return out
 
     def has_sends(self) -> bool:
         """Whether ``take_sends`` has anything."""
-        return bool(self._outbox or self._added or self._removed)
+        return bool(
+            self._outbox
+            or self._added
+            or self._removed
+            or self._groups_added
+            or self._groups_removed
+            or self._done_out
+            or self._refused_out
+        )
 
     # --- peers ----------------------------------------------------------------------------------
 
@@ -811,13 +1060,13 @@ class Topics:
 
     def peer_added(self, peer: Peer) -> None:
         """Send the newcomer our whole interest (it does the same when it learns of us)."""
-        if self._added or self._removed:
+        if self._added or self._removed or self._groups_added or self._groups_removed:
             self._send_delta()  # to the others; the newcomer gets the whole set, this version
         self._peers[peer.endpoint_id] = peer
         self._interest[peer.endpoint_id] = _Interest()
         self._skip_reasons.pop(peer.endpoint_id, None)
         self._target_cache.clear()
-        if self._pattern_counts:
+        if self._pattern_counts or self._group_counts:
             self._send_full(peer.endpoint_id, ask=False)
 
     def announced(self, peer: EndpointId, version: int) -> None:
@@ -840,9 +1089,13 @@ class Topics:
     def peer_removed(self, peer: Peer) -> None:
         """Forget the peer's interest (what it received stays remembered for dedup)."""
         self._peers.pop(peer.endpoint_id, None)
-        self._interest.pop(peer.endpoint_id, None)
+        interest = self._interest.pop(peer.endpoint_id, None)
         self._skip_reasons.pop(peer.endpoint_id, None)
         self._target_cache.clear()
+        self._done_out.pop(peer.endpoint_id, None)
+        self._refused_out.pop(peer.endpoint_id, None)
+        if interest is not None and interest.groups:  # its unfinished jobs go to others
+            self._send_jobs(self._groups.set_member(peer.endpoint_id, {}, self._now), self._now)
 
     # --- receiving ------------------------------------------------------------------------------
 
@@ -951,12 +1204,19 @@ class Topics:
             if topic is None:
                 if "i" in head:
                     self._receive_interest(peer, head, now)
+                elif "gd" in head or "gr" in head:
+                    self._receive_done(peer, head, now)
                 else:
                     expires_at = (
                         math.inf if expiries is None else expiries[index] + self.wall_offset
                     )
                     payload = data[end + 1 :] if body is None else body
                     self._direct(peer, head, payload, received_at, expires_at)
+                run = None
+                continue
+            if "g" in head:  # a work-queue job given to this endpoint (docs/work-queues.md)
+                payload = data[end + 1 :] if body is None else body
+                self._receive_job(peer, head, payload, now, expiries[index] if expiries else None)
                 run = None
                 continue
             topic_type = cast(str, head.get("y"))  # checked below, once per (topic, type)
@@ -1197,8 +1457,8 @@ class Topics:
         ids: list[int] = []
         mismatched = 0
         for subscription, entry in self._subscriptions.items():
-            if not matches(entry.pattern, topic):
-                continue
+            if entry.group is not None or not matches(entry.pattern, topic):
+                continue  # (a group member gets only the grouped messages given to it)
             if entry.topic_type == topic_type:
                 ids.append(subscription)
                 continue
@@ -1226,6 +1486,8 @@ class Topics:
 
     def _send_full(self, peer: EndpointId, *, ask: bool) -> None:
         head: dict[str, Any] = {"i": self._version, "set": sorted(self._pattern_counts)}
+        if self._group_counts:
+            head["gset"] = sorted(self._group_counts)
         if ask:
             head["ask"] = True
         self._outbox.append((peer, orjson.dumps(head) + b"\n", float("inf")))
@@ -1233,9 +1495,17 @@ class Topics:
 
     def _send_delta(self) -> None:
         self._version += 1
-        head = orjson.dumps(
-            {"i": self._version, "add": sorted(self._added), "del": sorted(self._removed)}
-        )
+        delta: dict[str, Any] = {
+            "i": self._version,
+            "add": sorted(self._added),
+            "del": sorted(self._removed),
+        }
+        if self._groups_added or self._groups_removed:  # (older peers ignore these keys)
+            delta["gadd"] = sorted(self._groups_added)
+            delta["gdel"] = sorted(self._groups_removed)
+            self._groups_added.clear()
+            self._groups_removed.clear()
+        head = orjson.dumps(delta)
         self._added.clear()
         self._removed.clear()
         envelope = head + b"\n"
@@ -1254,12 +1524,16 @@ class Topics:
                 raise TypeError("version")
             if "set" in head:
                 patterns = _patterns(head["set"])
+                groups = group_pairs(head.get("gset", []), validate_pattern)
                 if version < interest.version:
                     self.counters["interest_stale"] += 1
                     return
                 new = patterns
             else:
                 added, removed = _patterns(head["add"]), _patterns(head["del"])
+                groups = (
+                    interest.groups - group_pairs(head.get("gdel", []), validate_pattern)
+                ) | group_pairs(head.get("gadd", []), validate_pattern)
                 if version <= interest.version:
                     self.counters["interest_stale"] += 1  # the whole set we hold includes it
                     return
@@ -1285,6 +1559,10 @@ class Topics:
                 self.config.max_peer_patterns,
             )
             new = frozenset(sorted(new)[: self.config.max_peer_patterns])
+        if len(groups) > self.config.max_peer_patterns:
+            self.counters["interest_patterns_over_limit"] += 1
+            groups = frozenset(sorted(groups)[: self.config.max_peer_patterns])
+        old_groups, interest.groups = interest.groups, groups
         old = interest.patterns
         interest.patterns = new
         interest.version = version
@@ -1292,7 +1570,10 @@ class Topics:
         self.counters["interest_received"] += 1
         if head.get("ask") is True:
             self._send_full(peer.endpoint_id, ask=False)
-        if new != old:
+        if groups != old_groups:
+            jobs = self._groups.set_member(peer.endpoint_id, by_group(groups), now)
+            self._send_jobs(jobs, now)
+        if new != old or groups != old_groups:
             self._target_cache.clear()
             self._replay(peer.endpoint_id, old, new, now)
             self._emit(InterestChanged(peer.endpoint_id))
@@ -1328,6 +1609,9 @@ class Topics:
     def prune_history(self, now: float) -> None:
         """Drop expired history entries (called on timers; expired ones are never sent), and
         the topics left without any. Nothing to scan before the earliest entry expires."""
+        self._now = now
+        if now >= self._groups.prune_at:
+            self._groups.prune(now)
         if now >= self._kept_prune_at:
             self._prune_kept(now)
         if now < self._prune_at:
