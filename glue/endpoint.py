@@ -64,6 +64,7 @@ class Endpoint(RuntimeCore):
         self._space = asyncio.Event()
         self._drain_scheduled = False
         self._idle_waiters: list[asyncio.Future[None]] = []
+        self._done_waiters: list[asyncio.Future[None]] = []  # wait_done
         self._silence_check: asyncio.TimerHandle | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -215,7 +216,9 @@ class Endpoint(RuntimeCore):
         if item is not None:
             await self.wait_to_queue(item, timeout)
 
-    def subscribe(self, pattern: str, topic_type: str, *, gaps: bool = False) -> int:
+    def subscribe(
+        self, pattern: str, topic_type: str, *, gaps: bool = False, group: str | None = None
+    ) -> int:
         """Add a subscription (on the loop thread); peers hear of it at once. Returns its id.
 
         Raises:
@@ -223,9 +226,48 @@ class Endpoint(RuntimeCore):
         """
         if not self.running or self._stack is None:
             raise UsageError("the endpoint is not running")
-        subscription = self._stack.subscribe(pattern, topic_type, gaps=gaps)
+        subscription = self._stack.subscribe(pattern, topic_type, gaps=gaps, group=group)
         self._flush()
         return subscription
+
+    def report_done(self, source: int, job: tuple[int, int]) -> None:
+        """On the loop: a grouped message's callback returned; its publisher hears of it after
+        the loop's current turn, batched with the others of the moment."""
+        self._dones.append((source, job))
+        if len(self._dones) == 1 and self._loop is not None:
+            self._loop.call_soon(self._drain_dones)
+
+    def _drain_dones(self) -> None:
+        dones, self._dones = self._dones, []
+        if self._loop is None or not dones:
+            return
+        now = self._loop.time()
+        self._tell_done(dones, now)
+        if self.running:
+            self._service(now)
+
+    async def wait_done(self, timeout: float) -> None:  # noqa: ASYNC109 - as its blocking twin
+        """Wait until every message published here to a group is done (or expired).
+
+        Raises:
+            TimeoutError: some are not done after ``timeout`` seconds.
+        """
+        stack = self._stack
+        if stack is None or stack.topics.groups_idle():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._done_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            unfinished, held = stack.topics.group_jobs()
+            raise TimeoutError(
+                f"{unfinished} grouped messages unfinished at members and {held} waiting for "
+                f"one after {timeout} s"
+            ) from None
+        finally:
+            if waiter in self._done_waiters:
+                self._done_waiters.remove(waiter)
 
     def keep_history(self, pattern: str, depth: int | None) -> None:
         """Keep (depth 0: stop keeping) the history of topics matching ``pattern``, on the loop
@@ -411,6 +453,11 @@ class Endpoint(RuntimeCore):
         self._rearm()
         if self._idle_waiters:
             self._settle_flushes(now)
+        if self._done_waiters and self._stack is not None and self._stack.topics.groups_idle():
+            for waiter in self._done_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._done_waiters.clear()
 
     def _settle_flushes(self, now: float) -> None:
         """Answer waiting ``flush`` calls that can be answered now."""

@@ -67,6 +67,7 @@ from glue.events import (
     TopicDelivery,
     TopicGap,
 )
+from glue.groups import validate_group
 from glue.runtime import RuntimeCore
 from glue.runtime_thread import ThreadRuntime
 from glue.settings import GlueSettings, load_settings
@@ -257,6 +258,21 @@ def _encode_json(value: Any) -> bytes:
 
 def _check_callback(callback: object, argument: str = "callback") -> None:
     check_callable(callback, argument)
+
+
+def _check_group(group: object, callback: object, gaps: object) -> str | None:
+    """``group`` if None or a valid group name, for a subscription with a callback (a member
+    says a message is done when its callback returns; an iterator cannot say so)."""
+    if group is None:
+        return None
+    validate_group(group)
+    if callback is None:
+        raise UsageValueError(
+            "group= needs a callback: a member's message is done when its callback returns "
+            "(docs/work-queues.md)",
+            argument="group",
+        )
+    return cast(str, group)
 
 
 def _left_behind(name: str, report: StopReport) -> StopReport:
@@ -518,15 +534,20 @@ class AsyncEndpointManager(_Manager):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._changed), remaining)
 
-    def subscribers(self, topic_name: str) -> list[Peer]:
-        """The peers subscribed to ``topic_name`` now (a publish on it goes to them), by name.
+    def subscribers(self, topic_name: str, *, group: str | None = None) -> list[Peer]:
+        """The peers subscribed to ``topic_name`` now (a publish on it goes to them), by name;
+        with ``group``, the peers that are members of that work-queue group for it.
 
         Raises:
-            UsageTypeError, UsageValueError: the name is not valid.
+            UsageTypeError, UsageValueError: the name or group is not valid.
         """
         validate_topic_name(topic_name)
         peers = self._peers
-        found = [peers[i] for i in self._endpoint.subscribers(topic_name) if i in peers]
+        if group is None:
+            ids = self._endpoint.subscribers(topic_name)
+        else:
+            ids = self._endpoint.members(topic_name, validate_group(group))
+        found = [peers[i] for i in ids if i in peers]
         return sorted(found, key=lambda p: p.name)
 
     async def wait_for_subscribers(
@@ -535,9 +556,11 @@ class AsyncEndpointManager(_Manager):
         count: int = 1,
         *,
         timeout: float,  # noqa: ASYNC109 - the same signature as the blocking twin
+        group: str | None = None,
     ) -> list[Peer]:
         """Wait until at least ``count`` peers subscribe to ``topic_name`` (its messages reach
-        them from then on; what was published before reaches them only through history).
+        them from then on; what was published before reaches them only through history), or,
+        with ``group``, are members of that group for it.
 
         Raises:
             UsageError: the name is not valid, or the endpoint is not running.
@@ -548,7 +571,7 @@ class AsyncEndpointManager(_Manager):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            found = self.subscribers(topic_name)
+            found = self.subscribers(topic_name, group=group)
             if len(found) >= count:
                 return found
             if not self._endpoint.running:
@@ -651,6 +674,7 @@ class AsyncEndpointManager(_Manager):
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         gaps: bool = False,
         on_gap: AsyncGapCallback | None = None,
+        group: str | None = None,
     ) -> AsyncSubscription:
         """Receive messages published on topics matching ``topic_name`` with type ``topic_type``.
 
@@ -665,8 +689,13 @@ class AsyncEndpointManager(_Manager):
         comes in order among the messages for each run of messages that will never arrive;
         with a callback, ``on_gap`` (plain or ``async``) is called with each instead.
 
+        Work queues (docs/work-queues.md): with ``group``, this subscription is a member of
+        that group, and each message goes to one member of each group, not to all (ordinary
+        subscriptions still get every one); a member removed before its callback returned has
+        the message given to another, ``redelivered`` set (at least once per group).
+
         Raises:
-            UsageError: the pattern, type, callback or a bound is not valid (as
+            UsageError: the pattern, type, callback, group or a bound is not valid (as
                 ``UsageTypeError``/``UsageValueError``), or the endpoint is not running.
         """
         validate_pattern(topic_name)
@@ -675,6 +704,7 @@ class AsyncEndpointManager(_Manager):
             _check_callback(callback)
         queue_size, queue_bytes = check_queue_bounds(queue_size, queue_bytes)
         _check_gaps(callback, gaps, on_gap)
+        group = _check_group(group, callback, gaps)
         subscription = AsyncSubscription(
             topic_name,
             topic_type,
@@ -684,10 +714,12 @@ class AsyncEndpointManager(_Manager):
             unsubscribe=self._remove_subscription,
             on_gap=on_gap,
             gaps=gaps,
+            group=group,
+            done=None if group is None else self._report_done,
         )
         try:
             subscription.id = self._endpoint.subscribe(
-                topic_name, topic_type, gaps=gaps or on_gap is not None
+                topic_name, topic_type, gaps=gaps or on_gap is not None, group=group
             )
         except BaseException:
             subscription._end()
@@ -729,6 +761,15 @@ class AsyncEndpointManager(_Manager):
     def _remove_subscription(self, subscription: AsyncSubscription) -> None:
         if self._subscriptions.pop(subscription.id, None) is not None:
             self._endpoint.unsubscribe(subscription.id)
+
+    def _report_done(self, message: Message) -> None:
+        if message.job is not None and self._endpoint.running:
+            self._endpoint.report_done(message.source_id, message.job)
+
+    async def wait_done(self, *, timeout: float) -> None:  # noqa: ASYNC109 - as its blocking twin
+        """Wait until every message published here to a group is done: see
+        :meth:`EndpointManager.wait_done`."""
+        await self._endpoint.wait_done(check_timeout(timeout))
 
     # --- messages -------------------------------------------------------------------------------
 
@@ -1313,34 +1354,45 @@ class EndpointManager(_Manager):
                     raise TimeoutError(f"{len(found)} of {count} peers after {timeout} s")
                 self._changed.wait(remaining)
 
-    def subscribers(self, topic_name: str) -> list[Peer]:
-        """The peers subscribed to ``topic_name`` now (a publish on it goes to them), by name.
+    def subscribers(self, topic_name: str, *, group: str | None = None) -> list[Peer]:
+        """The peers subscribed to ``topic_name`` now (a publish on it goes to them), by name;
+        with ``group``, the peers that are members of that work-queue group for it.
 
         Raises:
-            UsageTypeError, UsageValueError: the name is not valid.
+            UsageTypeError, UsageValueError: the name or group is not valid.
         """
         validate_topic_name(topic_name)
+        if group is not None:
+            validate_group(group)
         self._check_running()
         with self._endpoint.locked():
-            ids = self._endpoint.subscribers(topic_name)
+            ids = self._ids(topic_name, group)
         with self._changed:
             return self._subscribers(ids)
+
+    def _ids(self, topic_name: str, group: str | None) -> list[EndpointId]:
+        if group is None:
+            return self._endpoint.subscribers(topic_name)
+        return self._endpoint.members(topic_name, group)
 
     def _subscribers(self, ids: list[EndpointId]) -> list[Peer]:
         peers = self._peers
         return sorted((peers[i] for i in ids if i in peers), key=lambda p: p.name)
 
     def wait_for_subscribers(
-        self, topic_name: str, count: int = 1, *, timeout: float
+        self, topic_name: str, count: int = 1, *, timeout: float, group: str | None = None
     ) -> list[Peer]:
         """Block until at least ``count`` peers subscribe to ``topic_name`` (its messages reach
-        them from then on; what was published before reaches them only through history).
+        them from then on; what was published before reaches them only through history), or,
+        with ``group``, are members of that work-queue group for it.
 
         Raises:
-            UsageError: the name is not valid, or the endpoint is not running.
+            UsageError: the name or group is not valid, or the endpoint is not running.
             TimeoutError: fewer subscribers within ``timeout`` seconds.
         """
         validate_topic_name(topic_name)
+        if group is not None:
+            validate_group(group)
         count, timeout = _check_wait(count, timeout)
         self._check_running()
         deadline = time.monotonic() + timeout
@@ -1350,7 +1402,7 @@ class EndpointManager(_Manager):
                 # (the runtime's lock inside the condition's: the network thread takes them
                 # one after the other, never nested)
                 with endpoint.locked():
-                    ids = endpoint.subscribers(topic_name)
+                    ids = self._ids(topic_name, group)
                 found = self._subscribers(ids)
                 if len(found) >= count:
                     return found
@@ -1484,6 +1536,7 @@ class EndpointManager(_Manager):
         inline: bool = False,
         gaps: bool = False,
         on_gap: GapCallback | None = None,
+        group: str | None = None,
     ) -> Subscription:
         """Receive messages published on topics matching ``topic_name`` with type ``topic_type``.
 
@@ -1512,9 +1565,15 @@ class EndpointManager(_Manager):
                 for each run of messages that will never arrive (docs/history.md).
             on_gap: with a callback, called with each Gap instead (on the callback's thread,
                 in order with its messages).
+            group: make this subscription a member of that work-queue group
+                (docs/work-queues.md): each message goes to one member of each group (the one
+                with the most room, chosen by the publisher), ordinary subscriptions still get
+                every one. When the callback returns (or raises), the message is done; a member
+                removed before that has it given to another, ``Message.redelivered`` set (at
+                least once per group). Needs a callback.
 
         Raises:
-            UsageError: the pattern, type, callback or a bound is not valid (as
+            UsageError: the pattern, type, callback, group or a bound is not valid (as
                 ``UsageTypeError``/``UsageValueError``), or the endpoint is not running.
         """
         validate_pattern(topic_name)
@@ -1529,6 +1588,7 @@ class EndpointManager(_Manager):
         if inline and callback is None:
             raise UsageValueError("inline=True needs a callback to run", argument="inline")
         _check_gaps(callback, gaps, on_gap)
+        group = _check_group(group, callback, gaps)
         self._check_running()
         subscription = Subscription(
             topic_name,
@@ -1541,6 +1601,8 @@ class EndpointManager(_Manager):
             inline=inline,
             on_gap=on_gap,
             gaps=gaps,
+            group=group,
+            done=None if group is None else self._report_done,
         )
 
         def register(subscription_id: int) -> None:
@@ -1550,7 +1612,7 @@ class EndpointManager(_Manager):
 
         try:
             self._endpoint.subscribe(
-                topic_name, topic_type, register, gaps=gaps or on_gap is not None
+                topic_name, topic_type, register, gaps=gaps or on_gap is not None, group=group
             )
         except BaseException:
             subscription._end()
@@ -1595,6 +1657,26 @@ class EndpointManager(_Manager):
     def _remove_subscription(self, subscription: Subscription) -> None:
         if self._subscriptions.pop(subscription.id, None) is not None and not self._stopped:
             self._endpoint.unsubscribe(subscription.id)
+
+    def _report_done(self, message: Message) -> None:
+        if message.job is not None and not self._stopped:
+            self._endpoint.report_done(message.source_id, message.job)
+
+    def wait_done(self, *, timeout: float) -> None:
+        """Block until every message published here to a work-queue group is done: its
+        member's callback returned (or it expired, or was dropped over GLUE_GROUP_HOLD_BYTES).
+        Call it before a producer exits: a message not yet done is redelivered only by its
+        publisher, if its member goes (docs/work-queues.md).
+
+        Raises:
+            TimeoutError: some are still unfinished at members, or waiting for one, after
+                ``timeout`` seconds (the message says how many).
+            UsageError: the endpoint is not running.
+            UsageTypeError, UsageValueError: ``timeout`` is not a number of seconds >= 0.
+        """
+        timeout = check_timeout(timeout)
+        self._check_running()
+        self._endpoint.wait_done(timeout)
 
     # --- messages -------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from glue import history, network, wire
 from glue.discovery import Address, DiscoveryConfig, Target
 from glue.errors import BackpressureError, DeliveryError, UsageError
 from glue.events import Peer, StackEvent
+from glue.groups import GroupsConfig
 from glue.metrics import MetricsServer, MetricsSnapshot, PeerMetrics
 from glue.outbox import Outgoing
 from glue.security import SEAL_OVERHEAD, NetworkKeys, Opener, Rejected, Sealer
@@ -148,6 +149,9 @@ class RuntimeCore:
         # Read on every send (plain attributes are cheaper than the settings model's).
         self._max_message_bytes = settings.max_message_bytes
         self._send_queue_bytes = settings.send_queue_bytes
+        #: Grouped messages whose callback returned, (publisher id, ``Message.job``), waiting for
+        #: the network thread (or loop) to tell their publishers (see ``report_done``).
+        self._dones: list[tuple[int, tuple[int, int]]] = []
 
     @property
     def running(self) -> bool:
@@ -305,6 +309,9 @@ class RuntimeCore:
                     (pattern, settings.history_depth if depth is None else depth)
                     for pattern, depth in settings.history_keep
                 ),
+                groups=GroupsConfig(
+                    window=settings.group_window, hold_bytes=settings.group_hold_bytes
+                ),
             ),
             datagram_bytes=datagram_bytes - overhead,
             loopback_datagram_bytes=(settings.max_datagram_bytes or wire.MAX_DATAGRAM_BYTES)
@@ -420,6 +427,21 @@ class RuntimeCore:
         """Ids of the peers a publish on ``topic`` goes to now (on the network thread, or under
         the lock)."""
         return list(self._stack.topics.subscribers(topic)) if self._stack else []
+
+    def members(self, topic: str, group: str) -> list[EndpointId]:
+        """Ids of the live members of ``group`` a publish on ``topic`` may go to (this
+        endpoint's own id too when it is one; on the network thread, or under the lock)."""
+        return list(self._stack.topics.members(topic, group)) if self._stack else []
+
+    def _tell_done(self, dones: list[tuple[int, tuple[int, int]]], now: float) -> None:
+        """Hand grouped messages whose callback returned to the topics layer (batched: their
+        publishers hear of them at the next send)."""
+        stack = self._stack
+        if stack is None or self._state != "running":
+            return
+        done = stack.topics.done
+        for source, job in dones:
+            done(source, job, now)
 
     def peer_counters(self) -> dict[int, dict[str, int]]:
         """Per-peer transport counters (on the network thread, or under the lock)."""

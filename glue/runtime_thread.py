@@ -96,6 +96,7 @@ class ThreadRuntime(RuntimeCore):
         self._wake_pending = False  # (_mutex)
         self._calls: deque[Callable[[], object]] = deque()  # to run on the network thread
         self._flushes: list[_FlushWaiter] = []
+        self._done_waiters = 0  # threads in wait_done (on _settled)
         self._thread: threading.Thread | None = None
         self._resolver: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -350,6 +351,7 @@ class ThreadRuntime(RuntimeCore):
         register: Callable[[int], object],
         *,
         gaps: bool = False,
+        group: str | None = None,
     ) -> int:
         """Add a subscription; ``register(id)`` runs under the lock, before any message for it
         can be pulled. Peers hear of it at once. Returns its id.
@@ -361,7 +363,7 @@ class ThreadRuntime(RuntimeCore):
             stack = self._stack
             if self._state != "running" or stack is None:
                 raise UsageError("the endpoint is not running")
-            subscription = stack.subscribe(pattern, topic_type, gaps=gaps)
+            subscription = stack.subscribe(pattern, topic_type, gaps=gaps, group=group)
             register(subscription)
             self._send_datagrams(stack.datagrams_to_send(now=time.monotonic(), gather=True))
         return subscription
@@ -387,6 +389,36 @@ class ThreadRuntime(RuntimeCore):
                 if self._state == "running":
                     now = time.monotonic()
                     self._send_datagrams(self._stack.datagrams_to_send(now=now, gather=True))
+
+    def report_done(self, source: int, job: tuple[int, int]) -> None:
+        """From any thread: a grouped message's callback returned; its publisher hears of it
+        from the network thread, batched with the others of the moment."""
+        with self._mutex:
+            self._dones.append((source, job))
+            if len(self._dones) == 1:
+                self._wake()
+
+    def wait_done(self, timeout: float) -> None:
+        """Block until every message published here to a group is done (or expired).
+
+        Raises:
+            TimeoutError: some are not done after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._done_waiters += 1
+            try:
+                while self._stack is not None and not self._stack.topics.groups_idle():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._state != "running":
+                        unfinished, held = self._stack.topics.group_jobs()
+                        raise TimeoutError(
+                            f"{unfinished} grouped messages unfinished at members and {held} "
+                            f"waiting for one after {timeout} s"
+                        )
+                    self._settled.wait(remaining)
+            finally:
+                self._done_waiters -= 1
 
     def call_soon(self, function: Callable[[], object]) -> None:
         """Run ``function()`` on the network thread, between wake-ups, without the lock (how a
@@ -470,6 +502,10 @@ class ThreadRuntime(RuntimeCore):
                 stack.topics.wall_offset = time.time() - now
                 stack.handle_timer(now=now)
             self._drain_handoff(stack, now)
+            if self._dones:
+                with self._mutex:
+                    dones, self._dones = self._dones, []
+                self._tell_done(dones, now)
             self._send_datagrams(stack.datagrams_to_send(now=now, gather=True))
             self._busy = not stack.idle()
             events: list[StackEvent] = []
@@ -482,6 +518,8 @@ class ThreadRuntime(RuntimeCore):
                             self._room.notify_all()
             if self._flushes:
                 self._settle_flushes(now)
+            if self._done_waiters:
+                self._settled.notify_all()  # (they look at the groups again)
             self._sync_history()
             calls = list(self._calls)
             self._calls.clear()
@@ -500,7 +538,7 @@ class ThreadRuntime(RuntimeCore):
             if silent_at is not None and (deadline is None or silent_at < deadline):
                 deadline = silent_at
         with self._mutex:
-            if self._handoff:
+            if self._handoff or self._dones:
                 return 0
             self._sleep_until = math.inf if deadline is None else deadline
         if deadline is None:

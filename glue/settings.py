@@ -80,6 +80,13 @@ EXPECTED: Final[dict[str, str]] = {
         "sensors/#,config/#=10 (depth 1 to 1000000; GLUE_HISTORY_DEPTH when not given)"
     ),
     "history_path": "the path of an SQLite file for kept history, e.g. /var/lib/glue/history.db",
+    "group_window": (
+        "an integer from 1 to 1000000 (grouped messages a member may have unfinished from one "
+        "publisher)"
+    ),
+    "group_hold_bytes": (
+        "an integer from 0 to 1099511627776 (bytes of grouped messages held for a member with room)"
+    ),
     "callback_threads": "an integer from 1 to 256 (threads running subscription callbacks)",
     "log_level": "one of " + ", ".join(_LOG_LEVELS),
     "strict_settings": "1 or true (an unknown GLUE_* variable is an error), 0 or false",
@@ -139,6 +146,11 @@ class GlueSettings(BaseSettings):
     history_keep: Annotated[tuple[tuple[str, int | None], ...], NoDecode] = ()
     #: Where kept history is persisted (SQLite), so that a restarted keeper still serves it.
     history_path: Path | None = None
+    #: Work queues (docs/work-queues.md): grouped messages one member may have unfinished from
+    #: this publisher, per group; beyond, they wait here for a member with room.
+    group_window: int = Field(64, ge=1, le=1_000_000)
+    #: Bytes of grouped messages waiting here for a member with room; beyond, the oldest go.
+    group_hold_bytes: int = Field(64 * 1024 * 1024, ge=0, le=1024**4)
     callback_threads: int = Field(4, ge=1, le=256)
     log_level: str = "INFO"
     strict_settings: bool = False

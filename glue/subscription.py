@@ -80,6 +80,9 @@ GapCallback = Callable[[Gap], object]
 AsyncGapCallback = Callable[[Gap], object | Awaitable[object]]
 #: The size an event counts for against a byte bound (its payload's length).
 Sizer = Callable[[Any], int]
+#: Told of each grouped message a work-queue member is finished with (its callback returned, or
+#: it was dropped or expired here): its publisher hears of it (docs/work-queues.md).
+DoneReporter = Callable[[Message], None]
 
 
 def check_queue_bounds(queue_size: object, queue_bytes: object) -> tuple[int, int]:
@@ -93,7 +96,14 @@ def check_queue_bounds(queue_size: object, queue_bytes: object) -> tuple[int, in
     )
 
 
-def _report_drop(subscription: Subscription | AsyncSubscription, count: int) -> None:
+def _report_drop(
+    subscription: Subscription | AsyncSubscription, count: int, lost: list[Message | Gap]
+) -> None:
+    done = subscription._done
+    if done is not None:  # (a member's: the publisher must not wait for them)
+        for message in lost:
+            if type(message) is Message:
+                done(message)
     before = subscription.dropped
     subscription.dropped += count
     if crossed_power_of_ten(before, subscription.dropped):
@@ -119,11 +129,14 @@ def _without_expired(
         return items  # (the usual case: one pass, nothing built)
     kept: list[Message | Gap] = []
     expired = 0
+    done = subscription._done
     for item in items:
         if type(item) is not Message or item.expires_at > now:
             kept.append(item)
             continue
         expired += 1
+        if done is not None:
+            done(item)
         if not gaps:
             continue
         last = kept[-1] if kept else None
@@ -292,6 +305,8 @@ class Subscription:
         inline: bool = False,
         on_gap: GapCallback | None = None,
         gaps: bool = False,
+        group: str | None = None,
+        done: DoneReporter | None = None,
     ) -> None:
         self.topic_name = topic_name
         self.topic_type = topic_type
@@ -300,6 +315,9 @@ class Subscription:
         self.on_gap = on_gap
         #: Iteration yields Gaps too (``subscribe(gaps=True)``).
         self.gaps = gaps
+        #: The work-queue group it is a member of (``subscribe(group=)``), or None.
+        self.group = group
+        self._done = done  # (a member's) told of each message it is finished with
         #: Messages not handed over because their expiry passed while they waited in the queue.
         self.expired = 0
         self.queue_size = queue_size
@@ -440,6 +458,7 @@ class Subscription:
             return 0
         schedule = False
         lost = 0
+        dropped: list[Message | Gap] = []
         size = sum([len(m.payload) for m in messages])
         with self._mutex:
             if self._closed:
@@ -451,6 +470,7 @@ class Subscription:
                 empty = not items and not self._taken
                 kept = _fitting(messages, room, room_bytes, empty)
                 lost = len(messages) - kept
+                dropped = messages[kept:]
                 messages = messages[:kept]
                 size = sum([len(m.payload) for m in messages])
             items.extend(messages)
@@ -460,7 +480,7 @@ class Subscription:
             elif not self._scheduled and items:
                 self._scheduled = schedule = True
         if lost:
-            _report_drop(self, lost)
+            _report_drop(self, lost, dropped)
         if schedule:
             self._pool.schedule(self)
         return lost
@@ -489,6 +509,8 @@ class Subscription:
                 callback(cast(Message, item))
         except Exception:
             logger.exception("callback of subscription %r failed", self.topic_name)
+        if self._done is not None and type(item) is Message:
+            self._done(item)  # (a member's: returned, raising or not; done)
 
     def _run_batch(self) -> bool:
         """On a pool thread: run callbacks for up to a batch; True if more are waiting."""
@@ -764,6 +786,8 @@ class AsyncSubscription:
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         on_gap: AsyncGapCallback | None = None,
         gaps: bool = False,
+        group: str | None = None,
+        done: DoneReporter | None = None,
     ) -> None:
         self.topic_name = topic_name
         self.topic_type = topic_type
@@ -772,6 +796,9 @@ class AsyncSubscription:
         self.on_gap = on_gap
         #: Iteration yields Gaps too (``subscribe(gaps=True)``).
         self.gaps = gaps
+        #: The work-queue group it is a member of (``subscribe(group=)``), or None.
+        self.group = group
+        self._done = done  # (a member's) told of each message it is finished with
         #: Messages not handed over because their expiry passed while they waited in the queue.
         self.expired = 0
         self.queue_size = queue_size
@@ -874,9 +901,11 @@ class AsyncSubscription:
         room = self.queue_size - waiting
         room_bytes = self.queue_bytes - self._bytes
         lost = 0
+        dropped: list[Message | Gap] = []
         if room < len(messages) or room_bytes < size:
             kept = _fitting(messages, room, room_bytes, waiting == 0)
             lost = len(messages) - kept
+            dropped = messages[kept:]
             messages = messages[:kept]
             size = sum([len(m.payload) for m in messages])
         put = self._queue.put_nowait
@@ -884,7 +913,7 @@ class AsyncSubscription:
             put(message)
         self._bytes += size
         if lost:
-            _report_drop(self, lost)
+            _report_drop(self, lost, dropped)
         return lost
 
     async def _call_back(self, callback: AsyncMessageCallback) -> None:
@@ -900,6 +929,8 @@ class AsyncSubscription:
                 raise
             except Exception:
                 logger.exception("callback of subscription %r failed", self.topic_name)
+            if self._done is not None and type(message) is Message:
+                self._done(message)  # (a member's: returned, raising or not; done)
 
     async def _wait_closed(self, timeout: float | None = None) -> str | None:  # noqa: ASYNC109
         """Wait up to ``timeout`` s for the callback task to end; what still runs, if any."""

@@ -822,9 +822,7 @@ class Topics:
             else:  # (another type here: dropped, as for any subscription; done, not refused)
                 self._send_jobs(self._groups.done(me, (job.number,), now), now)
 
-    def _group_local(
-        self, group: str, topic: str, topic_type: str
-    ) -> tuple[tuple[int, ...], bool]:
+    def _group_local(self, group: str, topic: str, topic_type: str) -> tuple[tuple[int, ...], bool]:
         """The local subscriptions in ``group`` that take ``(topic, type)``, and whether any in
         ``group`` takes the topic at all (whatever the type)."""
         found: list[int] = []
