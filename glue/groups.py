@@ -451,7 +451,7 @@ class GroupSender:
 
 def job_envelope(job: Job, apart_bytes: int) -> bytes | tuple[bytes, bytes]:
     """The message a member gets for ``job``: a topic envelope with ``g`` (its group), ``j``
-    (its number) and, when it went to another member first, ``r``; then the payload (kept
+    (its number) and, when it went to another member first, ``rd``; then the payload (kept
     apart when larger than ``apart_bytes``, as ``topics.Outbound``)."""
     head: dict[str, object] = {
         "t": job.topic,
@@ -462,7 +462,7 @@ def job_envelope(job: Job, apart_bytes: int) -> bytes | tuple[bytes, bytes]:
         "j": job.number,
     }
     if job.redelivered:
-        head["r"] = True
+        head["rd"] = True
     line = orjson.dumps(head) + b"\n"
     if len(job.payload) > apart_bytes:
         return (line, job.payload)

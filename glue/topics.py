@@ -857,7 +857,7 @@ class Topics:
 
         No sequence bookkeeping: a member sees only some of a stream's sequences, so neither
         dedup nor gap detection applies (the transport delivers it once; a redelivery comes from
-        the publisher, flagged ``r``).
+        the publisher, flagged ``rd``).
         """
         self._now = now
         number, sequence, sent_at = head.get("j"), head.get("s"), head.get("w")
@@ -895,7 +895,7 @@ class Topics:
             now + self.wall_offset,
             math.inf if expires_at is None else expires_at + self.wall_offset,
             group,
-            head.get("r") is True,
+            head.get("rd") is True,
             (peer.incarnation, number),
         )
         self._emit(TopicDelivery([message], local))

@@ -29,7 +29,7 @@ from tests.helpers import free_udp_port
 
 ROOT = Path(__file__).parents[2]
 DOCS = ROOT / "docs"
-TOPIC_PAGES = ["topics.md", "delivery.md", "late-joiners.md", "partitions.md"]
+TOPIC_PAGES = ["topics.md", "delivery.md", "late-joiners.md", "partitions.md", "work-queues.md"]
 RUN_TIMEOUT_S = 60
 _BLOCK = re.compile(r"^```python\n(.*?)^```$", re.DOTALL | re.MULTILINE)
 
@@ -97,6 +97,17 @@ def test_the_telemetry_example_gives_a_late_joiner_every_quiet_sensors_last_read
     assert lines[0] == "alerting: kitchen 19.9, hall 20.9, attic 21.9", result.stdout
     assert re.fullmatch(r"alerting had them \d+ ms after it started", lines[1]), lines
     assert lines[2:] == ["dashboard: kitchen 20, hall 20, attic 20"], result.stdout
+
+
+def test_the_work_queue_example_has_each_job_done_once() -> None:
+    result = _run(["examples/work_queue.py", str(free_udp_port())], base_env())
+    assert result.stdout.splitlines() == [
+        "3 workers joined group 'workers'",
+        "1000 jobs published",
+        "every job done exactly once: yes",
+        "each worker did some: yes",
+        "done",
+    ]
 
 
 # --- docs/ ---------------------------------------------------------------------------------------

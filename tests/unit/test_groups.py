@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from pathlib import Path
 
 import orjson
 import pytest
@@ -316,3 +318,34 @@ def test_interest_with_groups_keeps_the_fields_older_peers_read() -> None:
     _, targets = pub.topics.publish("jobs/a", "job", b"x", expires_at=9.0, now=0.0)
     assert targets == ()
     assert b'"g":"workers"' in _joined(pub.topics.take_sends()[0][1])
+
+
+def _protocol_examples() -> list[bytes]:
+    """The JSON lines of the ``Work queues`` part of docs/PROTOCOL.md, in order."""
+    text = (Path(__file__).parents[2] / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
+    part = text[text.index("\n### Work queues") : text.index("\n### Topic examples")]
+    blocks = re.findall(r"```json\n(.*?)```", part, re.DOTALL)
+    return [line.encode() for block in blocks for line in block.splitlines()]
+
+
+def test_the_protocol_examples_are_taken_as_the_text_says() -> None:
+    full, delta, job, again, done, refused = _protocol_examples()
+    pub, member = Node(1), Node(2)
+    member.topics.subscribe("jobs/#", "job", group="workers")
+    pub.topics.peer_added(member.peer)
+    pub.topics.receive(member.peer, full + b"\n", 0.0)
+    pub.topics.receive(member.peer, delta + b"\n", 0.0)
+    assert pub.topics.counters["interest_out_of_step"] == 0
+    assert set(pub.topics.members("jobs/urgent", "workers")) == {member.peer.endpoint_id}
+    member.topics.peer_added(pub.peer)
+    member.topics.receive(pub.peer, job + b"\n{}", 0.0)
+    member.topics.receive(pub.peer, again + b"\n{}", 0.0)
+    got = member.delivered()
+    assert [(m.sequence, m.group, m.redelivered, m.job) for m in got] == [
+        (42, "workers", False, (1, 17)),
+        (40, "workers", True, (1, 15)),
+    ]
+    assert orjson.loads(done) == {"gd": [15, 16, 17, 21]}
+    assert orjson.loads(refused) == {"gr": [18]}
+    pub.topics.receive(member.peer, done + b"\n", 0.0)  # jobs it never gave: stale
+    assert pub.topics.counters["group_done_stale"] == 4
