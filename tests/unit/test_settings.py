@@ -254,6 +254,8 @@ BAD_VALUES = {
     "GLUE_HISTORY_MAX_BYTES": ["-1", "1.5"],
     "GLUE_HISTORY_KEEP": ["bad pattern", "a/#=0", "a/#=x", "a,,b", "a/#/b", "a=1000001"],
     "GLUE_HISTORY_PATH": ["/", "/dev/null/history.db"],
+    "GLUE_GROUP_WINDOW": ["0", "-1", "1.5", "many"],
+    "GLUE_GROUP_HOLD_BYTES": ["-1", "1.5"],
     "GLUE_CALLBACK_THREADS": ["0", "257", "many"],
     "GLUE_LOG_LEVEL": ["verbose", "5", "WARN"],
     "GLUE_STRICT_SETTINGS": ["maybe", "2"],
