@@ -96,11 +96,18 @@ class SimNode:
         self.sim._touched[self] = None
         return len(item.targets or ())
 
-    def subscribe(self, pattern: str, topic_type: str) -> int:
-        """Subscribe to ``pattern``; returns the subscription id."""
-        subscription = self.stack.subscribe(pattern, topic_type)
+    def subscribe(self, pattern: str, topic_type: str, *, group: str | None = None) -> int:
+        """Subscribe to ``pattern`` (a member of work-queue ``group`` if given); returns the
+        subscription id."""
+        subscription = self.stack.subscribe(pattern, topic_type, group=group)
         self.sim._touched[self] = None
         return subscription
+
+    def done(self, message: Message) -> None:
+        """A grouped message's callback returned (what a subscription reports)."""
+        assert message.job is not None
+        self.stack.topics.done(message.source_id, message.job, self.sim.now)
+        self.sim._touched[self] = None
 
     def removals(self, other: SimNode) -> list[PeerRemoved]:
         """Every removal of ``other`` this node reported."""
