@@ -752,6 +752,7 @@ class Topics:
             self._trim_kept()
         return True
 
+    def patterns(self) -> list[str]:
         """The patterns this endpoint subscribes to, sorted."""
         return sorted(self._pattern_counts)
 
