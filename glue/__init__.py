@@ -21,7 +21,9 @@ from glue.errors import (
     DecodeError,
     DeliveryError,
     GlueError,
+    NoResponderError,
     ProtocolError,
+    RemoteError,
     UnknownPeerError,
     UsageError,
     UsageTypeError,
@@ -35,9 +37,12 @@ from glue.events import (
     PeerAdded,
     PeerEvent,
     PeerRemoved,
+    Reply,
+    Request,
     StopReport,
 )
 from glue.manager import AsyncEndpointManager, EndpointManager
+from glue.service import AsyncService, Service
 from glue.settings import GlueSettings, load_settings
 from glue.subscription import AsyncSubscription, Subscription
 
@@ -47,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncEndpointManager",
     "AsyncModel",
+    "AsyncService",
     "AsyncSubscription",
     "BackpressureError",
     "ConfigError",
@@ -60,11 +66,16 @@ __all__ = [
     "MessageReceived",
     "Model",
     "ModelChange",
+    "NoResponderError",
     "Peer",
     "PeerAdded",
     "PeerEvent",
     "PeerRemoved",
     "ProtocolError",
+    "RemoteError",
+    "Reply",
+    "Request",
+    "Service",
     "StopReport",
     "Subscription",
     "UnknownPeerError",

@@ -24,15 +24,17 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from glue.discovery import Target
-from glue.errors import UsageError
+from glue.errors import NoResponderError, UsageError
+from glue.events import Request
 from glue.metrics import MetricsServer, MetricsSnapshot
 from glue.outbox import Outgoing
 from glue.runtime import EventListener, RuntimeCore, literal_address
 from glue.settings import GlueSettings
+from glue.wire import EndpointId
 
 __all__ = ["Endpoint", "EventListener"]
 
@@ -285,6 +287,64 @@ class Endpoint(RuntimeCore):
             self._stack.unsubscribe(subscription)
             if self.running:
                 self._flush()
+
+    # --- request/reply (glue.service; on the loop thread) ---------------------------------------
+
+    def serve(self, pattern: str) -> int:
+        """Serve ``pattern``; peers hear of it at once. Returns its id.
+
+        Raises:
+            UsageError: the pattern is not valid, or the endpoint is not running.
+        """
+        serve_id = self._serve(pattern)
+        self._flush()
+        return serve_id
+
+    def unserve(self, serve_id: int) -> None:
+        """Stop serving ``serve_id``; peers hear of it at once."""
+        self._unserve(serve_id)
+        if self.running:
+            self._flush()
+
+    def open_request(
+        self,
+        name: str,
+        payload: bytes,
+        *,
+        everyone: bool,
+        deadline: float,
+        register: Callable[[int], object],
+        excluded: frozenset[EndpointId] = frozenset(),
+    ) -> list[Outgoing] | None:
+        """:meth:`RuntimeCore._open_request` (queue the result with :meth:`queue`)."""
+        return self._open_request(
+            name,
+            payload,
+            everyone=everyone,
+            deadline=deadline,
+            register=register,
+            excluded=excluded,
+        )
+
+    def queue(self, item: Outgoing) -> bool:
+        """Queue ``item`` if there is room now (else False: :meth:`wait_to_queue`)."""
+        return self._queue_now(item)
+
+    def close_request(self, request_id: int) -> None:
+        """The caller stopped waiting for ``request_id`` (unanswered peers count as timeouts)."""
+        self._close_request(request_id)
+
+    def no_responder(self, name: str, waited: float | None = None) -> NoResponderError:
+        """The error for a request to ``name`` nobody serves (counted)."""
+        return self._no_responder(name, waited)
+
+    def reply(self, request: Request, payload: bytes, error: str | None) -> Outgoing | None:
+        """The reply to ``request`` to queue, or None when its deadline passed (counted)."""
+        return self._reply(request, payload, error)
+
+    def expired_before_start(self, count: int) -> None:
+        """``count`` requests were not started: their deadline had passed (counted)."""
+        self._expired_before_start(count)
 
     def _queue_now(self, item: Outgoing) -> bool:
         """On the loop thread: queue ``item`` if the hand-off queue has room (False if not)."""

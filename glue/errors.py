@@ -9,6 +9,9 @@
     │   └── UsageValueError an argument of the right type with a bad value (also a ``ValueError``)
     ├── DeliveryError       a publish that asked for confirmation did not get it
     │   └── BackpressureError  the send queue stayed full for the whole timeout
+    ├── UnknownPeerError    send(to=[name]) named no peer known now (also a ``LookupError``)
+    ├── NoResponderError    request(name): no endpoint serves the name (also a ``LookupError``)
+    ├── RemoteError         the handler that served a request raised (its type and message)
     └── ProtocolError       a peer sent something illegal; caught by the runtime, never raised
         └── DecodeError     malformed/truncated/oversized/foreign datagram (raised only by wire)
 
@@ -32,7 +35,9 @@ __all__ = [
     "DecodeError",
     "DeliveryError",
     "GlueError",
+    "NoResponderError",
     "ProtocolError",
+    "RemoteError",
     "UnknownPeerError",
     "UsageError",
     "UsageTypeError",
@@ -104,6 +109,38 @@ class UnknownPeerError(GlueError, LookupError):
     def __init__(self, message: str, *, name: str) -> None:
         super().__init__(message)
         self.name = name
+
+
+class NoResponderError(GlueError, LookupError):
+    """A request to ``name`` found no endpoint serving it (known from the peers' interest, at
+    once; or, while no peer was known at all, at the request's timeout)."""
+
+    def __init__(self, message: str, *, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class RemoteError(GlueError):
+    """The handler that served a request to ``name`` raised: ``remote_type`` is the exception's
+    type name (``"ValueError"``), ``remote_message`` its message; ``responder_id`` and
+    ``responder_name`` say which endpoint."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        name: str,
+        remote_type: str,
+        remote_message: str,
+        responder_id: int,
+        responder_name: str,
+    ) -> None:
+        super().__init__(message)
+        self.name = name
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.responder_id = responder_id
+        self.responder_name = responder_name
 
 
 class BackpressureError(DeliveryError):

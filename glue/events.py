@@ -21,6 +21,11 @@ __all__ = [
     "PeerEvent",
     "PeerRemoved",
     "RemovalReason",
+    "Reply",
+    "ReplyArrived",
+    "ReplyStatus",
+    "Request",
+    "RequestArrived",
     "StackEvent",
     "StopReport",
     "TopicDelivery",
@@ -252,4 +257,98 @@ class StopReport:
         return "; ".join(parts)
 
 
-StackEvent = PeerAdded | PeerRemoved | MessageReceived | TopicDelivery | TopicGap | InterestChanged
+@dataclass(slots=True)
+class Request:
+    """A request to a served name, as its handler receives it (``serve``; docs/request-reply.md).
+
+    ``received_at`` and ``expires_at`` are this endpoint's **wall clock** (like
+    :class:`Message`'s): ``expires_at`` is when the requester stops waiting, computed from the
+    time it had left when it sent the request (so the clocks need not agree). ``deadline`` is the
+    same instant on the **monotonic** clock (``time.monotonic()``): a handler is never started
+    after it. Treat it as read-only.
+    """
+
+    name: str
+    payload: bytes
+    requester_id: int
+    requester_name: str
+    request_id: int
+    received_at: float
+    expires_at: float
+    deadline: float
+
+    def json(self) -> Any:
+        """The payload decoded as JSON.
+
+        Raises:
+            ValueError: the payload is not JSON.
+        """
+        return orjson.loads(self.payload)
+
+
+@dataclass(slots=True)
+class Reply:
+    """A handler's answer to a request (what ``request`` returns; docs/request-reply.md).
+
+    ``sent_at`` (the request went out) and ``received_at`` (this reply arrived) are both this
+    endpoint's **wall clock**, so ``round_trip_s`` needs no clock agreement. Read-only.
+    """
+
+    name: str
+    payload: bytes
+    responder_id: int
+    responder_name: str
+    sent_at: float
+    received_at: float
+
+    @property
+    def round_trip_s(self) -> float:
+        """Seconds from sending the request to receiving this reply."""
+        return self.received_at - self.sent_at
+
+    def json(self) -> Any:
+        """The payload decoded as JSON.
+
+        Raises:
+            ValueError: the payload is not JSON.
+        """
+        return orjson.loads(self.payload)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestArrived:
+    """A request for the local serve ``serve_id`` (its handler runs on the runtime's pool)."""
+
+    serve_id: int
+    request: Request
+
+
+#: How a responder answered: ``ok`` (a reply), ``error`` (its handler raised), ``unserved`` (it
+#: serves the name no longer), ``gone`` (it left before answering).
+ReplyStatus = Literal["ok", "error", "unserved", "gone"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyArrived:
+    """An answer of ``responder`` to the pending request ``request_id``; ``done`` when every
+    responder asked has answered."""
+
+    request_id: int
+    responder: Peer
+    reply: Reply | None
+    status: ReplyStatus
+    error_type: str
+    error_message: str
+    done: bool
+
+
+StackEvent = (
+    PeerAdded
+    | PeerRemoved
+    | MessageReceived
+    | TopicDelivery
+    | TopicGap
+    | InterestChanged
+    | RequestArrived
+    | ReplyArrived
+)

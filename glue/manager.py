@@ -43,6 +43,7 @@ from glue import wire
 from glue.endpoint import Endpoint
 from glue.errors import (
     MAX_TIMEOUT_S,
+    RemoteError,
     UnknownPeerError,
     UsageError,
     UsageTypeError,
@@ -62,6 +63,9 @@ from glue.events import (
     PeerAdded,
     PeerEvent,
     PeerRemoved,
+    Reply,
+    ReplyArrived,
+    RequestArrived,
     StackEvent,
     StopReport,
     TopicDelivery,
@@ -70,6 +74,15 @@ from glue.events import (
 from glue.groups import validate_group
 from glue.runtime import RuntimeCore
 from glue.runtime_thread import ThreadRuntime
+from glue.service import (
+    DEFAULT_SERVE_QUEUE_SIZE,
+    AsyncHandler,
+    AsyncRequests,
+    AsyncService,
+    Handler,
+    Requests,
+    Service,
+)
 from glue.settings import GlueSettings, load_settings
 from glue.subscription import (
     DEFAULT_QUEUE_BYTES,
@@ -354,6 +367,7 @@ class AsyncEndpointManager(_Manager):
         self._subscriptions: dict[int, AsyncSubscription] = {}
         self._changed: asyncio.Future[None] | None = None
         self._stopped = False
+        self._requests = AsyncRequests(self._endpoint, lambda: self._changed)
         self._endpoint.add_listener(self._on_events)
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -470,6 +484,7 @@ class AsyncEndpointManager(_Manager):
             still = await subscription._wait_closed(max(0.0, deadline - loop.time()))
             if still is not None:
                 running.append(still)
+        running.extend(await self._requests.close(max(0.0, deadline - loop.time())))
         for runner in runners:
             still = await runner.stop(max(0.0, deadline - loop.time()))
             if still is not None:
@@ -977,6 +992,9 @@ class AsyncEndpointManager(_Manager):
             if isinstance(event, TopicGap):  # in order with the messages around it
                 _collect_gap(per_subscription, event)
                 continue
+            if isinstance(event, ReplyArrived | RequestArrived):
+                self._requests.handle(event)
+                continue
             changed = True
             peer = event.peer
             if isinstance(event, PeerAdded):
@@ -1005,6 +1023,38 @@ class AsyncEndpointManager(_Manager):
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(None)
             self._changed = asyncio.get_running_loop().create_future()
+
+    # --- request/reply ---------------------------------------------------------------------------
+
+    def serve(
+        self, name: str, handler: AsyncHandler, *, queue_size: int = DEFAULT_SERVE_QUEUE_SIZE
+    ) -> AsyncService:
+        """Answer requests to ``name`` with ``handler(request)``, plain or ``async``: see
+        :meth:`EndpointManager.serve`. Each requester's requests run in one task, in order; a
+        plain handler runs on the loop (which is also the network's), so make it quick or
+        ``async``.
+
+        Raises:
+            UsageError: a bad name, handler or bound, or the endpoint is not running.
+        """
+        queue_size = check_int(queue_size, "queue_size", minimum=1)
+        return self._requests.serve(name, handler, queue_size=queue_size)
+
+    async def request(self, name: str, payload: bytes, *, timeout: float) -> Reply:  # noqa: ASYNC109
+        """Ask one endpoint serving ``name`` and wait for its reply: see
+        :meth:`EndpointManager.request` (the same errors)."""
+        return await self._requests.request(name, payload, timeout)
+
+    async def request_all(
+        self,
+        name: str,
+        payload: bytes,
+        *,
+        timeout: float,  # noqa: ASYNC109 - the same signature as the blocking twin
+    ) -> list[Reply | RemoteError]:
+        """Ask every endpoint serving ``name`` and gather their answers: see
+        :meth:`EndpointManager.request_all`."""
+        return await self._requests.request_all(name, payload, timeout)
 
     # --- models ---------------------------------------------------------------------------------
 
@@ -1154,6 +1204,7 @@ class EndpointManager(_Manager):
         self._lock = threading.Lock()
         self._started = False
         self._stopped = False
+        self._requests = Requests(self._endpoint, self._pool, self._changed)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -1274,6 +1325,7 @@ class EndpointManager(_Manager):
             lanes, self._message_lanes = self._message_lanes, []
         for message_lanes in lanes:
             message_lanes.close()
+        self._requests.close()
         running.extend(self._pool.stop(remaining()))
         running.extend(self._stop_deliveries(remaining()))
         return _left_behind(
@@ -1909,6 +1961,9 @@ class EndpointManager(_Manager):
             if isinstance(event, TopicGap):  # in order with the messages around it
                 _collect_gap(per_subscription, event)
                 continue
+            if isinstance(event, ReplyArrived | RequestArrived):
+                self._requests.handle(event)
+                continue
             if isinstance(event, MessageReceived):
                 if message_lanes:
                     messages.append(event)
@@ -1994,6 +2049,79 @@ class EndpointManager(_Manager):
             with self._lock:
                 self._pending -= count
                 self._pending_bytes -= size
+
+    # --- request/reply ---------------------------------------------------------------------------
+
+    def serve(
+        self, name: str, handler: Handler, *, queue_size: int = DEFAULT_SERVE_QUEUE_SIZE
+    ) -> Service:
+        """Answer requests to ``name`` with ``handler(request)`` (docs/request-reply.md).
+
+        ``name`` may be a pattern, as for ``subscribe`` (``robots/+/move``). The handler gets a
+        :class:`~glue.events.Request` and returns the reply's payload (``bytes``; None for an
+        empty one); what it raises reaches the requester as a :class:`~glue.errors.RemoteError`
+        (type name and message). Handlers run on the callback pool, never on the network
+        thread: one requester's requests in order, one at a time, different requesters'
+        concurrently. A request whose deadline passed while it waited is never started
+        (counted in ``service.expired`` and ``requests_expired_before_start``). Peers learn of
+        the name at once (with the interest they know of the subscriptions).
+
+        Args:
+            name: a topic name or pattern.
+            handler: called with each request.
+            queue_size: requests that may wait for the handler; beyond, a request is answered
+                at once with a RemoteError of type ``QueueFull``.
+
+        Raises:
+            UsageError: a bad name, handler or bound (as ``UsageTypeError`` or
+                ``UsageValueError``), or the endpoint is not running.
+        """
+        queue_size = check_int(queue_size, "queue_size", minimum=1)
+        self._check_running()
+        return self._requests.serve(name, handler, queue_size=queue_size)
+
+    def request(self, name: str, payload: bytes, *, timeout: float) -> Reply:
+        """Ask one endpoint serving ``name`` and wait for its reply (docs/request-reply.md).
+
+        The responder is chosen among the peers that serve a matching pattern: the one with
+        the fewest requests outstanding from here (round robin among equals). The request
+        travels with the time it has left (``timeout``); it runs at most once, and never after
+        that. Before any peer is known (just after start), it waits for discovery, up to the
+        timeout.
+
+        Args:
+            name: a topic name (no wildcard).
+            payload: ``bytes``, ``bytearray`` or ``memoryview`` (copied).
+            timeout: seconds, more than 0 and at most one day.
+
+        Returns:
+            The :class:`~glue.events.Reply`: its payload, who answered, when.
+
+        Raises:
+            NoResponderError: no endpoint serves ``name`` (known at once from the peers'
+                interest; while no peer is known, at the timeout).
+            RemoteError: the handler raised (``remote_type``, ``remote_message``).
+            TimeoutError: no reply within ``timeout`` seconds.
+            DeliveryError: the responder left before answering (the request may have run).
+            UsageError: a bad argument, or the endpoint is not running.
+        """
+        self._check_running()
+        return self._requests.request(name, payload, timeout)
+
+    def request_all(
+        self, name: str, payload: bytes, *, timeout: float
+    ) -> list[Reply | RemoteError]:
+        """Ask every endpoint serving ``name``; gather their answers until each has answered
+        or ``timeout`` seconds passed, in the order they arrived: a :class:`~glue.events.Reply`
+        each, or the :class:`~glue.errors.RemoteError` of a handler that raised (returned, not
+        raised). Those that did not answer in time are missing from the list.
+
+        Raises:
+            NoResponderError: no endpoint serves ``name`` (as :meth:`request`).
+            UsageError: a bad argument, or the endpoint is not running.
+        """
+        self._check_running()
+        return self._requests.request_all(name, payload, timeout)
 
     # --- models ---------------------------------------------------------------------------------
 

@@ -28,8 +28,8 @@ import orjson
 
 from glue import history, network, wire
 from glue.discovery import Address, DiscoveryConfig, Target
-from glue.errors import BackpressureError, DeliveryError, UsageError
-from glue.events import Peer, StackEvent
+from glue.errors import BackpressureError, DeliveryError, NoResponderError, UsageError
+from glue.events import Peer, Request, StackEvent
 from glue.groups import GroupsConfig
 from glue.metrics import MetricsServer, MetricsSnapshot, PeerMetrics
 from glue.outbox import Outgoing
@@ -706,6 +706,98 @@ class RuntimeCore:
         log = logger.debug if key in self._warned else logger.warning
         self._warned.add(key)
         log("cannot resolve discovery target %r: %s", host, exc)
+
+    # --- request/reply (glue.requests; on the network thread, or under the stack's lock) --------
+
+    def _serve(self, pattern: str) -> int:
+        """Serve ``pattern`` here and advertise it; its serve id (the runtime sends the change).
+
+        Raises:
+            UsageError: the pattern is not valid, or the endpoint is not running.
+        """
+        stack = self._stack
+        if not self.running or stack is None:
+            raise UsageError("the endpoint is not running")
+        serve_id = stack.requests.serve(pattern)
+        stack.topics.serve(pattern)
+        return serve_id
+
+    def _unserve(self, serve_id: int) -> None:
+        stack = self._stack
+        if stack is not None:
+            pattern = stack.requests.unserve(serve_id)
+            if pattern is not None:
+                stack.topics.unserve(pattern)
+
+    def _open_request(
+        self,
+        name: str,
+        payload: bytes,
+        *,
+        everyone: bool,
+        deadline: float,
+        register: Callable[[int], object],
+        excluded: frozenset[EndpointId] = frozenset(),
+    ) -> list[Outgoing] | None:
+        """Start a request to ``name`` (to one responder, or to ``everyone``): ``register(id)``
+        runs before anything is sent, and the messages to send are returned. None while no
+        responder is known but one may yet be (no peer known, or a peer's interest not heard).
+
+        Raises:
+            NoResponderError: the peers' interest is known and none serves ``name`` (but those
+                ``excluded``, which said they no longer do).
+            UsageError: the endpoint is not running.
+        """
+        stack = self._stack
+        if not self.running or stack is None:
+            raise UsageError("the endpoint is not running")
+        topics = stack.topics
+        responders = topics.responders(name)
+        if excluded:
+            responders = tuple(p for p in responders if p not in excluded)
+        if not responders:
+            if not excluded and (not stack.peer_ids() or topics.interest_unknown()):
+                return None
+            raise self._no_responder(name)
+        now = time.monotonic()
+        if type(payload) is not bytes:
+            payload = bytes(payload)  # a caller's bytearray must not change under us
+        request_id, sends = stack.requests.open(
+            name, payload, responders, everyone=everyone, deadline=deadline, now=now
+        )
+        register(request_id)
+        return [Outgoing(message, (peer,), expires_at) for peer, message, expires_at in sends]
+
+    def _no_responder(self, name: str, waited: float | None = None) -> NoResponderError:
+        """The error for a request to ``name`` nobody serves (counted, warned about once)."""
+        if self._stack is not None:
+            self._stack.requests.no_responder(name)
+        if waited is not None:
+            return NoResponderError(
+                f"no endpoint serving {name!r} was found within {waited} s (no peer, or no "
+                "peer's interest, was known)",
+                name=name,
+            )
+        return NoResponderError(f"no endpoint serves {name!r}", name=name)
+
+    def _close_request(self, request_id: int) -> None:
+        if self._stack is not None:
+            self._stack.requests.close(request_id)
+
+    def _reply(self, request: Request, payload: bytes, error: str | None) -> Outgoing | None:
+        """The reply to ``request`` to submit, or None when its deadline passed (counted)."""
+        stack = self._stack
+        if not self.running or stack is None:
+            return None
+        found = stack.requests.reply(request, payload, error=error, now=time.monotonic())
+        if found is None:
+            return None
+        peer, message, expires_at = found
+        return Outgoing(message, (peer,), expires_at)
+
+    def _expired_before_start(self, count: int) -> None:
+        if self._stack is not None:
+            self._stack.requests.expired_before_start(count)
 
 
 def literal_address(host: str) -> list[str] | None:

@@ -45,13 +45,14 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from glue.discovery import Target
-from glue.errors import DeliveryError, UsageError
-from glue.events import StackEvent
+from glue.errors import BackpressureError, DeliveryError, NoResponderError, UsageError
+from glue.events import Request, StackEvent
 from glue.metrics import MetricsServer, MetricsSnapshot
 from glue.outbox import Outgoing
 from glue.runtime import RuntimeCore, literal_address
 from glue.settings import GlueSettings
 from glue.stack import BUNDLE_MAX_MESSAGE_BYTES, Stack
+from glue.wire import EndpointId
 
 __all__ = ["ThreadRuntime"]
 
@@ -622,6 +623,83 @@ class ThreadRuntime(RuntimeCore):
     def _locked_snapshot(self) -> MetricsSnapshot:
         with self._lock:
             return self.metrics_snapshot()
+
+    # --- request/reply (glue.service) ----------------------------------------------------------
+
+    def serve(self, pattern: str, register: Callable[[int], object]) -> int:
+        """Serve ``pattern``; ``register(id)`` runs under the lock, before any request for it can
+        be pulled. Peers hear of it at once. Returns its id.
+
+        Raises:
+            UsageError: the pattern is not valid, or the endpoint is not running.
+        """
+        with self._lock:
+            serve_id = self._serve(pattern)
+            register(serve_id)
+            assert self._stack is not None
+            self._send_datagrams(self._stack.datagrams_to_send(now=time.monotonic(), gather=True))
+        return serve_id
+
+    def unserve(self, serve_id: int) -> None:
+        """Stop serving ``serve_id``; peers hear of it at once."""
+        with self._lock:
+            self._unserve(serve_id)
+            if self._state == "running" and self._stack is not None:
+                now = time.monotonic()
+                self._send_datagrams(self._stack.datagrams_to_send(now=now, gather=True))
+
+    def open_request(
+        self,
+        name: str,
+        payload: bytes,
+        *,
+        everyone: bool,
+        deadline: float,
+        register: Callable[[int], object],
+        excluded: frozenset[EndpointId] = frozenset(),
+    ) -> list[Outgoing] | None:
+        """:meth:`RuntimeCore._open_request` under the lock (send the result with ``submit``)."""
+        with self._lock:
+            return self._open_request(
+                name,
+                payload,
+                everyone=everyone,
+                deadline=deadline,
+                register=register,
+                excluded=excluded,
+            )
+
+    def submit(self, item: Outgoing, timeout: float) -> None:
+        """Place ``item`` (see :meth:`send`)."""
+        self._submit(item, timeout)
+
+    def close_request(self, request_id: int) -> None:
+        """The caller stopped waiting for ``request_id`` (unanswered peers count as timeouts)."""
+        with self._lock:
+            self._close_request(request_id)
+
+    def no_responder(self, name: str, waited: float | None = None) -> NoResponderError:
+        """The error for a request to ``name`` nobody serves (counted)."""
+        with self._lock:
+            return self._no_responder(name, waited)
+
+    def reply(self, request: Request, payload: bytes, error: str | None, timeout: float) -> None:
+        """Send the reply to ``request`` (unless its deadline passed: counted), waiting at
+        most ``timeout`` s for room; a reply that finds none is dropped and counted."""
+        with self._lock:
+            item = self._reply(request, payload, error)
+        if item is None:
+            return
+        try:
+            self._submit(item, timeout)
+        except (BackpressureError, UsageError):
+            with self._lock:
+                self.counters["replies_dropped"] += 1
+
+    def expired_before_start(self, count: int) -> None:
+        """``count`` requests were not started: their deadline had passed (counted)."""
+        with self._lock:
+            self._expired_before_start(count)
 
     # --- discovery targets ----------------------------------------------------------------------
 

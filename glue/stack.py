@@ -24,6 +24,7 @@ from glue.errors import DecodeError, UsageError
 from glue.events import Peer, PeerAdded, PeerRemoved, StackEvent
 from glue.fragmentation import Reassembler, split_views
 from glue.outbox import Outbox, Outgoing
+from glue.requests import Requests
 from glue.topics import (
     MAX_ENVELOPE_BYTES,
     Outbound,
@@ -170,6 +171,8 @@ class Stack:
             incarnation=self.incarnation,
             emit=self._events.append,
         )
+        self.requests = Requests(emit=self._events.append, wall_offset=self._wall_offset)
+        self.topics.requests = self.requests
         # Small messages waiting to be bundled, per peer, until the next datagrams_to_send.
         self._bundles: dict[EndpointId, _Bundle] = {}
         # Per peer, the size of the last fragment queued in this burst when a fragmented
@@ -515,6 +518,8 @@ class Stack:
             for peer, envelope, expires_at in topics.take_sends():
                 send(peer, envelope, expires_at=min(expires_at, horizon), now=now)
             self.discovery.interest_version = topics.version
+        for peer, reply, expires_at in self.requests.take_sends():
+            self.send(peer, reply, expires_at=expires_at, now=now)
         announcements = self.discovery.frames_to_send()
         if announcements:
             by_destination: dict[Address, list[wire.Frame]] = {}
@@ -608,6 +613,7 @@ class Stack:
             ("transport", self.transport.total_counters()),
             ("fragmentation", self.reassembler.counters),
             ("topics", self.topics.fold_counters()),
+            ("requests", self.requests.counters),
         ):
             merged.update({f"{prefix}_{key}": value for key, value in counters.items()})
         return dict(merged)
@@ -693,6 +699,8 @@ class Stack:
         self._tails.pop(peer_id, None)
         self._returning.pop(peer_id, None)
         self.topics.peer_removed(peer)
+        if not self.transport.is_parked(peer_id):  # (a parked one may still answer)
+            self.requests.peer_removed(peer)
         if self.outbox.holding:  # held for it: to its parked stream, or released if it left
             self.outbox.retry(peer_id, now, gone=not self.transport.is_parked(peer_id))
 
@@ -820,6 +828,9 @@ class Stack:
                     self.outbox.retry(event.peer, now, gone=False)
                 self._events.append(event)
                 self._control_events = True
+
+    def _wall_offset(self) -> float:
+        return self.topics.wall_offset
 
 
 def _length(datagram: wire.OutDatagram) -> int:

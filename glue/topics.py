@@ -48,7 +48,7 @@ import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import orjson
 
@@ -75,12 +75,16 @@ from glue.groups import (
 )
 from glue.wire import MAX_ID, MAX_NAME_CHARS, EndpointId
 
+if TYPE_CHECKING:
+    from glue.requests import Requests
+
 __all__ = [
     "APART_BYTES",
     "DIRECT_ENVELOPE",
     "MAX_ENVELOPE_BYTES",
     "MAX_TOPIC_CHARS",
     "MAX_TYPE_CHARS",
+    "SERVED",
     "Outbound",
     "Topics",
     "TopicsConfig",
@@ -104,6 +108,9 @@ _TYPE_RE: Final = re.compile(r"[A-Za-z0-9_.:/\-]+")
 MAX_ENVELOPE_BYTES: Final = 1024
 #: The envelope of a direct message (not on a topic).
 DIRECT_ENVELOPE: Final = b"{}\n"
+#: Marks a served pattern among a peer's interest (``Topics.serve``); no topic name or pattern
+#: can hold it, so served names and topics never match each other.
+SERVED: Final = "$"
 _CACHE_ENTRIES: Final = 65536
 #: The longest time to live a retained message may carry (``MAX_EXPIRY_S``, one day).
 _MAX_RETAIN_S: Final = 86400.0
@@ -379,10 +386,11 @@ class _Ahead:
 
 
 class _Interest:
-    __slots__ = ("asked", "fresh", "groups", "patterns", "version")
+    __slots__ = ("announced", "asked", "fresh", "groups", "patterns", "version")
 
     def __init__(self) -> None:
         self.version = 0  # what a peer without subscriptions announces
+        self.announced = 0  # the highest version its announcements named
         self.patterns: frozenset[str] = frozenset()
         self.groups: frozenset[tuple[str, str]] = frozenset()  # (group, pattern) memberships
         self.asked = False
@@ -463,6 +471,8 @@ class Topics:
         self._done_out: dict[EndpointId, list[int]] = {}
         self._refused_out: dict[EndpointId, list[int]] = {}
         self._now = 0.0  # the latest now seen (for inputs that carry none, like subscribe)
+        #: Where requests and replies go (``glue.requests``); None: dropped as malformed.
+        self.requests: Requests | None = None
         for pattern, depth in config.keep:
             self.keep(pattern, depth)
 
@@ -1077,6 +1087,7 @@ class Topics:
         interest = self._interest.get(peer)
         if interest is None:
             return
+        interest.announced = max(interest.announced, version)
         if interest.fresh:
             interest.fresh = False
             return
@@ -1226,6 +1237,14 @@ class Topics:
                 or sequence < 1
                 or (type(sent_at) is not float and type(sent_at) is not int)
             ):
+                if sequence is None and self.requests is not None and ("q" in head or "r" in head):
+                    # A request or reply (glue.requests): "t" without "s", so that a receiver
+                    # without requests drops it as a malformed topic message.
+                    expires_at = math.inf if expiries is None else expiries[index]
+                    payload = data[end + 1 :] if body is None else body
+                    self.requests.receive(peer, head, payload, now, expires_at)
+                    run = None
+                    continue
                 self._drop("bad_envelope", peer, "a topic message with a malformed envelope")
                 continue
             names = (topic, topic_type)
@@ -1473,18 +1492,24 @@ class Topics:
         return tuple(ids), mismatched
 
     def _targets(self, topic: str) -> tuple[EndpointId, ...]:
-        found = tuple(
-            peer
-            for peer, interest in self._interest.items()
-            if any_matches(interest.patterns, topic)
-        )
+        if topic[0] == SERVED:  # a served name: only served patterns (see ``serve``)
+            found = _responders(self._interest, topic[1:])
+        else:
+            found = tuple(
+                peer
+                for peer, interest in self._interest.items()
+                if any_matches(interest.patterns, topic)
+            )
         if len(self._target_cache) >= _CACHE_ENTRIES:
             self._target_cache.clear()
         self._target_cache[topic] = found
         return found
 
     def _send_full(self, peer: EndpointId, *, ask: bool) -> None:
-        head: dict[str, Any] = {"i": self._version, "set": sorted(self._pattern_counts)}
+        patterns, served = _split_served(self._pattern_counts)
+        head: dict[str, Any] = {"i": self._version, "set": patterns}
+        if served:
+            head["sv"] = served
         if self._group_counts:
             head["gset"] = sorted(self._group_counts)
         if ask:
@@ -1494,11 +1519,11 @@ class Topics:
 
     def _send_delta(self) -> None:
         self._version += 1
-        delta: dict[str, Any] = {
-            "i": self._version,
-            "add": sorted(self._added),
-            "del": sorted(self._removed),
-        }
+        added, serve_added = _split_served(self._added)
+        removed, serve_removed = _split_served(self._removed)
+        delta: dict[str, Any] = {"i": self._version, "add": added, "del": removed}
+        if serve_added or serve_removed:  # (older peers ignore these keys)
+            delta["sva"], delta["svd"] = serve_added, serve_removed
         if self._groups_added or self._groups_removed:  # (older peers ignore these keys)
             delta["gadd"] = sorted(self._groups_added)
             delta["gdel"] = sorted(self._groups_removed)
@@ -1522,7 +1547,7 @@ class Topics:
             if type(version) is not int:
                 raise TypeError("version")
             if "set" in head:
-                patterns = _patterns(head["set"])
+                patterns = _patterns(head["set"]) | _served(head.get("sv"))
                 groups = group_pairs(head.get("gset", []), validate_pattern)
                 if version < interest.version:
                     self.counters["interest_stale"] += 1
@@ -1544,6 +1569,9 @@ class Topics:
                         interest.asked = True
                         self._send_full(peer.endpoint_id, ask=True)
                     return
+                if "sva" in head or "svd" in head:
+                    added |= _served(head.get("sva"))
+                    removed |= _served(head.get("svd"))
                 new = (interest.patterns - removed) | added
         except (KeyError, TypeError, UsageError):
             self._drop("bad_interest", peer, "a malformed interest message")
@@ -1689,6 +1717,27 @@ class Topics:
             self._warned.add(key)
         logger.warning(message, *args)
 
+    # --- served names (request/reply, glue.requests) ----------------------------------------------
+
+    def serve(self, pattern: str) -> None:
+        """Advertise that this endpoint answers requests to names matching ``pattern``: it joins
+        our interest, apart from the topic patterns (``sv`` in docs/PROTOCOL.md)."""
+        validate_pattern(pattern, "name")
+        self._want(SERVED + pattern)
+
+    def unserve(self, pattern: str) -> None:
+        """Withdraw one ``serve`` of ``pattern``."""
+        if self._pattern_counts.get(SERVED + pattern):
+            self._unwant(SERVED + pattern)
+
+    def responders(self, name: str) -> tuple[EndpointId, ...]:
+        """The peers that serve a pattern matching the name ``name``."""
+        return self.subscribers(SERVED + name)
+
+    def interest_unknown(self) -> bool:
+        """Whether a peer announced interest we have not received yet (it may serve a name)."""
+        return any(i.announced > i.version for i in self._interest.values())
+
 
 def _retained(raw: object) -> float:
     """The time to live a retained message is sent again with (its ``r``), 0.0 if none (or not
@@ -1719,6 +1768,33 @@ def _with_origin(line: bytes, peer: Peer) -> bytes:
     """An envelope line (JSON, no LF) with its publisher ``peer`` as origin, to relay it."""
     origin = orjson.dumps([peer.endpoint_id, peer.incarnation, peer.name])
     return b'%s,"o":%s}' % (line[:-1], origin)
+
+
+def _split_served(patterns: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Topic patterns and served patterns (without their mark), each sorted, for the wire."""
+    topics: list[str] = []
+    served: list[str] = []
+    for pattern in patterns:
+        if pattern[0] == SERVED:
+            served.append(pattern[1:])
+        else:
+            topics.append(pattern)
+    return sorted(topics), sorted(served)
+
+
+def _served(raw: object) -> frozenset[str]:
+    """Served patterns from the wire (absent: none), marked as such."""
+    if raw is None:
+        return frozenset()
+    return frozenset(SERVED + pattern for pattern in _patterns(raw))
+
+
+def _responders(interests: dict[EndpointId, _Interest], name: str) -> tuple[EndpointId, ...]:
+    return tuple(
+        peer
+        for peer, interest in interests.items()
+        if any(p[0] == SERVED and matches(p[1:], name) for p in interest.patterns)
+    )
 
 
 def _patterns(raw: object) -> frozenset[str]:
