@@ -1056,6 +1056,17 @@ class AsyncEndpointManager(_Manager):
         :meth:`EndpointManager.request_all`."""
         return await self._requests.request_all(name, payload, timeout)
 
+    def responders(self, name: str) -> list[Peer]:
+        """The peers serving ``name`` now (those ``request`` chooses among), by name.
+
+        Raises:
+            UsageTypeError, UsageValueError: the name is not valid.
+        """
+        validate_topic_name(name, "name")
+        peers = self._peers
+        found = [peers[i] for i in self._endpoint.responders(name) if i in peers]
+        return sorted(found, key=lambda p: p.name)
+
     # --- models ---------------------------------------------------------------------------------
 
     def model(self, name: str) -> AsyncModel:
@@ -2122,6 +2133,19 @@ class EndpointManager(_Manager):
         """
         self._check_running()
         return self._requests.request_all(name, payload, timeout)
+
+    def responders(self, name: str) -> list[Peer]:
+        """The peers serving ``name`` now (those ``request`` chooses among), by name.
+
+        Raises:
+            UsageTypeError, UsageValueError: the name is not valid.
+        """
+        validate_topic_name(name, "name")
+        self._check_running()
+        with self._endpoint.locked():
+            ids = self._endpoint.responders(name)
+        with self._changed:
+            return self._subscribers(ids)
 
     # --- models ---------------------------------------------------------------------------------
 

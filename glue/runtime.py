@@ -443,6 +443,10 @@ class RuntimeCore:
         for source, job in dones:
             done(source, job, now)
 
+    def responders(self, name: str) -> list[EndpointId]:
+        """Ids of the peers serving ``name`` now (on the network thread, or under the lock)."""
+        return list(self._stack.topics.responders(name)) if self._stack else []
+
     def peer_counters(self) -> dict[int, dict[str, int]]:
         """Per-peer transport counters (on the network thread, or under the lock)."""
         stack = self._stack
