@@ -90,18 +90,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pubsub", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--request", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--key", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "raw-receiver":
         return _raw_receiver(args.count, args.echo)
     if args.role == "glue-receiver":
         return _glue_receiver(
-            args.port, args.count, args.echo, args.pubsub, args.key, inline=args.inline
+            args.port,
+            args.count,
+            args.echo,
+            args.pubsub,
+            args.key,
+            inline=args.inline,
+            request=args.request,
         )
     if args.role == "glue-async-receiver":
         return asyncio.run(_glue_async_receiver(args.port, args.count, args.pubsub))
     if args.role == "glue-async-echo":
-        return asyncio.run(_glue_async_echo(args.port, args.pubsub))
+        return asyncio.run(_glue_async_echo(args.port, args.pubsub, args.request))
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -136,16 +143,21 @@ _VARIANTS = (
     "blocking sealed",
 )
 #: Round-trip variants: a 64-byte ping answered by the other process. "inline": the answering
-#: subscription's callback runs on the network thread (``subscribe(..., inline=True)``).
+#: subscription's callback runs on the network thread (``subscribe(..., inline=True)``);
+#: "request": ``request`` answered by a ``serve`` handler (on the callback pool, or a task).
 _TRIP_VARIANTS = (
     "raw UDP",
     "blocking send",
     "blocking pub/sub",
     "blocking inline",
+    "blocking request",
     "asyncio send",
     "asyncio pub/sub",
+    "asyncio request",
     "blocking sealed",
 )
+#: Request/reply's goal: at most this many times the pub/sub round trip of the same API.
+_REQUEST_GOAL = 1.1
 #: A network key for the sealed variants (both ends), made once per run.
 _KEY = ""
 
@@ -170,12 +182,16 @@ def _measure(variant: str, size: int, count: int, seconds: float) -> _Figures:
 def _trip(variant: str) -> tuple[float, float]:
     if variant == "raw UDP":
         return _raw_round_trip()
+    request = variant.endswith("request")
     if variant.startswith("asyncio"):
-        return asyncio.run(_glue_async_round_trip(pubsub=variant.endswith("pub/sub")))
+        return asyncio.run(
+            _glue_async_round_trip(pubsub=variant.endswith("pub/sub"), request=request)
+        )
     return _glue_round_trip(
-        pubsub=variant != "blocking send",
+        pubsub=variant not in ("blocking send", "blocking request"),
         key=_KEY if variant.endswith("sealed") else None,
         inline=variant.endswith("inline"),
+        request=request,
     )
 
 
@@ -281,7 +297,21 @@ def _summary(
         "rounds": len(raw_p50),
         "throughput": throughput,
         "round_trip": trips,
+        "request_to_pubsub": {
+            api: _spread(ratios) for api, ratios in _request_ratios(round_trips).items()
+        },
+        "request_goal": _REQUEST_GOAL,
     }
+
+
+def _request_ratios(round_trips: dict[str, list[tuple[float, float]]]) -> dict[str, list[float]]:
+    """Per API, each round's request/reply p50 over its pub/sub p50 (the same round)."""
+    found = {}
+    for api in ("blocking", "asyncio"):
+        requests, pubsub = round_trips.get(f"{api} request"), round_trips.get(f"{api} pub/sub")
+        if requests and pubsub:
+            found[api] = _ratios([r[0] for r in requests], [p[0] for p in pubsub])
+    return found
 
 
 def _table(
@@ -334,6 +364,14 @@ def _table(
         p99 = statistics.median(p99 for _, p99 in samples) * 1e6
         shown = "" if variant == "raw UDP" else ratio(p50s, raw_p50)
         lines.append(f"{variant:<17} {p50:>8.0f} {p99:>8.0f}  {shown}")
+    for api, ratios in _request_ratios(round_trips).items():
+        text = f"{statistics.median(ratios):.2f} x"
+        if repeat > 1:
+            text += f" ({min(ratios):.2f}-{max(ratios):.2f})"
+        lines.append(
+            f"request/reply round trip, {api}: {text} its pub/sub round trip "
+            f"(goal: at most {_REQUEST_GOAL} x)"
+        )
     return "\n".join(lines)
 
 
@@ -610,6 +648,7 @@ def _glue_receiver(
     key: str | None = None,
     *,
     inline: bool = False,
+    request: bool = False,
 ) -> int:
     from glue.manager import EndpointManager
 
@@ -621,7 +660,9 @@ def _glue_receiver(
     done = threading.Event()
     tally = _Tally(count, done.set)
     with EndpointManager(settings) as endpoint:
-        if echo and pubsub:
+        if echo and request:
+            endpoint.serve("bench/ping", lambda r: r.payload)
+        elif echo and pubsub:
             endpoint.subscribe(
                 "bench/ping",
                 "bench",
@@ -710,7 +751,7 @@ class _Tally:
 
 
 def _glue_round_trip(
-    *, pubsub: bool = False, key: str | None = None, inline: bool = False
+    *, pubsub: bool = False, key: str | None = None, inline: bool = False, request: bool = False
 ) -> tuple[float, float]:
     from glue.manager import EndpointManager
 
@@ -719,6 +760,7 @@ def _glue_round_trip(
         *(("--pubsub",) if pubsub else ()),
         *((f"--key={key}",) if key else ()),
         *(("--inline",) if inline else ()),
+        *(("--request",) if request else ()),
     )
     echo = _spawn("--role", "glue-receiver", "--port", str(port), "--echo", *mode)
     _read_json(echo)
@@ -731,7 +773,13 @@ def _glue_round_trip(
     with EndpointManager(settings) as pinger:
         [peer] = pinger.wait_for_peers(1, timeout=10)
         payload = b"x" * 64
-        if pubsub:
+        if request:
+            _wait_for(lambda: bool(pinger.responders("bench/ping")))
+            for _ in range(_RTT_WARMUP + _RTT_SAMPLES):
+                started = time.perf_counter()
+                pinger.request("bench/ping", payload, timeout=5.0)
+                samples.append(time.perf_counter() - started)
+        elif pubsub:
             pongs = pinger.subscribe("bench/pong", "bench")
             pinger.wait_for_subscribers("bench/ping", timeout=10)
             for _ in range(_RTT_WARMUP + _RTT_SAMPLES):
@@ -753,14 +801,15 @@ def _glue_round_trip(
     return _percentiles(samples)
 
 
-async def _glue_async_round_trip(*, pubsub: bool = False) -> tuple[float, float]:
+async def _glue_async_round_trip(
+    *, pubsub: bool = False, request: bool = False
+) -> tuple[float, float]:
     """The same ping-pong with ``AsyncEndpointManager`` at both ends (no threads involved)."""
     from glue.manager import AsyncEndpointManager
 
     port = _free_port()
-    echo = _spawn(
-        "--role", "glue-async-echo", "--port", str(port), *(("--pubsub",) if pubsub else ())
-    )
+    mode = (*(("--pubsub",) if pubsub else ()), *(("--request",) if request else ()))
+    echo = _spawn("--role", "glue-async-echo", "--port", str(port), *mode)
     _read_json(echo)
     settings = _glue_settings(
         discovery_target_address=f"127.0.0.1:{port}", discovery_listen_address="0"
@@ -769,13 +818,20 @@ async def _glue_async_round_trip(*, pubsub: bool = False) -> tuple[float, float]
     async with AsyncEndpointManager(settings) as pinger:
         [peer] = await pinger.wait_for_peers(1, timeout=10)
         payload = b"x" * 64
+        if request:
+            while not pinger.responders("bench/ping"):  # noqa: ASYNC110 - no event for it
+                await asyncio.sleep(0.01)
+            for _ in range(_RTT_WARMUP + _RTT_SAMPLES):
+                started = time.perf_counter()
+                await pinger.request("bench/ping", payload, timeout=5.0)
+                samples.append(time.perf_counter() - started)
         if pubsub:
             pongs = pinger.subscribe("bench/pong", "bench")
             await pinger.wait_for_subscribers("bench/ping", timeout=10)
             replies: Any = aiter(pongs)
         else:
             replies = pinger.messages()
-        for _ in range(_RTT_WARMUP + _RTT_SAMPLES):
+        for _ in range(0 if request else _RTT_WARMUP + _RTT_SAMPLES):
             started = time.perf_counter()
             if pubsub:
                 await pinger.publish("bench/ping", "bench", payload, expiry=5.0)
@@ -878,7 +934,7 @@ async def _glue_async_receiver(port: int, count: int, pubsub: bool = False) -> i
     return 0
 
 
-async def _glue_async_echo(port: int, pubsub: bool = False) -> int:
+async def _glue_async_echo(port: int, pubsub: bool = False, request: bool = False) -> int:
     from glue.manager import AsyncEndpointManager
 
     settings = _glue_settings(
@@ -888,6 +944,9 @@ async def _glue_async_echo(port: int, pubsub: bool = False) -> int:
     async with AsyncEndpointManager(settings) as endpoint:
 
         async def answer() -> None:
+            if request:
+                endpoint.serve("bench/ping", lambda r: r.payload)
+                return
             if pubsub:
                 async for ping in endpoint.subscribe("bench/ping", "bench"):
                     await endpoint.publish("bench/pong", "bench", ping.payload, expiry=10.0)
@@ -903,6 +962,14 @@ async def _glue_async_echo(port: int, pubsub: bool = False) -> int:
         answering.cancel()
         await asyncio.gather(answering, return_exceptions=True)
     return 0
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not ready within {timeout} s")
+        time.sleep(0.01)
 
 
 def _free_port() -> int:

@@ -168,9 +168,13 @@ def test_bench_runs_and_prints_every_figure() -> None:
         # raw UDP; send and pub/sub with both APIs; sealed pub/sub
         assert len(rows) == 6, table
     # Every glue row, throughput and round trip, against raw UDP with its range.
-    assert table.count("x raw (") == 3 * 5 + 6
+    assert table.count("x raw (") == 3 * 5 + 8
     for variant in ("blocking pub/sub", "asyncio pub/sub", "blocking sealed", "blocking inline"):
         assert variant in table
+    # Request/reply beside pub/sub, each API's ratio of the two printed.
+    for api in ("blocking", "asyncio"):
+        assert f"{api} request" in table
+        assert f"request/reply round trip, {api}: " in table
     assert "nan" not in table  # CPU per message measured on both sides of every glue case
     assert "round trip, 64 B" in table
     assert result.stdout.count("round 2/2") == 4  # three sizes and the round trip, twice
@@ -200,5 +204,9 @@ def test_bench_json_holds_every_row_with_its_range() -> None:
         assert spread["min"] <= spread["median"] <= spread["max"]
     trips = {row["variant"]: row for row in summary["round_trip"]}
     assert "blocking inline" in trips
+    assert {"blocking request", "asyncio request"} <= set(trips)
+    ratios = summary["request_to_pubsub"]
+    assert set(ratios) == {"blocking", "asyncio"}
+    assert all(r["min"] <= r["median"] <= r["max"] for r in ratios.values())
     assert all(t["p50_us"]["median"] <= t["p99_us"]["median"] for t in trips.values())
     assert "round 2/2" in result.stderr  # progress goes to standard error
