@@ -774,7 +774,7 @@ def _glue_round_trip(
         [peer] = pinger.wait_for_peers(1, timeout=10)
         payload = b"x" * 64
         if request:
-            _wait_for(lambda: bool(pinger.responders("bench/ping")))
+            pinger.wait_for_responders("bench/ping", timeout=10)
             for _ in range(_RTT_WARMUP + _RTT_SAMPLES):
                 started = time.perf_counter()
                 pinger.request("bench/ping", payload, timeout=5.0)
@@ -819,8 +819,7 @@ async def _glue_async_round_trip(
         [peer] = await pinger.wait_for_peers(1, timeout=10)
         payload = b"x" * 64
         if request:
-            while not pinger.responders("bench/ping"):  # noqa: ASYNC110 - no event for it
-                await asyncio.sleep(0.01)
+            await pinger.wait_for_responders("bench/ping", timeout=10)
             for _ in range(_RTT_WARMUP + _RTT_SAMPLES):
                 started = time.perf_counter()
                 await pinger.request("bench/ping", payload, timeout=5.0)
@@ -962,14 +961,6 @@ async def _glue_async_echo(port: int, pubsub: bool = False, request: bool = Fals
         answering.cancel()
         await asyncio.gather(answering, return_exceptions=True)
     return 0
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not ready within {timeout} s")
-        time.sleep(0.01)
 
 
 def _free_port() -> int:

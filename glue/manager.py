@@ -1067,6 +1067,37 @@ class AsyncEndpointManager(_Manager):
         found = [peers[i] for i in self._endpoint.responders(name) if i in peers]
         return sorted(found, key=lambda p: p.name)
 
+    async def wait_for_responders(
+        self,
+        name: str,
+        count: int = 1,
+        *,
+        timeout: float,  # noqa: ASYNC109 - the same signature as the blocking twin
+    ) -> list[Peer]:
+        """Wait until at least ``count`` peers serve ``name``.
+
+        Raises:
+            UsageError: the name is not valid, or the endpoint is not running.
+            TimeoutError: fewer responders within ``timeout`` seconds.
+        """
+        validate_topic_name(name, "name")
+        count, timeout = _check_wait(count, timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            found = self.responders(name)
+            if len(found) >= count:
+                return found
+            if not self._endpoint.running:
+                raise UsageError("the endpoint is not running")
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._changed is None:
+                raise TimeoutError(
+                    f"{len(found)} of {count} responders to {name!r} after {timeout} s"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._changed), remaining)
+
     # --- models ---------------------------------------------------------------------------------
 
     def model(self, name: str) -> AsyncModel:
@@ -2146,6 +2177,33 @@ class EndpointManager(_Manager):
             ids = self._endpoint.responders(name)
         with self._changed:
             return self._subscribers(ids)
+
+    def wait_for_responders(self, name: str, count: int = 1, *, timeout: float) -> list[Peer]:
+        """Block until at least ``count`` peers serve ``name``.
+
+        Raises:
+            UsageError: the name is not valid, or the endpoint is not running.
+            TimeoutError: fewer responders within ``timeout`` seconds.
+        """
+        validate_topic_name(name, "name")
+        count, timeout = _check_wait(count, timeout)
+        self._check_running()
+        deadline = time.monotonic() + timeout
+        endpoint = self._endpoint
+        with self._changed:
+            while True:
+                with endpoint.locked():  # (inside the condition's lock, as wait_for_subscribers)
+                    ids = endpoint.responders(name)
+                found = self._subscribers(ids)
+                if len(found) >= count:
+                    return found
+                self._check_running()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"{len(found)} of {count} responders to {name!r} after {timeout} s"
+                    )
+                self._changed.wait(remaining)
 
     # --- models ---------------------------------------------------------------------------------
 

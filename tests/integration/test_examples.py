@@ -29,7 +29,14 @@ from tests.helpers import free_udp_port
 
 ROOT = Path(__file__).parents[2]
 DOCS = ROOT / "docs"
-TOPIC_PAGES = ["topics.md", "delivery.md", "late-joiners.md", "partitions.md", "work-queues.md"]
+TOPIC_PAGES = [
+    "topics.md",
+    "delivery.md",
+    "late-joiners.md",
+    "partitions.md",
+    "work-queues.md",
+    "request-reply.md",
+]
 RUN_TIMEOUT_S = 60
 _BLOCK = re.compile(r"^```python\n(.*?)^```$", re.DOTALL | re.MULTILINE)
 
@@ -108,6 +115,19 @@ def test_the_work_queue_example_has_each_job_done_once() -> None:
         "each worker did some: yes",
         "done",
     ]
+
+
+def test_the_robot_command_example_tells_every_ending_apart() -> None:
+    result = _run(["examples/robot_command.py", str(free_udp_port())], base_env())
+    assert result.stdout.splitlines() == [
+        "robot-1: moved to [1.5, 2.0]",
+        "robot-1: refused: ValueError: x=99.0, y=0.0 is out of reach",
+        "robot-2: no reply within 200 ms",
+        "robot-9: no such robot",
+        "done",
+    ]
+    # Seen without any logging configured (the standard library's last resort, on stderr).
+    assert result.stderr.count("no endpoint serving that name") == 1
 
 
 # --- docs/ ---------------------------------------------------------------------------------------

@@ -242,7 +242,7 @@ def test_request_all_gathers_the_replies_of_three_responders() -> None:
         responders("sync", "fleet/+", *names, glue=glue),
         EndpointManager.from_env(**glue, endpoint_name="controller") as controller,
     ):
-        assert wait_until(lambda: len(controller.responders("fleet/ping")) == 3, timeout=10)
+        assert len(controller.wait_for_responders("fleet/ping", 3, timeout=10)) == 3
         answers = controller.request_all("fleet/ping", b"hello", timeout=10)
         assert sorted(a.payload for a in answers if isinstance(a, Reply)) == [
             b"%s:hello" % name.encode() for name in names
@@ -267,9 +267,7 @@ async def test_the_asyncio_api_serves_and_requests() -> None:
             return b"moved " + request.payload
 
         service = robot.serve("robots/+/move", move)
-        assert await async_wait_until(
-            lambda: len(controller.responders("robots/r1/move")) == 1, timeout=10
-        )
+        await controller.wait_for_responders("robots/r1/move", timeout=10)
         reply = await controller.request("robots/r1/move", b"left", timeout=10)
         assert (reply.payload, reply.responder_name) == (b"moved left", "robot")
         with pytest.raises(RemoteError, match="KeyError"):
