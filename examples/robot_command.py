@@ -85,9 +85,7 @@ def main() -> int:
             controller.wait_for_responders(f"robots/{name}/move", timeout=5)
         for name, target in COMMANDS:
             try:
-                reply = controller.request(
-                    f"robots/{name}/move", orjson.dumps(target), timeout=0.2
-                )
+                reply = controller.request(f"robots/{name}/move", orjson.dumps(target), timeout=0.2)
             except NoResponderError:
                 print(f"{name}: no such robot")
             except TimeoutError:
