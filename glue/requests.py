@@ -8,7 +8,7 @@ enveloped like topic messages (``docs/PROTOCOL.md``, "Requests and replies"):
 - ``{"t":"robots/r1/move","q":7,"d":200}`` request 7 of its sender to the name ``t``, with
   ``d`` milliseconds left before its deadline (remaining time, never a wall-clock date: the two
   clocks need not agree);
-- ``{"t":"robots/r1/move","r":7}`` the reply to request 7 (the body is the reply's payload);
+- ``{"t":"robots/r1/move","a":7}`` the answer to request 7 (the body is the reply's payload);
   with ``"e":"ValueError"`` the handler raised that (the body is its message, UTF-8); with
   ``"n":true`` nothing serves that name here (any more).
 
@@ -76,7 +76,7 @@ def _message(head: bytes, payload: bytes) -> Outbound:
 def reply_envelope(name: str, request_id: int, *, error: str | None = None) -> bytes:
     """The envelope line (with its LF) of the reply to request ``request_id`` on ``name``;
     ``error``: the type name of what the handler raised."""
-    head: dict[str, Any] = {"t": name, "r": request_id}
+    head: dict[str, Any] = {"t": name, "a": request_id}
     if error is not None:
         head["e"] = error[:_MAX_TYPE_CHARS] or "Exception"
     return orjson.dumps(head) + b"\n"
@@ -206,7 +206,7 @@ class Requests:
     def receive(
         self, peer: Peer, head: dict[str, Any], payload: bytes, now: float, expires_at: float
     ) -> None:
-        """Take a request or reply envelope (``q`` or ``r`` beside ``t``) and its body from
+        """Take a request or reply envelope (``q`` or ``a`` beside ``t``) and its body from
         ``peer``; a malformed one is dropped and counted."""
         name = head.get("t")
         try:
@@ -284,7 +284,7 @@ class Requests:
             # Unserved here meanwhile (or never): say so at once, not after the requester's
             # timeout. (It picked us from our interest, which it will hear has changed.)
             self.counters["received_unserved"] += 1
-            head_line = orjson.dumps({"t": name, "r": request_id, "n": True}) + b"\n"
+            head_line = orjson.dumps({"t": name, "a": request_id, "n": True}) + b"\n"
             self._outbox.append((peer.endpoint_id, head_line, max(deadline, now + 1.0)))
             return
         self.counters["received"] += 1
@@ -304,7 +304,7 @@ class Requests:
     def _receive_reply(
         self, peer: Peer, name: str, head: dict[str, Any], payload: bytes, now: float
     ) -> None:
-        request_id = head.get("r")
+        request_id = head.get("a")
         error = head.get("e")
         if type(request_id) is not int or (error is not None and type(error) is not str):
             self._drop("bad_envelope", peer)

@@ -1237,7 +1237,7 @@ class Topics:
                 or sequence < 1
                 or (type(sent_at) is not float and type(sent_at) is not int)
             ):
-                if sequence is None and self.requests is not None and ("q" in head or "r" in head):
+                if sequence is None and self.requests is not None and ("q" in head or "a" in head):
                     # A request or reply (glue.requests): "t" without "s", so that a receiver
                     # without requests drops it as a malformed topic message.
                     expires_at = math.inf if expiries is None else expiries[index]

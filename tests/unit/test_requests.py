@@ -214,7 +214,7 @@ def test_a_reply_nobody_waits_for_is_dropped_and_a_closed_request_counts_as_a_ti
     assert controller.requests.counters["replies_unexpected"] == 1
     # From a peer not asked: dropped too.
     stranger = Node(3)
-    controller.topics.receive(stranger.peer, b'{"t":"a","r":2}\n', 0.0)
+    controller.topics.receive(stranger.peer, b'{"t":"a","a":2}\n', 0.0)
     assert controller.requests.counters["replies_unexpected"] == 2
 
 
@@ -224,8 +224,8 @@ def test_a_receiver_without_the_layer_drops_requests_and_replies_never_delivers_
     old.topics.subscribe("#", "t")
     for data in (
         b'{"t":"robots/r1/move","q":1,"d":200}\ngo',
-        b'{"t":"robots/r1/move","r":1}\ndone',
-        b'{"t":"robots/r1/move","r":1,"e":"ValueError"}\nno',
+        b'{"t":"robots/r1/move","a":1}\ndone',
+        b'{"t":"robots/r1/move","a":1,"e":"ValueError"}\nno',
     ):
         old.topics.receive(sender.peer, data, 0.0)
         old.topics.receive_many(sender.peer, [data], 0.0)
@@ -242,8 +242,8 @@ def test_malformed_requests_and_replies_are_dropped_and_counted() -> None:
         b'{"t":"a","q":1}\n',
         b'{"t":"a","q":1,"d":-1}\n',
         b'{"t":"a b","q":1,"d":1}\n',
-        b'{"t":"a","r":"x"}\n',
-        b'{"t":"a","r":1,"e":3}\n',
+        b'{"t":"a","a":"x"}\n',
+        b'{"t":"a","a":1,"e":3}\n',
     ):
         node.topics.receive(peer.peer, data, 0.0)
     assert node.events == []
@@ -263,7 +263,7 @@ def test_a_request_goes_to_the_responder_with_fewest_outstanding_round_robin_amo
     # Responder 1 answers everything: it has the fewest outstanding, so it gets the next.
     for request_id in range(1, 7):
         if chosen[request_id - 1] == 1:
-            controller.topics.receive(_peer(1), b'{"t":"a","r":%d}\n' % request_id, 0.0)
+            controller.topics.receive(_peer(1), b'{"t":"a","a":%d}\n' % request_id, 0.0)
     _, ((to, _, _),) = controller.requests.open(
         "a", b"", ids, everyone=False, deadline=1.0, now=0.0
     )
@@ -277,8 +277,8 @@ def test_request_all_asks_every_responder_and_is_done_when_each_answered_or_left
         "a", b"x", ids, everyone=True, deadline=1.0, now=0.0
     )
     assert [to for to, _, _ in sends] == [1, 2, 3]
-    controller.topics.receive(_peer(1), b'{"t":"a","r":1}\none', 0.0)
-    controller.topics.receive(_peer(3), b'{"t":"a","r":1,"e":"KeyError"}\nk', 0.0)
+    controller.topics.receive(_peer(1), b'{"t":"a","a":1}\none', 0.0)
+    controller.topics.receive(_peer(3), b'{"t":"a","a":1,"e":"KeyError"}\nk', 0.0)
     controller.requests.peer_removed(_peer(2))
     answers = controller.take(ReplyArrived)
     assert [(a.responder.endpoint_id, a.status, a.done) for a in answers] == [
