@@ -694,7 +694,7 @@ class ThreadRuntime(RuntimeCore):
             self._submit(item, timeout)
         except (BackpressureError, UsageError):
             with self._lock:
-                self.counters["replies_dropped"] += 1
+                self.counters["requests_replies_dropped"] += 1
 
     def expired_before_start(self, count: int) -> None:
         """``count`` requests were not started: their deadline had passed (counted)."""

@@ -550,7 +550,7 @@ class AsyncService:
                     try:
                         await self._endpoint.wait_to_queue(item, max(0.0, remaining))
                     except (DeliveryError, UsageError):
-                        self._endpoint.counters["replies_dropped"] += 1
+                        self._endpoint.counters["requests_replies_dropped"] += 1
         finally:
             del self._tasks[requester]
             if not lane and self._lanes.get(requester) is lane:
@@ -559,7 +559,7 @@ class AsyncService:
     def _send_reply(self, request: Request, payload: bytes, error: str) -> None:
         item = self._endpoint.reply(request, payload, error)
         if item is not None and not self._endpoint.queue(item):
-            self._endpoint.counters["replies_dropped"] += 1
+            self._endpoint.counters["requests_replies_dropped"] += 1
 
     async def _wait_closed(self, timeout: float) -> list[str]:  # noqa: ASYNC109
         tasks = [t for t in self._tasks.values() if not t.done()]
