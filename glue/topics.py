@@ -763,8 +763,8 @@ class Topics:
         return True
 
     def patterns(self) -> list[str]:
-        """The patterns this endpoint subscribes to, sorted."""
-        return sorted(self._pattern_counts)
+        """The patterns this endpoint subscribes to, sorted (not those it serves)."""
+        return sorted(p for p in self._pattern_counts if p[0] != SERVED)
 
     def peer_patterns(self, peer: EndpointId) -> list[str]:
         """The patterns ``peer`` told us it subscribes to, sorted."""

@@ -122,6 +122,7 @@ def test_serving_and_unserving_later_go_as_changes_an_older_receiver_reads_as_em
     }
     assert controller.topics.responders("robots/r1/move") == (robot.peer.endpoint_id,)
     assert controller.topics.peer_patterns(robot.peer.endpoint_id) == ["$robots/r1/move", "cmd"]
+    assert robot.topics.patterns() == ["cmd"]
     robot.topics.unserve("robots/r1/move")
     _exchange(robot, controller)
     assert controller.topics.responders("robots/r1/move") == ()
