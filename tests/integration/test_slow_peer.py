@@ -147,7 +147,12 @@ def test_with_slow_peer_drop_a_stuck_peer_loses_its_backlog_and_nobody_waits(
     # Unstuck, it gets what was still queued or in flight when its backlog was last dropped,
     # once and in order: a gap, then the tail of the stream.
     publisher.request("flush", timeout=60)
-    assert wait_until(lambda: received(stuck, "shared") > 0, timeout=30, interval=0.1)
+
+    def tail_arrived() -> bool:  # (the warm message alone was there all along)
+        streams = [s for s in stuck.summary() if s["topic"] == "shared"]
+        return bool(streams) and streams[0]["ranges"][-1][1] == PACED + 1
+
+    assert wait_until(tail_arrived, timeout=30, interval=0.1), stuck.summary()
     [stream] = [s for s in stuck.summary() if s["topic"] == "shared"]
     warm, (first, last) = stream["ranges"]
     assert warm == [1, 1]
