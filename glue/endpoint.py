@@ -589,6 +589,12 @@ class Endpoint(RuntimeCore):
         # (often nothing, e.g. after a burst that only delivered: its ack is delayed)
         self._send_datagrams(stack.datagrams_to_send(now=loop.time(), gather=True))
 
+    def _local_events(self) -> None:
+        """(On the loop) events to dispatch outside a turn: on the loop's next round."""
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon(self._dispatch_events)
+
     def _dispatch_events(self) -> None:
         events, freed = self._pull_events()
         if freed:  # messages the outbox held for a full peer, placed since (or released)

@@ -130,7 +130,7 @@ class Message:
     ``time.time()``; the difference is the latency when the clocks agree). Each is the loop's
     monotonic time of the burst plus the offset to the wall clock, measured again at every
     timer (so it follows a clock step soon after), which is why messages of one burst share
-    one. (Direct messages, :class:`MessageReceived`, carry the monotonic clock instead.)
+    one. (Direct messages, :class:`MessageReceived`, carry the same clocks.)
     Treat it as read-only (not frozen, for the same reason as :class:`MessageReceived`).
     """
 

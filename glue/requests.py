@@ -118,6 +118,10 @@ class Requests:
         self._served[serve_id] = pattern
         return serve_id
 
+    def serves(self, name: str) -> bool:
+        """Whether this endpoint serves ``name`` itself."""
+        return any(matches(pattern, name) for pattern in self._served.values())
+
     def unserve(self, serve_id: int) -> str | None:
         """Stop serving ``serve_id``; its pattern (None when unknown)."""
         return self._served.pop(serve_id, None)

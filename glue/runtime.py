@@ -757,6 +757,8 @@ class RuntimeCore:
             raise UsageError("the endpoint is not running")
         topics = stack.topics
         responders = topics.responders(name)
+        if stack.requests.serves(name):  # this endpoint too: answered without the network
+            responders = (*responders, EndpointId(self.endpoint_id))
         if excluded:
             responders = tuple(p for p in responders if p not in excluded)
         if not responders:
@@ -770,7 +772,37 @@ class RuntimeCore:
             name, payload, responders, everyone=everyone, deadline=deadline, now=now
         )
         register(request_id)
-        return [Outgoing(message, (peer,), expires_at) for peer, message, expires_at in sends]
+        me = self.endpoint_id
+        for peer, message, expires_at in sends:
+            if peer == me:
+                self._loop_back(message, expires_at, now)
+        return [
+            Outgoing(message, (peer,), expires_at)
+            for peer, message, expires_at in sends
+            if peer != me
+        ]
+
+    def _loop_back(self, message: Outbound, expires_at: float, now: float) -> None:
+        """A request to this endpoint itself, or its reply: taken as if it had arrived (its
+        event is dispatched as soon as the runtime can: ``_local_events``)."""
+        stack = self._stack
+        assert stack is not None
+        if isinstance(message, tuple):
+            line, payload = message
+        else:
+            line, _, payload = message.partition(b"\n")
+        head = orjson.loads(line)
+        stack.requests.receive(self._myself(), head, payload, now, expires_at)
+        self._local_events()
+
+    def _myself(self) -> Peer:
+        host, port = self.data_address
+        return Peer(EndpointId(self.endpoint_id), self.incarnation, self.name, host, port, 0.0)
+
+    def _local_events(self) -> None:
+        """Events were emitted outside a network turn (a request to this endpoint itself):
+        have the runtime dispatch them soon. Each runtime says how."""
+        raise NotImplementedError
 
     def _no_responder(self, name: str, waited: float | None = None) -> NoResponderError:
         """The error for a request to ``name`` nobody serves (counted, warned about once)."""
@@ -793,10 +825,14 @@ class RuntimeCore:
         stack = self._stack
         if not self.running or stack is None:
             return None
-        found = stack.requests.reply(request, payload, error=error, now=time.monotonic())
+        now = time.monotonic()
+        found = stack.requests.reply(request, payload, error=error, now=now)
         if found is None:
             return None
         peer, message, expires_at = found
+        if peer == self.endpoint_id:  # a request this endpoint made to itself
+            self._loop_back(message, expires_at, now)
+            return None
         return Outgoing(message, (peer,), expires_at)
 
     def _expired_before_start(self, count: int) -> None:

@@ -586,6 +586,12 @@ class ThreadRuntime(RuntimeCore):
         self._flushes.clear()
         self._settled.notify_all()
 
+    def _local_events(self) -> None:
+        """(Under the lock) events to dispatch outside a turn: wake the network thread, which
+        finds them (``_poll_timeout`` is 0 while the stack has events)."""
+        with self._mutex:
+            self._wake(force=True)
+
     def _wake(self, *, force: bool = False) -> None:
         """Under the mutex: interrupt the network thread's poll (if it is in one)."""
         if self._wake_pending or (self._sleep_until == _AWAKE and not force):

@@ -280,3 +280,44 @@ async def test_the_asyncio_api_serves_and_requests() -> None:
         )
         with pytest.raises(NoResponderError):
             await controller.request("robots/r1/move", b"x", timeout=10)
+
+
+def test_an_endpoint_answers_its_own_requests_without_the_network() -> None:
+    # As its own subscriptions get its own publications: a name it serves itself is answered
+    # here, alone or beside peers that serve it too.
+    glue = _glue()
+    with EndpointManager.from_env(**glue, endpoint_name="solo") as solo:
+
+        def echo(request: Any) -> bytes:
+            if request.payload == b"raise":
+                raise ValueError("no")
+            return b"solo:" + request.payload
+
+        solo.serve("local/+", echo)
+        reply = solo.request("local/echo", b"hi", timeout=10)  # no peer at all
+        assert (reply.payload, reply.responder_name) == (b"solo:hi", "solo")
+        with pytest.raises(RemoteError, match="ValueError"):
+            solo.request("local/echo", b"raise", timeout=10)
+        with pytest.raises(NoResponderError):
+            solo.request("elsewhere", b"x", timeout=0.5)
+        with EndpointManager.from_env(**glue, endpoint_name="peer") as peer:
+            peer.serve("local/+", lambda request: b"peer:" + request.payload)
+            solo.wait_for_responders("local/echo", 1, timeout=10)
+            answers = solo.request_all("local/echo", b"all", timeout=10)
+            assert sorted(a.payload for a in answers if isinstance(a, Reply)) == [
+                b"peer:all",
+                b"solo:all",
+            ]
+        counters = solo.counters()
+    assert counters["requests_received"] == 3  # its own, taken as if they had arrived
+
+
+async def test_the_asyncio_api_answers_its_own_requests() -> None:
+    async with AsyncEndpointManager.from_env(**_glue(), endpoint_name="solo") as solo:
+
+        async def echo(request: Any) -> bytes:
+            return b"solo:" + request.payload
+
+        solo.serve("local/echo", echo)
+        reply = await solo.request("local/echo", b"hi", timeout=10)
+        assert (reply.payload, reply.responder_name) == (b"solo:hi", "solo")
