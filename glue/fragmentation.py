@@ -45,12 +45,15 @@ def split_views(payload: bytes | memoryview, fragment_bytes: int) -> list[memory
 
 
 class _Partial:
-    __slots__ = ("chunks", "expires_at", "next_part", "parts", "size")
+    __slots__ = ("chunks", "expires_at", "next_part", "next_seq", "parts", "size")
 
-    def __init__(self, parts: int, expires_at: float) -> None:
+    def __init__(self, parts: int, expires_at: float, seq: int) -> None:
         self.chunks: list[bytes | memoryview] = []  # joined once, by the layer above
         self.parts = parts
         self.next_part = 0
+        # A message's fragments are consecutive frames: the next one must be this frame, or
+        # frames were skipped in between (then it is another message's part of the same number).
+        self.next_seq = seq
         self.size = 0
         self.expires_at = expires_at
 
@@ -90,8 +93,15 @@ class Reassembler:
         if frame.part == 0:
             if partial is not None:
                 self._drop(peer, "incomplete")
-            partial = self._partials[peer] = _Partial(frame.parts, now + frame.ttl_ms / 1000.0)
-        elif partial is None or frame.part != partial.next_part or frame.parts != partial.parts:
+            partial = self._partials[peer] = _Partial(
+                frame.parts, now + frame.ttl_ms / 1000.0, frame.seq
+            )
+        elif (
+            partial is None
+            or frame.part != partial.next_part
+            or frame.parts != partial.parts
+            or frame.seq != partial.next_seq
+        ):
             if partial is not None:
                 self._drop(peer, "out_of_place")
             self.counters["fragments_out_of_place"] += 1
@@ -108,6 +118,7 @@ class Reassembler:
         partial.chunks.append(frame.payload)
         partial.size += size
         partial.next_part += 1
+        partial.next_seq = frame.seq + 1
         self._total += size
         if partial.next_part < partial.parts:
             return None
