@@ -826,6 +826,26 @@ class EndpointProcess:
         """Send ``sig`` (SIGSTOP, SIGCONT, ...) without waiting."""
         self.process.send_signal(sig)
 
+    def freeze(self, timeout: float = 10.0) -> None:
+        """SIGSTOP, then wait until every thread of the process is stopped: the kernel wakes
+        one thread to take a process-wide stop, and until it runs (later on a busy machine)
+        the others go on, e.g. receiving and acknowledging."""
+        self.process.send_signal(signal.SIGSTOP)
+        tasks = f"/proc/{self.process.pid}/task"
+
+        def stopped() -> bool:
+            states = []
+            for task in os.listdir(tasks):
+                with open(f"{tasks}/{task}/stat") as stat:
+                    states.append(stat.read().rsplit(")", 1)[1].split()[0])
+            return all(state in ("T", "t") for state in states)
+
+        deadline = time.monotonic() + timeout
+        while not stopped():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.label or self.process.pid} did not stop")
+            time.sleep(0.001)
+
     def kill(self, sig: signal.Signals = signal.SIGKILL) -> float:
         """Send ``sig`` and wait until it exits; return when it was sent."""
         sent = time.monotonic()

@@ -267,7 +267,7 @@ def test_a_peer_that_stops_acknowledging_gives_backpressure_then_recovers(group:
     ):
         receiver_id = receiver.endpoint_id
         tx.wait_for_peers(1, timeout=5)
-        receiver.send_signal(signal.SIGSTOP)
+        receiver.freeze()  # every thread stopped: none acknowledges
         sent = 0
         started = time.monotonic()
         refused: BackpressureError | None = None
@@ -298,7 +298,7 @@ def test_the_asyncio_api_waits_for_room_then_raises_backpressure_then_recovers(
     async def main(glue: dict[str, object], receiver: EndpointProcess, receiver_id: int) -> int:
         async with AsyncEndpointManager.from_env(**glue, send_queue_bytes=65536) as tx:
             await tx.wait_for_peers(1, timeout=5)
-            receiver.send_signal(signal.SIGSTOP)
+            receiver.freeze()  # every thread stopped: none acknowledges
             sent = 0
             refused: BackpressureError | None = None
             while refused is None and sent < 10_000:
