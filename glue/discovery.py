@@ -49,6 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
+from glue.errors import warn_once
 from glue.events import Peer, PeerAdded, PeerEvent, PeerRemoved, RemovalReason
 from glue.wire import MAX_AGE_MS, Announce, EndpointId, Frame, Goodbye, Header
 
@@ -60,7 +61,6 @@ Address = tuple[str, int]
 #: A place to announce to, and whether announcements sent there ask for an answer (unicast).
 Target = tuple[Address, bool]
 
-_MAX_WARNED: Final = 256
 #: The largest incarnation an endpoint makes before 2100 (milliseconds since the epoch x 1000
 #: plus less than 1000; see glue.endpoint); larger ones are refused as forged.
 MAX_INCARNATION: Final = 4_102_444_800_000 * 1000 + 999
@@ -112,7 +112,7 @@ class Discovery:
         self._events: deque[PeerEvent] = deque()
         self._outbox: list[tuple[Frame, Address]] = []
         self._announce_at: float | None = now if config.announce else None
-        self._warned: set[tuple[str, object]] = set()
+        self._warned: set[object] = set()
         self._left = False
         #: The topics layer's interest version, carried in our announcements.
         self.interest_version = 0
@@ -468,9 +468,4 @@ class Discovery:
             self._expiry_hint = expires_at
 
     def _warn_once(self, key: tuple[str, object], message: str, *args: object) -> None:
-        if key in self._warned:
-            logger.debug(message, *args)
-            return
-        if len(self._warned) < _MAX_WARNED:
-            self._warned.add(key)
-        logger.warning(message, *args)
+        warn_once(logger, self._warned, key, message, *args)

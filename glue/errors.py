@@ -24,6 +24,7 @@ library; ``argument`` names the argument.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Mapping
@@ -47,7 +48,26 @@ __all__ = [
     "check_number",
     "check_payload",
     "check_timeout",
+    "warn_once",
 ]
+
+#: Keys a layer remembers having warned about (past it, it warns again: bounded memory).
+MAX_WARNED: Final = 256
+
+
+def warn_once(
+    log: logging.Logger, warned: set[object], key: object, message: str, *args: object
+) -> None:
+    """Warn about ``key`` the first time only (later, at debug level): a problem a user must see
+    even with no logging configured, never a flood. ``warned`` remembers at most ``MAX_WARNED``
+    keys."""
+    if key in warned:
+        log.debug(message, *args)
+        return
+    if len(warned) < MAX_WARNED:
+        warned.add(key)
+    log.warning(message, *args)
+
 
 #: The longest wait a timeout may ask for (the platform's limit for a blocking wait).
 MAX_TIMEOUT_S: Final = threading.TIMEOUT_MAX

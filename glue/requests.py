@@ -28,7 +28,7 @@ its handler, unless its deadline has passed first), :class:`~glue.events.ReplyAr
 answer to a pending request; replies "not served here" to send (``take_sends``).
 
 Bounds: pending requests by ``MAX_PENDING`` (a caller that exceeds it is refused), the names
-warned about by ``_MAX_WARNED``.
+warned about by ``glue.errors.MAX_WARNED``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any, Final
 
 import orjson
 
-from glue.errors import UsageError
+from glue.errors import UsageError, warn_once
 from glue.events import Peer, Reply, ReplyArrived, Request, RequestArrived, StackEvent
 from glue.topics import APART_BYTES, Outbound, matches, validate_pattern, validate_topic_name
 from glue.wire import MAX_TTL_MS, EndpointId
@@ -57,7 +57,6 @@ MAX_PENDING: Final = 100_000
 MAX_ERROR_MESSAGE_BYTES: Final = 4096
 #: An error type name is cut to this many characters (it travels in the envelope).
 _MAX_TYPE_CHARS: Final = 128
-_MAX_WARNED: Final = 256
 
 Send = tuple[EndpointId, Outbound, float]
 
@@ -348,9 +347,4 @@ class Requests:
             logger.debug("dropped a malformed request or reply from %s", peer.name)
 
     def _warn_once(self, key: object, message: str, *args: object) -> None:
-        if key in self._warned:
-            logger.debug(message, *args)
-            return
-        if len(self._warned) < _MAX_WARNED:
-            self._warned.add(key)
-        logger.warning(message, *args)
+        warn_once(logger, self._warned, key, message, *args)

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import orjson
 
-from glue.errors import UsageError, UsageTypeError, UsageValueError
+from glue.errors import UsageError, UsageTypeError, UsageValueError, warn_once
 from glue.events import (
     Gap,
     GapReason,
@@ -115,7 +115,6 @@ _CACHE_ENTRIES: Final = 65536
 #: The longest time to live a retained message may carry (``MAX_EXPIRY_S``, one day).
 _MAX_RETAIN_S: Final = 86400.0
 _NO_MISMATCH: Final = ((), 0)
-_MAX_WARNED: Final = 256
 
 #: Payloads larger than this are published as ``(envelope line, payload)``, never concatenated:
 #: the transport sends the two pieces as one (see :data:`Outbound`).
@@ -1710,12 +1709,7 @@ class Topics:
             logger.debug("dropped %s from %s", what, peer.name)
 
     def _warn_once(self, key: object, message: str, *args: object) -> None:
-        if key in self._warned:
-            logger.debug(message, *args)
-            return
-        if len(self._warned) < _MAX_WARNED:
-            self._warned.add(key)
-        logger.warning(message, *args)
+        warn_once(logger, self._warned, key, message, *args)
 
     # --- served names (request/reply, glue.requests) ----------------------------------------------
 
