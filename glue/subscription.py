@@ -575,12 +575,12 @@ class SenderLanes:
         self.what = what
         #: Messages dropped because the queue was full.
         self.dropped = 0
-        #: Messages not handed over because they expired while they waited.
-        self.expired = 0
+        self._expiry: _ExpirySkip[MessageReceived] = _ExpirySkip(
+            what, None, on_expired, "a callback"
+        )
         self._pool = pool
         self._queue_size = queue_size
         self._queue_bytes = queue_bytes
-        self._on_expired = on_expired
         self._lanes: dict[int, _Lane] = {}
         self._waiting = 0  # messages in every lane, and their payload bytes
         self._waiting_bytes = 0
@@ -647,17 +647,10 @@ class SenderLanes:
             self._waiting_bytes -= sum([len(m.payload) for m in batch])
             return batch
 
-    def _expired(self, count: int) -> None:
-        before = self.expired
-        self.expired += count
-        self._on_expired(count)
-        if crossed_power_of_ten(before, self.expired):
-            logger.warning(
-                "%s: %d direct messages expired while they waited in its queue, not handed "
-                "over (a callback too slow for the messages' expiry)",
-                self.what,
-                self.expired,
-            )
+    @property
+    def expired(self) -> int:
+        """Messages not handed over because they expired while they waited."""
+        return self._expiry.count
 
 
 class _Lane:
@@ -682,7 +675,7 @@ class _Lane:
         now = time.time()
         live = [m for m in batch if m.expires_at > now]
         if len(live) != len(batch):
-            owner._expired(len(batch) - len(live))
+            owner._expiry.expired(len(batch) - len(live))
         callback = owner.callback
         for message in live:
             if owner.closed:
@@ -1014,36 +1007,46 @@ class EventQueue(Generic[T]):
 
 
 class _ExpirySkip(Generic[T]):
-    """An iterator's check that an item did not expire while it waited (direct messages)."""
+    """What an iterator, callback runner or lanes of direct messages did not hand over because
+    it expired while it waited: counted, told to ``on_expired``, warned about at the 1st, 10th,
+    100th... (``who`` was too slow: "a reader", "a callback")."""
 
-    __slots__ = ("check", "count", "on_expired", "what")
+    __slots__ = ("check", "count", "on_expired", "what", "who")
 
     def __init__(
         self,
         what: str,
         check: Callable[[T], bool] | None,
         on_expired: Callable[[int], None] | None,
+        who: str = "a reader",
     ) -> None:
         self.what = what
         self.check = check
         self.on_expired = on_expired
+        self.who = who
         self.count = 0
 
     def skips(self, item: T) -> bool:
-        """Whether ``item`` expired (then counted, and warned about at 1, 10, 100...)."""
+        """Whether ``item`` expired (then counted, as :meth:`expired` says)."""
         if self.check is None or not self.check(item):
             return False
-        self.count += 1
+        self.expired(1)
+        return True
+
+    def expired(self, count: int) -> None:
+        """``count`` more were not handed over."""
+        before = self.count
+        self.count += count
         if self.on_expired is not None:
-            self.on_expired(1)
-        if crossed_power_of_ten(self.count - 1, self.count):
+            self.on_expired(count)
+        if crossed_power_of_ten(before, self.count):
             logger.warning(
-                "%s: %d messages expired while they waited in its queue, not handed over (a "
-                "reader too slow for the messages' expiry)",
+                "%s: %d messages expired while they waited in its queue, not handed over (%s "
+                "too slow for the messages' expiry)",
                 self.what,
                 self.count,
+                self.who,
             )
-        return True
 
 
 class EventIterator(Generic[T]):
@@ -1300,10 +1303,7 @@ class CallbackRunner:
         self.what = what
         #: Events dropped because the queue was full.
         self.dropped = 0
-        #: Events not handed over because ``expired`` said so when their turn came.
-        self.expired = 0
-        self._is_expired = expired
-        self._on_expired = on_expired
+        self._expiry: _ExpirySkip[Any] = _ExpirySkip(what, expired, on_expired, "a callback")
         self._queue_size = queue_size
         self._queue_bytes = queue_bytes
         self._sizer = sizer
@@ -1381,8 +1381,7 @@ class CallbackRunner:
                 item = items.popleft()
                 if sizer is not None:
                     self._bytes -= sizer(item)
-                if self._is_expired is not None and self._is_expired(item):
-                    self._expire()
+                if self._expiry.skips(item):
                     continue
                 try:
                     result = callback(item)
@@ -1395,17 +1394,10 @@ class CallbackRunner:
             else:
                 await asyncio.sleep(0)
 
-    def _expire(self) -> None:
-        self.expired += 1
-        if self._on_expired is not None:
-            self._on_expired(1)
-        if crossed_power_of_ten(self.expired - 1, self.expired):
-            logger.warning(
-                "%s: %d messages expired while they waited in its queue, not handed over (a "
-                "callback too slow for the messages' expiry)",
-                self.what,
-                self.expired,
-            )
+    @property
+    def expired(self) -> int:
+        """Events not handed over because ``expired`` said so when their turn came."""
+        return self._expiry.count
 
 
 def _is_current(task: asyncio.Task[Any]) -> bool:
