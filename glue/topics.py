@@ -48,7 +48,7 @@ import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import orjson
 
@@ -97,6 +97,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+K = TypeVar("K")
 
 MAX_TOPIC_CHARS: Final = 256
 MAX_TYPE_CHARS: Final = 128
@@ -515,34 +516,18 @@ class Topics:
 
     def _want(self, pattern: str) -> None:
         """One more subscription (or keeper) wants ``pattern``: a new one joins our interest."""
-        self._pattern_counts[pattern] += 1
-        if self._pattern_counts[pattern] == 1:
-            if pattern in self._removed:
-                self._removed.discard(pattern)
-            else:
-                self._added.add(pattern)
+        _count_in(self._pattern_counts, pattern, self._added, self._removed)
 
     def _want_group(self, group: str, pattern: str) -> None:
         """A subscription joins ``group`` for ``pattern``: in our interest, and as a member of
         our own publications' groups."""
         pair = (group, pattern)
-        self._group_counts[pair] += 1
-        if self._group_counts[pair] == 1:
-            if pair in self._groups_removed:
-                self._groups_removed.discard(pair)
-            else:
-                self._groups_added.add(pair)
+        if _count_in(self._group_counts, pair, self._groups_added, self._groups_removed):
             self._local_member_changed()
 
     def _unwant_group(self, group: str, pattern: str) -> None:
         pair = (group, pattern)
-        self._group_counts[pair] -= 1
-        if self._group_counts[pair] == 0:
-            del self._group_counts[pair]
-            if pair in self._groups_added:
-                self._groups_added.discard(pair)
-            else:
-                self._groups_removed.add(pair)
+        if _count_out(self._group_counts, pair, self._groups_added, self._groups_removed):
             self._local_member_changed()
 
     def _local_member_changed(self) -> None:
@@ -552,13 +537,7 @@ class Topics:
         )
 
     def _unwant(self, pattern: str) -> None:
-        self._pattern_counts[pattern] -= 1
-        if self._pattern_counts[pattern] == 0:
-            del self._pattern_counts[pattern]
-            if pattern in self._added:
-                self._added.discard(pattern)
-            else:
-                self._removed.add(pattern)
+        _count_out(self._pattern_counts, pattern, self._added, self._removed)
 
     # --- history keeping ------------------------------------------------------------------------
 
@@ -1731,6 +1710,32 @@ class Topics:
     def interest_unknown(self) -> bool:
         """Whether a peer announced interest we have not received yet (it may serve a name)."""
         return any(i.announced > i.version for i in self._interest.values())
+
+
+def _count_in(counts: Counter[K], key: K, added: set[K], removed: set[K]) -> bool:
+    """One more user of ``key`` in an interest with pending changes ``added``/``removed``;
+    True when it is new (a change to announce, unless it undoes a pending removal)."""
+    counts[key] += 1
+    if counts[key] != 1:
+        return False
+    if key in removed:
+        removed.discard(key)
+    else:
+        added.add(key)
+    return True
+
+
+def _count_out(counts: Counter[K], key: K, added: set[K], removed: set[K]) -> bool:
+    """One user of ``key`` fewer (see :func:`_count_in`); True when it is gone."""
+    counts[key] -= 1
+    if counts[key] != 0:
+        return False
+    del counts[key]
+    if key in added:
+        added.discard(key)
+    else:
+        removed.add(key)
+    return True
 
 
 def _retained(raw: object) -> float:
