@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pubsub", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--request", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--key", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--busy-poll", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "raw-receiver":
         return _raw_receiver(args.count, args.echo)
@@ -104,11 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.key,
             inline=args.inline,
             request=args.request,
+            busy_poll=args.busy_poll,
         )
     if args.role == "glue-async-receiver":
         return asyncio.run(_glue_async_receiver(args.port, args.count, args.pubsub))
     if args.role == "glue-async-echo":
-        return asyncio.run(_glue_async_echo(args.port, args.pubsub, args.request))
+        return asyncio.run(
+            _glue_async_echo(args.port, args.pubsub, args.request, busy_poll=args.busy_poll)
+        )
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -145,6 +149,8 @@ _VARIANTS = (
 #: Round-trip variants: a 64-byte ping answered by the other process. "inline": the answering
 #: subscription's callback runs on the network thread (``subscribe(..., inline=True)``);
 #: "request": ``request`` answered by a ``serve`` handler (on the callback pool, or a task).
+#: "busy": pub/sub with GLUE_BUSY_POLL_MICROSECONDS (``_BUSY_POLL_US``) at both ends, the
+#: answer inline (blocking) or from a task (asyncio).
 _TRIP_VARIANTS = (
     "raw UDP",
     "blocking send",
@@ -155,7 +161,11 @@ _TRIP_VARIANTS = (
     "asyncio pub/sub",
     "asyncio request",
     "blocking sealed",
+    "blocking busy",
+    "asyncio busy",
 )
+#: GLUE_BUSY_POLL_MICROSECONDS of the "busy" round trips.
+_BUSY_POLL_US = 500
 #: Request/reply's goal: at most this many times the pub/sub round trip of the same API.
 _REQUEST_GOAL = 1.1
 #: A network key for the sealed variants (both ends), made once per run.
@@ -183,15 +193,20 @@ def _trip(variant: str) -> tuple[float, float]:
     if variant == "raw UDP":
         return _raw_round_trip()
     request = variant.endswith("request")
+    busy = variant.endswith("busy")
+    busy_poll = _BUSY_POLL_US if busy else 0
     if variant.startswith("asyncio"):
         return asyncio.run(
-            _glue_async_round_trip(pubsub=variant.endswith("pub/sub"), request=request)
+            _glue_async_round_trip(
+                pubsub=variant.endswith(("pub/sub", "busy")), request=request, busy_poll=busy_poll
+            )
         )
     return _glue_round_trip(
         pubsub=variant not in ("blocking send", "blocking request"),
         key=_KEY if variant.endswith("sealed") else None,
-        inline=variant.endswith("inline"),
+        inline=variant.endswith(("inline", "busy")),
         request=request,
+        busy_poll=busy_poll,
     )
 
 
@@ -649,12 +664,14 @@ def _glue_receiver(
     *,
     inline: bool = False,
     request: bool = False,
+    busy_poll: int = 0,
 ) -> int:
     from glue.manager import EndpointManager
 
     settings = _glue_settings(
         discovery_target_address="0",
         discovery_listen_address=f"127.0.0.1:{port}",
+        busy_poll_microseconds=busy_poll,
         **({"network_key": key} if key else {}),
     )
     done = threading.Event()
@@ -751,7 +768,12 @@ class _Tally:
 
 
 def _glue_round_trip(
-    *, pubsub: bool = False, key: str | None = None, inline: bool = False, request: bool = False
+    *,
+    pubsub: bool = False,
+    key: str | None = None,
+    inline: bool = False,
+    request: bool = False,
+    busy_poll: int = 0,
 ) -> tuple[float, float]:
     from glue.manager import EndpointManager
 
@@ -761,12 +783,14 @@ def _glue_round_trip(
         *((f"--key={key}",) if key else ()),
         *(("--inline",) if inline else ()),
         *(("--request",) if request else ()),
+        f"--busy-poll={busy_poll}",
     )
     echo = _spawn("--role", "glue-receiver", "--port", str(port), "--echo", *mode)
     _read_json(echo)
     settings = _glue_settings(
         discovery_target_address=f"127.0.0.1:{port}",
         discovery_listen_address="0",
+        busy_poll_microseconds=busy_poll,
         **({"network_key": key} if key else {}),
     )
     samples = []
@@ -802,17 +826,21 @@ def _glue_round_trip(
 
 
 async def _glue_async_round_trip(
-    *, pubsub: bool = False, request: bool = False
+    *, pubsub: bool = False, request: bool = False, busy_poll: int = 0
 ) -> tuple[float, float]:
     """The same ping-pong with ``AsyncEndpointManager`` at both ends (no threads involved)."""
     from glue.manager import AsyncEndpointManager
 
     port = _free_port()
     mode = (*(("--pubsub",) if pubsub else ()), *(("--request",) if request else ()))
-    echo = _spawn("--role", "glue-async-echo", "--port", str(port), *mode)
+    echo = _spawn(
+        "--role", "glue-async-echo", "--port", str(port), *mode, f"--busy-poll={busy_poll}"
+    )
     _read_json(echo)
     settings = _glue_settings(
-        discovery_target_address=f"127.0.0.1:{port}", discovery_listen_address="0"
+        discovery_target_address=f"127.0.0.1:{port}",
+        discovery_listen_address="0",
+        busy_poll_microseconds=busy_poll,
     )
     samples = []
     async with AsyncEndpointManager(settings) as pinger:
@@ -933,11 +961,15 @@ async def _glue_async_receiver(port: int, count: int, pubsub: bool = False) -> i
     return 0
 
 
-async def _glue_async_echo(port: int, pubsub: bool = False, request: bool = False) -> int:
+async def _glue_async_echo(
+    port: int, pubsub: bool = False, request: bool = False, *, busy_poll: int = 0
+) -> int:
     from glue.manager import AsyncEndpointManager
 
     settings = _glue_settings(
-        discovery_target_address="0", discovery_listen_address=f"127.0.0.1:{port}"
+        discovery_target_address="0",
+        discovery_listen_address=f"127.0.0.1:{port}",
+        busy_poll_microseconds=busy_poll,
     )
     loop = asyncio.get_running_loop()
     async with AsyncEndpointManager(settings) as endpoint:

@@ -68,6 +68,11 @@ class Endpoint(RuntimeCore):
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._done_waiters: list[asyncio.Future[None]] = []  # wait_done
         self._silence_check: asyncio.TimerHandle | None = None
+        # GLUE_BUSY_POLL_MICROSECONDS: after datagrams, the loop keeps turning (its selector
+        # polled without sleeping) until _busy_until, so that a reply finds it awake.
+        self._busy_poll_s = settings.busy_poll_microseconds / 1e6
+        self._busy_until = 0.0
+        self._busy = False  # the _keep_busy callback is scheduled
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -497,6 +502,22 @@ class Endpoint(RuntimeCore):
         now = loop.time()
         drained = self._read(sock, multicast, now)
         self._service(now, dispatch=self._dispatch_now(drained))
+        if self._busy_poll_s:
+            self._busy_until = now + self._busy_poll_s
+            if self._busy:
+                self.counters["busy_poll_wakeups"] += 1  # found while the loop kept turning
+            else:
+                self._busy = True
+                loop.call_soon(self._keep_busy)
+
+    def _keep_busy(self) -> None:
+        """While a callback is ready the loop polls its selector without sleeping: stay ready
+        until ``_busy_until`` (other callbacks and tasks run in between, as usual)."""
+        loop = self._loop
+        if loop is not None and self._state == "running" and loop.time() < self._busy_until:
+            loop.call_soon(self._keep_busy)
+        else:
+            self._busy = False
 
     # --- outputs, timers ------------------------------------------------------------------------
 

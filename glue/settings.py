@@ -88,6 +88,10 @@ EXPECTED: Final[dict[str, str]] = {
         "an integer from 0 to 1099511627776 (bytes of grouped messages held for a member with room)"
     ),
     "callback_threads": "an integer from 1 to 256 (threads running subscription callbacks)",
+    "busy_poll_microseconds": (
+        "an integer from 0 to 100000 (microseconds the network thread polls for datagrams "
+        "before sleeping; 0: off)"
+    ),
     "log_level": "one of " + ", ".join(_LOG_LEVELS),
     "strict_settings": "1 or true (an unknown GLUE_* variable is an error), 0 or false",
     "network_key": (
@@ -152,6 +156,10 @@ class GlueSettings(BaseSettings):
     #: Bytes of grouped messages waiting here for a member with room; beyond, the oldest go.
     group_hold_bytes: int = Field(64 * 1024 * 1024, ge=0, le=1024**4)
     callback_threads: int = Field(4, ge=1, le=256)
+    #: After traffic, the network thread (or the asyncio loop) keeps polling its sockets for this
+    #: long before it sleeps: a reply that comes back within it finds a thread already running,
+    #: at the price of that much CPU per burst (README, "Performance"). 0: off.
+    busy_poll_microseconds: int = Field(0, ge=0, le=100_000)
     log_level: str = "INFO"
     strict_settings: bool = False
     metrics_address: Annotated[HostPort | None, NoDecode] = None

@@ -168,8 +168,15 @@ def test_bench_runs_and_prints_every_figure() -> None:
         # raw UDP; send and pub/sub with both APIs; sealed pub/sub
         assert len(rows) == 6, table
     # Every glue row, throughput and round trip, against raw UDP with its range.
-    assert table.count("x raw (") == 3 * 5 + 8
-    for variant in ("blocking pub/sub", "asyncio pub/sub", "blocking sealed", "blocking inline"):
+    assert table.count("x raw (") == 3 * 5 + 10
+    for variant in (
+        "blocking pub/sub",
+        "asyncio pub/sub",
+        "blocking sealed",
+        "blocking inline",
+        "blocking busy",
+        "asyncio busy",
+    ):
         assert variant in table
     # Request/reply beside pub/sub, each API's ratio of the two printed.
     for api in ("blocking", "asyncio"):
@@ -203,7 +210,7 @@ def test_bench_json_holds_every_row_with_its_range() -> None:
         spread = row["ratio_to_raw"]
         assert spread["min"] <= spread["median"] <= spread["max"]
     trips = {row["variant"]: row for row in summary["round_trip"]}
-    assert "blocking inline" in trips
+    assert {"blocking inline", "blocking busy", "asyncio busy"} <= set(trips)
     assert {"blocking request", "asyncio request"} <= set(trips)
     ratios = summary["request_to_pubsub"]
     assert set(ratios) == {"blocking", "asyncio"}

@@ -257,6 +257,7 @@ BAD_VALUES = {
     "GLUE_GROUP_WINDOW": ["0", "-1", "1.5", "many"],
     "GLUE_GROUP_HOLD_BYTES": ["-1", "1.5"],
     "GLUE_CALLBACK_THREADS": ["0", "257", "many"],
+    "GLUE_BUSY_POLL_MICROSECONDS": ["-1", "100001", "1.5", "spin"],
     "GLUE_LOG_LEVEL": ["verbose", "5", "WARN"],
     "GLUE_STRICT_SETTINGS": ["maybe", "2"],
     "GLUE_METRICS_ADDRESS": ["9464", "localhost:9464", "0.0.0.0:99999"],
