@@ -13,7 +13,9 @@ the other process, the same ways, plus the blocking API with the answering callb
 
 The machine's speed drifts between rounds, so every round measures raw UDP next to each case and
 every ratio is taken within its round; the table shows the median of the rounds' ratios and their
-range. ``--json`` prints all of it (each round's figures too) as one JSON document.
+range. Sealed publish/subscribe is measured right next to unsealed, in turn first and second, and
+their ratio per round is shown against issue 13's goals. ``--json`` prints all of it (each round's
+figures too) as one JSON document.
 
 Everything runs on 127.0.0.1 with a unicast rendezvous (no multicast), so it is safe anywhere;
 still, run it inside ``tools/isolated-net`` like every test.
@@ -168,8 +170,28 @@ _TRIP_VARIANTS = (
 _BUSY_POLL_US = 500
 #: Request/reply's goal: at most this many times the pub/sub round trip of the same API.
 _REQUEST_GOAL = 1.1
+#: Issue 13's goals for sealed publish/subscribe, as a fraction of unsealed, by message size.
+_SEALED_GOALS = {"64": 0.9, "65536": 0.85}
 #: A network key for the sealed variants (both ends), made once per run.
 _KEY = ""
+
+
+def _round_order(round_number: int) -> list[str]:
+    """The variants in the order a round measures them: sealed right next to the unsealed
+    pub/sub it is compared with, first one then the other in turn, so that neither always runs
+    after the other and the machine's drift in a round enters their ratio as little as it can."""
+    order = [v for v in _VARIANTS if v != "blocking sealed"]
+    pair = ["blocking pub/sub", "blocking sealed"]
+    if round_number % 2 == 0:
+        pair.reverse()
+    at = order.index("blocking pub/sub")
+    return [*order[:at], *pair, *order[at + 1 :]]
+
+
+def _sealed_ratios(figures: dict[tuple[int, str], list[_Figures]], size: int) -> list[float]:
+    """Each round's sealed publish/subscribe rate over the unsealed one (measured back to back)."""
+    sealed = [r[0] for r in figures[(size, "blocking sealed")]]
+    return _ratios(sealed, [r[0] for r in figures[(size, "blocking pub/sub")]])
 
 
 def _label(size: int) -> str:
@@ -229,7 +251,7 @@ def _run(seconds: float, repeat: int, sizes: Sequence[int], *, as_json: bool = F
         for size in sizes:
             # Enough messages that every measurement runs for its whole time budget.
             count = max(100, int(min(600_000 * seconds, 6e9 * seconds / size)))
-            measured = {v: _measure(v, size, count, seconds) for v in _VARIANTS}
+            measured = {v: _measure(v, size, count, seconds) for v in _round_order(round_number)}
             for variant, result in measured.items():
                 figures.setdefault((size, variant), []).append(result)
             print(
@@ -312,6 +334,10 @@ def _summary(
         "rounds": len(raw_p50),
         "throughput": throughput,
         "round_trip": trips,
+        "sealed_to_unsealed": [
+            {"size_bytes": size, **_spread(_sealed_ratios(figures, size))} for size in sizes
+        ],
+        "sealed_goal": _SEALED_GOALS,
         "request_to_pubsub": {
             api: _spread(ratios) for api, ratios in _request_ratios(round_trips).items()
         },
@@ -366,6 +392,16 @@ def _table(
             lines.append(
                 f"{_label(size):>7}  {variant:<17} {rate:>11,.0f} {mb:>9.1f}  {shown:<24} {cpu}"
             )
+    for size in sizes:
+        ratios = _sealed_ratios(figures, size)
+        text = f"{statistics.median(ratios):.2f} x"
+        if repeat > 1:
+            text += f" ({min(ratios):.2f}-{max(ratios):.2f})"
+        goal = _SEALED_GOALS.get(str(size))
+        lines.append(
+            f"sealed / unsealed pub/sub, {_label(size)}: {text}"
+            + (f" (goal: at least {goal} x)" if goal else "")
+        )
     lines.append("")
     lines.append(
         f"round trip, 64 B (per round: median and 99th percentile of {_RTT_SAMPLES}; "

@@ -183,6 +183,9 @@ def test_bench_runs_and_prints_every_figure() -> None:
         assert f"{api} request" in table
         assert f"request/reply round trip, {api}: " in table
     assert "nan" not in table  # CPU per message measured on both sides of every glue case
+    # Sealed against unsealed pub/sub, measured back to back in each round, per size.
+    assert table.count("sealed / unsealed pub/sub, ") == 3
+    assert "(goal: at least 0.85 x)" in table
     assert "round trip, 64 B" in table
     assert result.stdout.count("round 2/2") == 4  # three sizes and the round trip, twice
     assert "INFO" not in result.stderr  # the endpoints' start and stop are not logged
@@ -216,4 +219,7 @@ def test_bench_json_holds_every_row_with_its_range() -> None:
     assert set(ratios) == {"blocking", "asyncio"}
     assert all(r["min"] <= r["median"] <= r["max"] for r in ratios.values())
     assert all(t["p50_us"]["median"] <= t["p99_us"]["median"] for t in trips.values())
+    [sealed] = summary["sealed_to_unsealed"]
+    assert sealed["size_bytes"] == 64
+    assert 0 < sealed["min"] <= sealed["median"] <= sealed["max"]
     assert "round 2/2" in result.stderr  # progress goes to standard error
