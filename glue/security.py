@@ -285,20 +285,26 @@ class Opener:
             raise Rejected("unsealed")
         return self._open(self._received_header, self._received[_HEADER.size : size], now_ms, out)
 
+    def open_received_bytes(self, size: int, now_ms: int) -> bytes:
+        """:meth:`open_received`, the plaintext returned as new bytes: for small datagrams,
+        which the runtime would copy out of its buffer anyway (one copy and two views fewer:
+        0.3-0.6 us of the ~2.5 an open of 64 B-1.4 KB costs here)."""
+        if size < SEAL_OVERHEAD:
+            raise Rejected("unsealed")
+        header = self._received_header
+        sender, known, sender_id, counter, sent_at = self._sender(header)
+        try:
+            plain = sender.aead.decrypt(
+                counter.to_bytes(12, "big"), self._received[_HEADER.size : size], header
+            )
+        except InvalidTag:
+            raise Rejected("auth") from None
+        self._admit(sender, known, sender_id, counter, sent_at, now_ms)
+        return plain
+
     def _open(self, header: memoryview, body: memoryview, now_ms: int, out: bytearray) -> int:
         """Open a datagram given as its header and the rest (a view of each)."""
-        magic, sender_id, counter, sent_at = _READ.unpack_from(header)
-        if magic != SEAL_MAGIC:
-            raise Rejected("unsealed" if header[0] == _PLAIN_FIRST else "truncated")
-        sender = self._senders.get(sender_id)
-        known = sender is not None
-        if sender is None:
-            network_key = self._keys.get(sender_id[:4])
-            if network_key is None:
-                raise Rejected("key")
-            sender = _Sender(_sender_key(network_key, sender_id[4:]))
-        elif sender.refuses(counter):
-            raise Rejected("replay")  # before the tag: a replay costs no decryption
+        sender, known, sender_id, counter, sent_at = self._sender(header)
         size = len(body) - _TAG_BYTES
         # Released before return: ``out`` may be a buffer the caller resizes (the slice passed
         # to decrypt_into is gone once it returns or raises).
@@ -307,10 +313,39 @@ class Opener:
                 sender.aead.decrypt_into(counter.to_bytes(12, "big"), body, header, target[:size])
             except InvalidTag:
                 raise Rejected("auth") from None
+        self._admit(sender, known, sender_id, counter, sent_at, now_ms)
+        return size
+
+    def _sender(self, header: memoryview) -> tuple[_Sender, bool, bytes, int, int]:
+        """The sender a sealed header names (known, or new with its key derived: not yet
+        stored), whether it is known, its id, the counter and the time sent; a replay is
+        refused here, before the tag: it costs no decryption."""
+        magic, sender_id, counter, sent_at = _READ.unpack_from(header)
+        if magic != SEAL_MAGIC:
+            raise Rejected("unsealed" if header[0] == _PLAIN_FIRST else "truncated")
+        sender = self._senders.get(sender_id)
+        if sender is not None:
+            if sender.refuses(counter):
+                raise Rejected("replay")
+            return sender, True, sender_id, counter, sent_at
+        network_key = self._keys.get(sender_id[:4])
+        if network_key is None:
+            raise Rejected("key")
+        return _Sender(_sender_key(network_key, sender_id[4:])), False, sender_id, counter, sent_at
+
+    def _admit(
+        self,
+        sender: _Sender,
+        known: bool,
+        sender_id: bytes,
+        counter: int,
+        sent_at: int,
+        now_ms: int,
+    ) -> None:
+        """After the tag: refuse a stale datagram, else record its counter (checked against the
+        window before the tag, and nothing has changed the window since) and its sender."""
         if abs(now_ms - sent_at) > self._freshness_ms:
             raise Rejected("stale")
-        # Authentic and fresh: recorded (its counter was checked against the window before the
-        # tag, and nothing has changed the window since).
         senders = self._senders
         if known:
             senders.move_to_end(sender_id)
@@ -319,4 +354,3 @@ class Opener:
             if len(senders) > self._max_senders:
                 senders.popitem(last=False)  # the least recently heard
         sender.accept(counter)
-        return size

@@ -6,8 +6,9 @@ Sizes: 64 B and 1.4 KB sealed whole (as the endpoint seals a small datagram: ``s
 (the largest sealed datagram's plaintext) sealed from two pieces, a JSON header and a
 payload view (as the endpoint seals a gathered large datagram: ``seal_pieces``). Opening is
 timed as the endpoint does it: the sealed datagram is copied into the receive buffer (as
-``recv_into`` leaves it, warm in the cache), then opened (``open_received``; with an older
-glue.security, ``open_into`` of a view of a scratch buffer); the time of sealing and copying
+``recv_into`` leaves it, warm in the cache), then opened (``open_received``, small ones
+``open_received_bytes``; with an older glue.security, ``open_into`` of a view of a scratch
+buffer); the time of sealing and copying
 alone is subtracted. The AES-GCM columns are the floor: ``encrypt_into``/``decrypt_into``
 alone. Times are this thread's CPU time, so that other processes sharing the cores count less.
 """
@@ -56,8 +57,10 @@ def _cases(size: int) -> dict[str, Callable[[], object]]:
         received[: len(sealed)] = sealed
         return len(sealed)
 
-    def receive_and_open() -> int:
+    def receive_and_open() -> object:
         n = receive()
+        if size <= 4096 and hasattr(opener, "open_received_bytes"):  # small: into bytes
+            return opener.open_received_bytes(n, NOW)
         if hasattr(opener, "open_received"):
             return opener.open_received(n, NOW, out)
         with memoryview(received) as view, view[:n] as sealed:  # the endpoint, before

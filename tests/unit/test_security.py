@@ -223,6 +223,8 @@ def test_opening_leaves_the_output_buffer_free_to_resize() -> None:
 
 
 def test_open_received_opens_what_was_read_into_the_openers_buffer_like_open_into() -> None:
+    """Both ways of opening what was read into the buffer (into the caller's buffer, for large
+    datagrams; into bytes, for small ones) accept and refuse what open_into does."""
     keys = _keys(KEY)
     sealer = Sealer(keys)
     good = sealer.seal(DATAGRAM, NOW)
@@ -237,7 +239,7 @@ def test_open_received_opens_what_was_read_into_the_openers_buffer_like_open_int
         good[:20],
         Sealer(_keys(OTHER)).seal(DATAGRAM, NOW),
     ]
-    by_view, by_buffer = Opener(keys), Opener(keys)
+    by_view, by_buffer, by_bytes = Opener(keys), Opener(keys), Opener(keys)
 
     def received(datagram: bytes) -> bytes | str:
         """The plaintext, or the refusal, of ``datagram`` read into the opener's buffer."""
@@ -248,8 +250,22 @@ def test_open_received_opens_what_was_read_into_the_openers_buffer_like_open_int
         except Rejected as exc:
             return exc.reason
 
+    def received_bytes(datagram: bytes) -> bytes | str:
+        by_bytes.buffer[: len(datagram)] = datagram
+        try:
+            opened = by_bytes.open_received_bytes(len(datagram), NOW)
+        except Rejected as exc:
+            return exc.reason
+        assert type(opened) is bytes
+        return opened
+
     results = [received(datagram) for datagram in cases]
     assert results == [DATAGRAM, "replay", "auth", "unsealed", "truncated", "unsealed", "key"]
+    assert [received_bytes(datagram) for datagram in cases] == results
+    stale = sealer.seal(DATAGRAM, NOW - 3_600_000)
+    by_bytes.buffer[: len(stale)] = stale
+    with pytest.raises(Rejected, match="stale"):
+        by_bytes.open_received_bytes(len(stale), NOW)
     for datagram, result in zip(cases, results, strict=True):  # open_into: the same
         if result == DATAGRAM:
             assert _open(by_view, datagram) == result
