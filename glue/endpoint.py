@@ -28,11 +28,17 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from glue.discovery import Target
-from glue.errors import NoResponderError, UsageError
+from glue.errors import BackpressureError, NoResponderError, UsageError
 from glue.events import Request
 from glue.metrics import MetricsServer, MetricsSnapshot
 from glue.outbox import Outgoing
-from glue.runtime import EventListener, RuntimeCore, literal_address
+from glue.runtime import (
+    BUSY_BACKOFF_S,
+    BUSY_PREEMPTED_S,
+    EventListener,
+    RuntimeCore,
+    literal_address,
+)
 from glue.settings import GlueSettings
 from glue.wire import EndpointId
 
@@ -73,6 +79,9 @@ class Endpoint(RuntimeCore):
         self._busy_poll_s = settings.busy_poll_microseconds / 1e6
         self._busy_until = 0.0
         self._busy = False  # the _keep_busy callback is scheduled
+        self._busy_at = 0.0  # when it last ran (loop time), and this thread's CPU time then
+        self._busy_cpu = 0.0
+        self._busy_backoff_until = 0.0  # no busy polling until then (no free core)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -222,6 +231,30 @@ class Endpoint(RuntimeCore):
         )
         if item is not None:
             await self.wait_to_queue(item, timeout)
+
+    async def publish_many(
+        self,
+        topic: str,
+        topic_type: str,
+        payloads: Sequence[bytes],
+        *,
+        expiry_s: float,
+        history_depth: int | None,
+        timeout: float,  # noqa: ASYNC109 - the same signature as the blocking twin
+        retain: bool = False,
+    ) -> None:
+        """Queue publications of ``payloads`` on ``topic``, in order (see the thread runtime's
+        ``publish_many``), waiting up to ``timeout`` s each time the queue is full."""
+        items = self._publications(topic, topic_type, payloads, expiry_s, history_depth, retain)
+        queued = 0
+        try:
+            for item in items:
+                if not self._offer(item):
+                    await self.wait_to_queue(item, timeout)
+                queued += 1
+        except BackpressureError as exc:
+            exc.queued = queued
+            raise
 
     def subscribe(
         self, pattern: str, topic_type: str, *, gaps: bool = False, group: str | None = None
@@ -502,19 +535,31 @@ class Endpoint(RuntimeCore):
         now = loop.time()
         drained = self._read(sock, multicast, now)
         self._service(now, dispatch=self._dispatch_now(drained))
-        if self._busy_poll_s:
+        if self._busy_poll_s and now >= self._busy_backoff_until:
             self._busy_until = now + self._busy_poll_s
             if self._busy:
                 self.counters["busy_poll_wakeups"] += 1  # found while the loop kept turning
             else:
                 self._busy = True
+                self._busy_at, self._busy_cpu = now, time.thread_time()
                 loop.call_soon(self._keep_busy)
 
     def _keep_busy(self) -> None:
         """While a callback is ready the loop polls its selector without sleeping: stay ready
-        until ``_busy_until`` (other callbacks and tasks run in between, as usual)."""
+        until ``_busy_until`` (other callbacks and tasks run in between, as usual). Time between
+        two turns that this thread did not run (wall clock less its CPU time) means no free
+        core: then stop for a while, as the thread runtime does."""
         loop = self._loop
-        if loop is not None and self._state == "running" and loop.time() < self._busy_until:
+        if loop is None or self._state != "running":
+            self._busy = False
+            return
+        now, cpu = loop.time(), time.thread_time()
+        if (now - self._busy_at) - (cpu - self._busy_cpu) > BUSY_PREEMPTED_S:
+            self._busy = False
+            self._busy_backoff_until = now + BUSY_BACKOFF_S
+            self.counters["busy_poll_preempted"] += 1
+        elif now < self._busy_until:
+            self._busy_at, self._busy_cpu = now, cpu
             loop.call_soon(self._keep_busy)
         else:
             self._busy = False

@@ -98,6 +98,13 @@ _HANDOFF_SOFT_ITEMS: Final = 8192
 EventListener = Callable[[list[StackEvent]], None]
 
 
+#: Busy polling (GLUE_BUSY_POLL_MICROSECONDS): a pause this long between two polls means the
+#: thread was not running (every core taken); it then stops polling for BUSY_BACKOFF_S, since
+#: polling on a machine without a free core only delays the threads that would answer.
+BUSY_PREEMPTED_S: Final = 0.0002
+BUSY_BACKOFF_S: Final = 0.5
+
+
 class RuntimeCore:
     """The runtime-independent half of an endpoint (see the module docstring)."""
 
@@ -349,6 +356,23 @@ class RuntimeCore:
         return Outgoing(
             payload, (), time.monotonic() + expiry_s, (topic, topic_type, history_depth, retain)
         )
+
+    def _publications(
+        self,
+        topic: str,
+        topic_type: str,
+        payloads: Sequence[bytes],
+        expiry_s: float,
+        history_depth: int | None,
+        retain: bool = False,
+    ) -> list[Outgoing]:
+        """``_publication`` of each payload (checked by the caller), the names checked once and
+        one clock reading for all: ``publish_many``'s messages, in order."""
+        if not payloads:
+            return []
+        first = self._publication(topic, topic_type, payloads[0], expiry_s, history_depth, retain)
+        expires_at, names = first.expires_at, first.topic
+        return [first, *[Outgoing(p, (), expires_at, names) for p in payloads[1:]]]
 
     def _outgoing(
         self, payload: bytes, to: Sequence[int] | None, expiry_s: float, message_type: str = ""

@@ -49,7 +49,7 @@ from glue.errors import BackpressureError, DeliveryError, NoResponderError, Usag
 from glue.events import Request, StackEvent
 from glue.metrics import MetricsServer, MetricsSnapshot
 from glue.outbox import Outgoing
-from glue.runtime import RuntimeCore, literal_address
+from glue.runtime import BUSY_BACKOFF_S, BUSY_PREEMPTED_S, RuntimeCore, literal_address
 from glue.settings import GlueSettings
 from glue.stack import BUNDLE_MAX_MESSAGE_BYTES, Stack
 from glue.wire import EndpointId
@@ -216,6 +216,45 @@ class ThreadRuntime(RuntimeCore):
             self._publication(topic, topic_type, payload, expiry_s, history_depth, retain),
             timeout,
         )
+
+    def publish_many(
+        self,
+        topic: str,
+        topic_type: str,
+        payloads: Sequence[bytes],
+        *,
+        expiry_s: float,
+        history_depth: int | None,
+        timeout: float,
+        retain: bool = False,
+    ) -> None:
+        """Place publications of ``payloads`` on ``topic``, in order, handed to the network
+        thread together (one wake-up); waits at most ``timeout`` s each time the queue is full.
+
+        Raises:
+            BackpressureError: the queue stayed full for ``timeout`` seconds; its ``queued``
+                says how many of the messages (the first ones) were placed.
+            UsageError: the endpoint is not running, or a payload is too large.
+        """
+        items = self._publications(topic, topic_type, payloads, expiry_s, history_depth, retain)
+        queued = 0
+        with self._mutex:
+            if self._state != "running":
+                raise UsageError("the endpoint is not running")
+            try:
+                for item in items:
+                    if not self._has_room(item.size):
+                        self._wake()  # (it takes what is queued so far, and makes room)
+                        self._wait_for_room(item, timeout)
+                    self._handoff.append(item)
+                    self._handoff_bytes += item.size
+                    queued += 1
+            except BackpressureError as exc:
+                exc.queued = queued
+                raise
+            finally:
+                if queued:
+                    self._wake()
 
     def send(
         self,
@@ -453,9 +492,13 @@ class ThreadRuntime(RuntimeCore):
         busy_poll_s = self.settings.busy_poll_microseconds / 1e6
         busy_until = -math.inf  # with GLUE_BUSY_POLL_MICROSECONDS: poll, not sleep, until then
         caught = 0  # wake-ups found by polling (counted under the lock, at the next turn)
+        preempted = 0  # pollings cut short for want of a free core (counted the same way)
+        backoff_until = -math.inf  # no polling until then
         while True:
             if busy_poll_s and any(fd != waker for fd, _ in ready):
-                busy_until = time.monotonic() + busy_poll_s  # datagrams came: more may follow
+                now = time.monotonic()
+                if now >= backoff_until:
+                    busy_until = now + busy_poll_s  # datagrams came: more may follow
             events, calls = self._turn(ready, sockets, waker)
             if events:
                 self._notify_listeners(events)
@@ -468,13 +511,20 @@ class ThreadRuntime(RuntimeCore):
                 if self._state != "running":
                     return
                 timeout_ms = self._poll_timeout()
-                if caught:
+                if caught or preempted:
                     self.counters["busy_poll_wakeups"] += caught
-                    caught = 0
+                    self.counters["busy_poll_preempted"] += preempted
+                    caught = preempted = 0
             ready = []
             if timeout_ms != 0 and busy_until > time.monotonic():
-                ready = self._busy_poll(poller, busy_until)
-                caught += bool(ready)
+                found = self._busy_poll(poller, busy_until)
+                if found is None:  # not running while polling: no free core
+                    busy_until = -math.inf
+                    backoff_until = time.monotonic() + BUSY_BACKOFF_S
+                    preempted += 1
+                else:
+                    ready = found
+                    caught += bool(ready)
                 if not ready and timeout_ms > 0:
                     with self._mutex:  # (the deadline _poll_timeout found, or a caller's earlier)
                         remaining = self._sleep_until - time.monotonic()
@@ -485,19 +535,27 @@ class ThreadRuntime(RuntimeCore):
                 except InterruptedError:  # (retried by Python; kept for other platforms)
                     ready = []
 
-    def _busy_poll(self, poller: select.poll, until: float) -> list[tuple[int, int]]:
+    def _busy_poll(self, poller: select.poll, until: float) -> list[tuple[int, int]] | None:
         """Poll without sleeping until something is ready, ``until``, or the next deadline
         (``GLUE_BUSY_POLL_MICROSECONDS``): a thread that never sleeps wakes no slower than the
-        datagram arrives, and its caches stay warm. Each poll lets go of the GIL."""
+        datagram arrives, and its caches stay warm. Each poll lets go of the GIL. None: the
+        thread was kept from running between two polls (see ``BUSY_PREEMPTED_S``)."""
         with self._mutex:
             sleep_until = self._sleep_until
         end = min(until, sleep_until)
         clock = time.monotonic
         poll = poller.poll
+        last = clock()
         while True:
             ready = poll(0)
-            if ready or clock() >= end:
+            if ready:
                 return ready
+            now = clock()
+            if now - last > BUSY_PREEMPTED_S:
+                return None
+            if now >= end:
+                return ready
+            last = now
 
     def _turn(
         self,
