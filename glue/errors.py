@@ -167,7 +167,11 @@ class BackpressureError(DeliveryError):
     """A send waited ``timeout`` seconds for room in a peer's send queue and found none.
 
     Nothing was queued for the peers named in ``peers`` (ids); earlier messages are unaffected.
+    From ``publish_many``, ``queued`` says how many of its messages (the first ones, in order)
+    were queued before it gave up; the rest were not.
     """
+
+    queued: int | None = None
 
 
 class ProtocolError(GlueError):

@@ -197,6 +197,31 @@ def _checked_message(
     return data, _check_expiry(expiry), check_timeout(timeout), depth
 
 
+def _checked_payloads(payloads: object, max_bytes: int) -> list[bytes]:
+    """``publish_many``'s payloads: a list or tuple (any iterable but text and bytes) of
+    ``bytes``, ``bytearray`` or ``memoryview``, each at most ``max_bytes`` (the one at fault is
+    named by its index)."""
+    if isinstance(payloads, str | bytes | bytearray | memoryview) or not isinstance(
+        payloads, Iterable
+    ):
+        raise UsageTypeError(
+            f"payloads must be a list of payloads (bytes), not {type(payloads).__name__}: "
+            "publish() takes one",
+            argument="payloads",
+        )
+    checked = list(payloads)
+    for index, payload in enumerate(checked):
+        if type(payload) is not bytes:
+            payload = checked[index] = check_payload(payload, f"payloads[{index}]")
+        if len(payload) > max_bytes:
+            raise UsageValueError(
+                f"payloads[{index}] of {len(payload)} bytes exceeds the maximum of {max_bytes} "
+                "(GLUE_MAX_MESSAGE_BYTES)",
+                argument=f"payloads[{index}]",
+            )
+    return checked
+
+
 def _check_targets(to: object) -> tuple[int | str, ...] | None:
     """``to`` as a tuple of endpoint ids and peer names, or None (every peer)."""
     if to is None:
@@ -651,6 +676,37 @@ class AsyncEndpointManager(_Manager):
         )
         if waiting is not None:
             await self._endpoint.wait_to_queue(waiting, timeout)
+
+    async def publish_many(
+        self,
+        topic_name: str,
+        topic_type: str,
+        payloads: Iterable[bytes],
+        *,
+        expiry: float = DEFAULT_EXPIRY_S,
+        history_depth: int | None = None,
+        timeout: float = DEFAULT_SEND_TIMEOUT_S,  # noqa: ASYNC109 - same as the blocking twin
+        retain: bool = False,
+    ) -> None:
+        """Publish each of ``payloads`` on ``topic_name``, in order: see
+        :meth:`EndpointManager.publish_many`."""
+        checked = _checked_payloads(payloads, self._max_message_bytes)
+        _, expiry, timeout, history_depth = _checked_message(
+            b"", expiry, timeout, history_depth, self._max_message_bytes, json_hint=False
+        )
+        if retain is not False:
+            _check_retain(retain)
+        if not self._endpoint.running:
+            raise UsageError("the endpoint is not running")
+        await self._endpoint.publish_many(
+            topic_name,
+            topic_type,
+            checked,
+            expiry_s=expiry,
+            history_depth=history_depth,
+            timeout=timeout,
+            retain=retain,
+        )
 
     async def publish_json(
         self,
@@ -1586,6 +1642,53 @@ class EndpointManager(_Manager):
             topic_name,
             topic_type,
             payload,
+            expiry_s=expiry,
+            history_depth=history_depth,
+            timeout=timeout,
+            retain=retain,
+        )
+
+    def publish_many(
+        self,
+        topic_name: str,
+        topic_type: str,
+        payloads: Iterable[bytes],
+        *,
+        expiry: float = DEFAULT_EXPIRY_S,
+        history_depth: int | None = None,
+        timeout: float = DEFAULT_SEND_TIMEOUT_S,
+        retain: bool = False,
+    ) -> None:
+        """Publish each of ``payloads`` on ``topic_name``, in order: what as many
+        :meth:`publish` calls do, at a fraction of the cost per message (the arguments are
+        checked once, and the messages go to the network thread together), for streams of
+        small messages. Each is its own message (its own sequence number, delivered to
+        subscribers one by one); all share ``expiry``, ``history_depth`` and ``retain``.
+
+        Args:
+            payloads: a list (or any iterable but ``bytes`` and text) of ``bytes``,
+                ``bytearray`` or ``memoryview``.
+            timeout: seconds (>= 0) to wait for room in the send queue, each time it is full.
+
+        Raises:
+            UsageTypeError, UsageValueError: as :meth:`publish`; ``argument`` names a bad
+                payload by its index (``payloads[3]``). Nothing is published then.
+            UsageError: the endpoint is not running.
+            BackpressureError: the queue stayed full ``timeout`` seconds; its ``queued`` says
+                how many of the messages (the first ones) were published before.
+        """
+        checked = _checked_payloads(payloads, self._max_message_bytes)
+        _, expiry, timeout, history_depth = _checked_message(
+            b"", expiry, timeout, history_depth, self._max_message_bytes, json_hint=False
+        )
+        if retain is not False:
+            _check_retain(retain)
+        if not self._started or self._stopped:
+            raise UsageError("the endpoint is not running (call start() or use `with`)")
+        self._endpoint.publish_many(
+            topic_name,
+            topic_type,
+            checked,
             expiry_s=expiry,
             history_depth=history_depth,
             timeout=timeout,
