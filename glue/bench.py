@@ -139,11 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 _Figures = tuple[float, float, float, float]
 #: Throughput variants, each measured in every round next to raw UDP. "send": direct messages
 #: to one peer; "pub/sub": publish on a topic the receiver subscribes to (callbacks on the
-#: callback pool for the blocking API, on a task for asyncio); "sealed": with a network key.
+#: callback pool for the blocking API, on a task for asyncio); "batches": the same pub/sub with
+#: ``publish_many``, ``_batch(size)`` messages a call; "sealed": with a network key.
 _VARIANTS = (
     "raw UDP",
     "blocking send",
     "blocking pub/sub",
+    "blocking batches",
     "asyncio send",
     "asyncio pub/sub",
     "blocking sealed",
@@ -194,6 +196,11 @@ def _sealed_ratios(figures: dict[tuple[int, str], list[_Figures]], size: int) ->
     return _ratios(sealed, [r[0] for r in figures[(size, "blocking pub/sub")]])
 
 
+def _batch(size: int) -> int:
+    """Messages per ``publish_many`` call of the "batches" variant: 100, or 1 MiB's worth."""
+    return max(1, min(100, (1 << 20) // size))
+
+
 def _label(size: int) -> str:
     for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
         if size >= scale and size % scale == 0:
@@ -208,7 +215,10 @@ def _measure(variant: str, size: int, count: int, seconds: float) -> _Figures:
         pubsub = variant.endswith("pub/sub")
         return asyncio.run(_glue_async_throughput(size, count, seconds, pubsub=pubsub))
     key = _KEY if variant.endswith("sealed") else None
-    return _glue_throughput(size, count, seconds, pubsub=variant != "blocking send", key=key)
+    batch = _batch(size) if variant.endswith("batches") else 0
+    return _glue_throughput(
+        size, count, seconds, pubsub=variant != "blocking send", key=key, batch=batch
+    )
 
 
 def _trip(variant: str) -> tuple[float, float]:
@@ -654,7 +664,13 @@ def _glue_settings(**extra: Any) -> Any:
 
 
 def _glue_throughput(
-    size: int, count: int, seconds: float, *, pubsub: bool = False, key: str | None = None
+    size: int,
+    count: int,
+    seconds: float,
+    *,
+    pubsub: bool = False,
+    key: str | None = None,
+    batch: int = 0,
 ) -> _Figures:
     from glue.manager import EndpointManager
 
@@ -675,7 +691,15 @@ def _glue_throughput(
         cpu = time.process_time()  # every thread of this process
         deadline = time.perf_counter() + seconds
         sent = 0
+        payloads = [payload] * batch
         while sent < count and time.perf_counter() < deadline:
+            if batch:
+                batch = min(batch, count - sent)
+                sender.publish_many(
+                    "bench/data", "bench", payloads[:batch], expiry=60.0, timeout=30.0
+                )
+                sent += batch
+                continue
             if pubsub:
                 sender.publish("bench/data", "bench", payload, expiry=60.0, timeout=30.0)
             else:

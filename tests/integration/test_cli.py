@@ -165,10 +165,10 @@ def test_bench_runs_and_prints_every_figure() -> None:
     table = result.stdout[result.stdout.index("variant") :]
     for label in ("64 B", "64 KiB", "1 MiB"):
         rows = [line.split() for line in table.splitlines() if line.lstrip().startswith(label)]
-        # raw UDP; send and pub/sub with both APIs; sealed pub/sub
-        assert len(rows) == 6, table
+        # raw UDP; send and pub/sub with both APIs; pub/sub in batches; sealed pub/sub
+        assert len(rows) == 7, table
     # Every glue row, throughput and round trip, against raw UDP with its range.
-    assert table.count("x raw (") == 3 * 5 + 10
+    assert table.count("x raw (") == 3 * 6 + 10
     for variant in (
         "blocking pub/sub",
         "asyncio pub/sub",
@@ -203,6 +203,7 @@ def test_bench_json_holds_every_row_with_its_range() -> None:
         "raw UDP",
         "blocking send",
         "blocking pub/sub",
+        "blocking batches",
         "asyncio send",
         "asyncio pub/sub",
         "blocking sealed",
