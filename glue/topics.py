@@ -1227,7 +1227,8 @@ class Topics:
                 continue
             names = (topic, topic_type)
             if names != current:
-                if names not in valid:
+                # (A name that is no string may be a list, which cannot be looked up in a set.)
+                if type(topic) is not str or type(topic_type) is not str or names not in valid:
                     try:
                         validate_topic_name(topic)
                         validate_topic_type(topic_type)

@@ -387,6 +387,9 @@ def test_depth_zero_keeps_nothing() -> None:
         b'{"i":"v","set":[]}\n',
         b'{"i":1,"set":["a b"]}\n',
         b'{"i":1,"add":"x","del":[]}\n',
+        # A name or type that is no string, and cannot be hashed (it raised TypeError).
+        b'{"t":["a"],"y":"t","s":1,"w":1}\n',
+        b'{"t":"a","y":{"t":1},"s":1,"w":1}\n',
     ],
 )
 def test_malformed_envelopes_are_dropped_and_counted(data: bytes) -> None:
