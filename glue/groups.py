@@ -283,7 +283,7 @@ class GroupSender:
         they go to others; returns the jobs to send now."""
         back = [
             job
-            for number in numbers
+            for number in dict.fromkeys(numbers)  # each once, however often it is named
             if (job := self._jobs.get(number)) is not None and job.member == member
         ]
         self.counters["group_refused"] += len(back)

@@ -141,6 +141,19 @@ def test_unfinished_jobs_past_their_expiry_are_released() -> None:
     assert sender.set_member(A, {}, 6.0) == []  # nothing redelivered after expiry
 
 
+def test_a_refusal_naming_a_job_twice_gives_it_back_once() -> None:
+    # A member (or an attacker in its name) may repeat a number in "gr": it raised KeyError.
+    sender = _sender(window=10)
+    for member in (A, B):
+        sender.set_member(member, {"workers": frozenset({"jobs/#"})}, 0.0)
+    [job] = _publish(sender, 1)
+    other = B if job.member == A else A
+    [again] = sender.refused(job.member, [job.number, job.number], 0.0)
+    assert (again.number, again.member, again.redelivered) == (job.number, other, True)
+    assert sender.counters["group_refused"] == 1
+    assert sender.unfinished() == 1
+
+
 def test_each_group_gets_each_message_once() -> None:
     sender = _sender()
     sender.set_member(A, {"one": frozenset({"#"}), "two": frozenset({"#"})}, 0.0)
