@@ -173,6 +173,7 @@ class Stack:
         )
         self.requests = Requests(emit=self._events.append, wall_offset=self._wall_offset)
         self.topics.requests = self.requests
+        self.topics.room = self.transport.has_room  # (history replays, answers to ask)
         # Small messages waiting to be bundled, per peer, until the next datagrams_to_send.
         self._bundles: dict[EndpointId, _Bundle] = {}
         # Per peer, the size of the last fragment queued in this burst when a fragmented

@@ -443,6 +443,12 @@ class Topics:
         self._valid_names: set[tuple[str, str]] = set()
         self._valid_types: set[str] = set()  # of direct messages
         self._outbox: list[Send] = []
+        #: Whether ``size`` more bytes fit in the send queue to a peer now (the stack's, set by
+        #: it): history replays and answers to ``ask`` are sent only while they do, so that a
+        #: peer that never acknowledges cannot make this endpoint queue without bound by asking
+        #: again or flipping its interest (each flip replays the history).
+        self.room: Callable[[EndpointId, int], bool] = lambda peer, size: True
+        self._optional_bytes: dict[EndpointId, int] = {}  # of those, in _outbox now
         self._warned: set[object] = set()
         self._published = 0
         self._received = 0
@@ -1024,6 +1030,7 @@ class Topics:
         if self._done_out or self._refused_out:
             self._send_done()
         out, self._outbox = self._outbox, []
+        self._optional_bytes.clear()
         return out
 
     def has_sends(self) -> bool:
@@ -1484,7 +1491,19 @@ class Topics:
         self._target_cache[topic] = found
         return found
 
-    def _send_full(self, peer: EndpointId, *, ask: bool) -> None:
+    def _send_optional(self, peer: EndpointId, envelope: Outbound, expires_at: float) -> bool:
+        """Queue a message ``peer`` may do without for now (a history replay, an answer to its
+        ``ask``) if its send queue has room for it and the others queued so far; False if not."""
+        queued = self._optional_bytes.get(peer, 0) + outbound_size(envelope)
+        if not self.room(peer, queued):
+            return False
+        self._optional_bytes[peer] = queued
+        self._outbox.append((peer, envelope, expires_at))
+        return True
+
+    def _send_full(self, peer: EndpointId, *, ask: bool, answer: bool = False) -> None:
+        """Our whole interest to ``peer``; ``answer``: it asked (sent only if its queue has room:
+        it asks again while it sees our interest's version is newer than what it holds)."""
         patterns, served = _split_served(self._pattern_counts)
         head: dict[str, Any] = {"i": self._version, "set": patterns}
         if served:
@@ -1493,7 +1512,12 @@ class Topics:
             head["gset"] = sorted(self._group_counts)
         if ask:
             head["ask"] = True
-        self._outbox.append((peer, orjson.dumps(head) + b"\n", float("inf")))
+        envelope = orjson.dumps(head) + b"\n"
+        if not answer:
+            self._outbox.append((peer, envelope, float("inf")))
+        elif not self._send_optional(peer, envelope, float("inf")):
+            self.counters["interest_answers_not_sent_queue_full"] += 1
+            return
         self.counters["interest_sent"] += 1
 
     def _send_delta(self) -> None:
@@ -1575,7 +1599,7 @@ class Topics:
         interest.asked = False
         self.counters["interest_received"] += 1
         if head.get("ask") is True:
-            self._send_full(peer.endpoint_id, ask=False)
+            self._send_full(peer.endpoint_id, ask=False, answer=True)
         if groups != old_groups:
             jobs = self._groups.set_member(peer.endpoint_id, by_group(groups), now)
             self._send_jobs(jobs, now)
@@ -1600,7 +1624,9 @@ class Topics:
                 if refresh:  # retained: sent with its whole time to live again
                     expires_at = now + refresh
                 if expires_at > now:  # expired history is never sent
-                    self._outbox.append((peer, envelope, expires_at))
+                    if not self._send_optional(peer, envelope, expires_at):
+                        self._replay_refused(peer)
+                        return
                     self.counters["history_sent"] += 1
         for (topic, publisher), kept in self._kept.items():
             if publisher == peer or not any_matches(added, topic) or any_matches(old, topic):
@@ -1609,8 +1635,19 @@ class Topics:
                 if refresh:
                     expires_at = now + refresh
                 if expires_at > now:
-                    self._outbox.append((peer, envelope, expires_at))
+                    if not self._send_optional(peer, envelope, expires_at):
+                        self._replay_refused(peer)
+                        return
                     self.counters["kept_sent"] += 1
+
+    def _replay_refused(self, peer: EndpointId) -> None:
+        self.counters["history_not_sent_queue_full"] += 1
+        known = self._peers.get(peer)
+        self._warn_once(
+            ("replay", peer),
+            "history for %s not sent: its send queue is full (it does not acknowledge)",
+            f"{known.name} ({peer})" if known is not None else peer,
+        )
 
     def prune_history(self, now: float) -> None:
         """Drop expired history entries (called on timers; expired ones are never sent), and

@@ -576,6 +576,11 @@ class Transport:
 
     # --- inputs ---------------------------------------------------------------------------------
 
+    def has_room(self, peer: EndpointId, size: int) -> bool:
+        """``can_send`` without asking to be told when room frees (``SendSpaceFreed``)."""
+        state = self._peers.get(peer)
+        return state is None or state.send.queued_bytes + size <= self.config.queue_bytes
+
     def can_send(self, peer: EndpointId, size: int) -> bool:
         """Whether ``size`` more payload bytes fit in the send queue to ``peer`` now."""
         state = self._peers.get(peer)

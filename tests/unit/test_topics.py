@@ -296,6 +296,40 @@ def test_a_late_joiner_gets_the_last_depth_messages_once_in_order() -> None:
     assert [m.payload for m in sub.delivered()] == [b"new"]
 
 
+def test_a_peer_that_never_acknowledges_cannot_make_history_and_answers_pile_up() -> None:
+    # Without a key, anyone can flip its interest between nothing and everything, or ask for
+    # our interest again and again: each flip replays the history, each ask is answered. What
+    # the stack has not yet handed to the transport counts against the peer's send queue too.
+    pub, attacker = Node(1), _peer(66)
+    for index in range(200):
+        _publish(pub, topic=f"a/{index}", payload=b"x" * 1000, history_depth=1)
+    pub.topics.subscribe("mine/#", "t")
+    pub.topics.peer_added(attacker)
+    pub.topics.take_sends()
+    limit = 50_000
+    queued = {"bytes": 0}  # what "the transport" holds for it: never acknowledged
+    pub.topics.room = lambda peer, size: queued["bytes"] + size <= limit
+    version = 0
+    for _ in range(100):
+        for patterns in ([], ["#"]):
+            version += 1
+            head = {"i": version, "set": patterns, "ask": True}
+            pub.topics.receive(attacker, orjson.dumps(head) + b"\n", 0.0)
+        for to, envelope, _ in pub.topics.take_sends():
+            assert to == attacker.endpoint_id
+            queued["bytes"] += len(_joined(envelope))
+    assert queued["bytes"] <= limit
+    counters = pub.topics.counters
+    assert counters["history_not_sent_queue_full"] > 0
+    assert counters["interest_answers_not_sent_queue_full"] > 0
+    # With room, a late joiner still gets the history and its answer, as before.
+    sub = Node(2)
+    sub.topics.subscribe("a/#", "t")
+    pub.topics.room = lambda peer, size: True
+    _meet(pub, sub)
+    assert len(sub.delivered()) == 200
+
+
 def test_expired_history_is_never_sent() -> None:
     pub, sub = Node(1), Node(2)
     for _ in range(3):
