@@ -575,6 +575,10 @@ class RuntimeCore:
                 break
         self.counters["datagrams_received"] += count
         self.counters["bytes_received"] += size
+        if not drained and not multicast:
+            # More waits: this endpoint is the slow end; its acks say so, so that its senders
+            # take the queue in its socket for its own, not for congestion on the path.
+            stack.transport.note_backlog(now=now)
         return drained
 
     def _dispatch_now(self, drained: bool) -> bool:

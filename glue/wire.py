@@ -149,10 +149,12 @@ class Data:
 
 @dataclass(slots=True, unsafe_hash=True)
 class Ack:
-    """ "I have every frame up to ``cumulative`` and those in ``ranges``" (inclusive pairs)."""
+    """ "I have every frame up to ``cumulative`` and those in ``ranges``" (inclusive pairs);
+    ``backlog``: since my previous ack, datagrams waited in my socket (I am the slow end)."""
 
     cumulative: int
     ranges: tuple[tuple[int, int], ...] = ()
+    backlog: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,10 +316,13 @@ def _frame_to_wire(frame: Frame) -> tuple[dict[str, Any], bytes | memoryview]:
                 "p": part,
                 "ps": parts,
             }, payload
-        case Ack(cumulative=cumulative, ranges=ranges):
+        case Ack(cumulative=cumulative, ranges=ranges, backlog=backlog):
+            ack: dict[str, Any] = {"t": "a", "cum": cumulative}
             if ranges:
-                return {"t": "a", "cum": cumulative, "sack": ranges}, b""
-            return {"t": "a", "cum": cumulative}, b""
+                ack["sack"] = ranges
+            if backlog:
+                ack["q"] = 1
+            return ack, b""
         case Skip(seq=seq, dropped=dropped):
             if dropped:
                 return {"t": "s", "seq": seq, "why": "d"}, b""
@@ -569,7 +574,7 @@ def _ack_from_wire(raw: dict[str, Any]) -> Ack:
             raise DecodeError("'sack' ranges must increase, above 'cum' + 1", reason="malformed")
         ranges.append((pair[0], pair[1]))
         floor = pair[1] + 1
-    return Ack(cumulative, tuple(ranges))
+    return Ack(cumulative, tuple(ranges), raw.get("q") == 1)
 
 
 def _int(obj: dict[str, Any], key: str, low: int, high: int) -> int:

@@ -1230,6 +1230,52 @@ def test_a_loss_with_no_queue_on_the_path_keeps_the_window() -> None:
     }
 
 
+def test_a_loss_behind_the_receivers_own_backlog_keeps_the_window() -> None:
+    # The queue stands in the receiver's socket (it says so: its acks carry backlog), which the
+    # window keeps from overflowing: the loss is noise there, and halving would idle it.
+    pair = Pair(CONGESTION)
+    pair.send(*(bytes(1000) for _ in range(8)))
+    pair.pull_data(pair.a)
+    stream = pair.a._peers[B].send
+    pair.at(0.01).push(pair.a, [Ack(4)])
+    pair.pull_data(pair.a)
+    # As in the halving test (srtt well above the least round trip), but the receiver is behind.
+    pair.at(0.2).push(pair.a, [Ack(4, ((6, 9),), backlog=True)])
+    assert stream.cwnd == 8000
+    assert counters(pair.a, "congestion_events", "losses_tolerated", "fast_resends") == {
+        "congestion_events": 0,
+        "losses_tolerated": 1,
+        "fast_resends": 1,
+    }
+
+
+def test_a_backlog_said_long_ago_no_longer_excuses_a_loss() -> None:
+    pair = Pair(CONGESTION)
+    pair.send(*(bytes(1000) for _ in range(8)))
+    pair.pull_data(pair.a)
+    stream = pair.a._peers[B].send
+    pair.at(0.01).push(pair.a, [Ack(4, backlog=True)])  # behind then, and no more since
+    pair.pull_data(pair.a)
+    pair.at(0.2).push(pair.a, [Ack(4, ((6, 9),))])
+    assert stream.cwnd == 4000
+    assert counters(pair.a, "congestion_events")["congestion_events"] == 1
+
+
+def test_the_next_ack_after_a_backlog_says_so_once() -> None:
+    pair = Pair()
+    pair.send(b"one", b"two")
+    pair.push(pair.b, pair.pull_data(pair.a))
+    pair.b.note_backlog(now=pair.now)
+    pair.at(1.0).b.handle_timer(now=pair.now)
+    [ack] = pair.pull(pair.b)
+    assert ack == Ack(2, (), backlog=True)
+    pair.send(b"three")
+    pair.push(pair.b, pair.pull_data(pair.a))
+    pair.at(2.0).b.handle_timer(now=pair.now)
+    [ack] = pair.pull(pair.b)
+    assert ack == Ack(3) and not ack.backlog
+
+
 def test_a_first_timeout_with_no_queue_keeps_the_window_and_its_timeouts_are_linear() -> None:
     pair = Pair(CONGESTION)
     pair.send(*(bytes(1000) for _ in range(12)))

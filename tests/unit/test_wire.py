@@ -193,6 +193,8 @@ def test_a_fragment_with_bad_numbers_is_rejected(fields: bytes) -> None:
         pytest.param(Ack(0, ((2, 2),)), id="ack-one-range"),
         pytest.param(Ack(5, ((7, 9), (11, 11), (13, 20))), id="ack-three-ranges"),
         pytest.param(Ack(0, ((2, MAX_ID),)), id="ack-range-to-limit"),
+        pytest.param(Ack(5, ((7, 9),), backlog=True), id="ack-backlog"),
+        pytest.param(Ack(5, backlog=True), id="ack-backlog-cumulative"),
         pytest.param(
             Ack(3, tuple((5 + 3 * i, 6 + 3 * i) for i in range(MAX_ACK_RANGES))),
             id="ack-64-ranges",
