@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--request", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--key", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--busy-poll", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "raw-receiver":
         return _raw_receiver(args.count, args.echo)
@@ -108,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             inline=args.inline,
             request=args.request,
             busy_poll=args.busy_poll,
+            warmup=args.warmup,
         )
     if args.role == "glue-async-receiver":
         return asyncio.run(_glue_async_receiver(args.port, args.count, args.pubsub))
@@ -438,6 +440,11 @@ def _table(
 
 # --- under loss ----------------------------------------------------------------------------------
 
+#: The share of each measurement's sending time left out at its start (slow start, the first
+#: round trips): goodput under loss is the steady figure, and a run of a few seconds would
+#: otherwise weigh its start-up more than a long stream does. The tail (the last losses repaired
+#: after sending stops) stays in.
+_LOSS_WARMUP_FRACTION: Final = 1 / 8
 #: Tags the iptables rule the loss benchmark adds (and removes), so it never touches another.
 _LOSS_COMMENT = "glue-bench-loss"
 
@@ -479,11 +486,13 @@ def _set_loss(probability: float | None) -> None:
 
 
 def _run_loss(seconds: float, repeat: int, sizes: Sequence[int], loss: float) -> int:
+    warmup = seconds * _LOSS_WARMUP_FRACTION
     print(
         f"glue benchmark under loss: publish/subscribe between two processes on 127.0.0.1, "
         f"{loss:.0%} of datagrams dropped at random both ways (data, acks, announcements) next to "
         f"none; {repeat} round(s), {seconds:g} s of sending per measurement, every message "
-        f"delivered once and in order (checked)",
+        f"delivered once and in order (checked); goodput from {warmup:g} s after the first "
+        f"arrival to the last, the lossy and lossless runs of a round taking turns to go first",
         flush=True,
     )
     results: dict[int, list[tuple[_Figures, _Figures]]] = {}
@@ -491,11 +500,16 @@ def _run_loss(seconds: float, repeat: int, sizes: Sequence[int], loss: float) ->
         for round_number in range(1, repeat + 1):
             for size in sizes:
                 count = max(100, int(min(600_000 * seconds, 6e9 * seconds / size)))
-                _set_loss(None)
-                clean = _glue_throughput(size, count, seconds, pubsub=True)
-                _set_loss(loss)
-                lossy = _glue_throughput(size, count, seconds, pubsub=True)
-                _set_loss(None)
+                measured: dict[float | None, _Figures] = {}
+                # Alternate which goes first, so that a machine speeding up or slowing down
+                # within a round does not favour one of them every time.
+                for probability in (None, loss) if round_number % 2 else (loss, None):
+                    _set_loss(probability)
+                    measured[probability] = _glue_throughput(
+                        size, count, seconds, pubsub=True, warmup=warmup
+                    )
+                    _set_loss(None)
+                clean, lossy = measured[None], measured[loss]
                 results.setdefault(size, []).append((clean, lossy))
                 print(
                     f"round {round_number}/{repeat} {_label(size):>7}: no loss "
@@ -507,7 +521,8 @@ def _run_loss(seconds: float, repeat: int, sizes: Sequence[int], loss: float) ->
     print()
     spread = " (range)" if repeat > 1 else ""
     print(
-        f"{'size':>7}  {'no loss MB/s':>12}  {f'{loss:.0%} loss MB/s':>14}  goodput ratio{spread}"
+        f"{'size':>7}  {'no loss MB/s':>12}  {f'{loss:.0%} loss MB/s':>14}  "
+        f"{f'goodput ratio{spread}':<24}  CPU us/msg, sender  receiver (no loss -> loss)"
     )
     for size in sizes:
         runs = results[size]
@@ -517,7 +532,15 @@ def _run_loss(seconds: float, repeat: int, sizes: Sequence[int], loss: float) ->
             ratio += f" ({min(ratios):.2f}-{max(ratios):.2f})"
         clean_mb = statistics.median(clean[1] for clean, _ in runs)
         lossy_mb = statistics.median(lossy[1] for _, lossy in runs)
-        print(f"{_label(size):>7}  {clean_mb:>12.1f}  {lossy_mb:>14.1f}  {ratio}")
+        cpu = [
+            f"{statistics.median(c[i] for c, _ in runs) * 1e6:.1f} -> "
+            f"{statistics.median(x[i] for _, x in runs) * 1e6:.1f}"
+            for i in (2, 3)
+        ]
+        print(
+            f"{_label(size):>7}  {clean_mb:>12.1f}  {lossy_mb:>14.1f}  {ratio:<24}  "
+            f"{cpu[0]:>16}  {cpu[1]:>16}"
+        )
     return 0
 
 
@@ -554,15 +577,19 @@ def _finish(process: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 def _rates(result: dict[str, Any], size: int, sender_cpu: float = float("nan")) -> _Figures:
-    """Figures from a receiver's result and the sender's CPU seconds (over the whole send)."""
+    """Figures from a receiver's result and the sender's CPU seconds (over the whole send); the
+    rates after the warm-up when the receiver measured one."""
     count, elapsed = result["count"], result["elapsed"]
+    sender_cpu /= count or 1
+    count = result.get("measured_count", count)
+    elapsed = result.get("measured_elapsed", elapsed)
     if not count or elapsed <= 0:
         return 0.0, 0.0, float("nan"), float("nan")
     receiver_cpu = result.get("cpu_per_message")
     return (
         count / elapsed,
         count * size / elapsed / _MB,
-        sender_cpu / count,
+        sender_cpu,
         float("nan") if receiver_cpu is None else receiver_cpu,
     )
 
@@ -671,11 +698,16 @@ def _glue_throughput(
     pubsub: bool = False,
     key: str | None = None,
     batch: int = 0,
+    warmup: float = 0.0,
 ) -> _Figures:
     from glue.manager import EndpointManager
 
     port = _free_port()
-    mode = (*(("--pubsub",) if pubsub else ()), *((f"--key={key}",) if key else ()))
+    mode = (
+        *(("--pubsub",) if pubsub else ()),
+        *((f"--key={key}",) if key else ()),
+        *((f"--warmup={warmup}",) if warmup else ()),
+    )
     receiver = _spawn("--role", "glue-receiver", "--port", str(port), "--count", str(count), *mode)
     _read_json(receiver)  # ready
     settings = _glue_settings(
@@ -725,6 +757,7 @@ def _glue_receiver(
     inline: bool = False,
     request: bool = False,
     busy_poll: int = 0,
+    warmup: float = 0.0,
 ) -> int:
     from glue.manager import EndpointManager
 
@@ -735,7 +768,7 @@ def _glue_receiver(
         **({"network_key": key} if key else {}),
     )
     done = threading.Event()
-    tally = _Tally(count, done.set)
+    tally = _Tally(count, done.set, warmup)
     with EndpointManager(settings) as endpoint:
         if echo and request:
             endpoint.serve("bench/ping", lambda r: r.payload)
@@ -781,12 +814,16 @@ def _count(stream: Any, tally: _Tally) -> None:
 
 class _Tally:
     """What a receiving role counts: messages, first and last arrival, order; ``done()`` is
-    called when the expected count has arrived."""
+    called when the expected count has arrived. With ``warmup`` (seconds), also the messages
+    from the first arrival that many seconds after the first one to the last (``measured``)."""
 
-    def __init__(self, expected: int, done: Callable[[], object]) -> None:
+    def __init__(self, expected: int, done: Callable[[], object], warmup: float = 0.0) -> None:
         self.expected = expected
         self.got = 0
         self.first = self.last = 0.0
+        self.warmup = warmup
+        self.warm_at: float | None = None if warmup > 0 else 0.0
+        self.warm_got = 0
         # Process CPU time (every thread) at the first arrival and at a later one (sampled: the
         # clock is a system call).
         self.cpu_first = self.cpu_last = 0.0
@@ -801,6 +838,8 @@ class _Tally:
             self.cpu_first = time.process_time()
         self.got += 1
         self.last = now
+        if self.warm_at is None and now - self.first >= self.warmup:
+            self.warm_at, self.warm_got = now, self.got
         if not self.got & 255:
             self.cpu_last, self.cpu_count = time.process_time(), self.got
         if sequence is not None and sequence != self.got:
@@ -815,7 +854,14 @@ class _Tally:
         return self.got >= count
 
     def result(self) -> dict[str, Any]:
+        measured = {}
+        if self.warmup > 0 and self.warm_at is not None and self.last > self.warm_at:
+            measured = {
+                "measured_count": self.got - self.warm_got,
+                "measured_elapsed": self.last - self.warm_at,
+            }
         return {
+            **measured,
             "count": self.got,
             "elapsed": self.last - self.first,
             "in_order": self.in_order,
