@@ -1273,7 +1273,8 @@ def test_the_next_ack_after_a_backlog_says_so_once() -> None:
     pair.push(pair.b, pair.pull_data(pair.a))
     pair.at(2.0).b.handle_timer(now=pair.now)
     [ack] = pair.pull(pair.b)
-    assert ack == Ack(3) and not ack.backlog
+    assert ack == Ack(3)
+    assert not ack.backlog
 
 
 def test_a_first_timeout_with_no_queue_keeps_the_window_and_its_timeouts_are_linear() -> None:
