@@ -168,6 +168,11 @@ class GroupSender:
         self._warned = False
         #: No unfinished or held job expires before this (``prune`` does nothing earlier).
         self.prune_at = math.inf
+        #: Whether a job of ``size`` bytes fits in the send queue to a member now (the
+        #: transport's, set by the stack; it says when room frees, and ``retry`` runs): a member
+        #: whose queue is full gets nothing more, however much credit it has, so a peer that
+        #: joins many groups and never acknowledges cannot make jobs pile up for it.
+        self.room: Callable[[EndpointId, int], bool] = lambda member, size: True
 
     @property
     def known(self) -> bool:
@@ -217,7 +222,7 @@ class GroupSender:
             self._next += 1
             job = Job(self._next, group, topic, topic_type, sequence, sent_at, payload, expires_at)
             self.prune_at = min(self.prune_at, expires_at)
-            member = None if self._held.get(group) else self._choose(group, topic)
+            member = None if self._held.get(group) else self._choose(group, topic, job.size)
             if member is None:
                 self._hold(job, last=True)
             else:
@@ -290,6 +295,10 @@ class GroupSender:
         self._give_back(back, "group_redelivered_refused")
         return self._dispatch({job.group for job in back}, now)
 
+    def retry(self, now: float) -> list[Job]:
+        """Room freed in a member's send queue: held jobs that can go now."""
+        return self._dispatch(list(self._held), now) if self._held else []
+
     def prune(self, now: float) -> None:
         """Release unfinished jobs and drop held ones whose message expired (on timers)."""
         if now < self.prune_at:
@@ -331,8 +340,9 @@ class GroupSender:
             self._candidates[key] = found
         return found
 
-    def _choose(self, group: str, topic: str) -> EndpointId | None:
-        """The member of ``group`` taking ``topic`` with the most credit (ties in turn)."""
+    def _choose(self, group: str, topic: str, size: int) -> EndpointId | None:
+        """The member of ``group`` taking ``topic`` with the most credit (ties in turn) and room
+        for ``size`` bytes in its send queue."""
         candidates = self._members_for(group, topic)
         count = len(candidates)
         if not count:
@@ -346,7 +356,7 @@ class GroupSender:
         for index in range(count):
             member = candidates[(start + index) % count]
             room = window - load[(group, member)]
-            if room > best_room:
+            if room > best_room and self.room(member, size):
                 best, best_room = member, room
         return best
 
@@ -403,9 +413,9 @@ class GroupSender:
                     self._held_bytes -= job.size
                     self.counters["group_held_expired"] += 1
                     continue
-                member = self._choose(group, job.topic)
+                member = self._choose(group, job.topic, job.size)
                 if member is None:
-                    if not self._has_credit(group):
+                    if not self._has_credit(group, job.size):
                         break
                     skipped.append(queue.popleft())  # no member for its topic has credit
                     continue
@@ -418,9 +428,12 @@ class GroupSender:
                 del self._held[group]
         return out
 
-    def _has_credit(self, group: str) -> bool:
-        window = self.config.window
-        return any(self._load[(group, m)] < window for m in self._members.get(group, {}))
+    def _has_credit(self, group: str, size: int) -> bool:
+        """Whether any member of ``group`` (for any topic) could take a job of ``size`` now."""
+        window, load, room = self.config.window, self._load, self.room
+        return any(
+            load[(group, m)] < window and room(m, size) for m in self._members.get(group, {})
+        )
 
     def _forget_groups(self) -> None:
         """Within ``max_groups``: forget the oldest groups without members, and what they held."""

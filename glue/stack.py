@@ -174,6 +174,7 @@ class Stack:
         self.requests = Requests(emit=self._events.append, wall_offset=self._wall_offset)
         self.topics.requests = self.requests
         self.topics.room = self.transport.has_room  # (history replays, answers to ask)
+        self.topics.set_job_room(self.transport.can_send)  # (work-queue jobs: room_freed)
         # Small messages waiting to be bundled, per peer, until the next datagrams_to_send.
         self._bundles: dict[EndpointId, _Bundle] = {}
         # Per peer, the size of the last fragment queued in this burst when a fragmented
@@ -827,6 +828,7 @@ class Stack:
                 assert isinstance(event, SendSpaceFreed)
                 if self.outbox.holding:  # room for what was held for it
                     self.outbox.retry(event.peer, now, gone=False)
+                self.topics.room_freed(now)  # (work-queue jobs held for want of room)
                 self._events.append(event)
                 self._control_events = True
 

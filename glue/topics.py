@@ -774,6 +774,16 @@ class Topics:
         """This publisher's jobs unfinished at members, and held for want of one."""
         return self._groups.unfinished(), self._groups.held()
 
+    def set_job_room(self, room: Callable[[EndpointId, int], bool]) -> None:
+        """Whether a job of ``size`` bytes fits in a member's send queue now (the stack sets
+        the transport's ``can_send``, which reports room freeing: then call ``room_freed``)."""
+        self._groups.room = room
+
+    def room_freed(self, now: float) -> None:
+        """Room freed in some peer's send queue: jobs held for want of it may go now."""
+        if self._groups.held():
+            self._send_jobs(self._groups.retry(now), now)
+
     def done(self, source: int, job: tuple[int, int], now: float) -> None:
         """A member's callback returned for a grouped message (``Message.job`` from ``source``):
         tell its publisher at the next ``take_sends`` (batched), or, our own, free its credit."""

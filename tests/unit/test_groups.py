@@ -154,6 +154,26 @@ def test_a_refusal_naming_a_job_twice_gives_it_back_once() -> None:
     assert sender.unfinished() == 1
 
 
+def test_a_member_whose_send_queue_is_full_gets_nothing_more_until_room_frees() -> None:
+    # Credit counts jobs not done; a member that never acknowledges also fills its send queue,
+    # and one that joins many groups would get a job per group per message: room decides too.
+    sender = _sender(window=100)
+    full: set[EndpointId] = set()
+    sender.room = lambda member, size: member not in full
+    for member in (A, B):
+        sender.set_member(member, {"workers": frozenset({"jobs/#"})}, 0.0)
+    full.add(A)
+    assert _by_member(_publish(sender, 6)) == {B: 6}  # A has credit, but no room
+    full.add(B)
+    assert _publish(sender, 4) == []  # nobody has room: held, in order
+    assert sender.held() == 4
+    assert sender.retry(0.0) == []  # still no room
+    full.clear()
+    again = sender.retry(0.0)  # room freed (the transport says so): they go, in order
+    assert [job.sequence for job in again] == [1, 2, 3, 4]
+    assert sender.held() == 0
+
+
 def test_each_group_gets_each_message_once() -> None:
     sender = _sender()
     sender.set_member(A, {"one": frozenset({"#"}), "two": frozenset({"#"})}, 0.0)
