@@ -32,13 +32,7 @@ from glue.errors import BackpressureError, NoResponderError, UsageError
 from glue.events import Request
 from glue.metrics import MetricsServer, MetricsSnapshot
 from glue.outbox import Outgoing
-from glue.runtime import (
-    BUSY_BACKOFF_S,
-    BUSY_PREEMPTED_S,
-    EventListener,
-    RuntimeCore,
-    literal_address,
-)
+from glue.runtime import BUSY_PREEMPTED_S, BusyBackoff, EventListener, RuntimeCore, literal_address
 from glue.settings import GlueSettings
 from glue.wire import EndpointId
 
@@ -81,7 +75,7 @@ class Endpoint(RuntimeCore):
         self._busy = False  # the _keep_busy callback is scheduled
         self._busy_at = 0.0  # when it last ran (loop time), and this thread's CPU time then
         self._busy_cpu = 0.0
-        self._busy_backoff_until = 0.0  # no busy polling until then (no free core)
+        self._busy_backoff = BusyBackoff()  # (no free core: polling stops for a while)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -535,7 +529,7 @@ class Endpoint(RuntimeCore):
         now = loop.time()
         drained = self._read(sock, multicast, now)
         self._service(now, dispatch=self._dispatch_now(drained))
-        if self._busy_poll_s and now >= self._busy_backoff_until:
+        if self._busy_poll_s and now >= self._busy_backoff.until:
             self._busy_until = now + self._busy_poll_s
             if self._busy:
                 self.counters["busy_poll_wakeups"] += 1  # found while the loop kept turning
@@ -556,7 +550,7 @@ class Endpoint(RuntimeCore):
         now, cpu = loop.time(), time.thread_time()
         if (now - self._busy_at) - (cpu - self._busy_cpu) > BUSY_PREEMPTED_S:
             self._busy = False
-            self._busy_backoff_until = now + BUSY_BACKOFF_S
+            self._busy_backoff.preempted(now)
             self.counters["busy_poll_preempted"] += 1
         elif now < self._busy_until:
             self._busy_at, self._busy_cpu = now, cpu

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import random
 import secrets
 import socket
@@ -99,10 +100,29 @@ EventListener = Callable[[list[StackEvent]], None]
 
 
 #: Busy polling (GLUE_BUSY_POLL_MICROSECONDS): a pause this long between two polls means the
-#: thread was not running (every core taken); it then stops polling for BUSY_BACKOFF_S, since
-#: polling on a machine without a free core only delays the threads that would answer.
+#: thread was not running (every core taken, or another thread held the GIL); see BusyBackoff.
 BUSY_PREEMPTED_S: Final = 0.0002
-BUSY_BACKOFF_S: Final = 0.5
+
+
+class BusyBackoff:
+    """How long busy polling stops after the thread was kept from running while it polled:
+    10 ms, doubling for each such pause within a second of the last, up to 1 s. Polling on a
+    machine without a free core only delays the threads that would answer (measured: a round
+    trip of 866-911 us instead of 284-319 with two test suites beside it), while a pause now and
+    then (a timer, an interrupt) should cost little of what polling gains."""
+
+    __slots__ = ("_last", "_pause", "until")
+
+    def __init__(self) -> None:
+        self.until = -math.inf  # no polling before this
+        self._last = -math.inf
+        self._pause = 0.0
+
+    def preempted(self, now: float) -> None:
+        recent = now - self._last <= 1.0
+        self._pause = min(1.0, self._pause * 2) if recent and self._pause else 0.01
+        self._last = now
+        self.until = now + self._pause
 
 
 class RuntimeCore:

@@ -49,7 +49,7 @@ from glue.errors import BackpressureError, DeliveryError, NoResponderError, Usag
 from glue.events import Request, StackEvent
 from glue.metrics import MetricsServer, MetricsSnapshot
 from glue.outbox import Outgoing
-from glue.runtime import BUSY_BACKOFF_S, BUSY_PREEMPTED_S, RuntimeCore, literal_address
+from glue.runtime import BUSY_PREEMPTED_S, BusyBackoff, RuntimeCore, literal_address
 from glue.settings import GlueSettings
 from glue.stack import BUNDLE_MAX_MESSAGE_BYTES, Stack
 from glue.wire import EndpointId
@@ -493,11 +493,11 @@ class ThreadRuntime(RuntimeCore):
         busy_until = -math.inf  # with GLUE_BUSY_POLL_MICROSECONDS: poll, not sleep, until then
         caught = 0  # wake-ups found by polling (counted under the lock, at the next turn)
         preempted = 0  # pollings cut short for want of a free core (counted the same way)
-        backoff_until = -math.inf  # no polling until then
+        backoff = BusyBackoff()
         while True:
             if busy_poll_s and any(fd != waker for fd, _ in ready):
                 now = time.monotonic()
-                if now >= backoff_until:
+                if now >= backoff.until:
                     busy_until = now + busy_poll_s  # datagrams came: more may follow
             events, calls = self._turn(ready, sockets, waker)
             if events:
@@ -520,7 +520,7 @@ class ThreadRuntime(RuntimeCore):
                 found = self._busy_poll(poller, busy_until)
                 if found is None:  # not running while polling: no free core
                     busy_until = -math.inf
-                    backoff_until = time.monotonic() + BUSY_BACKOFF_S
+                    backoff.preempted(time.monotonic())
                     preempted += 1
                 else:
                     ready = found
