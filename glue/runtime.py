@@ -106,22 +106,21 @@ BUSY_PREEMPTED_S: Final = 0.0002
 
 class BusyBackoff:
     """How long busy polling stops after the thread was kept from running while it polled:
-    10 ms, doubling for each such pause within a second of the last, up to 1 s. Polling on a
+    10 ms, doubling for each such pause within a second of polling again, up to 1 s. Polling on a
     machine without a free core only delays the threads that would answer (measured: a round
     trip of 866-911 us instead of 284-319 with two test suites beside it), while a pause now and
     then (a timer, an interrupt) should cost little of what polling gains."""
 
-    __slots__ = ("_last", "_pause", "until")
+    __slots__ = ("_pause", "until")
 
     def __init__(self) -> None:
         self.until = -math.inf  # no polling before this
-        self._last = -math.inf
         self._pause = 0.0
 
     def preempted(self, now: float) -> None:
-        recent = now - self._last <= 1.0
-        self._pause = min(1.0, self._pause * 2) if recent and self._pause else 0.01
-        self._last = now
+        """The polling thread was kept from running at ``now``."""
+        again = now - self.until <= 1.0  # within a second of polling again
+        self._pause = min(1.0, self._pause * 2) if again and self._pause else 0.01
         self.until = now + self._pause
 
 
