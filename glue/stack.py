@@ -521,7 +521,12 @@ class Stack:
                 send(peer, envelope, expires_at=min(expires_at, horizon), now=now)
             self.discovery.interest_version = topics.version
         for peer, reply, expires_at in self.requests.take_sends():
-            self.send(peer, reply, expires_at=expires_at, now=now)
+            # "Not served here", made for any request: only while the requester's send queue
+            # has room, so that one that never acknowledges cannot make them pile up.
+            if self.transport.has_room(peer, outbound_size(reply)):
+                self.send(peer, reply, expires_at=expires_at, now=now)
+            else:
+                self.counters["requests_answers_not_sent_queue_full"] += 1
         announcements = self.discovery.frames_to_send()
         if announcements:
             by_destination: dict[Address, list[wire.Frame]] = {}

@@ -9,6 +9,7 @@ import pytest
 from glue import wire
 from glue.discovery import DiscoveryConfig
 from glue.events import MessageReceived, PeerRemoved
+from glue.sim import Simulation
 from glue.stack import FRAME_OVERHEAD_BYTES, LIVENESS_SIGNALS, Stack, StackConfig
 from glue.topics import DIRECT_ENVELOPE as E
 from glue.transport import TransportConfig
@@ -283,3 +284,34 @@ def test_the_datagram_size_follows_the_path_to_each_peer() -> None:
         EndpointId(3): 1472,  # no route known: the chosen interface's
         EndpointId(4): wire.MAX_DATAGRAM_BYTES,  # loopback
     }
+
+
+def test_not_served_answers_wait_for_room_in_the_requesters_send_queue() -> None:
+    # Any peer may send requests to names nobody serves here; each is answered by the layer
+    # itself. One that never acknowledges must not make those answers pile up for it.
+    sim = Simulation(seed=3)
+    asker, server = sim.add_node("asker"), sim.add_node("server")
+    assert sim.run_until(lambda: asker.knows(server) and server.knows(asker), timeout=5)
+    to = (server.endpoint_id,)
+
+    def ask(count: int) -> None:
+        for _ in range(count):
+            now = sim.now
+            _, sends = asker.stack.requests.open(
+                "nobody/here", b"", to, everyone=False, deadline=now + 5, now=now
+            )
+            for peer, message, deadline in sends:
+                asker.stack.send(peer, message, expires_at=deadline, now=now)
+            sim._touched[asker] = None
+        sim.run_for(0.5)
+
+    full = server.stack.transport
+    original = full.has_room
+    full.has_room = lambda peer, size: False  # type: ignore[method-assign]
+    ask(20)
+    assert server.stack.counters["requests_answers_not_sent_queue_full"] == 20
+    assert full.in_flight(asker.endpoint_id) == 0  # nothing queued for it
+    assert asker.stack.requests.counters["replies_unserved"] == 0
+    full.has_room = original  # type: ignore[method-assign]
+    ask(3)  # with room, answered as before
+    assert asker.stack.requests.counters["replies_unserved"] == 3
