@@ -197,6 +197,25 @@ def _checked_message(
     return data, _check_expiry(expiry), check_timeout(timeout), depth
 
 
+def _checked_batch(
+    payloads: object,
+    expiry: object,
+    timeout: object,
+    history_depth: object,
+    retain: object,
+    max_bytes: int,
+) -> tuple[list[bytes], float, float, int | None]:
+    """The arguments of a ``publish_many``, checked (both managers): the payloads, then the
+    rest as for one ``publish``."""
+    checked = _checked_payloads(payloads, max_bytes)
+    _, expiry_s, timeout_s, depth = _checked_message(
+        b"", expiry, timeout, history_depth, max_bytes, json_hint=False
+    )
+    if retain is not False:
+        _check_retain(retain)
+    return checked, expiry_s, timeout_s, depth
+
+
 def _checked_payloads(payloads: object, max_bytes: int) -> list[bytes]:
     """``publish_many``'s payloads: a list or tuple (any iterable but text and bytes) of
     ``bytes``, ``bytearray`` or ``memoryview``, each at most ``max_bytes`` (the one at fault is
@@ -690,12 +709,9 @@ class AsyncEndpointManager(_Manager):
     ) -> None:
         """Publish each of ``payloads`` on ``topic_name``, in order: see
         :meth:`EndpointManager.publish_many`."""
-        checked = _checked_payloads(payloads, self._max_message_bytes)
-        _, expiry, timeout, history_depth = _checked_message(
-            b"", expiry, timeout, history_depth, self._max_message_bytes, json_hint=False
+        checked, expiry, timeout, history_depth = _checked_batch(
+            payloads, expiry, timeout, history_depth, retain, self._max_message_bytes
         )
-        if retain is not False:
-            _check_retain(retain)
         if not self._endpoint.running:
             raise UsageError("the endpoint is not running")
         await self._endpoint.publish_many(
@@ -1677,12 +1693,9 @@ class EndpointManager(_Manager):
             BackpressureError: the queue stayed full ``timeout`` seconds; its ``queued`` says
                 how many of the messages (the first ones) were published before.
         """
-        checked = _checked_payloads(payloads, self._max_message_bytes)
-        _, expiry, timeout, history_depth = _checked_message(
-            b"", expiry, timeout, history_depth, self._max_message_bytes, json_hint=False
+        checked, expiry, timeout, history_depth = _checked_batch(
+            payloads, expiry, timeout, history_depth, retain, self._max_message_bytes
         )
-        if retain is not False:
-            _check_retain(retain)
         if not self._started or self._stopped:
             raise UsageError("the endpoint is not running (call start() or use `with`)")
         self._endpoint.publish_many(
