@@ -12,13 +12,21 @@ from glue.events import MessageReceived, PeerRemoved
 from glue.sim import Simulation
 from glue.stack import FRAME_OVERHEAD_BYTES, LIVENESS_SIGNALS, Stack, StackConfig
 from glue.topics import DIRECT_ENVELOPE as E
+from glue.topics import TopicsConfig
 from glue.transport import TransportConfig
 from glue.wire import Data, EndpointId
 
 A, B = EndpointId(1), EndpointId(2)
 
 
-def _stack(endpoint_id: EndpointId, datagram_bytes: int = 1472, **transport: float) -> Stack:
+def _stack(
+    endpoint_id: EndpointId,
+    datagram_bytes: int = 1472,
+    *,
+    topics: TopicsConfig | None = None,
+    seed: int = 1,
+    **transport: float,
+) -> Stack:
     identity = DiscoveryConfig(
         endpoint_id=endpoint_id,
         incarnation=int(endpoint_id),
@@ -30,9 +38,10 @@ def _stack(endpoint_id: EndpointId, datagram_bytes: int = 1472, **transport: flo
         network_id=1,
         discovery=identity,
         transport=TransportConfig(**transport),  # type: ignore[arg-type]
+        topics=TopicsConfig() if topics is None else topics,
         datagram_bytes=datagram_bytes,
     )
-    return Stack(config, rng=random.Random(1), now=0.0)
+    return Stack(config, rng=random.Random(seed), now=0.0)
 
 
 def _address(stack: Stack) -> tuple[str, int]:

@@ -34,15 +34,13 @@ import orjson
 import pytest
 
 from glue import wire
-from glue.discovery import DiscoveryConfig
 from glue.events import Message, MessageReceived, RequestArrived, TopicDelivery
 from glue.groups import GroupsConfig
 from glue.requests import MAX_PENDING
-from glue.stack import Stack, StackConfig
+from glue.stack import Stack
 from glue.topics import DIRECT_ENVELOPE, TopicsConfig
-from glue.transport import TransportConfig
 from glue.wire import Ack, Announce, Data, EndpointId, Goodbye, Header, Skip
-from tests.unit.test_stack import A, B, _address
+from tests.unit.test_stack import A, B, _address, _stack
 
 FIXED_SEED = 20261205
 STEPS = 400
@@ -341,28 +339,10 @@ def _forged_stream(rng: random.Random, attacker: Stack, victim: Stack, ctx: _Con
 # --- the run -----------------------------------------------------------------------------------
 
 
-def _stack(endpoint_id: EndpointId) -> Stack:
-    identity = DiscoveryConfig(
-        endpoint_id=endpoint_id,
-        incarnation=int(endpoint_id),
-        name=f"n{endpoint_id}",
-        port=40000 + endpoint_id,
-        host=f"10.0.0.{endpoint_id}",
-    )
-    config = StackConfig(
-        network_id=1,
-        discovery=identity,
-        transport=TransportConfig(queue_bytes=QUEUE_BYTES),
-        topics=TOPICS,
-        datagram_bytes=65507,
-    )
-    return Stack(config, rng=random.Random(endpoint_id), now=0.0)
-
-
 def _trio() -> tuple[Stack, Stack, Stack]:
     """A publisher, a subscriber (member of a group, serving a name, keeping a topic) and an
     attacker, each known to the others."""
-    a, b, m = _stack(A), _stack(B), _stack(M)
+    a, b, m = (_stack(n, 65507, topics=TOPICS, seed=n, queue_bytes=QUEUE_BYTES) for n in (A, B, M))
     for sender in (a, b, m):
         config = sender.config.discovery
         announce = Announce(
