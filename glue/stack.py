@@ -173,7 +173,7 @@ class Stack:
         )
         self.requests = Requests(emit=self._events.append, wall_offset=self._wall_offset)
         self.topics.requests = self.requests
-        self.topics.room = self.transport.has_room  # (history replays, answers to ask)
+        self.topics.room = self._has_room  # (history replays, answers to ask)
         self.topics.set_job_room(self.transport.can_send)  # (work-queue jobs: room_freed)
         # Small messages waiting to be bundled, per peer, until the next datagrams_to_send.
         self._bundles: dict[EndpointId, _Bundle] = {}
@@ -523,7 +523,7 @@ class Stack:
         for peer, reply, expires_at in self.requests.take_sends():
             # "Not served here", made for any request: only while the requester's send queue
             # has room, so that one that never acknowledges cannot make them pile up.
-            if self.transport.has_room(peer, outbound_size(reply)):
+            if self._has_room(peer, outbound_size(reply)):
                 self.send(peer, reply, expires_at=expires_at, now=now)
             else:
                 self.counters["requests_answers_not_sent_queue_full"] += 1
@@ -626,6 +626,12 @@ class Stack:
         return dict(merged)
 
     # --- internals ------------------------------------------------------------------------------
+
+    def _has_room(self, peer: EndpointId, size: int) -> bool:
+        """Whether ``size`` more bytes fit in the send queue to ``peer``, counting the small
+        messages waiting in its bundle (queued in the transport only at the next flush)."""
+        bundle = self._bundles.get(peer)
+        return self.transport.has_room(peer, size + (bundle.size if bundle is not None else 0))
 
     def _flush_bundle(self, peer: EndpointId, now: float) -> None:
         """Hand ``peer``'s waiting small messages to the transport, as few frames as fit."""

@@ -448,7 +448,7 @@ class Topics:
         #: peer that never acknowledges cannot make this endpoint queue without bound by asking
         #: again or flipping its interest (each flip replays the history).
         self.room: Callable[[EndpointId, int], bool] = lambda peer, size: True
-        self._optional_bytes: dict[EndpointId, int] = {}  # of those, in _outbox now
+        self._outbox_bytes: dict[EndpointId, int] = {}  # per peer, in _outbox now
         self._warned: set[object] = set()
         self._published = 0
         self._received = 0
@@ -804,7 +804,7 @@ class Topics:
         for job in jobs:
             if job.member != me:
                 assert job.member is not None
-                self._outbox.append((job.member, job_envelope(job, APART_BYTES), job.expires_at))
+                self._queue(job.member, job_envelope(job, APART_BYTES), job.expires_at)
                 continue
             local, _ = self._group_local(job.group, job.topic, job.topic_type)
             wall = now + self.wall_offset
@@ -935,7 +935,7 @@ class Topics:
             refused = self._refused_out.get(peer)
             if refused:
                 head["gr"] = refused
-            self._outbox.append((peer, orjson.dumps(head) + b"\n", math.inf))
+            self._queue(peer, orjson.dumps(head) + b"\n", math.inf)
         self._done_out.clear()
         self._refused_out.clear()
 
@@ -1040,7 +1040,7 @@ class Topics:
         if self._done_out or self._refused_out:
             self._send_done()
         out, self._outbox = self._outbox, []
-        self._optional_bytes.clear()
+        self._outbox_bytes.clear()
         return out
 
     def has_sends(self) -> bool:
@@ -1501,14 +1501,18 @@ class Topics:
         self._target_cache[topic] = found
         return found
 
+    def _queue(self, peer: EndpointId, envelope: Outbound, expires_at: float) -> None:
+        """Put a message for ``peer`` in the outbox (``take_sends``), counting its bytes."""
+        self._outbox_bytes[peer] = self._outbox_bytes.get(peer, 0) + outbound_size(envelope)
+        self._outbox.append((peer, envelope, expires_at))
+
     def _send_optional(self, peer: EndpointId, envelope: Outbound, expires_at: float) -> bool:
         """Queue a message ``peer`` may do without for now (a history replay, an answer to its
-        ``ask``) if its send queue has room for it and the others queued so far; False if not."""
-        queued = self._optional_bytes.get(peer, 0) + outbound_size(envelope)
-        if not self.room(peer, queued):
+        ``ask``) if its send queue has room for it and for what the outbox holds for it already;
+        False if not."""
+        if not self.room(peer, self._outbox_bytes.get(peer, 0) + outbound_size(envelope)):
             return False
-        self._optional_bytes[peer] = queued
-        self._outbox.append((peer, envelope, expires_at))
+        self._queue(peer, envelope, expires_at)
         return True
 
     def _send_full(self, peer: EndpointId, *, ask: bool, answer: bool = False) -> None:
@@ -1524,7 +1528,7 @@ class Topics:
             head["ask"] = True
         envelope = orjson.dumps(head) + b"\n"
         if not answer:
-            self._outbox.append((peer, envelope, float("inf")))
+            self._queue(peer, envelope, float("inf"))
         elif not self._send_optional(peer, envelope, float("inf")):
             self.counters["interest_answers_not_sent_queue_full"] += 1
             return
@@ -1547,7 +1551,7 @@ class Topics:
         self._removed.clear()
         envelope = head + b"\n"
         for peer in self._peers:
-            self._outbox.append((peer, envelope, float("inf")))
+            self._queue(peer, envelope, float("inf"))
         self.counters["interest_sent"] += len(self._peers)
 
     def _receive_interest(self, peer: Peer, head: dict[str, Any], now: float) -> None:

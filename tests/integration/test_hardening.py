@@ -178,3 +178,75 @@ def test_after_a_flood_of_100000_fake_endpoints_a_real_newcomer_gets_in() -> Non
         f"\n100,000 fake endpoints ({added} reached the table): a real newcomer added "
         f"{took * 1000:.0f} ms after it started, and delivered"
     )
+
+
+def test_a_peer_that_never_acknowledges_cannot_make_replies_to_it_pile_up() -> None:
+    # A fake peer (announced from the attacker's socket, so its frames are taken) asks again and
+    # again for the things an endpoint sends on request: its whole interest ("ask"), the history
+    # of a deep topic (by subscribing, unsubscribing and subscribing again), and "not served
+    # here" answers (requests to a name nobody serves). It never acknowledges, so nothing sent
+    # to it ever leaves the send queue: what the endpoint queues for it must stay within
+    # GLUE_SEND_QUEUE_BYTES, what did not fit is counted, and a real subscriber's stream goes on.
+    group = f"239.192.137.1:{free_udp_port()}"
+    queue_bytes = 256 * 1024
+    settings = multicast_settings(group, discovery_rate_milliseconds=100)
+    with (
+        EndpointManager.from_env(
+            **settings, history_depth=50, send_queue_bytes=queue_bytes, endpoint_name="pub"
+        ) as rx,
+        EndpointManager.from_env(**settings, endpoint_name="sub") as sub,
+    ):
+        inbox = Inbox()
+        sub.subscribe("h/#", "t", inbox)
+        rx.wait_for_subscribers("h/x", timeout=5)
+        history = [b"h%d:" % n + b"x" * 20_000 for n in range(50)]
+        for payload in history:  # 1 MB of history: four times the fake's whole queue
+            rx.publish("h/x", "t", payload, expiry=60)
+        rx.flush(timeout=10)
+        assert inbox.wait_for_count(len(history), timeout=10)
+        target = ("127.0.0.1", rx.data_address[1])
+        transport = rx._endpoint._stack.transport  # read only, to see the fake's queue
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+            attacker.bind(("127.0.0.1", 0))
+            fake = wire.EndpointId(10**12 + 9)
+            announce = wire.encode(
+                wire.Header(1, fake, 1),
+                [wire.Announce(fake, 1, "greedy", "", attacker.getsockname()[1], 1000)],
+            )
+            attacker.sendto(announce, target)
+            assert wait_until(lambda: len(rx.peers()) == 2, timeout=5)
+            header = wire.Header(1, fake, 1, destination=rx._endpoint.incarnation)
+            sent = _stream(300)
+            seq = 0
+            most_queued = 0
+            for index, payload in enumerate(sent):
+                rx.publish("h/x", "t", payload, expiry=30)
+                frames = []
+                for line in (
+                    {"i": 2 * index + 1, "set": ["h/#"], "ask": True},  # history again
+                    {"i": 2 * index + 2, "set": [], "ask": True},
+                    {"t": "nobody/here", "q": index + 1, "d": 5000},  # "not served here"
+                ):
+                    seq += 1
+                    frames.append(wire.Data(seq, orjson.dumps(line) + b"\n", 60_000))
+                attacker.sendto(wire.encode(header, frames), target)
+                if index % 20 == 0:
+                    attacker.sendto(announce, target)  # it stays a live peer all along
+                    time.sleep(0.01)  # paced: each round makes the endpoint do real work
+                gauges = transport.peer_gauges(fake)
+                most_queued = max(most_queued, int(gauges.get("queued_bytes", 0)))
+            assert inbox.wait_for_count(len(history) + len(sent), timeout=20), rx.counters()
+            assert any(p.name == "greedy" for p in rx.peers())  # it was heard all along
+        counters = rx.counters()
+    assert inbox.payloads() == history + sent  # the real stream: every message, once, in order
+    assert most_queued <= queue_bytes, most_queued
+    assert counters["topics_history_not_sent_queue_full"] >= 1
+    assert counters["topics_interest_answers_not_sent_queue_full"] >= 1
+    assert counters["requests_answers_not_sent_queue_full"] >= 1
+    print(
+        f"\na peer that never acknowledges, 300 rounds of asks: at most {most_queued} B queued "
+        f"for it (bound {queue_bytes}); refused: history "
+        f"{counters['topics_history_not_sent_queue_full']}, interest answers "
+        f"{counters['topics_interest_answers_not_sent_queue_full']}, request answers "
+        f"{counters['requests_answers_not_sent_queue_full']}"
+    )
