@@ -925,17 +925,24 @@ class Topics:
             self._send_jobs(self._groups.refused(member, refused, now), now)
 
     def _send_done(self) -> None:
-        """The done and refused job numbers owed to each publisher, one message each."""
+        """The done and refused job numbers owed to each publisher, one message each; only
+        while its send queue has room (a publisher that sends jobs and never acknowledges could
+        otherwise make them pile up; without them its jobs' credit comes back at their expiry)."""
         for peer in self._done_out.keys() | self._refused_out.keys():
             head: dict[str, Any] = {}
             done = self._done_out.get(peer)
             if done:
                 head["gd"] = done
-                self.counters["group_done_sent"] += len(done)
             refused = self._refused_out.get(peer)
             if refused:
                 head["gr"] = refused
-            self._queue(peer, orjson.dumps(head) + b"\n", math.inf)
+            if not self._send_optional(peer, orjson.dumps(head) + b"\n", math.inf):
+                self.counters["group_dones_not_sent_queue_full"] += len(done or ()) + len(
+                    refused or ()
+                )
+                continue
+            if done:
+                self.counters["group_done_sent"] += len(done)
         self._done_out.clear()
         self._refused_out.clear()
 

@@ -183,8 +183,9 @@ def test_after_a_flood_of_100000_fake_endpoints_a_real_newcomer_gets_in() -> Non
 def test_a_peer_that_never_acknowledges_cannot_make_replies_to_it_pile_up() -> None:
     # A fake peer (announced from the attacker's socket, so its frames are taken) asks again and
     # again for the things an endpoint sends on request: its whole interest ("ask"), the history
-    # of a deep topic (by subscribing, unsubscribing and subscribing again), and "not served
-    # here" answers (requests to a name nobody serves). It never acknowledges, so nothing sent
+    # of a deep topic (by subscribing, unsubscribing and subscribing again), "not served here"
+    # answers (requests to a name nobody serves), and dones (jobs for the endpoint's work-queue
+    # group). It never acknowledges, so nothing sent
     # to it ever leaves the send queue: what the endpoint queues for it must stay within
     # GLUE_SEND_QUEUE_BYTES, what did not fit is counted, and a real subscriber's stream goes on.
     group = f"239.192.137.1:{free_udp_port()}"
@@ -198,6 +199,8 @@ def test_a_peer_that_never_acknowledges_cannot_make_replies_to_it_pile_up() -> N
     ):
         inbox = Inbox()
         sub.subscribe("h/#", "t", inbox)
+        jobs = Inbox()
+        rx.subscribe("jobs/#", "job", jobs, group="workers")  # each job done: a "gd" back
         rx.wait_for_subscribers("h/x", timeout=5)
         history = [b"h%d:" % n + b"x" * 20_000 for n in range(50)]
         for payload in history:  # 1 MB of history: four times the fake's whole queue
@@ -226,7 +229,9 @@ def test_a_peer_that_never_acknowledges_cannot_make_replies_to_it_pile_up() -> N
                     {"i": 2 * index + 1, "set": ["h/#"], "ask": True},  # history again
                     {"i": 2 * index + 2, "set": [], "ask": True},
                     {"t": "nobody/here", "q": index + 1, "d": 5000},  # "not served here"
-                ):
+                    {"t": "jobs/x", "y": "job", "s": index + 1, "w": 1.0, "g": "workers",
+                     "j": index + 1},  # a job for rx's group: it owes a done
+                ):  # fmt: skip
                     seq += 1
                     frames.append(wire.Data(seq, orjson.dumps(line) + b"\n", 60_000))
                 attacker.sendto(wire.encode(header, frames), target)
@@ -237,16 +242,19 @@ def test_a_peer_that_never_acknowledges_cannot_make_replies_to_it_pile_up() -> N
                 most_queued = max(most_queued, int(gauges.get("queued_bytes", 0)))
             assert inbox.wait_for_count(len(history) + len(sent), timeout=20), rx.counters()
             assert any(p.name == "greedy" for p in rx.peers())  # it was heard all along
+            assert jobs.wait_for_count(len(sent), timeout=10)
         counters = rx.counters()
     assert inbox.payloads() == history + sent  # the real stream: every message, once, in order
     assert most_queued <= queue_bytes, most_queued
     assert counters["topics_history_not_sent_queue_full"] >= 1
     assert counters["topics_interest_answers_not_sent_queue_full"] >= 1
     assert counters["requests_answers_not_sent_queue_full"] >= 1
+    assert counters["topics_group_dones_not_sent_queue_full"] >= 1
     print(
         f"\na peer that never acknowledges, 300 rounds of asks: at most {most_queued} B queued "
         f"for it (bound {queue_bytes}); refused: history "
         f"{counters['topics_history_not_sent_queue_full']}, interest answers "
         f"{counters['topics_interest_answers_not_sent_queue_full']}, request answers "
-        f"{counters['requests_answers_not_sent_queue_full']}"
+        f"{counters['requests_answers_not_sent_queue_full']}, dones "
+        f"{counters['topics_group_dones_not_sent_queue_full']}"
     )
