@@ -1093,10 +1093,9 @@ class Topics:
         if interest.fresh:
             interest.fresh = False
             return
-        if version > interest.version and not interest.asked:
+        if version > interest.version and not interest.asked and self._send_full(peer, ask=True):
             interest.asked = True
             self.counters["interest_asked"] += 1
-            self._send_full(peer, ask=True)
 
     def peer_removed(self, peer: Peer) -> None:
         """Forget the peer's interest (what it received stays remembered for dedup)."""
@@ -1522,9 +1521,14 @@ class Topics:
         self._queue(peer, envelope, expires_at)
         return True
 
-    def _send_full(self, peer: EndpointId, *, ask: bool, answer: bool = False) -> None:
-        """Our whole interest to ``peer``; ``answer``: it asked (sent only if its queue has room:
-        it asks again while it sees our interest's version is newer than what it holds)."""
+    def _send_full(self, peer: EndpointId, *, ask: bool, answer: bool = False) -> bool:
+        """Our whole interest to ``peer``; whether it was queued.
+
+        Sent only while the peer's send queue has room when ``answer`` (it asked: it asks again
+        while it sees our interest's version is newer than what it holds) or when ``ask`` (we
+        ask again at its next announcement, or next delta out of step): a peer could drive either
+        as often as it likes, and one that never acknowledges must not make them pile up. Only
+        the set sent to a newcomer is sent whatever the queue holds (once per peer added)."""
         patterns, served = _split_served(self._pattern_counts)
         head: dict[str, Any] = {"i": self._version, "set": patterns}
         if served:
@@ -1534,12 +1538,14 @@ class Topics:
         if ask:
             head["ask"] = True
         envelope = orjson.dumps(head) + b"\n"
-        if not answer:
+        if not answer and not ask:
             self._queue(peer, envelope, float("inf"))
         elif not self._send_optional(peer, envelope, float("inf")):
-            self.counters["interest_answers_not_sent_queue_full"] += 1
-            return
+            what = "answers" if answer else "asks"
+            self.counters[f"interest_{what}_not_sent_queue_full"] += 1
+            return False
         self.counters["interest_sent"] += 1
+        return True
 
     def _send_delta(self) -> None:
         self._version += 1
@@ -1589,9 +1595,8 @@ class Topics:
                     # Not the next version: we lost track (cannot happen on one stream, but a
                     # resumed stream may deliver older deltas): ask for the whole set once.
                     self.counters["interest_out_of_step"] += 1
-                    if not interest.asked:
+                    if not interest.asked and self._send_full(peer.endpoint_id, ask=True):
                         interest.asked = True
-                        self._send_full(peer.endpoint_id, ask=True)
                     return
                 if "sva" in head or "svd" in head:
                     added |= _served(head.get("sva"))

@@ -184,10 +184,11 @@ def test_a_peer_that_never_acknowledges_cannot_make_replies_to_it_pile_up() -> N
     # A fake peer (announced from the attacker's socket, so its frames are taken) asks again and
     # again for the things an endpoint sends on request: its whole interest ("ask"), the history
     # of a deep topic (by subscribing, unsubscribing and subscribing again), "not served here"
-    # answers (requests to a name nobody serves), and dones (jobs for the endpoint's work-queue
-    # group). It never acknowledges, so nothing sent
-    # to it ever leaves the send queue: what the endpoint queues for it must stay within
-    # GLUE_SEND_QUEUE_BYTES, what did not fit is counted, and a real subscriber's stream goes on.
+    # answers (requests to a name nobody serves), dones (jobs for the endpoint's work-queue
+    # group), and asks for its own interest (announcing a newer version). It never acknowledges,
+    # so nothing sent to it ever leaves the send queue: what the endpoint queues for it must stay
+    # within GLUE_SEND_QUEUE_BYTES, what did not fit is counted, and a real subscriber's stream
+    # goes on.
     group = f"239.192.137.1:{free_udp_port()}"
     queue_bytes = 256 * 1024
     settings = multicast_settings(group, discovery_rate_milliseconds=100)
@@ -212,9 +213,9 @@ def test_a_peer_that_never_acknowledges_cannot_make_replies_to_it_pile_up() -> N
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
             attacker.bind(("127.0.0.1", 0))
             fake = wire.EndpointId(10**12 + 9)
+            port = attacker.getsockname()[1]
             announce = wire.encode(
-                wire.Header(1, fake, 1),
-                [wire.Announce(fake, 1, "greedy", "", attacker.getsockname()[1], 1000)],
+                wire.Header(1, fake, 1), [wire.Announce(fake, 1, "greedy", "", port, 1000)]
             )
             attacker.sendto(announce, target)
             assert wait_until(lambda: len(rx.peers()) == 2, timeout=5)
@@ -235,6 +236,8 @@ def test_a_peer_that_never_acknowledges_cannot_make_replies_to_it_pile_up() -> N
                     seq += 1
                     frames.append(wire.Data(seq, orjson.dumps(line) + b"\n", 60_000))
                 attacker.sendto(wire.encode(header, frames), target)
+                newer = wire.Announce(fake, 1, "greedy", "", port, 1000, interest=2 * index + 3)
+                attacker.sendto(wire.encode(wire.Header(1, fake, 1), [newer]), target)  # "ask me"
                 if index % 20 == 0:
                     attacker.sendto(announce, target)  # it stays a live peer all along
                     time.sleep(0.01)  # paced: each round makes the endpoint do real work
@@ -250,11 +253,13 @@ def test_a_peer_that_never_acknowledges_cannot_make_replies_to_it_pile_up() -> N
     assert counters["topics_interest_answers_not_sent_queue_full"] >= 1
     assert counters["requests_answers_not_sent_queue_full"] >= 1
     assert counters["topics_group_dones_not_sent_queue_full"] >= 1
+    assert counters["topics_interest_asks_not_sent_queue_full"] >= 1
     print(
         f"\na peer that never acknowledges, 300 rounds of asks: at most {most_queued} B queued "
         f"for it (bound {queue_bytes}); refused: history "
         f"{counters['topics_history_not_sent_queue_full']}, interest answers "
         f"{counters['topics_interest_answers_not_sent_queue_full']}, request answers "
         f"{counters['requests_answers_not_sent_queue_full']}, dones "
-        f"{counters['topics_group_dones_not_sent_queue_full']}"
+        f"{counters['topics_group_dones_not_sent_queue_full']}, asks "
+        f"{counters['topics_interest_asks_not_sent_queue_full']}"
     )
