@@ -67,6 +67,12 @@ _MIN_RTT_WINDOW_S: Final = 10.0
 #: Timeouts in a row resent after the same RTO, not a doubled one, while no queue stands on the
 #: path (see ``_on_rto``); exponential backoff from there on.
 _LINEAR_TIMEOUTS: Final = 6
+#: The share of a round trip's bytes lost from which a loss is taken for congestion whatever the
+#: round trip says (see ``_congested``): 30 % random loss stays well under it, a window sent into
+#: a full queue well over (64 KiB messages into a 1 Gbit/s link with a 5 ms queue: 60-70 %).
+_CONGESTED_LOSS: Final = 0.5
+#: Frames a round must count (arrived or resent) before its share lost is taken.
+_ROUND_FRAMES: Final = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +234,12 @@ class _SendStream:
         "rack_xmit",
         "recover_to",
         "resend_at",
+        "round_delivered",
+        "round_end",
+        "round_frames",
+        "round_loss",
+        "round_lost",
+        "round_share",
         "rto",
         "rttvar",
         "sack_top",
@@ -245,7 +257,10 @@ class _SendStream:
         self.counters = counters
         self.cwnd = cwnd  # congestion window, bytes in flight
         self.ssthresh = 1 << 62  # slow start until the first loss
-        self.recover_to = 0  # losses of frames up to this seq belong to one episode
+        # Losses of frames up to this seq belong to one episode: the highest sent when it began
+        # (not the highest queued: a full send queue made one episode of a thousand frames, and
+        # a window overflowing a queue was halved once where it needed halving again and again).
+        self.recover_to = 0
         self.next_seq = 1
         self.acked_to = 0
         # When an ack last said the receiver's socket held a backlog (Ack.backlog): the queue
@@ -276,12 +291,27 @@ class _SendStream:
         # arrived: a frame transmitted before one that arrived is lost (RACK, RFC 8985).
         self.xmits = 0
         self.rack_xmit = 0
+        # Per round trip (a smoothed round trip's time, from an ack): bytes that arrived (acked
+        # or sacked) and bytes resent (their transmission was lost), and the share lost in the
+        # last whole round: when a window overflows a queue, much of it is lost at once (see
+        # _congested).
+        self.round_end = 0.0
+        self.round_delivered = 0
+        self.round_lost = 0
+        self.round_frames = 0  # frames that arrived or were resent in it
+        self.round_share = 0.0  # the last round's alone
+        self.round_loss = 0.0  # the larger of the last two rounds'
         # Estimated transit time (srtt / 2), taken off the time to live a frame carries, since the
         # receiver counts it from arrival: it keeps a message from living longer than it should.
         self.one_way_s = 0.0
         self.rto = initial_rto
         self.resend_at: float | None = None  # the one retransmission timer (RFC 6298)
         self.outbox: list[Data] = []
+
+
+def _sent_to(stream: _SendStream) -> int:
+    """The highest sequence number sent so far (``unacked`` is in sequence order)."""
+    return next(reversed(stream.unacked), stream.acked_to)
 
 
 class _RecvStream:
@@ -941,7 +971,7 @@ class Transport:
             # would stall a lossy link for seconds (a round trip fails half the time at 30 %
             # loss each way).
             stream.backoff += 1
-            stream.recover_to = stream.next_seq - 1
+            stream.recover_to = _sent_to(stream)
             # Resend one congestion window's worth now; the rest as acks come back. Resending
             # a whole window into a receiver that just dropped it would only drop it again.
             for out in due:
@@ -973,11 +1003,25 @@ class Transport:
         stream.xmits += 1
         out.xmit = stream.xmits
         out.resends += 1
+        stream.round_lost += out.size
+        stream.round_frames += 1
         stream.outbox.append(self._data(out, ttl_ms, now, stream.one_way_s))
         stream.counters["frames_resent"] += 1
 
     def _receive_ack(self, peer: EndpointId, stream: _SendStream, ack: Ack, now: float) -> None:
         unacked = stream.unacked
+        # At least a smoothed round trip and enough frames for the share to mean something (of 32
+        # frames at 30 % random loss, half are lost about once in a hundred rounds).
+        round_over = now >= stream.round_end and stream.round_frames >= _ROUND_FRAMES
+        if round_over:
+            # A round trip is over: what share of what left us in it was lost. The larger of
+            # the last two rounds counts: after a round that lost much comes one of repairs,
+            # which loses little until the window overflows again.
+            total = stream.round_delivered + stream.round_lost
+            share = stream.round_lost / total if total else 0.0
+            stream.round_loss = max(share, stream.round_share)
+            stream.round_share = share
+            stream.round_delivered = stream.round_lost = stream.round_frames = 0
         if ack.backlog:
             stream.backlog_at = now
         cumulative = min(ack.cumulative, stream.next_seq - 1)
@@ -988,6 +1032,8 @@ class Transport:
                 self._dirty.add(peer)
         newest: _Outgoing | None = None
         freed = 0
+        freed_sacked = 0  # of freed, bytes an earlier ack had sacked (arrived before)
+        arrived = 0  # frames this ack says arrived, not said before
         newly_sacked = 0
         rack = stream.rack_xmit
         acked = 0
@@ -1005,6 +1051,8 @@ class Transport:
             if out.sacked:
                 stream.sacked -= 1
                 stream.sacked_bytes -= out.size
+                freed_sacked += out.size
+                arrived -= 1
             elif out.abandoned:
                 stream.abandoned -= 1
             elif out.resends == 0:
@@ -1032,6 +1080,7 @@ class Transport:
                         held.sacked = True
                         held.lost = False
                         newly_sacked += held.size
+                        arrived += 1
                         stream.sacked += 1
                         stream.sacked_bytes += held.size
                         if held.xmit > rack:
@@ -1058,6 +1107,12 @@ class Transport:
             # Karn's rule): the path works, and under heavy loss a sample may be long in coming
             # while every further loss would wait out a doubled timeout.
             self._reset_rto(stream)
+        if round_over:
+            stream.round_end = now + (stream.srtt or self.config.initial_rto_s)
+        # What this ack says arrived, and what it makes us resend (_fast_retransmit), count in
+        # the same round.
+        stream.round_delivered += freed - freed_sacked + newly_sacked
+        stream.round_frames += acked + arrived
         if acked:
             stream.in_flight_bytes -= freed
             stream.queued_bytes -= freed
@@ -1120,7 +1175,7 @@ class Transport:
                         stream.counters["congestion_events"] += 1
                     else:
                         stream.counters["losses_tolerated"] += 1
-                    stream.recover_to = stream.next_seq - 1
+                    stream.recover_to = _sent_to(stream)
                 self._resend(stream, out, now)
                 stream.counters["fast_resends"] += 1
 
@@ -1153,6 +1208,11 @@ class Transport:
     def _congested(self, stream: _SendStream, now: float) -> bool:
         """Whether a loss now is taken for congestion: a queue stands on the path (or we cannot
         tell yet), and it is not the receiver's own. See ``TransportConfig.queue_delay_s``."""
+        if stream.round_loss >= _CONGESTED_LOSS:
+            # Half a round trip lost: a window overflowing a queue, even one too short to read
+            # as a queue in the round trip (a switch port's few hundred KB at 1 Gbit/s: 2-5 ms).
+            # Random loss that high is a broken link, and halving costs nothing there.
+            return True
         srtt, min_rtt = stream.srtt, stream.min_rtt
         if srtt is None or min_rtt is None:
             return True

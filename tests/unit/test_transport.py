@@ -1230,6 +1230,83 @@ def test_a_loss_with_no_queue_on_the_path_keeps_the_window() -> None:
     }
 
 
+def test_half_a_round_trip_lost_is_congestion_even_with_no_queue_in_the_round_trip() -> None:
+    # A window sent into a queue too short to show in the round trip (a switch port's few
+    # hundred KB at 1 Gbit/s): much of it is dropped at once. A round trip that lost half of
+    # what left is taken for congestion, whatever the round trip says.
+    pair = Pair(CONGESTION)
+    pair.send(*(bytes(100) for _ in range(1000)))
+    assert seqs(pair.pull_data(pair.a)) == list(range(1, 41))  # 4000 bytes
+    stream = pair.a._peers[B].send
+    pair.at(0.01).push(pair.a, [Ack(40)])  # window 8000: 41..120 out; least round trip 10 ms
+    pair.pull_data(pair.a)
+    # 41..100 lost, 101..120 arrived 11 ms later: no queue in the round trip, so noise for now.
+    pair.at(0.021).push(pair.a, [Ack(40, ((101, 120),))])
+    assert stream.cwnd == 8000
+    assert counters(pair.a, "losses_tolerated")["losses_tolerated"] == 1
+    pair.pull_data(pair.a)  # the 60 resends
+    pair.at(0.032).push(pair.a, [Ack(120)])  # they arrived: that round lost 6 KB of 8 KB sent
+    assert stream.round_loss == 0.75
+    sent = seqs(pair.pull_data(pair.a))  # (121..140 went with the resends)
+    # 121..129, sent after the first episode began, lost: a new episode.
+    pair.at(0.043).push(pair.a, [Ack(120, ((130, sent[-1]),))])
+    assert counters(pair.a, "congestion_events")["congestion_events"] == 1
+    assert stream.cwnd == stream.ssthresh < 16000
+
+
+def test_random_loss_below_half_a_round_trip_is_still_noise() -> None:
+    pair = Pair(CONGESTION)
+    pair.send(*(bytes(100) for _ in range(1000)))
+    pair.pull_data(pair.a)
+    stream = pair.a._peers[B].send
+    pair.at(0.01).push(pair.a, [Ack(40)])
+    pair.pull_data(pair.a)
+    pair.at(0.021).push(pair.a, [Ack(40, ((56, 120),))])  # 41..55 lost: 1.5 KB of 8 KB
+    pair.pull_data(pair.a)
+    pair.at(0.032).push(pair.a, [Ack(120)])
+    assert 0 < stream.round_loss < 0.5
+    window = stream.cwnd
+    sent = seqs(pair.pull_data(pair.a))
+    pair.at(0.043).push(pair.a, [Ack(120, ((130, sent[-1]),))])
+    assert counters(pair.a, "congestion_events", "losses_tolerated") == {
+        "congestion_events": 0,
+        "losses_tolerated": 2,
+    }
+    assert stream.cwnd >= window
+
+
+def test_a_round_of_few_frames_says_nothing_of_the_share_lost() -> None:
+    # Three of four frames lost is chance more often than not: a round counts 32 frames first.
+    pair = Pair(CONGESTION)
+    pair.send(*(bytes(1000) for _ in range(60)))
+    pair.pull_data(pair.a)
+    stream = pair.a._peers[B].send
+    pair.at(0.01).push(pair.a, [Ack(1, ((4, 4),))])
+    pair.pull_data(pair.a)
+    pair.at(0.05).push(pair.a, [Ack(4)])
+    assert stream.round_loss == 0.0
+    assert stream.round_frames > 0  # still counting
+
+
+def test_an_episode_ends_with_the_frames_sent_not_with_the_frames_queued() -> None:
+    # With a thousand frames queued behind the window, an episode that lasted until the last of
+    # them was sent halved an overflowing window once in half a second, where every round trip
+    # needed halving.
+    pair = Pair(CONGESTION)
+    pair.send(*(bytes(1000) for _ in range(1000)))
+    pair.pull_data(pair.a)
+    stream = pair.a._peers[B].send
+    pair.at(0.01).push(pair.a, [Ack(4)])
+    pair.pull_data(pair.a)  # 5..12
+    pair.at(0.2).push(pair.a, [Ack(4, ((6, 12),))])  # 5 lost with a queue on the path: halved
+    assert stream.recover_to == 12
+    assert counters(pair.a, "congestion_events")["congestion_events"] == 1
+    assert seqs(pair.pull_data(pair.a)) == [5, 13, 14, 15]  # the resend, and room for three
+    # 13, sent after the episode began, is lost too: a new episode, halved again.
+    pair.at(0.4).push(pair.a, [Ack(12, ((14, 15),))])
+    assert counters(pair.a, "congestion_events")["congestion_events"] == 2
+
+
 def test_a_loss_behind_the_receivers_own_backlog_keeps_the_window() -> None:
     # The queue stands in the receiver's socket (it says so: its acks carry backlog), which the
     # window keeps from overflowing: the loss is noise there, and halving would idle it.
