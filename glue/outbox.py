@@ -36,7 +36,7 @@ from glue.wire import EndpointId
 if TYPE_CHECKING:
     from glue.stack import Stack
 
-__all__ = ["Outbox", "Outgoing"]
+__all__ = ["Outbox", "Outgoing", "Publications"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,31 @@ class Outgoing:
         self.expires_at = expires_at
         # (name, type, history depth) of a publish not yet numbered by the topics layer
         self.topic = topic
+
+
+class Publications:
+    """Publications on one topic, in order, handed over together and not yet numbered: what
+    a runtime's callers queue while frames are in flight (consecutive ``publish`` calls on one
+    topic add to the last run) and what ``publish_many`` makes. Placed at once
+    (:meth:`Outbox.place_many`): Python pays per call and per object, so a run costs the
+    per-topic work once and one list entry per message, not an :class:`Outgoing` each.
+
+    ``topic`` is (name, type, history depth, retain), as :attr:`Outgoing.topic`; ``size`` the
+    bytes of the payloads, as the runtime counts them in its hand-off queue."""
+
+    __slots__ = ("expiries", "payloads", "size", "topic")
+
+    def __init__(
+        self,
+        topic: tuple[str, str, int | None, bool],
+        payloads: list[bytes],
+        expiries: list[float],
+        size: int,
+    ) -> None:
+        self.topic = topic
+        self.payloads = payloads
+        self.expiries = expiries  # expires_at of each (the runtime's clock)
+        self.size = size
 
 
 class Outbox:
@@ -122,7 +147,65 @@ class Outbox:
                 history_depth=depth,
                 retain=retain,
             )
-        targets = everyone if item.targets is None else item.targets
+        return self._place(item, everyone if item.targets is None else item.targets, now)
+
+    def place_many(self, run: Publications, now: float) -> int:
+        """:meth:`place` of each publication of ``run``, in order; returns the bytes (as
+        ``size`` counts them) of those no target holds (the others are reported by
+        :meth:`take_placed_bytes` once their targets took them).
+
+        The usual case costs per message one envelope and one entry in each target's bundle:
+        every target without held messages takes the whole run if its queue has room for all of
+        it; the others (and runs of large messages) are placed message by message, as
+        :meth:`place` does, so that what one full peer holds goes on to everyone else."""
+        stack = self._stack
+        payloads, expiries = run.payloads, run.expiries
+        if len(payloads) == 1:  # (less work so)
+            item = Outgoing(payloads[0], (), expiries[0], run.topic)
+            return run.size if self.place(item, now, ()) else 0
+        topic, topic_type, depth, retain = run.topic
+        placed = run.size
+        if min(expiries) <= now:  # expired while queued: counted, never numbered
+            alive = [index for index, expires_at in enumerate(expiries) if expires_at > now]
+            self.counters["messages_expired_before_sending"] += len(expiries) - len(alive)
+            if not alive:
+                return placed
+            payloads = [payloads[index] for index in alive]
+            expiries = [expiries[index] for index in alive]
+        envelopes, targets = stack.publish_many(
+            topic,
+            topic_type,
+            payloads,
+            expiries,
+            now=now,
+            history_depth=depth,
+            retain=retain,
+        )
+        held = self.held
+        rest: list[EndpointId]
+        size = stack.bundled_size(envelopes)
+        if size is not None:
+            small = cast(list[bytes], envelopes)
+            offer_many = stack.offer_many
+            rest = [
+                peer
+                for peer in targets
+                if peer in held or not offer_many(peer, small, expiries, size, now)
+            ]
+        else:
+            rest = list(targets)
+        if rest:
+            for payload, envelope, expires_at in zip(payloads, envelopes, expiries, strict=True):
+                item = Outgoing(envelope, rest, expires_at)
+                item.size = len(payload)  # (as the runtime counted it)
+                if not self._place(item, rest, now):
+                    placed -= item.size
+        return placed
+
+    def _place(self, item: Outgoing, targets: Sequence[EndpointId], now: float) -> bool:
+        """Offer ``item`` (numbered and enveloped) to ``targets``; hold it for those without
+        room, or with messages held before it. True when none holds it."""
+        stack = self._stack
         offer = stack.offer
         payload, expires_at = item.payload, item.expires_at
         held = self.held

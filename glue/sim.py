@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from glue.discovery import Address, DiscoveryConfig
 from glue.events import Message, MessageReceived, PeerAdded, PeerRemoved, StackEvent, TopicDelivery
-from glue.outbox import Outgoing
+from glue.outbox import Outgoing, Publications
 from glue.stack import Stack, StackConfig
 from glue.topics import direct_message
 from glue.transport import TransportConfig
@@ -95,6 +95,29 @@ class SimNode:
         self.stack.submit(item, now)  # numbered by the topics layer, as the runtimes do
         self.sim._touched[self] = None
         return len(item.targets or ())
+
+    def publish_many(
+        self,
+        topic: str,
+        topic_type: str,
+        payloads: list[bytes],
+        *,
+        expiry: float,
+        history_depth: int | None = None,
+        retain: bool = False,
+    ) -> None:
+        """Publish each of ``payloads`` on ``topic``, in order, as one run (``Stack.submit_many``:
+        how the runtimes place consecutive publications on a topic while frames are in flight,
+        and ``publish_many``'s)."""
+        now = self.sim.now
+        run = Publications(
+            (topic, topic_type, history_depth, retain),
+            list(payloads),
+            [now + expiry] * len(payloads),
+            sum(map(len, payloads)),
+        )
+        self.stack.submit_many(run, now)
+        self.sim._touched[self] = None
 
     def subscribe(self, pattern: str, topic_type: str, *, group: str | None = None) -> int:
         """Subscribe to ``pattern`` (a member of work-queue ``group`` if given); returns the

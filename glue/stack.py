@@ -16,14 +16,14 @@ import random
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Final
+from typing import Final, cast
 
 from glue import wire
 from glue.discovery import Address, Discovery, DiscoveryConfig, Target
 from glue.errors import DecodeError, UsageError
 from glue.events import Peer, PeerAdded, PeerRemoved, StackEvent
 from glue.fragmentation import Reassembler, split_views
-from glue.outbox import Outbox, Outgoing
+from glue.outbox import Outbox, Outgoing, Publications
 from glue.requests import Requests
 from glue.topics import (
     MAX_ENVELOPE_BYTES,
@@ -330,6 +330,12 @@ class Stack:
         """
         return self.outbox.place(item, now, self.recipients() if everyone is None else everyone)
 
+    def submit_many(self, run: Publications, now: float) -> int:
+        """Place a run of publications (see :class:`~glue.outbox.Publications`), in order, as
+        as many :meth:`submit` calls would; returns the bytes (``size``) of those no target
+        holds."""
+        return self.outbox.place_many(run, now)
+
     def expiry_due(self, now: float) -> bool:
         """Whether discovery may take a peer for gone at ``now`` (cheap; a lower bound).
 
@@ -388,6 +394,39 @@ class Stack:
         self.send(peer, message, expires_at=expires_at, now=now)
         return True
 
+    def bundled_size(self, messages: Sequence[Outbound]) -> int | None:
+        """The bytes of ``messages`` if each is small enough to share a bundle frame (what
+        :meth:`offer_many` takes), else None."""
+        if set(map(type, messages)) == {bytes} and (
+            max(map(len, messages)) <= BUNDLE_MAX_MESSAGE_BYTES
+        ):
+            return sum(map(len, cast(Sequence[bytes], messages)))
+        return None
+
+    def offer_many(
+        self,
+        peer: EndpointId,
+        messages: list[bytes],
+        expiries: list[float],
+        size: int,
+        now: float,
+    ) -> bool:
+        """:meth:`offer` of each of ``messages`` (small: bytes of at most
+        ``BUNDLE_MAX_MESSAGE_BYTES``, ``size`` bytes in all), all or none: True if all were
+        queued (or the peer is unknown), False if its send queue has no room for all of them
+        (then nothing was queued, and nothing asked to be told when room frees)."""
+        bundle = self._bundles.get(peer)
+        if not self.transport.has_room(peer, size if bundle is None else size + bundle.size):
+            return False
+        if peer not in self._routes and peer not in self._parked:
+            return True
+        if bundle is None:
+            bundle = self._bundles[peer] = _Bundle()
+        bundle.payloads.extend(messages)
+        bundle.expiries.extend(expiries)
+        bundle.size += size
+        return True
+
     def publish(
         self,
         topic: str,
@@ -417,6 +456,34 @@ class Stack:
             if extra:
                 targets = (*targets, *extra)
         return message, targets
+
+    def publish_many(
+        self,
+        topic: str,
+        topic_type: str,
+        payloads: Sequence[bytes],
+        expiries: Sequence[float],
+        *,
+        now: float,
+        history_depth: int | None = None,
+        retain: bool = False,
+    ) -> tuple[list[Outbound], tuple[EndpointId, ...]]:
+        """:meth:`publish` of each of ``payloads`` (expiring at ``expiries``), in order, at
+        once (``Topics.publish_many``); the envelopes, and to whom they go."""
+        messages, targets = self.topics.publish_many(
+            topic,
+            topic_type,
+            payloads,
+            expiries,
+            now=now,
+            history_depth=history_depth,
+            retain=retain,
+        )
+        if self._parked_interest or self._returning:
+            extra = [p for p in self._parked_subscribers(topic) if p not in targets]
+            if extra:
+                targets = (*targets, *extra)
+        return messages, targets
 
     def _parked_subscribers(self, topic: str) -> list[EndpointId]:
         """Silent peers (parked) whose interest matched ``topic`` when they went silent."""

@@ -1040,6 +1040,116 @@ class Topics:
         self._published += 1  # folded into counters when they are read (a Counter is slower)
         return envelope, targets
 
+    def publish_many(
+        self,
+        topic: str,
+        topic_type: str,
+        payloads: Sequence[bytes],
+        expiries: Sequence[float],
+        *,
+        now: float,
+        history_depth: int | None = None,
+        retain: bool = False,
+    ) -> tuple[list[Outbound], tuple[EndpointId, ...]]:
+        """:meth:`publish` of each of ``payloads`` (``expiries[i]`` the ``expires_at`` of the
+        i-th), in order, at one time: the same numbering, history, local deliveries (one
+        ``TopicDelivery`` for all) and targets as as many calls, with the per-topic work done
+        once. Returns the envelopes, in order, and the peers to send them to."""
+        key = (topic, topic_type)
+        found = self._local_cache.get(key)
+        if (
+            len(payloads) == 1
+            or retain
+            or self._groups.known
+            or found is None
+            or found[1]
+            or max(map(len, payloads)) > APART_BYTES
+        ):
+            # One by one: a single message (less work so), and the rare cases: work-queue jobs,
+            # retained messages (each with its own time to live again), large payloads (kept
+            # apart), a first publish on the topic, type mismatches (counted per message).
+            envelopes: list[Outbound] = []
+            to: tuple[EndpointId, ...] = ()
+            for payload, expires_at in zip(payloads, expiries, strict=True):
+                envelope, to = self.publish(
+                    topic,
+                    topic_type,
+                    payload,
+                    expires_at=expires_at,
+                    now=now,
+                    history_depth=history_depth,
+                    retain=retain,
+                )
+                envelopes.append(envelope)
+            return envelopes, to
+        history = self._history.pop(topic, None)
+        if history is None:
+            history = self._revive(topic)
+        self._history[topic] = history  # now the most recently published topic
+        first = history.sequence + 1
+        history.sequence += len(payloads)
+        if now != self._stamp_now:  # (as in publish)
+            self._stamp_now = now
+            self._stamp_wall = now + self.wall_offset
+            self._stamp = b',"w":%r}\n' % self._stamp_wall
+        wall = self._stamp_wall
+        stamp = self._stamp
+        prefix = self._prefix_cache.get(key)
+        if prefix is None:
+            if len(self._prefix_cache) >= _CACHE_ENTRIES:
+                self._prefix_cache.clear()
+            head = orjson.dumps({"t": topic, "y": topic_type})
+            prefix = self._prefix_cache[key] = head[:-1] + b',"s":'
+        sequences = range(first, history.sequence + 1)
+        made: list[bytes] = [
+            b"%s%d%s%s" % (prefix, sequence, stamp, payload)
+            for sequence, payload in zip(sequences, payloads, strict=True)
+        ]
+        if history_depth is not None:
+            history.depth = history_depth  # for this topic from now on
+        depth = history.depth
+        entries = history.entries
+        if depth > 0:
+            # Only the last ``depth`` can stay: the others would be pushed out at once.
+            count = len(made)
+            for index in range(count - depth if count > depth else 0, count):
+                envelope, expires_at = made[index], expiries[index]
+                size = len(envelope)
+                entries.append((first + index, envelope, expires_at, size, 0.0))
+                self._history_bytes += size
+                if expires_at < self._prune_at:
+                    self._prune_at = expires_at
+        while len(entries) > depth:
+            self._history_bytes -= entries.popleft()[3]
+        if not entries:  # a topic without history keeps only its numbering
+            self._rest(topic, self._history.pop(topic))
+        if self._history_bytes > self.config.history_max_bytes:
+            self._trim_history()
+        local = found[0]
+        if local:
+            endpoint_id, name, offset = self.endpoint_id, self.name, self.wall_offset
+            messages = [
+                Message(
+                    topic,
+                    topic_type,
+                    payload,
+                    endpoint_id,
+                    name,
+                    sequence,
+                    wall,
+                    wall,
+                    expires_at + offset,
+                )
+                for sequence, payload, expires_at in zip(sequences, payloads, expiries, strict=True)
+            ]
+            self._emit(TopicDelivery(messages, local))
+            self.counters["delivered_locally"] += len(messages)
+        targets = self._target_cache.get(topic)
+        if targets is None:
+            targets = self._targets(topic)
+        self._published += len(made)
+        return cast(list[Outbound], made), targets
+
     def take_sends(self) -> list[Send]:
         """Interest messages and history replays to send: (peer, envelope, expires_at)."""
         if self._added or self._removed or self._groups_added or self._groups_removed:

@@ -9,6 +9,7 @@ import pytest
 from glue import wire
 from glue.discovery import DiscoveryConfig
 from glue.events import MessageReceived, PeerRemoved
+from glue.outbox import Outgoing, Publications
 from glue.sim import Simulation
 from glue.stack import FRAME_OVERHEAD_BYTES, LIVENESS_SIGNALS, Stack, StackConfig
 from glue.topics import DIRECT_ENVELOPE as E
@@ -324,3 +325,61 @@ def test_not_served_answers_wait_for_room_in_the_requesters_send_queue() -> None
     full.has_room = original  # type: ignore[method-assign]
     ask(3)  # with room, answered as before
     assert asker.stack.requests.counters["replies_unserved"] == 3
+
+
+# --- runs of publications (Stack.submit_many) -----------------------------------------------------
+
+
+def _interested_pair(**transport: float) -> tuple[Stack, Stack]:
+    """A pair where B subscribes to ``s/#`` and A knows it, and A subscribes to ``s/a`` itself."""
+    a, b = _pair(**transport)
+    b.subscribe("s/#", "t")
+    a.subscribe("s/a", "t")
+    for _ in range(3):
+        for sender, receiver in ((a, b), (b, a)):
+            for data, _ in sender.datagrams_to_send(now=0.0):
+                receiver.receive_datagram(data, _address(sender), multicast=False, now=0.0)
+            _events(sender)
+    assert a.topics.subscribers("s/a") == (B,)
+    return a, b
+
+
+def _outputs(stack: Stack, now: float) -> tuple[list[bytes], list[object], object]:
+    datagrams = [bytes(d) for d, _ in stack.datagrams_to_send(now=now)]
+    messages = [
+        (m.topic_name, m.sequence, m.payload, m.expires_at)
+        for e in _events(stack)
+        for m in getattr(e, "messages", ())
+    ]
+    history = {t: (h.sequence, list(h.entries)) for t, h in stack.topics._history.items()}
+    return datagrams, messages, (history, stack.topics._history_bytes, stack.all_counters())
+
+
+@pytest.mark.parametrize(
+    ("count", "size", "queue_bytes", "depth"),
+    [(50, 64, 1 << 20, None), (50, 64, 1 << 20, 3), (50, 64, 2000, 0), (5, 3000, 1 << 20, 2)],
+)
+def test_a_run_of_publications_is_placed_as_one_publish_after_another(
+    count: int, size: int, queue_bytes: int, depth: int | None
+) -> None:
+    # Same numbering, envelopes, bundles, local deliveries, history, holds and counters as
+    # submitting them one by one; the second message expired before it was placed.
+    payloads = [bytes([n]) * size for n in range(count)]
+    expiries = [10.0 + n for n in range(count)]
+    expiries[1] = 0.5
+    one_by_one, _ = _interested_pair(queue_bytes=queue_bytes)
+    together, _ = _interested_pair(queue_bytes=queue_bytes)
+    for stack in (one_by_one, together):  # (a topic published before: its caches are warm)
+        stack.submit(Outgoing(b"first", None, 20.0, ("s/a", "t", depth, False)), 1.0)
+    for payload, expires_at in zip(payloads, expiries, strict=True):
+        one_by_one.submit(Outgoing(payload, None, expires_at, ("s/a", "t", depth, False)), 1.0)
+    run = Publications(("s/a", "t", depth, False), payloads, expiries, size * count)
+    placed = together.submit_many(run, 1.0)
+    assert _outputs(together, 1.0) == _outputs(one_by_one, 1.0)
+    held = together.outbox.held.get(B, ())
+    assert placed == size * (count - len(held))
+    if queue_bytes < size * count:
+        assert held, "B's queue is full: the rest of the run waits for it, in order"
+        assert [item.payload for item in held] == [
+            item.payload for item in one_by_one.outbox.held[B]
+        ]
