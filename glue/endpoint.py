@@ -31,9 +31,10 @@ from glue.discovery import Target
 from glue.errors import BackpressureError, NoResponderError, UsageError
 from glue.events import Request
 from glue.metrics import MetricsServer, MetricsSnapshot
-from glue.outbox import Outgoing
+from glue.outbox import Outgoing, Publications
 from glue.runtime import BUSY_PREEMPTED_S, BusyBackoff, EventListener, RuntimeCore, literal_address
 from glue.settings import GlueSettings
+from glue.stack import BUNDLE_MAX_MESSAGE_BYTES
 from glue.wire import EndpointId
 
 __all__ = ["Endpoint", "EventListener"]
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 _SNAPSHOT_TIMEOUT_S: Final = 2.0
 _MAX_DRAIN_PER_CALL: Final = 4096
 _HANDOFF_SOFT_ITEMS: Final = 8192
+#: Publications in one run of the hand-off queue at most (see ``Endpoint._join_run``).
+_RUN: Final = 1024
 
 
 class Endpoint(RuntimeCore):
@@ -56,8 +59,10 @@ class Endpoint(RuntimeCore):
         self._timer_at: float | None = None
         self._resolver: asyncio.Task[None] | None = None
         # The hand-off queue between senders and the loop (bounded in bytes).
-        self._handoff: deque[Outgoing] = deque()
-        self._staged: deque[Outgoing] = deque()  # taken by the loop, not yet in the stack
+        self._handoff: deque[Outgoing | Publications] = deque()
+        self._handoff_items = 0  # messages in it (a run of publications counts each)
+        # Taken by the loop, not yet in the stack.
+        self._staged: deque[Outgoing | Publications] = deque()
         # Of both queues, and of the messages the stack's outbox holds for full peers (counted
         # until every target has them: see glue.outbox).
         self._handoff_bytes = 0
@@ -141,8 +146,9 @@ class Endpoint(RuntimeCore):
         self._close_sockets()
         with self._handoff_mutex:
             held = self._stack.outbox.clear() if self._stack is not None else 0
-            dropped = len(self._handoff) + len(self._staged) + held
+            dropped = _messages(self._handoff) + _messages(self._staged) + held
             self._handoff.clear()
+            self._handoff_items = 0
             self._staged.clear()
             self._handoff_bytes = 0
         self._space.set()
@@ -199,9 +205,53 @@ class Endpoint(RuntimeCore):
         history_depth: int | None,
         retain: bool = False,
     ) -> Outgoing | None:
-        """:meth:`publish` without waiting (see :meth:`try_send`)."""
+        """:meth:`publish` without waiting (see :meth:`try_send`). Behind messages already
+        queued, a small one joins the run of publications on the same topic at the end of the
+        queue (:class:`~glue.outbox.Publications`: placed together, at a fraction of the cost
+        per message)."""
+        if (
+            self._handoff
+            and type(payload) is bytes
+            and len(payload) <= BUNDLE_MAX_MESSAGE_BYTES
+            and history_depth is None
+            and retain is False
+            and expiry_s > 0
+            and (topic, topic_type) in self._valid_names
+            and self._state == "running"
+            and self._join_run(
+                (topic, topic_type, None, False), payload, time.monotonic() + expiry_s
+            )
+        ):
+            return None
         item = self._publication(topic, topic_type, payload, expiry_s, history_depth, retain)
         return None if self._queue_now(item) else item
+
+    def _join_run(
+        self, topic: tuple[str, str, int | None, bool], payload: bytes, expires_at: float
+    ) -> bool:
+        """Append a publication to the hand-off queue if it has room (as :meth:`_offer`), to
+        the run at its end when that one is on the same ``topic`` (name, type, history depth,
+        retain) and not full, else as a new run; False when there is no room, or nothing is
+        queued (then the message takes the usual way, which may send it at once)."""
+        size = len(payload)
+        with self._handoff_mutex:
+            handoff = self._handoff
+            if (
+                not handoff
+                or self._handoff_bytes + size > self._send_queue_bytes
+                or self._handoff_items >= _HANDOFF_SOFT_ITEMS
+            ):
+                return False
+            self._handoff_bytes += size
+            self._handoff_items += 1
+            last = handoff[-1]
+            if type(last) is Publications and last.topic == topic and len(last.payloads) < _RUN:
+                last.payloads.append(payload)
+                last.expiries.append(expires_at)
+                last.size += size
+            else:  # (a drain is scheduled: the queue was not empty)
+                handoff.append(Publications(topic, [payload], [expires_at], size))
+        return True
 
     async def publish(
         self,
@@ -422,13 +472,14 @@ class Endpoint(RuntimeCore):
         waiting = self._handoff or self._staged or self._holding()
         if waiting and self._handoff_bytes + size > self._send_queue_bytes:
             return False
-        if len(self._handoff) >= _HANDOFF_SOFT_ITEMS:
+        if self._handoff_items >= _HANDOFF_SOFT_ITEMS:
             # The loop is behind: let the sender wait (releasing the GIL) until the loop has
             # taken the queue, instead of spinning against it.
             return False
         was_empty = not self._handoff
         self._handoff.append(item)
         self._handoff_bytes += size
+        self._handoff_items += 1
         if was_empty and not self._drain_scheduled:
             self._drain_scheduled = True
             loop = self._loop
@@ -453,6 +504,7 @@ class Endpoint(RuntimeCore):
                 else:
                     self._staged = staged = self._handoff
                 self._handoff = deque()
+                self._handoff_items = 0
         if stack is None or loop is None or self._state != "running" or not staged:
             return  # (nothing staged: a drain scheduled for what an earlier call took)
         now = loop.time()
@@ -461,12 +513,19 @@ class Endpoint(RuntimeCore):
         everyone = stack.recipients()
         offer = stack.offer
         place = stack.outbox.place  # what Stack.submit calls (one call less per message)
+        submit_many = stack.submit_many
         held = stack.outbox.held
-        for _ in range(_MAX_DRAIN_PER_CALL):
+        budget = _MAX_DRAIN_PER_CALL  # messages
+        while budget > 0:
             if not staged:
                 placed_all = True
                 break
             item = staged.popleft()
+            if isinstance(item, Publications):
+                budget -= len(item.payloads)
+                freed += submit_many(item, now)
+                continue
+            budget -= 1
             targets = item.targets
             if (
                 targets is not None
@@ -741,3 +800,8 @@ class Endpoint(RuntimeCore):
             for sock, _ in self._sockets():
                 loop.remove_reader(sock.fileno())
         super()._close_sockets()
+
+
+def _messages(queue: deque[Outgoing | Publications]) -> int:
+    """How many messages ``queue`` holds (a run of publications counts each)."""
+    return sum(len(item.payloads) if isinstance(item, Publications) else 1 for item in queue)
