@@ -1306,14 +1306,15 @@ class Topics:
         run: list[Message] | None = None
         run_local: tuple[int, ...] = ()
         keeping = bool(self._keep)
+        recount = 0  # type mismatches of the current (topic, type): counted per message
         for index, data in enumerate(messages):
-            if data.startswith(DIRECT_ENVELOPE):  # (from a sender older than direct envelopes)
+            end = data.find(b"\n")
+            if end == 2 and data.startswith(DIRECT_ENVELOPE):  # (from an older sender)
                 expires_at = math.inf if expiries is None else expiries[index] + self.wall_offset
                 payload = data[3:] if body is None else body
                 emit(MessageReceived(peer, payload, received_at, "", received_at, expires_at))
                 run = None
                 continue
-            end = data.find(b"\n")
             try:
                 head = loads(data[:end]) if end > 0 else None
             except orjson.JSONDecodeError:
@@ -1374,7 +1375,8 @@ class Topics:
                 current = names
                 key = (peer_id, incarnation, topic)
                 local = self._local_matches(topic, topic_type)
-            elif self._local_cache.get(names, _NO_MISMATCH)[1]:
+                recount = self._local_cache.get(names, _NO_MISMATCH)[1]
+            elif recount:
                 local = self._local_matches(topic, topic_type)
             origin = head.get("o")
             if origin is None:
