@@ -20,7 +20,9 @@ acknowledged) is dropped instead and the message queued in its place; its receiv
 the dropped frames (a gap in each publisher's sequence numbers).
 
 Both runtimes and the simulator place every message through :meth:`Outbox.place` (via
-``Stack.submit``), so the seeded simulations run the code that carries real traffic.
+``Stack.submit``), or a run of publications on one topic through :meth:`Outbox.place_many` (via
+``Stack.submit_many``: what the runtimes' callers queue while frames are in flight), so the
+seeded simulations run the code that carries real traffic.
 """
 
 from __future__ import annotations

@@ -14,6 +14,13 @@ hop on its way:
   small messages per datagram. Measured on a 64 B stream: placing each message on the caller's
   thread instead made the caller and the network thread fight over the lock (0.52-0.67 x raw
   UDP against 0.79-0.91 with the queue).
+- *Consecutive publications on one topic travel as a run.* A small publish joins the run at the
+  end of the queue when that one is on the same topic (:class:`~glue.outbox.Publications`: a
+  payload and an expiry time appended to two lists, no object per message), and the network
+  thread places a run at once (``Stack.submit_many``): numbered, enveloped, kept in history and
+  put in each target's bundle with the per-topic work done once. Measured on a 64 B stream: the
+  publishing process's CPU per message 4.5 -> 2.1 us (the network thread's 2.7 -> 0.8), 0.79 ->
+  1.2-1.3 x raw UDP.
 - *One network thread* (``glue-net-NAME``) blocks in ``poll`` on the sockets with a timeout taken
   from the stack's next deadline. Each wake-up reads every datagram waiting (bounded, as in
   :mod:`glue.runtime`), runs the timers that are due, sends what the stack returns, and hands the
