@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -75,6 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="instead: goodput of publish/subscribe with a fraction P of datagrams dropped at "
         "random (iptables, both directions), next to none, in the same rounds; needs a private "
         "network namespace (tools/isolated-net)",
+    )
+    parser.add_argument(
+        "--rate",
+        default=None,
+        metavar="RATE",
+        help="with --loss: the datagrams pass a link of RATE (tc tbf on lo, e.g. 1gbit) with a "
+        "5 ms queue, as through a switch port, with and without the loss; the link, not the "
+        "CPU, is then the limit",
     )
     parser.add_argument(
         "--json",
@@ -130,7 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem:
             print(f"glue bench --loss: {problem}", file=sys.stderr)
             return 2
-        return _run_loss(args.seconds, args.repeat, sizes, args.loss)
+        if args.rate is not None and not re.fullmatch(r"\d+(\.\d+)?[kmg]?bit", args.rate):
+            parser.error(
+                f"--rate must be a rate as tc writes it, e.g. 1gbit or 100mbit, not {args.rate!r}"
+            )
+        return _run_loss(args.seconds, args.repeat, sizes, args.loss, args.rate)
+    if args.rate is not None:
+        parser.error("--rate goes with --loss")
     return _run(args.seconds, args.repeat, sizes, as_json=args.json)
 
 
@@ -485,18 +500,35 @@ def _set_loss(probability: float | None) -> None:
         subprocess.run(["iptables", "-A", *rule], check=True)
 
 
-def _run_loss(seconds: float, repeat: int, sizes: Sequence[int], loss: float) -> int:
+def _set_rate(rate: str | None) -> None:
+    """Pass every datagram on ``lo`` through a link of ``rate`` with a 5 ms queue (``tc tbf``;
+    beyond the queue datagrams are dropped, as a switch port drops them), or stop (None)."""
+    subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
+    if rate is not None:
+        subprocess.run(
+            ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate, "burst", "256kb",
+             "latency", "5ms"],
+            check=True,
+        )  # fmt: skip
+
+
+def _run_loss(
+    seconds: float, repeat: int, sizes: Sequence[int], loss: float, rate: str | None = None
+) -> int:
     warmup = seconds * _LOSS_WARMUP_FRACTION
+    link = f"through a {rate} link with a 5 ms queue (tc tbf), " if rate else ""
     print(
         f"glue benchmark under loss: publish/subscribe between two processes on 127.0.0.1, "
-        f"{loss:.0%} of datagrams dropped at random both ways (data, acks, announcements) next to "
-        f"none; {repeat} round(s), {seconds:g} s of sending per measurement, every message "
-        f"delivered once and in order (checked); goodput from {warmup:g} s after the first "
-        f"arrival to the last, the lossy and lossless runs of a round taking turns to go first",
+        f"{link}{loss:.0%} of datagrams dropped at random both ways (data, acks, announcements) "
+        f"next to none; {repeat} round(s), {seconds:g} s of sending per measurement, every "
+        f"message delivered once and in order (checked); goodput from {warmup:g} s after the "
+        f"first arrival to the last, the lossy and lossless runs of a round taking turns to go "
+        f"first",
         flush=True,
     )
     results: dict[int, list[tuple[_Figures, _Figures]]] = {}
     try:
+        _set_rate(rate)
         for round_number in range(1, repeat + 1):
             for size in sizes:
                 count = max(100, int(min(600_000 * seconds, 6e9 * seconds / size)))
@@ -518,6 +550,8 @@ def _run_loss(seconds: float, repeat: int, sizes: Sequence[int], loss: float) ->
                 )
     finally:
         _set_loss(None)
+        if rate is not None:
+            _set_rate(None)
     print()
     spread = " (range)" if repeat > 1 else ""
     print(

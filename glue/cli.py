@@ -265,6 +265,12 @@ def _parser() -> argparse.ArgumentParser:
         "dropped at random, next to none (iptables; only in a private network namespace)",
     )
     bench.add_argument(
+        "--rate",
+        metavar="RATE",
+        help="with --loss: through a link of RATE (e.g. 1gbit; tc tbf on lo, 5 ms queue), so "
+        "that the link, not the CPU, is the limit",
+    )
+    bench.add_argument(
         "--json",
         action="store_true",
         help="print the results as one JSON document (progress goes to standard error)",
@@ -294,6 +300,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.log_level is None:  # the benchmark's endpoints starting and stopping is noise here
         logging.getLogger("glue").setLevel(logging.WARNING)
     extra = [] if args.loss is None else ["--loss", str(args.loss)]
+    if args.rate is not None:
+        extra += ["--rate", args.rate]
     if args.json:
         extra.append("--json")
     return bench.main(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import subprocess
 import threading
@@ -36,6 +37,31 @@ def random_loss(ports: Sequence[int], probability: float) -> Iterator[None]:
         yield
     finally:
         subprocess.run(["iptables", "-D", *rule], check=True)
+
+
+@contextmanager
+def link_rate(rate: str, *, queue: str = "5ms", burst: str = "256kb") -> Iterator[None]:
+    """Every datagram on ``lo`` passes a link of ``rate`` (e.g. "1gbit") with a queue of
+    ``queue`` (``tc tbf``: beyond it, datagrams are dropped, as a switch port drops them), until
+    the block ends (only in the tests' private network namespace: tools/isolated-net)."""
+    subprocess.run(
+        ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate, "burst", burst,
+         "latency", queue],
+        check=True,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=True)
+
+
+def link_drops() -> int:
+    """Datagrams the ``link_rate`` link dropped so far (its queue full)."""
+    shown = subprocess.run(
+        ["tc", "-s", "qdisc", "show", "dev", "lo"], capture_output=True, text=True, check=True
+    ).stdout
+    found = re.search(r"dropped (\d+)", shown)
+    return int(found.group(1)) if found else 0
 
 
 async def async_wait_until(

@@ -224,3 +224,29 @@ def test_bench_json_holds_every_row_with_its_range() -> None:
     assert sealed["size_bytes"] == 64
     assert 0 < sealed["min"] <= sealed["median"] <= sealed["max"]
     assert "round 2/2" in result.stderr  # progress goes to standard error
+
+
+def test_bench_under_loss_through_a_link_prints_goodput_and_leaves_nothing_behind() -> None:
+    result = _glue(
+        "bench", "--loss", "0.1", "--rate", "1gbit", "--sizes", "65536", "--repeat", "1",
+        "--seconds", "0.5", timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "through a 1gbit link with a 5 ms queue" in result.stdout
+    [row] = [line for line in result.stdout.splitlines() if line.strip().startswith("64 KiB")]
+    ratio = float(row.split()[4])
+    assert 0 < ratio <= 1.5, row
+    # The link and the loss are gone with the benchmark.
+    shown = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True)
+    assert "tbf" not in shown.stdout
+    rules = subprocess.run(["iptables", "-S", "INPUT"], capture_output=True, text=True)
+    assert "glue-bench-loss" not in rules.stdout
+
+
+def test_bench_rate_needs_loss_and_a_rate() -> None:
+    alone = _glue("bench", "--rate", "1gbit", timeout=30)
+    assert alone.returncode == 2
+    assert "--rate goes with --loss" in alone.stderr
+    wrong = _glue("bench", "--loss", "0.1", "--rate", "fast", timeout=30)
+    assert wrong.returncode == 2
+    assert "--rate must be a rate as tc writes it" in wrong.stderr
