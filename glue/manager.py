@@ -29,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
+import select
 import signal
 import threading
 import time
@@ -1210,6 +1212,47 @@ def _check_optional_timeout(timeout: object) -> float | None:
     return float(timeout)
 
 
+def _wait_for_signal(signals: Sequence[int], timeout: float | None) -> int | None:
+    """The first of ``signals`` to arrive within ``timeout`` s (main thread only), or None.
+
+    Python runs a handler only when the main thread next runs bytecode, so a handler that wakes
+    a blocked main thread (``Event.set``) can wait forever: the signal may land just before the
+    thread blocks, or on another thread (the kernel picks any). And ``Event.set`` in a handler
+    deadlocks when it runs while the main thread holds that Event's lock inside ``wait``. So, as
+    asyncio does, the C-level handler writes each signal's number to a pipe
+    (``signal.set_wakeup_fd``), this waits on the pipe, and the Python handlers do nothing.
+    """
+    wanted = list(dict.fromkeys(int(number) for number in signals))
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    previous: dict[int, Any] = {}
+    try:
+        for number in wanted:  # after the wakeup fd: a caught signal always writes to it
+            previous[number] = signal.signal(number, _ignore_signal)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            select.select([read_fd], [], [], remaining)
+            with contextlib.suppress(BlockingIOError):
+                for number in os.read(read_fd, 512):
+                    if number in wanted:
+                        return number
+            if remaining == 0.0:
+                return None
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def _ignore_signal(number: int, frame: object) -> None:
+    """The Python-level handler of ``_wait_for_signal``: the wakeup fd carries the signal."""
+
+
 def _refuse_message_type(message_type: object) -> NoReturn:
     raise UsageTypeError(
         f"message_type must be a str, not {type(message_type).__name__}", argument="message_type"
@@ -1352,8 +1395,10 @@ class EndpointManager(_Manager):
 
         The end of a service's main: ``with EndpointManager.from_env() as endpoint: ...;
         endpoint.run_forever()``. Returns the signal's number, or None when ``timeout`` passed
-        first. Python runs signal handlers in the main thread, so call it there; the previous
-        handlers are back when it returns.
+        first. Python runs signal handlers in the main thread, so call it there. The signals
+        are handled only while it runs, whichever thread the kernel hands them to (before the
+        call, their previous handlers apply: Python's own end the process without a goodbye);
+        the previous handlers and ``signal.set_wakeup_fd`` are back when it returns.
 
         Raises:
             UsageError: not in the main thread, or the endpoint is not running.
@@ -1363,23 +1408,11 @@ class EndpointManager(_Manager):
         if threading.current_thread() is not threading.main_thread():
             raise UsageError("run_forever must be called from the main thread (signal handlers)")
         self._check_running()
-        caught: list[int] = []
-        done = threading.Event()
-
-        def on_signal(number: int, frame: object) -> None:
-            caught.append(number)
-            done.set()
-
-        previous = {number: signal.signal(number, on_signal) for number in signals}
-        try:
-            done.wait(timeout)  # (a signal interrupts the wait: its handler runs, sets it)
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
-        if caught:
-            logger.info("endpoint %s: signal %d, stopping", self.name, caught[0])
+        received = _wait_for_signal(signals, timeout)
+        if received is not None:
+            logger.info("endpoint %s: signal %d, stopping", self.name, received)
         self.stop()
-        return caught[0] if caught else None
+        return received
 
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> StopReport:
         """Say goodbye to peers, close sockets, end iterations, join the threads. Idempotent.

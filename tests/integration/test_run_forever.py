@@ -8,12 +8,13 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
 from glue import EndpointManager, UsageError
 from tests.endpoint_process import REPO, EndpointProcess, base_env
-from tests.helpers import free_udp_port, multicast_settings
+from tests.helpers import free_udp_port, multicast_settings, wait_until
 
 SERVICES = {
     "sync": """
@@ -100,3 +101,27 @@ def test_run_forever_needs_the_main_thread() -> None:
         assert "main thread" in str(errors[0])
         with pytest.raises(UsageError):
             endpoint.run_forever(timeout=-1)
+
+
+def test_run_forever_ends_on_a_signal_another_thread_receives() -> None:
+    # The kernel hands a process's signal to any thread of it, and Python runs the handler only
+    # when the main thread next runs bytecode: a main thread blocked waiting must still wake.
+    settings = multicast_settings(f"239.192.137.20:{free_udp_port()}")
+    before = signal.getsignal(signal.SIGTERM)
+    sent_at: list[float] = []
+
+    def signal_this_thread() -> None:
+        if wait_until(lambda: signal.getsignal(signal.SIGTERM) != before, timeout=10):
+            sent_at.append(time.monotonic())
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+    with EndpointManager.from_env(**settings) as endpoint:
+        sender = threading.Thread(target=signal_this_thread)
+        sender.start()
+        try:
+            assert endpoint.run_forever(timeout=20) == signal.SIGTERM
+            # Ended by the signal, not at the timeout (by then the handler has run anyway).
+            assert time.monotonic() - sent_at[0] < 10
+        finally:
+            sender.join(10)
+    assert signal.getsignal(signal.SIGTERM) == before
