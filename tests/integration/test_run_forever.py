@@ -16,11 +16,33 @@ from glue import EndpointManager, UsageError
 from tests.endpoint_process import REPO, EndpointProcess, base_env
 from tests.helpers import free_udp_port, multicast_settings, wait_until
 
+# Prints "serving" once run_forever's handlers have replaced those in place when it is called:
+# a signal sent before then is not run_forever's (SIGTERM kills, SIGINT raises
+# KeyboardInterrupt), and "ready" comes before run_forever.
+WATCH_HANDLERS = """
+    import signal, threading
+    from tests.helpers import wait_until
+
+    def print_serving_once_handled():
+        stops = (signal.SIGINT, signal.SIGTERM)
+        before = [signal.getsignal(number) for number in stops]
+
+        def replaced():
+            return all(signal.getsignal(n) != b for n, b in zip(stops, before, strict=True))
+
+        def watch():
+            ok = wait_until(replaced, timeout=10, interval=0.001)
+            print("serving" if ok else "unhandled", flush=True)
+
+        threading.Thread(target=watch, daemon=True).start()
+"""
+
 SERVICES = {
     "sync": """
         from glue import EndpointManager
         with EndpointManager.from_env() as endpoint:
             print("ready", endpoint.endpoint_id, flush=True)
+            print_serving_once_handled()
             print("stopped", endpoint.run_forever(), flush=True)
     """,
     "async": """
@@ -29,6 +51,7 @@ SERVICES = {
         async def main():
             async with AsyncEndpointManager.from_env() as endpoint:
                 print("ready", endpoint.endpoint_id, flush=True)
+                print_serving_once_handled()
                 print("stopped", await endpoint.run_forever(), flush=True)
         asyncio.run(main())
     """,
@@ -43,7 +66,7 @@ def test_a_service_stopped_by_a_signal_says_goodbye(api: str, signum: signal.Sig
     glue = multicast_settings(group, discovery_rate_timeout_multiplier=100)
     observer = EndpointProcess(label="observer", **glue)
     service = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SERVICES[api])],
+        [sys.executable, "-c", textwrap.dedent(WATCH_HANDLERS) + textwrap.dedent(SERVICES[api])],
         cwd=REPO,
         env=base_env(**glue),
         stdout=subprocess.PIPE,
@@ -55,6 +78,7 @@ def test_a_service_stopped_by_a_signal_says_goodbye(api: str, signum: signal.Sig
         word, number = service.stdout.readline().split()
         assert word == "ready", service.stderr.read() if service.stderr else ""
         service_id = int(number)
+        assert service.stdout.readline() == "serving\n"  # (within 10 s: the child's deadline)
         assert observer.wait_for(lambda: service_id in observer.known, 10)
         service.send_signal(signum)
         out, err = service.communicate(timeout=10)
