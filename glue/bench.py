@@ -39,7 +39,7 @@ from typing import Any, Final
 
 import orjson
 
-__all__ = ["main"]
+__all__ = ["add_options", "main", "run"]
 
 _MB = 1_000_000
 _RAW_MAX_DATAGRAM = 65507
@@ -54,6 +54,47 @@ _RTT_SAMPLES = 2000
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or one of its receiver roles, when started by itself)."""
     parser = argparse.ArgumentParser(prog="python -m glue.bench", description=__doc__)
+    add_options(parser)
+    parser.add_argument(
+        "--role",
+        choices=["raw-receiver", "glue-receiver", "glue-async-receiver", "glue-async-echo"],
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument("--inline", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pubsub", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--request", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--key", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--busy-poll", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.role == "raw-receiver":
+        return _raw_receiver(args.count, args.echo)
+    if args.role == "glue-receiver":
+        return _glue_receiver(
+            args.port,
+            args.count,
+            args.echo,
+            args.pubsub,
+            args.key,
+            inline=args.inline,
+            request=args.request,
+            busy_poll=args.busy_poll,
+            warmup=args.warmup,
+        )
+    if args.role == "glue-async-receiver":
+        return asyncio.run(_glue_async_receiver(args.port, args.count, args.pubsub))
+    if args.role == "glue-async-echo":
+        return asyncio.run(
+            _glue_async_echo(args.port, args.pubsub, args.request, busy_poll=args.busy_poll)
+        )
+    return run(args, parser)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options (``glue bench`` takes the same)."""
     parser.add_argument(
         "--seconds", type=float, default=2.0, help="time budget of each throughput measurement"
     )
@@ -91,41 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="print the results as one JSON document on standard output (progress goes to "
         "standard error)",
     )
-    parser.add_argument(
-        "--role",
-        choices=["raw-receiver", "glue-receiver", "glue-async-receiver", "glue-async-echo"],
-        help=argparse.SUPPRESS,
-    )
-    parser.add_argument("--inline", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--pubsub", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--request", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--key", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--busy-poll", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--warmup", type=float, default=0.0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.role == "raw-receiver":
-        return _raw_receiver(args.count, args.echo)
-    if args.role == "glue-receiver":
-        return _glue_receiver(
-            args.port,
-            args.count,
-            args.echo,
-            args.pubsub,
-            args.key,
-            inline=args.inline,
-            request=args.request,
-            busy_poll=args.busy_poll,
-            warmup=args.warmup,
-        )
-    if args.role == "glue-async-receiver":
-        return asyncio.run(_glue_async_receiver(args.port, args.count, args.pubsub))
-    if args.role == "glue-async-echo":
-        return asyncio.run(
-            _glue_async_echo(args.port, args.pubsub, args.request, busy_poll=args.busy_poll)
-        )
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run the benchmark ``add_options``' options ask for (``parser`` reports a bad one)."""
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:

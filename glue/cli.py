@@ -248,34 +248,10 @@ def _parser() -> argparse.ArgumentParser:
         "and publish/subscribe, with and without a network key, next to raw UDP in the same "
         "rounds, and print the ratios with their range and the CPU time per message on each side.",
     )
-    bench.add_argument(
-        "--seconds", type=float, default=2.0, help="time budget of each throughput measurement"
-    )
-    bench.add_argument(
-        "--repeat", type=int, default=3, help="rounds, each measuring every case (medians shown)"
-    )
-    bench.add_argument(
-        "--sizes", default="64,65536,1048576", help="message sizes in bytes, comma-separated"
-    )
-    bench.add_argument(
-        "--loss",
-        type=float,
-        metavar="P",
-        help="instead: publish/subscribe goodput with a fraction P (e.g. 0.1) of datagrams "
-        "dropped at random, next to none (iptables; only in a private network namespace)",
-    )
-    bench.add_argument(
-        "--rate",
-        metavar="RATE",
-        help="with --loss: through a link of RATE (e.g. 1gbit; tc tbf on lo, 5 ms queue), so "
-        "that the link, not the CPU, is the limit",
-    )
-    bench.add_argument(
-        "--json",
-        action="store_true",
-        help="print the results as one JSON document (progress goes to standard error)",
-    )
-    bench.set_defaults(run=_run_bench)
+    from glue import bench as bench_module  # its options (8 ms to import; runs nothing)
+
+    bench_module.add_options(bench)
+    bench.set_defaults(run=_run_bench, bench_parser=bench)
     return parser
 
 
@@ -295,29 +271,11 @@ def _expiry(text: str) -> float:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from glue import bench  # only when asked: it is not needed to run an endpoint
+    from glue import bench
 
     if args.log_level is None:  # the benchmark's endpoints starting and stopping is noise here
         logging.getLogger("glue").setLevel(logging.WARNING)
-    extra = [] if args.loss is None else ["--loss", str(args.loss)]
-    if args.rate is not None:
-        extra += ["--rate", args.rate]
-    if args.json:
-        extra.append("--json")
-    return bench.main(
-        [
-            "--seconds",
-            str(args.seconds),
-            "--repeat",
-            str(args.repeat),
-            "--sizes",
-            args.sizes,
-            *extra,
-        ]
-    )
-
-
-# --- glue peers ----------------------------------------------------------------------------------
+    return bench.run(args, args.bench_parser)
 
 
 def _run_peers(args: argparse.Namespace) -> int:
