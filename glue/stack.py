@@ -415,11 +415,11 @@ class Stack:
         ``BUNDLE_MAX_MESSAGE_BYTES``, ``size`` bytes in all), all or none: True if all were
         queued (or the peer is unknown), False if its send queue has no room for all of them
         (then nothing was queued, and nothing asked to be told when room frees)."""
-        bundle = self._bundles.get(peer)
-        if not self.transport.has_room(peer, size if bundle is None else size + bundle.size):
+        if not self._has_room(peer, size):
             return False
         if peer not in self._routes and peer not in self._parked:
             return True
+        bundle = self._bundles.get(peer)
         if bundle is None:
             bundle = self._bundles[peer] = _Bundle()
         bundle.payloads.extend(messages)
@@ -452,9 +452,7 @@ class Stack:
             retain=retain,
         )
         if self._parked_interest or self._returning:
-            extra = [p for p in self._parked_subscribers(topic) if p not in targets]
-            if extra:
-                targets = (*targets, *extra)
+            targets = self._with_parked(topic, targets)
         return message, targets
 
     def publish_many(
@@ -480,10 +478,13 @@ class Stack:
             retain=retain,
         )
         if self._parked_interest or self._returning:
-            extra = [p for p in self._parked_subscribers(topic) if p not in targets]
-            if extra:
-                targets = (*targets, *extra)
+            targets = self._with_parked(topic, targets)
         return messages, targets
+
+    def _with_parked(self, topic: str, targets: tuple[EndpointId, ...]) -> tuple[EndpointId, ...]:
+        """``targets`` and the silent peers (parked) whose interest matched ``topic``."""
+        extra = [p for p in self._parked_subscribers(topic) if p not in targets]
+        return (*targets, *extra) if extra else targets
 
     def _parked_subscribers(self, topic: str) -> list[EndpointId]:
         """Silent peers (parked) whose interest matched ``topic`` when they went silent."""
