@@ -197,6 +197,8 @@ class Gap:
     reason: GapReason
     #: None: a gap carries no payload (b"": a subscription's queue counts it as 0 bytes).
     payload: ClassVar[bytes] = b""
+    #: A gap never expires: it is handed over however long it waited.
+    expires_at: ClassVar[float] = math.inf
 
     @property
     def last_sequence(self) -> int:

@@ -553,6 +553,7 @@ class RuntimeCore:
         clock = time.monotonic  # the runtimes' clock
         deadline = now + _MAX_SECONDS_PER_WAKEUP
         opener = self._opener
+        transport = stack.transport
         for _ in range(_MAX_READS_PER_WAKEUP):
             if len(buffer) != _RECV_BYTES:
                 buffer = self._receive_buffer()
@@ -574,7 +575,9 @@ class RuntimeCore:
                     if opened is None:
                         continue
                     receive(opened, source, multicast=multicast, now=now)
-                    if size >= _MAX_BYTES_PER_WAKEUP or clock() >= deadline:
+                    if (current := clock()) >= transport.ack_due:
+                        self._send_datagrams(stack.due_acks(now=current))
+                    if size >= _MAX_BYTES_PER_WAKEUP or current >= deadline:
                         break
                     continue
                 n = self._open(n, source, buffer)
@@ -591,7 +594,10 @@ class RuntimeCore:
             else:  # a small one is copied out, so that no view of it can hold 64 KiB
                 data = bytes(buffer[:n])
             receive(data, source, multicast=multicast, now=now)
-            if size >= _MAX_BYTES_PER_WAKEUP or clock() >= deadline:
+            # Acks due go now, not after the burst (see Transport.ack_due).
+            if (current := clock()) >= transport.ack_due:
+                self._send_datagrams(stack.due_acks(now=current))
+            if size >= _MAX_BYTES_PER_WAKEUP or current >= deadline:
                 break
         self.counters["datagrams_received"] += count
         self.counters["bytes_received"] += size

@@ -610,16 +610,31 @@ class Stack:
             self._tails.clear()  # the next burst's frames start new datagrams
         if self.transport.has_output():
             for peer, transport_frames in self.transport.frames_to_send(now=now):
-                route = self._routes.get(peer)
-                if route is None:
-                    continue
-                datagrams = wire.pack(
-                    route.header, transport_frames, max_bytes=route.datagram_bytes, gather=gather
-                )
-                route.counters["datagrams_sent"] += len(datagrams)
-                route.counters["bytes_sent"] += sum(map(_length, datagrams))
-                out.extend((datagram, route.address) for datagram in datagrams)
+                self._pack_transport(peer, transport_frames, gather, out)
         return out
+
+    def due_acks(self, *, now: float) -> list[tuple[wire.OutDatagram, Address]]:
+        """The datagrams of the acks due by ``now`` (``Transport.ack_due``), and nothing else:
+        a runtime reading a long burst sends them between datagrams."""
+        out: list[tuple[wire.OutDatagram, Address]] = []
+        for peer, ack in self.transport.take_due_acks(now=now):
+            self._pack_transport(peer, [ack], False, out)
+        return out
+
+    def _pack_transport(
+        self,
+        peer: EndpointId,
+        frames: list[Data | Ack | Skip],
+        gather: bool,
+        out: list[tuple[wire.OutDatagram, Address]],
+    ) -> None:
+        route = self._routes.get(peer)
+        if route is None:
+            return
+        datagrams = wire.pack(route.header, frames, max_bytes=route.datagram_bytes, gather=gather)
+        route.counters["datagrams_sent"] += len(datagrams)
+        route.counters["bytes_sent"] += sum(map(_length, datagrams))
+        out.extend((datagram, route.address) for datagram in datagrams)
 
     def next_event(self) -> StackOutput | None:
         """The oldest event not yet pulled, or ``None``."""

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import queue
 import threading
 import time
@@ -125,8 +126,9 @@ def _without_expired(
     ``subscription.expired``), each run of them from one publisher on one topic replaced by a
     Gap when ``gaps``."""
     now = time.time()
-    if all(item.expires_at > now for item in items if type(item) is Message):
-        return items  # (the usual case: one pass, nothing built)
+    # (Gaps never expire: math.inf.) The usual case, nothing expired: one pass in C.
+    if min([item.expires_at for item in items], default=math.inf) > now:
+        return items
     kept: list[Message | Gap] = []
     expired = 0
     done = subscription._done
@@ -535,13 +537,22 @@ class Subscription:
                 with self._mutex:
                     self._taken = len(batch)
                     self._taken_bytes = sum([len(m.payload) for m in batch])
+            # The usual case (a plain subscription) calls the callback here, not through
+            # _hand: one Python call less per message (~0.1 us of ~0.5).
+            plain = self._done is None
             for message in batch:
                 if self._closed:
                     break
                 # (one writer, this thread; a reader may see them one message late)
                 self._taken -= 1
                 self._taken_bytes -= len(message.payload)
-                self._hand(callback, message)
+                if plain and type(message) is Message:
+                    try:
+                        callback(message)
+                    except Exception:
+                        logger.exception("callback of subscription %r failed", self.topic_name)
+                else:
+                    self._hand(callback, message)
             with self._mutex:
                 self._taken = 0
                 self._taken_bytes = 0

@@ -41,6 +41,7 @@ drops unacknowledged are reported (``StreamsDropped``), as are those of a peer t
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -385,6 +386,13 @@ class Transport:
         self._parked_bytes = 0
         self._receive_buffered = 0  # out-of-order bytes held for the live peers together
         self._backlogs = 0  # reads that stopped with datagrams still waiting (note_backlog)
+        #: No ack to any peer is due before this (``math.inf``: none is waiting); it may be
+        #: earlier than the truth, never later. A runtime reading a long burst compares it with
+        #: the clock between datagrams and sends the due acks at once (``mark_due_acks``), not
+        #: at the end of the burst: a sender then hears of a hole at once, and is clocked by
+        #: acks every ``ack_delay_s`` rather than once per burst, which would let it send
+        #: half a megabyte at a time into a switch port's queue.
+        self.ack_due = math.inf
 
     # --- peers ----------------------------------------------------------------------------------
 
@@ -501,7 +509,7 @@ class Transport:
             stream.skip_sent_at = float("-inf")
         recv = state.recv
         if recv.buffer or recv.unacked:
-            recv.ack_at = float("-inf")  # tell it at once what we hold
+            recv.ack_at = self.ack_due = float("-inf")  # tell it at once what we hold
         self._peers[peer] = state
         self._dirty.add(peer)
         self.counters["streams_unparked"] += 1
@@ -726,8 +734,12 @@ class Transport:
                 if recv.unacked >= self.config.ack_every:
                     recv.ack_at = now
                     self._dirty.add(peer)
+                    if now < self.ack_due:
+                        self.ack_due = now
                 elif recv.ack_at is None:
-                    recv.ack_at = now + self.config.ack_delay_s
+                    recv.ack_at = at = now + self.config.ack_delay_s
+                    if at < self.ack_due:
+                        self.ack_due = at
                 return
             self._receive_data(peer, recv, frame, now)
         elif type(frame) is Ack:
@@ -735,6 +747,24 @@ class Transport:
         else:
             assert type(frame) is Skip
             self._receive_skip(peer, state.recv, frame, now)
+
+    def take_due_acks(self, *, now: float) -> list[tuple[EndpointId, Ack]]:
+        """The acks due by ``now`` (see ``ack_due``), made now; it makes ``ack_due`` exact
+        again (one pass over the peers). Nothing else is sent: data waits for
+        ``frames_to_send``."""
+        due = math.inf
+        acks: list[tuple[EndpointId, Ack]] = []
+        for peer, state in self._peers.items():
+            recv = state.recv
+            at = recv.ack_at
+            if at is None:
+                continue
+            if at <= now:
+                acks.append((peer, self._make_ack(recv)))
+            elif at < due:
+                due = at
+        self.ack_due = due
+        return acks
 
     def note_backlog(self, *, now: float) -> None:
         """The runtime stopped reading with datagrams still waiting in the socket: this endpoint
@@ -1324,6 +1354,10 @@ class Transport:
             self._dirty.add(peer)
         elif recv.ack_at is None:
             recv.ack_at = now + self.config.ack_delay_s
+        else:
+            return
+        if recv.ack_at < self.ack_due:
+            self.ack_due = recv.ack_at
 
     def _make_ack(self, recv: _RecvStream) -> Ack:
         recv.ack_at = None

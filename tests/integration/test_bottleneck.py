@@ -16,10 +16,11 @@ under the frames sent.
 from __future__ import annotations
 
 import contextlib
+import socket
 
 import pytest
 
-from glue import EndpointManager
+from glue import EndpointManager, wire
 from tests.helpers import (
     Inbox,
     free_udp_port,
@@ -27,6 +28,7 @@ from tests.helpers import (
     link_rate,
     multicast_settings,
     random_loss,
+    wait_until,
 )
 
 SIZE = 64 * 1024
@@ -63,3 +65,36 @@ def test_a_stream_through_a_shallow_bottleneck_is_not_resent_over_and_over(loss:
         f"\n1 Gbit/s link, 5 ms queue, {loss:.0%} random loss: {COUNT} x 64 KiB once in order; "
         f"{resent} resends for {frames} frames, {dropped} datagrams dropped by the link"
     )
+
+
+def test_acks_due_in_the_middle_of_a_burst_go_out_before_the_burst_is_read() -> None:
+    # A receiver reads a burst of datagrams in one wake-up. Its acks used to go out only at the
+    # end of it, one per wake-up whatever was due: a sender was clocked in half-megabyte steps
+    # (64 B bundles through a 1 Gbit/s link with a 5 ms queue: 244-506 of 1,630-1,900
+    # datagrams dropped by the link with no random loss) and heard of a hole only once the
+    # whole burst was read. Here a fake peer's 64 frames wait in the socket while the network
+    # thread is held; the ack due at the 32nd (``ack_every``) must leave before the 64th is read.
+    group = f"239.192.137.1:{free_udp_port()}"
+    settings = multicast_settings(group, discovery_rate_milliseconds=100)
+    with (
+        EndpointManager.from_env(**settings) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer,
+    ):
+        peer.bind(("127.0.0.1", 0))
+        peer.settimeout(5)
+        target = ("127.0.0.1", rx.data_address[1])
+        fake = wire.EndpointId(10**12 + 9)
+        announce = wire.Announce(fake, 1, "burst", "", peer.getsockname()[1], 1000)
+        peer.sendto(wire.encode(wire.Header(1, fake, 1), [announce]), target)
+        assert wait_until(lambda: len(rx.peers()) == 1, timeout=5)
+        header = wire.Header(1, fake, 1, destination=rx._endpoint.incarnation)
+        burst = [wire.encode(header, [wire.Data(seq, b"{}\nx")]) for seq in range(1, 65)]
+        with rx._endpoint._lock:  # type: ignore[attr-defined]  # (the thread runtime's)
+            for datagram in burst:
+                peer.sendto(datagram, target)
+        cumulative: list[int] = []
+        while not cumulative or cumulative[-1] < 64:
+            data, _ = peer.recvfrom(65536)
+            decoded = wire.decode(data, network_id=1)
+            cumulative += [f.cumulative for f in decoded.frames if isinstance(f, wire.Ack)]
+    assert cumulative[0] <= 32, cumulative  # the ack due mid-burst, not one for all 64 after it

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -296,6 +297,29 @@ def test_every_ack_every_frames_an_ack_goes_at_once() -> None:
     assert pair.pull(pair.b) == [Ack(4)]
     pair.push(pair.b, [data(5)])
     assert pair.b.next_deadline() == ACK_DELAY  # counting starts again
+
+
+def test_ack_due_says_when_an_ack_is_due_and_take_due_acks_makes_only_those() -> None:
+    # What a runtime reading a long burst asks between datagrams (see Transport.ack_due).
+    pair = Pair(TransportConfig(initial_rto_s=RTO0, ack_delay_s=ACK_DELAY, ack_every=4))
+    assert pair.b.ack_due == math.inf
+    pair.push(pair.b, [data(1)])
+    assert pair.b.ack_due == ACK_DELAY  # the delayed ack
+    assert pair.b.take_due_acks(now=ACK_DELAY / 2) == []  # not yet
+    pair.push(pair.b, [data(2), data(3), data(4)])
+    assert pair.b.ack_due == 0.0  # ack_every frames: due at once
+    assert pair.b.take_due_acks(now=0.0) == [(A, Ack(4))]
+    assert pair.b.ack_due == math.inf  # exact again: nothing is waiting
+    pair.at(0.5).push(pair.b, [data(6)])  # a hole: due at once too
+    assert pair.b.ack_due == 0.5
+    assert pair.b.take_due_acks(now=0.5) == [(A, Ack(4, ((6, 6),)))]
+    assert pair.pull(pair.b) == []  # made once: frames_to_send has no second copy of it
+    # It sends nothing but acks: b's own data waits for frames_to_send.
+    pair.push(pair.b, [data(5)])  # the hole filled: a delayed ack again
+    pair.send(b"pong", side=pair.b)
+    assert pair.b.ack_due == 0.5 + ACK_DELAY
+    assert pair.b.take_due_acks(now=0.5 + ACK_DELAY) == [(A, Ack(6))]
+    assert pair.pull(pair.b) == [Data(1, b"pong", 64_000)]
 
 
 # --- retransmission timer -------------------------------------------------------------------------
