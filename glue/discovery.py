@@ -109,6 +109,9 @@ class Discovery:
         self._peers: dict[EndpointId, _PeerState] = {}
         self._names: dict[str, EndpointId] = {}
         self._unproven: dict[EndpointId, None] = {}  # unproven peers, oldest first
+        # Peers that said goodbye: id -> (incarnation, until when its announcements are stale),
+        # oldest first, at most max_peers (see _receive_goodbye).
+        self._departed: dict[EndpointId, tuple[int, float]] = {}
         self._events: deque[PeerEvent] = deque()
         self._outbox: list[tuple[Frame, Address]] = []
         self._announce_at: float | None = now if config.announce else None
@@ -287,6 +290,8 @@ class Discovery:
                 self._remove(state, "restarted")
                 state = None
         if state is None:
+            if self._departed and self._left_already(announce, now):
+                return None
             return self._add(announce, address, heard_at, now=now)
         if not announce.forwarded and address != state.peer.address:
             # The same incarnation at another address: not taken on trust (a forged one would
@@ -385,6 +390,31 @@ class Discovery:
             self.counters["goodbye_from_elsewhere_ignored"] += 1
             return
         self._remove(state, "left")
+        # A goodbye goes to the group and to each peer, on two sockets here: an announcement of
+        # the same incarnation read after it was sent before it (queued on the other socket, or
+        # forwarded by a rendezvous that had not yet heard the goodbye), and must not add the
+        # peer back ("left", "added", "left" again, or a departed peer kept until it expires).
+        # Such announcements are ignored for one expiry period of the peer's; a newer
+        # incarnation (a restart) is a newcomer at once. (Without a network key a goodbye forged
+        # from the peer's own address would keep it out that long: no longer than it takes a
+        # silent peer to expire.)
+        departed = self._departed
+        departed.pop(header.source_id, None)
+        if len(departed) >= self.config.max_peers:
+            del departed[next(iter(departed))]
+        departed[header.source_id] = (header.incarnation, now + self._timeout_s(state))
+
+    def _left_already(self, announce: Announce, now: float) -> bool:
+        """Whether ``announce`` is from an incarnation that said goodbye (see above)."""
+        departed = self._departed.get(announce.endpoint_id)
+        if departed is None:
+            return False
+        incarnation, until = departed
+        if announce.incarnation > incarnation or now >= until:
+            del self._departed[announce.endpoint_id]
+            return False
+        self.counters["departed_announcements_ignored"] += 1
+        return True
 
     def _digest(self, *, exclude: int = 0) -> int:
         """XOR of the ids of the peers known, and ours, but ``exclude``'s (see ``_answer``)."""

@@ -263,3 +263,37 @@ def test_a_peer_that_never_acknowledges_cannot_make_replies_to_it_pile_up() -> N
         f"{counters['topics_group_dones_not_sent_queue_full']}, asks "
         f"{counters['topics_interest_asks_not_sent_queue_full']}"
     )
+
+
+def test_an_announcement_read_after_a_goodbye_does_not_bring_the_peer_back() -> None:
+    # A leaving endpoint says goodbye to the group and to each peer; a reader can take the
+    # goodbye from one socket and then an announcement of the same incarnation still queued
+    # on the other (found stopping endpoints under load, 1 stop in 200: the peer came back,
+    # then "left" a second time). Played with a raw socket: announce, goodbye, the stale
+    # announcement again; then a restart (a newer incarnation) is a newcomer at once.
+    group = f"239.192.137.1:{free_udp_port()}"
+    settings = multicast_settings(group, discovery_rate_milliseconds=100)
+    with (
+        EndpointManager.from_env(**settings) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as fake_peer,
+    ):
+        fake_peer.bind(("127.0.0.1", 0))
+        target = ("127.0.0.1", rx.data_address[1])
+        fake = wire.EndpointId(10**12 + 11)
+        port = fake_peer.getsockname()[1]
+        announce = wire.encode(
+            wire.Header(1, fake, 1), [wire.Announce(fake, 1, "leaver", "", port, 1000)]
+        )
+        fake_peer.sendto(announce, target)
+        assert wait_until(lambda: len(rx.peers()) == 1, timeout=5)
+        fake_peer.sendto(wire.encode(wire.Header(1, fake, 1), [wire.Goodbye()]), target)
+        assert wait_until(lambda: rx.peers() == [], timeout=5)
+        fake_peer.sendto(announce, target)  # sent before the goodbye, read after it
+        assert wait_until(lambda: rx.counters()["discovery_announcements_received"] == 2, timeout=5)
+        assert rx.peers() == []  # (the old code added it back here)
+        assert rx.counters()["discovery_departed_announcements_ignored"] == 1
+        restarted = wire.Announce(fake, 2, "leaver", "", port, 1000)
+        fake_peer.sendto(wire.encode(wire.Header(1, fake, 2), [restarted]), target)
+        assert wait_until(lambda: len(rx.peers()) == 1, timeout=5)
+        assert rx.peers()[0].incarnation == 2
+        assert rx.counters()["discovery_peers_added"] == 2

@@ -411,6 +411,49 @@ def test_goodbye_removes_the_peer_at_once() -> None:
     assert d.counters["goodbyes_received"] == 1
 
 
+def test_an_announcement_read_after_the_goodbye_does_not_add_the_peer_back() -> None:
+    # A goodbye goes to the group and to each peer; a slow reader can take the first, then an
+    # announcement of the same incarnation still queued on its other socket (sent before the
+    # goodbye). Before, that added the peer back, and the second goodbye removed it again.
+    d = make(announce=False)  # rate 1 s, multiplier 2: the peer's expiry period is 2 s
+    hear(d, ann(2), now=1.0)
+    events(d)
+    goodbye(d, 2, now=1.25)
+    hear(d, ann(2), now=1.26, multicast=False)  # the stale one, on the unicast socket
+    hear(d, fwd(2, age_ms=100), now=1.3)  # or forwarded by a rendezvous not yet told
+    goodbye(d, 2, now=1.27)  # the copy sent to us directly
+    assert events(d) == [PeerRemoved(peer(2), "left")]  # once, and not added back
+    assert d.peers() == []
+    assert d.counters["departed_announcements_ignored"] == 2
+    # A restart is a newcomer at once.
+    hear(d, ann(2, incarnation=2), now=1.5)
+    assert events(d) == [PeerAdded(peer(2, incarnation=2))]
+
+
+def test_a_departed_incarnation_is_heard_again_after_its_expiry_period() -> None:
+    # Without a network key a goodbye could be forged from the peer's own address: it keeps the
+    # peer out no longer than a silent peer takes to expire.
+    d = make(announce=False)
+    hear(d, ann(2), now=1.0)
+    goodbye(d, 2, now=1.25)
+    events(d)
+    hear(d, ann(2), now=3.2)  # 1.25 + 2 s not yet reached
+    assert events(d) == []
+    hear(d, ann(2), now=3.25)
+    assert events(d) == [PeerAdded(peer(2))]
+
+
+def test_the_goodbyes_remembered_are_bounded_by_max_peers() -> None:
+    d = make(announce=False, max_peers=3)
+    for n in range(2, 7):
+        hear(d, ann(n), now=1.0)
+        goodbye(d, n, now=1.1)
+    events(d)
+    for n in range(2, 7):
+        hear(d, ann(n), now=1.2)
+    assert [e.peer.endpoint_id for e in events(d)] == [2, 3]
+
+
 def test_goodbye_from_another_incarnation_or_an_unknown_endpoint_is_ignored() -> None:
     d = make(announce=False)
     hear(d, ann(2, incarnation=5), now=1.0)
