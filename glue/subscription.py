@@ -283,8 +283,13 @@ class CallbackPool:
             self._current[me] = subscription
             more = subscription._run_batch()
             del self._current[me]
-            if more:
-                self._enqueue(subscription)  # more waiting: go round, others get a turn
+            if more:  # more waiting: go round, others get a turn
+                # This thread takes the next one itself, so no thread is started for it
+                # (_enqueue would: this thread is not idle yet, and one subscription's long
+                # stream would start every thread of the pool, hopping between them).
+                with self._lock:
+                    self._queued += 1
+                self._ready.put(subscription)
 
 
 class Subscription:

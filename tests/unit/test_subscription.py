@@ -60,6 +60,31 @@ def test_callbacks_of_one_subscription_run_in_order_one_at_a_time() -> None:
         pool.stop()
 
 
+def test_one_subscriptions_long_stream_runs_on_one_pool_thread() -> None:
+    # A subscription with more than a batch waiting goes round the pool's queue after each
+    # batch; the thread that ran it takes the next item itself. It used to start a new thread
+    # each time (the thread was not idle yet), until the pool's limit: 4 threads for one
+    # subscription, its batches hopping between them.
+    pool = CallbackPool(4, "one-stream")
+    done = threading.Event()
+    ran_on: set[int] = set()
+
+    def callback(message: Message) -> None:
+        ran_on.add(threading.get_ident())
+        if message.sequence == 5000:
+            done.set()
+
+    try:
+        subscription = _subscription(pool, callback, queue_size=10_000)
+        subscription._put_many([_message(n) for n in range(1, 5001)])  # ~20 batches
+        assert done.wait(10)
+        started = [t for t in threading.enumerate() if t.name.startswith("glue-callbacks-one")]
+        assert len(started) == 1, started
+        assert len(ran_on) == 1
+    finally:
+        pool.stop()
+
+
 def test_a_full_queue_drops_the_newest_and_counts_them() -> None:
     pool = CallbackPool(1, "test")
     release = threading.Event()
