@@ -1675,9 +1675,16 @@ class Topics:
         self._added.clear()
         self._removed.clear()
         envelope = head + b"\n"
+        # Only to peers with room: changes made while one never acknowledges must not pile up
+        # for it. One that missed a change sees our newer version in our announcements (or a
+        # later change out of step) and asks for the whole set, sent when it has room.
+        sent = 0
         for peer in self._peers:
-            self._queue(peer, envelope, float("inf"))
-        self.counters["interest_sent"] += len(self._peers)
+            if self._send_optional(peer, envelope, float("inf")):
+                sent += 1
+            else:
+                self.counters["interest_deltas_not_sent_queue_full"] += 1
+        self.counters["interest_sent"] += sent
 
     def _receive_interest(self, peer: Peer, head: dict[str, Any], now: float) -> None:
         interest = self._interest.get(peer.endpoint_id)

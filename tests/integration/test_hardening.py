@@ -265,6 +265,54 @@ def test_a_peer_that_never_acknowledges_cannot_make_replies_to_it_pile_up() -> N
     )
 
 
+def test_interest_changes_do_not_pile_up_for_a_peer_that_never_acknowledges() -> None:
+    # Each subscribe sends the change of interest to every peer. A peer that never acknowledges
+    # got them all the same: 2,500 subscriptions to long patterns queued about 500 KB for it
+    # against a 256 KiB bound. Now a change goes only where there is room; the peer that missed
+    # one asks for the whole set (it sees the newer version announced) when it has room again,
+    # and a healthy peer follows every change.
+    group = f"239.192.137.1:{free_udp_port()}"
+    queue_bytes = 256 * 1024
+    settings = multicast_settings(group, discovery_rate_milliseconds=100)
+    with (
+        EndpointManager.from_env(**settings, send_queue_bytes=queue_bytes) as rx,
+        EndpointManager.from_env(**settings) as healthy,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as fake_peer,
+    ):
+        fake_peer.bind(("127.0.0.1", 0))
+        target = ("127.0.0.1", rx.data_address[1])
+        fake = wire.EndpointId(10**12 + 13)
+        port = fake_peer.getsockname()[1]
+        announce = wire.encode(
+            wire.Header(1, fake, 1), [wire.Announce(fake, 1, "mute", "", port, 1000)]
+        )
+        fake_peer.sendto(announce, target)
+        assert wait_until(lambda: len(rx.peers()) == 2, timeout=5)
+        transport = rx._endpoint._stack.transport  # read only, to see the fake's queue
+        inbox = Inbox()
+        most_queued = 0
+        prefix = "p/" + "x" * 180
+        for n in range(2500):
+            rx.subscribe(f"{prefix}/{n}", "t", inbox)
+            if n % 100 == 0:
+                fake_peer.sendto(announce, target)  # it stays a live peer all along
+            gauges = transport.peer_gauges(fake)
+            most_queued = max(most_queued, int(gauges.get("queued_bytes", 0)))
+        last = f"{prefix}/2499"
+        healthy.wait_for_subscribers(last, timeout=10)  # the healthy peer has every change
+        healthy.publish(last, "t", b"made it", expiry=10)
+        assert inbox.wait_for_count(1, timeout=10)
+        counters = rx.counters()
+    assert inbox.payloads() == [b"made it"]
+    assert most_queued <= queue_bytes, most_queued
+    assert counters["topics_interest_deltas_not_sent_queue_full"] >= 1
+    print(
+        f"\n2,500 subscriptions with a peer that never acknowledges: at most {most_queued} B "
+        f"queued for it (bound {queue_bytes}); changes not sent to it "
+        f"{counters['topics_interest_deltas_not_sent_queue_full']}"
+    )
+
+
 def test_an_announcement_read_after_a_goodbye_does_not_bring_the_peer_back() -> None:
     # A leaving endpoint says goodbye to the group and to each peer; a reader can take the
     # goodbye from one socket and then an announcement of the same incarnation still queued
