@@ -95,6 +95,20 @@ def free_udp_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@contextmanager
+def fake_peer(endpoint_id: int, name: str) -> Iterator[tuple[socket.socket, bytes]]:
+    """A raw UDP socket on 127.0.0.1 playing peer ``endpoint_id`` (incarnation 1), and the
+    datagram announcing it from there: sent to an endpoint, it makes the socket a peer whose
+    transport frames are taken (they come from the address it announced)."""
+    from glue import wire
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        fake = wire.EndpointId(endpoint_id)
+        announce = wire.Announce(fake, 1, name, "", sock.getsockname()[1], 1000)
+        yield sock, wire.encode(wire.Header(1, fake, 1), [announce])
+
+
 class Inbox:
     """A subscription callback that keeps what it gets; waits on conditions, never sleeps."""
 

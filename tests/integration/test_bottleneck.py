@@ -16,13 +16,13 @@ under the frames sent.
 from __future__ import annotations
 
 import contextlib
-import socket
 
 import pytest
 
 from glue import EndpointManager, wire
 from tests.helpers import (
     Inbox,
+    fake_peer,
     free_udp_port,
     link_drops,
     link_rate,
@@ -76,16 +76,14 @@ def test_acks_due_in_the_middle_of_a_burst_go_out_before_the_burst_is_read() -> 
     # thread is held; the ack due at the 32nd (``ack_every``) must leave before the 64th is read.
     group = f"239.192.137.1:{free_udp_port()}"
     settings = multicast_settings(group, discovery_rate_milliseconds=100)
+    fake = wire.EndpointId(10**12 + 9)
     with (
         EndpointManager.from_env(**settings) as rx,
-        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer,
+        fake_peer(fake, "burst") as (peer, announce),
     ):
-        peer.bind(("127.0.0.1", 0))
         peer.settimeout(5)
         target = ("127.0.0.1", rx.data_address[1])
-        fake = wire.EndpointId(10**12 + 9)
-        announce = wire.Announce(fake, 1, "burst", "", peer.getsockname()[1], 1000)
-        peer.sendto(wire.encode(wire.Header(1, fake, 1), [announce]), target)
+        peer.sendto(announce, target)
         assert wait_until(lambda: len(rx.peers()) == 1, timeout=5)
         header = wire.Header(1, fake, 1, destination=rx._endpoint.incarnation)
         burst = [wire.encode(header, [wire.Data(seq, b"{}\nx")]) for seq in range(1, 65)]

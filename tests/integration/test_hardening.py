@@ -14,7 +14,7 @@ import time
 import orjson
 
 from glue import EndpointManager, wire
-from tests.helpers import Inbox, free_udp_port, multicast_settings, wait_until
+from tests.helpers import Inbox, fake_peer, free_udp_port, multicast_settings, wait_until
 from tests.integration.test_network_key import _forged_datagrams, _stream
 from tests.integration.test_reliable_delivery import _rss_bytes
 
@@ -274,19 +274,14 @@ def test_interest_changes_do_not_pile_up_for_a_peer_that_never_acknowledges() ->
     group = f"239.192.137.1:{free_udp_port()}"
     queue_bytes = 256 * 1024
     settings = multicast_settings(group, discovery_rate_milliseconds=100)
+    fake = wire.EndpointId(10**12 + 13)
     with (
         EndpointManager.from_env(**settings, send_queue_bytes=queue_bytes) as rx,
         EndpointManager.from_env(**settings) as healthy,
-        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as fake_peer,
+        fake_peer(fake, "mute") as (fake_socket, announce),
     ):
-        fake_peer.bind(("127.0.0.1", 0))
         target = ("127.0.0.1", rx.data_address[1])
-        fake = wire.EndpointId(10**12 + 13)
-        port = fake_peer.getsockname()[1]
-        announce = wire.encode(
-            wire.Header(1, fake, 1), [wire.Announce(fake, 1, "mute", "", port, 1000)]
-        )
-        fake_peer.sendto(announce, target)
+        fake_socket.sendto(announce, target)
         assert wait_until(lambda: len(rx.peers()) == 2, timeout=5)
         transport = rx._endpoint._stack.transport  # read only, to see the fake's queue
         inbox = Inbox()
@@ -295,7 +290,7 @@ def test_interest_changes_do_not_pile_up_for_a_peer_that_never_acknowledges() ->
         for n in range(2500):
             rx.subscribe(f"{prefix}/{n}", "t", inbox)
             if n % 100 == 0:
-                fake_peer.sendto(announce, target)  # it stays a live peer all along
+                fake_socket.sendto(announce, target)  # it stays a live peer all along
             gauges = transport.peer_gauges(fake)
             most_queued = max(most_queued, int(gauges.get("queued_bytes", 0)))
         last = f"{prefix}/2499"
@@ -321,27 +316,22 @@ def test_an_announcement_read_after_a_goodbye_does_not_bring_the_peer_back() -> 
     # announcement again; then a restart (a newer incarnation) is a newcomer at once.
     group = f"239.192.137.1:{free_udp_port()}"
     settings = multicast_settings(group, discovery_rate_milliseconds=100)
+    fake = wire.EndpointId(10**12 + 11)
     with (
         EndpointManager.from_env(**settings) as rx,
-        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as fake_peer,
+        fake_peer(fake, "leaver") as (fake_socket, announce),
     ):
-        fake_peer.bind(("127.0.0.1", 0))
         target = ("127.0.0.1", rx.data_address[1])
-        fake = wire.EndpointId(10**12 + 11)
-        port = fake_peer.getsockname()[1]
-        announce = wire.encode(
-            wire.Header(1, fake, 1), [wire.Announce(fake, 1, "leaver", "", port, 1000)]
-        )
-        fake_peer.sendto(announce, target)
+        fake_socket.sendto(announce, target)
         assert wait_until(lambda: len(rx.peers()) == 1, timeout=5)
-        fake_peer.sendto(wire.encode(wire.Header(1, fake, 1), [wire.Goodbye()]), target)
+        fake_socket.sendto(wire.encode(wire.Header(1, fake, 1), [wire.Goodbye()]), target)
         assert wait_until(lambda: rx.peers() == [], timeout=5)
-        fake_peer.sendto(announce, target)  # sent before the goodbye, read after it
+        fake_socket.sendto(announce, target)  # sent before the goodbye, read after it
         assert wait_until(lambda: rx.counters()["discovery_announcements_received"] == 2, timeout=5)
         assert rx.peers() == []  # (the old code added it back here)
         assert rx.counters()["discovery_departed_announcements_ignored"] == 1
-        restarted = wire.Announce(fake, 2, "leaver", "", port, 1000)
-        fake_peer.sendto(wire.encode(wire.Header(1, fake, 2), [restarted]), target)
+        restarted = wire.Announce(fake, 2, "leaver", "", fake_socket.getsockname()[1], 1000)
+        fake_socket.sendto(wire.encode(wire.Header(1, fake, 2), [restarted]), target)
         assert wait_until(lambda: len(rx.peers()) == 1, timeout=5)
         assert rx.peers()[0].incarnation == 2
         assert rx.counters()["discovery_peers_added"] == 2
