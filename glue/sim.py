@@ -7,7 +7,9 @@ drops, duplicates, delays (and so reorders) datagrams with probabilities drawn f
 ``random.Random(seed)``; multicast reaches every member, each copy with its own fate; a
 partition drops everything between two groups until it heals. Time moves only when the simulator
 advances it, to the next delivery or the next deadline any node asked for, so a run of minutes of
-virtual time takes milliseconds, and a seed reproduces a run exactly.
+virtual time takes milliseconds, and a seed reproduces a run exactly. Datagrams due at one
+instant reach a node as a burst, as a runtime reads them in one wake-up: acks that fall due in
+the middle of it go at once (``Stack.due_acks``), the rest after it.
 
     sim = Simulation(seed=7, loss=0.2)
     a, b = sim.add_node("a"), sim.add_node("b")
@@ -29,7 +31,7 @@ from glue.outbox import Outgoing, Publications
 from glue.stack import Stack, StackConfig
 from glue.topics import direct_message
 from glue.transport import TransportConfig
-from glue.wire import EndpointId
+from glue.wire import EndpointId, OutDatagram
 
 __all__ = ["NetworkProfile", "SimNode", "Simulation"]
 
@@ -250,9 +252,12 @@ class Simulation:
         now = self.now
         while self._queue and self._queue[0][0] <= now:
             _, _, node, data, source, multicast = heapq.heappop(self._queue)
-            node.stack.receive_datagram(data, source, multicast=multicast, now=now)
+            stack = node.stack
+            stack.receive_datagram(data, source, multicast=multicast, now=now)
             self.datagrams_delivered += 1
             self._touched[node] = None
+            if now >= stack.transport.ack_due:  # as the runtimes do between two datagrams
+                self._send(node, stack.due_acks(now=now))
         for node in self.nodes:
             deadline = node.stack.next_deadline()
             if deadline is not None and deadline <= now:
@@ -265,16 +270,7 @@ class Simulation:
             node = next(iter(self._touched))
             del self._touched[node]
             stack = node.stack
-            for pieces, destination in stack.datagrams_to_send(now=self.now):
-                datagram = pieces if isinstance(pieces, bytes) else b"".join(pieces)
-                if destination == GROUP:
-                    for member in self.nodes:
-                        if member is not node:
-                            self._transmit(node, member, datagram, multicast=True)
-                else:
-                    target = self._by_address.get(destination)
-                    if target is not None:
-                        self._transmit(node, target, datagram, multicast=False)
+            self._send(node, stack.datagrams_to_send(now=self.now))
             while (event := stack.next_event()) is not None:
                 if isinstance(event, PeerAdded | PeerRemoved | MessageReceived):
                     node.events.append((self.now, event))
@@ -282,6 +278,18 @@ class Simulation:
                     node.received.append(event)
                 elif isinstance(event, TopicDelivery):
                     node.topic_messages.extend(event.messages)
+
+    def _send(self, node: SimNode, datagrams: list[tuple[OutDatagram, Address]]) -> None:
+        for pieces, destination in datagrams:
+            datagram = pieces if isinstance(pieces, bytes) else b"".join(pieces)
+            if destination == GROUP:
+                for member in self.nodes:
+                    if member is not node:
+                        self._transmit(node, member, datagram, multicast=True)
+            else:
+                target = self._by_address.get(destination)
+                if target is not None:
+                    self._transmit(node, target, datagram, multicast=False)
 
     def _transmit(self, sender: SimNode, to: SimNode, datagram: bytes, *, multicast: bool) -> None:
         if frozenset((sender.name, to.name)) in self._cut:
