@@ -191,6 +191,10 @@ class GroupSender:
         """Jobs held for want of a member with credit."""
         return sum(len(queue) for queue in self._held.values())
 
+    def held_bytes(self) -> int:
+        """Payload bytes of the jobs held (at most ``config.hold_bytes``)."""
+        return self._held_bytes
+
     def members(self, group: str, topic: str) -> tuple[EndpointId, ...]:
         """The live members of ``group`` whose patterns match ``topic``."""
         return self._members_for(group, topic)

@@ -518,6 +518,8 @@ class RuntimeCore:
             parked = len(stack.transport.parked())
         queued = self._queued_bytes()
         gauges = {"peers": float(len(peers)), "peers_parked": float(parked), "queued_bytes": queued}
+        if stack is not None:
+            gauges.update(stack.topics.gauges())
         return MetricsSnapshot(self.name, self.all_counters(), gauges, peers)
 
     def all_counters(self) -> dict[str, int]:

@@ -587,6 +587,21 @@ class Topics:
         """How many messages of other publishers are kept now."""
         return sum(len(kept.entries) for kept in self._kept.values())
 
+    def gauges(self) -> dict[str, float]:
+        """What this layer holds now, for metrics (each within its bound): history and kept
+        bytes, topics with history, publishers' streams followed for duplicates, work-queue
+        jobs unfinished and held, and the bytes held."""
+        groups = self._groups
+        return {
+            "history_bytes": float(self._history_bytes),
+            "history_topics": float(len(self._history)),
+            "kept_bytes": float(self._kept_bytes),
+            "streams_followed": float(len(self._seen)),
+            "group_jobs_unfinished": float(groups.unfinished()),
+            "group_jobs_held": float(groups.held()),
+            "group_jobs_held_bytes": float(groups.held_bytes()),
+        }
+
     def journal_kept(self) -> None:
         """Record every change to what is kept from now on, for ``take_kept_changes``."""
         if self._kept_changes is None:

@@ -67,6 +67,11 @@ def test_counters_rise_while_messages_flow_and_peers_are_labelled() -> None:
     )
     assert 0 < _value(second, "glue_peer_rtt_seconds", **peer) < 1
     assert _value(second, "glue_peer_unacknowledged_frames", **peer) == 0
+    # What the topics layer holds: the last message of m/a in history (default depth 1).
+    assert _value(second, "glue_history_topics", endpoint="tx") == 1
+    assert 0 < _value(second, "glue_history_bytes", endpoint="tx") < 100
+    assert _value(second, "glue_kept_bytes", endpoint="tx") == 0
+    assert _value(second, "glue_group_jobs_unfinished", endpoint="tx") == 0
 
 
 def test_a_forged_datagram_shows_as_a_drop_by_reason() -> None:

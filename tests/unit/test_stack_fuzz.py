@@ -382,13 +382,14 @@ def _check_bounds(stack: Stack, seed: int) -> None:
     for peer, interest in topics._interest.items():
         assert len(interest.patterns) <= config.max_peer_patterns, f"seed {seed}: {peer}"
         assert len(interest.groups) <= config.max_peer_patterns, f"seed {seed}: {peer}"
-    assert len(topics._seen) <= config.max_streams, f"seed {seed}"
+    gauges = topics.gauges()
+    assert gauges["streams_followed"] <= config.max_streams, f"seed {seed}"
     assert len(topics._ahead) <= config.max_streams, f"seed {seed}"
     assert len(topics._passed) <= config.max_streams, f"seed {seed}"
-    assert topics._kept_bytes <= config.kept_max_bytes, f"seed {seed}"
-    assert topics._history_bytes <= config.history_max_bytes, f"seed {seed}"
+    assert gauges["kept_bytes"] <= config.kept_max_bytes, f"seed {seed}"
+    assert gauges["history_bytes"] <= config.history_max_bytes, f"seed {seed}"
     groups = topics._groups
-    assert groups._held_bytes <= groups.config.hold_bytes, f"seed {seed}"
+    assert gauges["group_jobs_held_bytes"] <= groups.config.hold_bytes, f"seed {seed}"
     assert all(n <= groups.config.window for n in groups._load.values()), f"seed {seed}"
     # Groups without members by max_groups; those with members by each peer's memberships.
     assert len(groups._patterns) <= groups.config.max_groups + len(groups._members)

@@ -36,6 +36,12 @@ def test_a_keeper_serves_a_late_joiner_after_the_publisher_left() -> None:
         _publish(pub, keeper, payload=b"%d" % index, history_depth=10)
     assert keeper.topics.kept_messages() == 10
     assert keeper.delivered() == []  # kept, not subscribed: nothing delivered there
+    # The gauges (glue_kept_bytes, glue_history_*) say what each holds: 10 messages of 1 byte,
+    # each with its envelope, kept; the publisher's history the same ten.
+    kept, history = keeper.topics.gauges(), pub.topics.gauges()
+    assert 10 * 1 < kept["kept_bytes"] < 10 * 200
+    assert (history["history_topics"], kept["history_topics"]) == (1, 0)
+    assert 10 * 1 < history["history_bytes"] < 10 * 200
     _apart(pub, keeper)  # the publisher exits
     sub.topics.subscribe("a/#", "t")
     _meet(keeper, sub)
