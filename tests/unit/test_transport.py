@@ -322,6 +322,21 @@ def test_ack_due_says_when_an_ack_is_due_and_take_due_acks_makes_only_those() ->
     assert pair.pull(pair.b) == [Data(1, b"pong", 64_000)]
 
 
+def test_acks_in_the_middle_of_a_burst_are_half_an_ack_delay_apart() -> None:
+    # Holes found one after the other in a burst would each ask for an ack at once (3.5 x the
+    # acks at 10 % loss); between two, half an ack delay.
+    pair = Pair(TransportConfig(initial_rto_s=RTO0, ack_delay_s=ACK_DELAY, ack_every=4))
+    pair.push(pair.b, [data(2)])  # a hole: due at once
+    assert pair.b.take_due_acks(now=0.0) == [(A, Ack(0, ((2, 2),)))]
+    pair.push(pair.b, [data(4)])  # another, right after
+    assert pair.b.take_due_acks(now=0.0) == []
+    assert pair.b.ack_due == ACK_DELAY / 2
+    assert pair.b.take_due_acks(now=ACK_DELAY / 2) == [(A, Ack(0, ((2, 2), (4, 4))))]
+    # The end of the wake-up (frames_to_send) is not held back: it sends what is due then.
+    pair.at(ACK_DELAY / 2).push(pair.b, [data(6)])
+    assert pair.pull(pair.b) == [Ack(0, ((2, 2), (4, 4), (6, 6)))]
+
+
 # --- retransmission timer -------------------------------------------------------------------------
 
 
