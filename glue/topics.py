@@ -988,17 +988,12 @@ class Topics:
         history.sequence += 1
         sequence = history.sequence
         if now != self._stamp_now:  # one wall-clock stamp per burst (now is the burst's time)
-            self._stamp_now = now
-            self._stamp_wall = now + self.wall_offset
-            self._stamp = b',"w":%r}\n' % self._stamp_wall
+            self._restamp(now)
         wall = self._stamp_wall
         key = (topic, topic_type)
         prefix = self._prefix_cache.get(key)
         if prefix is None:
-            if len(self._prefix_cache) >= _CACHE_ENTRIES:
-                self._prefix_cache.clear()
-            head = orjson.dumps({"t": topic, "y": topic_type})
-            prefix = self._prefix_cache[key] = head[:-1] + b',"s":'
+            prefix = self._new_prefix(key)
         envelope: Outbound
         stamp = self._stamp
         refresh = 0.0
@@ -1055,6 +1050,20 @@ class Topics:
         self._published += 1  # folded into counters when they are read (a Counter is slower)
         return envelope, targets
 
+    def _restamp(self, now: float) -> None:
+        """The wall-clock stamp of envelopes published at ``now`` (one per burst)."""
+        self._stamp_now = now
+        self._stamp_wall = now + self.wall_offset
+        self._stamp = b',"w":%r}\n' % self._stamp_wall
+
+    def _new_prefix(self, key: tuple[str, str]) -> bytes:
+        """The start of a (topic, type)'s envelopes, up to the sequence number (a cache miss)."""
+        if len(self._prefix_cache) >= _CACHE_ENTRIES:
+            self._prefix_cache.clear()
+        head = orjson.dumps({"t": key[0], "y": key[1]})
+        prefix = self._prefix_cache[key] = head[:-1] + b',"s":'
+        return prefix
+
     def publish_many(
         self,
         topic: str,
@@ -1103,18 +1112,13 @@ class Topics:
         self._history[topic] = history  # now the most recently published topic
         first = history.sequence + 1
         history.sequence += len(payloads)
-        if now != self._stamp_now:  # (as in publish)
-            self._stamp_now = now
-            self._stamp_wall = now + self.wall_offset
-            self._stamp = b',"w":%r}\n' % self._stamp_wall
+        if now != self._stamp_now:
+            self._restamp(now)
         wall = self._stamp_wall
         stamp = self._stamp
         prefix = self._prefix_cache.get(key)
         if prefix is None:
-            if len(self._prefix_cache) >= _CACHE_ENTRIES:
-                self._prefix_cache.clear()
-            head = orjson.dumps({"t": topic, "y": topic_type})
-            prefix = self._prefix_cache[key] = head[:-1] + b',"s":'
+            prefix = self._new_prefix(key)
         sequences = range(first, history.sequence + 1)
         made: list[bytes] = [
             b"%s%d%s%s" % (prefix, sequence, stamp, payload)
