@@ -228,13 +228,14 @@ class CallbackPool:
         """Run ``subscription``'s waiting callbacks on a pool thread (starting one if needed)."""
         self._enqueue(subscription)
 
-    def _enqueue(self, subscription: _Runnable) -> None:
+    def _enqueue(self, subscription: _Runnable, *, start: bool = True) -> None:
+        """Queue ``subscription`` for a pool thread, starting one if needed and ``start``."""
         with self._lock:
             self._queued += 1
             # A thread for each queued subscription, as far as the limit allows: counting idle
             # threads alone would let two subscriptions queued before an idle thread wakes share
             # it, and the second would wait behind whatever the first's callback blocks on.
-            if self._idle < self._queued and len(self._threads) < self._max:
+            if start and self._idle < self._queued and len(self._threads) < self._max:
                 thread = threading.Thread(
                     target=self._work,
                     name=f"glue-callbacks-{self._name}-{len(self._threads)}",
@@ -284,12 +285,10 @@ class CallbackPool:
             more = subscription._run_batch()
             del self._current[me]
             if more:  # more waiting: go round, others get a turn
-                # This thread takes the next one itself, so no thread is started for it
-                # (_enqueue would: this thread is not idle yet, and one subscription's long
-                # stream would start every thread of the pool, hopping between them).
-                with self._lock:
-                    self._queued += 1
-                self._ready.put(subscription)
+                # This thread takes the next one itself, so no thread is started for it (it is
+                # not idle yet: counted so, one subscription's long stream would start every
+                # thread of the pool, hopping between them).
+                self._enqueue(subscription, start=False)
 
 
 class Subscription:
