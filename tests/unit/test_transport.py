@@ -33,6 +33,7 @@ from glue.transport import (
     Transport,
     TransportConfig,
     TransportEvent,
+    held_ranges,
 )
 from glue.wire import MAX_ACK_RANGES, MAX_TTL_MS, Ack, Data, EndpointId, Header, Skip
 
@@ -265,6 +266,20 @@ def test_an_ack_lists_at_most_the_64_lowest_ranges() -> None:
     assert ack == Ack(0, tuple((seq, seq) for seq in range(3, 2 * MAX_ACK_RANGES + 3, 2)))
     assert len(ack.ranges) == MAX_ACK_RANGES
     wire.encode(Header(1, A, INC_A, INC_B), [ack])  # and it fits the wire format
+
+
+@given(st.sets(st.integers(1, 400), max_size=300))
+def test_held_ranges_are_the_lowest_runs_of_what_is_held(held: set[int]) -> None:
+    # The plain definition: walk the numbers in order, extend the last run or start one.
+    runs: list[list[int]] = []
+    for seq in sorted(held):
+        if runs and runs[-1][1] == seq - 1:
+            runs[-1][1] = seq
+        else:
+            runs.append([seq, seq])
+    expected = tuple((first, last) for first, last in runs[:MAX_ACK_RANGES])
+    assert held_ranges(held) == expected
+    assert held_ranges(reversed(sorted(held))) == expected  # order of arrival does not matter
 
 
 def test_the_ack_is_delayed_by_ack_delay_from_the_first_unacked_frame() -> None:
