@@ -399,7 +399,7 @@ def _check_bounds(stack: Stack, seed: int) -> None:
     # The application's messages wait for room (offer); the layers' own (interest, jobs, dones,
     # replies) are queued regardless, a few at a time.
     for peer in stack.transport.peers():
-        queued = stack.transport._peers[peer].send.queued_bytes
+        queued = stack.transport.peer_gauges(peer)["queued_bytes"]
         assert queued <= QUEUE_BYTES + CONTROL_SLACK_BYTES, f"seed {seed}: {queued} to {peer}"
 
 
