@@ -77,9 +77,6 @@ _LINEAR_TIMEOUTS: Final = 6
 _CONGESTED_LOSS: Final = 0.5
 #: Frames a round must count (arrived or resent) before its share lost is taken.
 _ROUND_FRAMES: Final = 32
-#: How long a receiver that said it is the slow end is taken for it (its window held to its rate,
-#: see ``TransportConfig.backlog_delay_s``) after its last ack saying so.
-_BACKLOG_HOLD_S: Final = 1.0
 
 
 def held_ranges(seqs: Iterable[int]) -> tuple[tuple[int, int], ...]:
@@ -128,13 +125,6 @@ class TransportConfig:
     #: it would only slow the stream without relieving anyone. Four delayed-ack intervals, so
     #: that acks held back on purpose do not read as a queue.
     queue_delay_s: float = 0.008
-    #: The backlog a sender leaves in the socket of a receiver that says it is the slow end
-    #: (``Ack.backlog``), as time at the rate that receiver takes frames: the window is held to
-    #: that rate times (the least round trip + this), at least ``min_congestion_bytes``. Without
-    #: it a slow receiver's socket held the whole window: a 64 B stream queued 4 MiB there, 112 ms
-    #: of round trip, and under 10 % loss each repair waited behind that queue while the sender
-    #: filled ``reorder_bytes`` and stopped (50-280 ms stalls, several a second).
-    backlog_delay_s: float = 0.02
     queue_bytes: int = 64 * 1024 * 1024
     initial_rto_s: float = 0.05
     min_rto_s: float = 0.01
@@ -252,7 +242,6 @@ class _SendStream:
         "abandoned",
         "acked_to",
         "backlog_at",
-        "backlog_cap",
         "backoff",
         "counters",
         "cwnd",
@@ -274,9 +263,7 @@ class _SendStream:
         "round_frames",
         "round_loss",
         "round_lost",
-        "round_rate",
         "round_share",
-        "round_start",
         "rto",
         "rttvar",
         "sack_top",
@@ -303,8 +290,6 @@ class _SendStream:
         # When an ack last said the receiver's socket held a backlog (Ack.backlog): the queue
         # that stands then is the receiver's own, which the window keeps from overflowing.
         self.backlog_at = float("-inf")
-        # The window while it is (TransportConfig.backlog_delay_s), from the rate of the rounds.
-        self.backlog_cap = 1 << 62
         self.pending: deque[_Outgoing] = deque()
         self.unacked: dict[int, _Outgoing] = {}
         # Frames a timeout found lost, resent as acks come back (the ack clock), not all at once.
@@ -340,8 +325,6 @@ class _SendStream:
         self.round_frames = 0  # frames that arrived or were resent in it
         self.round_share = 0.0  # the last round's alone
         self.round_loss = 0.0  # the larger of the last two rounds'
-        self.round_start = -1.0  # when the current round began (none yet: -1)
-        self.round_rate = 0.0  # bytes per second that arrived in the last round
         # Estimated transit time (srtt / 2), taken off the time to live a frame carries, since the
         # receiver counts it from arrival: it keeps a message from living longer than it should.
         self.one_way_s = 0.0
@@ -919,8 +902,6 @@ class Transport:
         # Counting sacked frames against the first would stall the stream behind every hole
         # until it is repaired, a round trip per loss.
         limit = min(config.window_bytes, stream.cwnd)
-        if now - stream.backlog_at <= _BACKLOG_HOLD_S and stream.backlog_cap < limit:
-            limit = stream.backlog_cap  # the receiver is the slow end: keep its backlog short
         outstanding = config.reorder_bytes
         while (
             pending
@@ -1103,7 +1084,6 @@ class Transport:
             share = stream.round_lost / total if total else 0.0
             stream.round_loss = max(share, stream.round_share)
             stream.round_share = share
-            self._rate_round(stream, now)
             stream.round_delivered = stream.round_lost = stream.round_frames = 0
         if ack.backlog:
             stream.backlog_at = now
@@ -1223,24 +1203,6 @@ class Transport:
             self._dirty.add(peer)
         if stream.resend_at is None and len(unacked) > stream.sacked + stream.abandoned:
             stream.resend_at = now + stream.rto  # e.g. a renege made sacked frames due again
-
-    def _rate_round(self, stream: _SendStream, now: float) -> None:
-        """At the end of a round: the rate frames arrived at in it, and the window a receiver
-        that is the slow end gets (``TransportConfig.backlog_delay_s``): the larger of the last
-        two rounds' rates times the least round trip plus that delay. While the window holds,
-        a round trip longer than that (a longer backlog) lowers the next rate and so the window,
-        and a shorter one raises it, so the backlog settles near the delay."""
-        started, stream.round_start = stream.round_start, now
-        elapsed = now - started
-        if started < 0 or elapsed <= 0 or stream.min_rtt is None:
-            return
-        rate = stream.round_delivered / elapsed
-        best = max(rate, stream.round_rate)
-        stream.round_rate = rate
-        stream.backlog_cap = max(
-            self.config.min_congestion_bytes,
-            int(best * (stream.min_rtt + self.config.backlog_delay_s)),
-        )
 
     @staticmethod
     def _oldest_unsacked(stream: _SendStream) -> float | None:
