@@ -413,7 +413,7 @@ class Transport:
         self._backlogs = 0  # reads that stopped with datagrams still waiting (note_backlog)
         #: No ack to any peer is due before this (``math.inf``: none is waiting); it may be
         #: earlier than the truth, never later. A runtime reading a long burst compares it with
-        #: the clock between datagrams and sends the due acks at once (``mark_due_acks``), not
+        #: the clock between datagrams and sends the due acks at once (``take_due_acks``), not
         #: at the end of the burst: a sender then hears of a hole at once, and is clocked by
         #: acks every ``ack_delay_s`` rather than once per burst, which would let it send
         #: half a megabyte at a time into a switch port's queue.

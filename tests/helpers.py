@@ -10,7 +10,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from glue import EndpointManager
 
 
 def wait_until(predicate: Callable[[], bool], *, timeout: float, interval: float = 0.01) -> bool:
@@ -96,17 +99,27 @@ def free_udp_port() -> int:
 
 
 @contextmanager
-def fake_peer(endpoint_id: int, name: str) -> Iterator[tuple[socket.socket, bytes]]:
-    """A raw UDP socket on 127.0.0.1 playing peer ``endpoint_id`` (incarnation 1), and the
-    datagram announcing it from there: sent to an endpoint, it makes the socket a peer whose
-    transport frames are taken (they come from the address it announced)."""
+def fake_peer(
+    endpoint_id: int, name: str, to: EndpointManager
+) -> Iterator[tuple[socket.socket, bytes, tuple[str, int]]]:
+    """A raw UDP socket on 127.0.0.1 playing peer ``endpoint_id`` (incarnation 1), announced to
+    ``to`` (on its data address) and known to it once this enters: the socket, the announcing
+    datagram (to send again) and ``to``'s data address. ``to`` takes the socket's transport
+    frames (they come from the address it announced)."""
     from glue import wire
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         fake = wire.EndpointId(endpoint_id)
-        announce = wire.Announce(fake, 1, name, "", sock.getsockname()[1], 1000)
-        yield sock, wire.encode(wire.Header(1, fake, 1), [announce])
+        announce = wire.encode(
+            wire.Header(1, fake, 1),
+            [wire.Announce(fake, 1, name, "", sock.getsockname()[1], 1000)],
+        )
+        target = ("127.0.0.1", to.data_address[1])
+        sock.sendto(announce, target)
+        known = wait_until(lambda: fake in [p.endpoint_id for p in to.peers()], timeout=5)
+        assert known, f"{to.name} did not take the fake peer {name!r} for a peer"
+        yield sock, announce, target
 
 
 class Inbox:

@@ -28,7 +28,6 @@ from tests.helpers import (
     link_rate,
     multicast_settings,
     random_loss,
-    wait_until,
 )
 
 SIZE = 64 * 1024
@@ -79,12 +78,10 @@ def test_acks_due_in_the_middle_of_a_burst_go_out_before_the_burst_is_read() -> 
     fake = wire.EndpointId(10**12 + 9)
     with (
         EndpointManager.from_env(**settings) as rx,
-        fake_peer(fake, "burst") as (peer, announce),
+        fake_peer(fake, "burst", to=rx) as (peer, _, target),
     ):
         peer.settimeout(5)
-        target = ("127.0.0.1", rx.data_address[1])
-        peer.sendto(announce, target)
-        assert wait_until(lambda: len(rx.peers()) == 1, timeout=5)
+        assert len(rx.peers()) == 1
         header = wire.Header(1, fake, 1, destination=rx._endpoint.incarnation)
         burst = [wire.encode(header, [wire.Data(seq, b"{}\nx")]) for seq in range(1, 65)]
         with rx._endpoint._lock:  # type: ignore[attr-defined]  # (the thread runtime's)

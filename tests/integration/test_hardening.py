@@ -278,10 +278,8 @@ def test_interest_changes_do_not_pile_up_for_a_peer_that_never_acknowledges() ->
     with (
         EndpointManager.from_env(**settings, send_queue_bytes=queue_bytes) as rx,
         EndpointManager.from_env(**settings) as healthy,
-        fake_peer(fake, "mute") as (fake_socket, announce),
+        fake_peer(fake, "mute", to=rx) as (fake_socket, announce, target),
     ):
-        target = ("127.0.0.1", rx.data_address[1])
-        fake_socket.sendto(announce, target)
         assert wait_until(lambda: len(rx.peers()) == 2, timeout=5)
         transport = rx._endpoint._stack.transport  # read only, to see the fake's queue
         inbox = Inbox()
@@ -319,11 +317,9 @@ def test_an_announcement_read_after_a_goodbye_does_not_bring_the_peer_back() -> 
     fake = wire.EndpointId(10**12 + 11)
     with (
         EndpointManager.from_env(**settings) as rx,
-        fake_peer(fake, "leaver") as (fake_socket, announce),
+        fake_peer(fake, "leaver", to=rx) as (fake_socket, announce, target),
     ):
-        target = ("127.0.0.1", rx.data_address[1])
-        fake_socket.sendto(announce, target)
-        assert wait_until(lambda: len(rx.peers()) == 1, timeout=5)
+        assert len(rx.peers()) == 1
         fake_socket.sendto(wire.encode(wire.Header(1, fake, 1), [wire.Goodbye()]), target)
         assert wait_until(lambda: rx.peers() == [], timeout=5)
         fake_socket.sendto(announce, target)  # sent before the goodbye, read after it
